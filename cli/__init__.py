@@ -1,0 +1,1 @@
+"""Command-line tools (mkcomposefs, composefs-info, ...) over the composefs core."""

@@ -1,0 +1,42 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Exceptions raised by the composefs core.
+
+Every error that bad input can cause is one of these, so callers (CLIs, Ansible
+modules, the agent) can turn it into a clear message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ComposefsError(Exception):
+    """Base class for all errors of the composefs core."""
+
+
+class FormatError(ComposefsError):
+    """The tree cannot be represented, or input (dump, tree) is invalid."""
+
+
+class DumpParseError(FormatError):
+    """A composefs-dump(5) line could not be parsed."""
+
+    def __init__(self, message: str, lineno: int = 0) -> None:
+        self.lineno = lineno
+        super().__init__("line %d: %s" % (lineno, message) if lineno else message)
+
+
+class ImageError(ComposefsError):
+    """An image is malformed, truncated, hostile or not a composefs image."""
+
+
+class VerityError(ComposefsError):
+    """An fs-verity operation failed."""
+
+
+class VerityNotSupported(VerityError):
+    """The kernel or the filesystem holding the file has no fs-verity."""
+
+
+class VerityNotEnabled(VerityError):
+    """The file has no fs-verity enabled (ENODATA on measure)."""
