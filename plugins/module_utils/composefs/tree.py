@@ -173,3 +173,50 @@ def digest_to_path(digest: bytes) -> bytes:
     """Backing path ``XX/YYYY…`` of an object named by its fs-verity digest."""
     hexdigest = digest.hex().encode("ascii")
     return hexdigest[:2] + b"/" + hexdigest[2:]
+
+
+def apply_source_options(
+    root: Node,
+    use_epoch: bool = False,
+    skip_devices: bool = False,
+    skip_xattrs: bool = False,
+    user_xattrs: bool = False,
+) -> None:
+    """Apply mkcomposefs' source filters to an already built tree, in place.
+
+    The C tool honours these only when scanning a directory and silently
+    ignores them for ``--from-file``; we apply them to dump input as well, so
+    that an option given is an option obeyed.
+    """
+    if skip_xattrs and user_xattrs:
+        raise FormatError("--skip-xattrs and --user-xattrs cannot be combined")
+    removed = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.link_to is not None:
+            continue
+        if use_epoch:
+            node.mtime_sec = 0
+            node.mtime_nsec = 0
+        if skip_xattrs:
+            node.xattrs = {}
+        elif user_xattrs:
+            node.xattrs = {k: v for k, v in node.xattrs.items() if k.startswith(b"user.")}
+        for name, child in list(node.children.items()):
+            if skip_devices and child.link_to is None and (
+                    stat.S_ISCHR(child.mode) or stat.S_ISBLK(child.mode)):
+                removed.add(id(child))
+                del node.children[name]
+            else:
+                stack.append(child)
+    if removed:
+        # Hard links to a dropped device go with it.
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            for name, child in list(node.children.items()):
+                if child.link_to is not None and id(child.resolve()) in removed:
+                    del node.children[name]
+                elif child.is_dir():
+                    stack.append(child)
