@@ -16,6 +16,8 @@ stubs.
 from __future__ import annotations
 
 import stat
+from collections import Counter
+from itertools import chain
 from typing import Dict, List, Optional, Tuple
 
 from .erofs_format import (
@@ -106,12 +108,14 @@ class _Inode:
     __slots__ = (
         "mode", "uid", "gid", "rdev", "nlink", "size", "mtime_sec", "mtime_nsec",
         "payload", "content", "digest", "xattrs", "budget", "children", "link_to",
-        "parent", "ino", "nid", "n_blocks", "tail", "compact", "ipad", "xattr_size",
+        "ino", "nid", "n_blocks", "tail", "compact", "ipad", "xattr_size",
         "shared", "unshared",
     )
 
-    def __init__(self) -> None:
-        self.mode = 0
+    def __init__(self, mode: int = 0) -> None:
+        # Only the data fields; layout fields are set when computed, for the
+        # inodes that get laid out (hard-link entries never are).
+        self.mode = mode
         self.uid = 0
         self.gid = 0
         self.rdev = 0
@@ -128,16 +132,6 @@ class _Inode:
         self.budget = 0
         self.children: Dict[bytes, "_Inode"] = {}
         self.link_to: Optional["_Inode"] = None
-        self.parent: Optional["_Inode"] = None
-        self.ino = 0
-        self.nid = 0
-        self.n_blocks = 0
-        self.tail = 0
-        self.compact = False
-        self.ipad = 0
-        self.xattr_size = 0
-        self.shared: List[int] = []
-        self.unshared: List[Tuple[bytes, bytes]] = []
 
     def fmt(self) -> int:
         return self.mode & _S_IFMT
@@ -172,12 +166,10 @@ def _resolve(inode: _Inode) -> _Inode:
     return inode
 
 
-def _validate_mode(mode: int) -> bool:
-    return (mode & _S_IFMT) in _FILE_TYPES
-
-
 def _chunking(size: int) -> Tuple[int, int]:
     """(chunkbits, chunk_count) for an external file, as erofs_compute_chunking()."""
+    if size <= BLOCK_SIZE:
+        return BLOCK_BITS, 1
     bits = max(BLOCK_BITS, (size - 1).bit_length())
     if bits > EROFS_CHUNK_BITS_MAX:
         bits = EROFS_CHUNK_BITS_MAX
@@ -200,45 +192,11 @@ def _needs_v1(root: Node) -> bool:
     return False
 
 
-def _clone(root: Node) -> _Inode:
-    if not root.is_dir() or root.link_to is not None:
-        raise FormatError("the root of an image must be a directory")
-    copies: Dict[int, _Inode] = {}
-    links: List[Tuple[_Inode, Node]] = []
-    new_root = _Inode()
-    stack: List[Tuple[Node, _Inode]] = [(root, new_root)]
-    while stack:
-        node, new = stack.pop()
-        copies[id(node)] = new
-        if node.link_to is not None:
-            links.append((new, node.link_to))
-            continue
-        new.mode = node.mode & _U32
-        new.uid = node.uid & _U32
-        new.gid = node.gid & _U32
-        new.rdev = node.rdev & _U32
-        new.nlink = node.nlink & _U32
-        new.size = node.size
-        new.mtime_sec = node.mtime_sec
-        new.mtime_nsec = node.mtime_nsec & _U32
-        new.payload = node.payload
-        new.content = node.content
-        new.digest = node.digest
-        new.xattrs = dict(node.xattrs)
-        if node.children:
-            if not stat.S_ISDIR(new.mode):
-                raise FormatError("%s: only directories can have children" % _p(node))
-            for name, child in node.children.items():
-                copy = _Inode()
-                copy.parent = new
-                new.children[name] = copy
-                stack.append((child, copy))
-    for new, target in links:
-        copy = copies.get(id(target))
-        if copy is None:
-            raise FormatError("hard link to an inode outside the tree")
-        new.link_to = copy
-    return new_root
+def _link(target: _Inode) -> _Inode:
+    link = _Inode.__new__(_Inode)
+    link.mode = 0
+    link.link_to = target
+    return link
 
 
 def _p(node: Node) -> str:
@@ -248,29 +206,30 @@ def _p(node: Node) -> str:
 # -- step 2: the overlayfs view (lcfs rewrite_tree_for_erofs) ------------------
 
 
-def _add_overlay_xattrs(inode: _Inode, version: int) -> None:
+def _add_overlay_xattrs(inode: _Inode, parent: _Inode, version: int) -> None:
     # Escape user-supplied overlay xattrs so overlayfs shows them instead of
     # interpreting them; the mapping is injective, so no two can collide.
-    if any(k.startswith(OVERLAY_XATTR_PREFIX) for k in inode.xattrs):
+    if inode.xattrs and any(k.startswith(OVERLAY_XATTR_PREFIX) for k in inode.xattrs):
         inode.xattrs = {
             (OVERLAY_XATTR_ESCAPED_PREFIX + k[len(OVERLAY_XATTR_PREFIX):]
              if k.startswith(OVERLAY_XATTR_PREFIX) else k): v
             for k, v in inode.xattrs.items()
         }
-    fmt = inode.fmt()
+    fmt = inode.mode & _S_IFMT
     if fmt == stat.S_IFREG and inode.size > 0 and inode.content is None:
         if inode.digest is not None:
-            value = OVL_METACOPY_HEADER.pack(
-                OVL_METACOPY_VERSION, OVL_METACOPY_HEADER.size + DIGEST_SIZE, 0,
-                OVL_METACOPY_DIGEST_ALGO_SHA256) + inode.digest
+            value = _METACOPY_PREFIX + inode.digest
         else:
             value = b""
-        inode.set_xattr(OVERLAY_XATTR_METACOPY, value)
+        # Straight into the dict: a regular file's writer budget is still
+        # zero here and nothing else is added to it later, so the budget
+        # check of set_xattr() cannot fail, and user keys of these names
+        # were escaped just above.
+        xattrs = inode.xattrs
+        xattrs[OVERLAY_XATTR_METACOPY] = value
         if inode.payload:
-            inode.set_xattr(OVERLAY_XATTR_REDIRECT, b"/" + inode.payload)
+            xattrs[OVERLAY_XATTR_REDIRECT] = b"/" + inode.payload
     elif fmt == stat.S_IFCHR and inode.rdev == 0:
-        parent = inode.parent
-        assert parent is not None
         inode.size = 0
         inode.mode = stat.S_IFREG | (inode.mode & ~_S_IFMT & _U32)
         inode.set_xattr(OVERLAY_XATTR_ESCAPED_WHITEOUT, b"")
@@ -282,10 +241,15 @@ def _add_overlay_xattrs(inode: _Inode, version: int) -> None:
             parent.set_xattr(OVERLAY_XATTR_USERXATTR_OPAQUE, b"x")
 
 
+_METACOPY_PREFIX = OVL_METACOPY_HEADER.pack(
+    OVL_METACOPY_VERSION, OVL_METACOPY_HEADER.size + DIGEST_SIZE, 0, OVL_METACOPY_DIGEST_ALGO_SHA256)
+
+
 def _validate(inode: _Inode) -> None:
-    if inode.link_to is None and not _validate_mode(inode.mode):
+    fmt = inode.mode & _S_IFMT
+    if fmt not in _FILE_TYPES:
         raise FormatError("invalid file mode 0%o" % inode.mode)
-    if inode.fmt() == stat.S_IFREG:
+    if fmt == stat.S_IFREG:
         if inode.size > 0 and inode.content is None:
             if _chunking(inode.size)[1] > EROFS_CHUNKS_MAX:
                 raise FormatError("file too large (%d bytes)" % inode.size)
@@ -297,43 +261,84 @@ def _validate(inode: _Inode) -> None:
                 raise FormatError("inline content too large (%d bytes)" % inode.size)
         if inode.digest is not None and len(inode.digest) != DIGEST_SIZE:
             raise FormatError("fs-verity digest must be %d bytes" % DIGEST_SIZE)
-    elif inode.fmt() == stat.S_IFLNK:
+    elif fmt == stat.S_IFLNK:
         if not inode.payload:
             raise FormatError("symlink without a target")
 
 
-def _rewrite(root: _Inode, version: int) -> None:
-    stack: List[Tuple[_Inode, _Inode]] = [(root, root)]
+def _prepare(root: Node, version: int) -> _Inode:
+    """The writer's copy of *root*, rewritten as libcomposefs rewrites its clone.
+
+    One pre-order walk in name order (the order of lcfs
+    rewrite_tree_node_for_erofs): validate, add the overlayfs xattrs, add
+    ``.`` and ``..``.  Hard-link entries are resolved once all inodes exist.
+    """
+    if not root.is_dir() or root.link_to is not None:
+        raise FormatError("the root of an image must be a directory")
+    copies: Dict[int, _Inode] = {}
+    links: List[Tuple[_Inode, Node]] = []
+    new_root = _Inode.__new__(_Inode)
+    stack: List[Tuple[Node, _Inode, _Inode]] = [(root, new_root, new_root)]
+    new_inode = _Inode.__new__
     while stack:
-        inode, parent = stack.pop()
-        _validate(inode)
-        _add_overlay_xattrs(inode, version)
-        if inode.fmt() == stat.S_IFDIR:
-            for name, target in ((b".", inode), (b"..", parent)):
-                if name not in inode.children:
-                    link = _Inode()
-                    link.link_to = target
-                    link.parent = inode
-                    inode.children[name] = link
-            # Pre-order in name order, as the C writer walks its sorted children.
-            for _name, child in sorted(inode.children.items(), reverse=True):
-                if child.link_to is None:
-                    stack.append((child, inode))
-    root.set_xattr(OVERLAY_XATTR_OPAQUE, b"y")
+        node, new, parent = stack.pop()
+        copies[id(node)] = new
+        if node.link_to is not None:
+            new.mode = 0
+            links.append((new, node.link_to))
+            continue
+        new.mode = mode = node.mode & _U32
+        new.uid = node.uid & _U32
+        new.gid = node.gid & _U32
+        new.rdev = node.rdev & _U32
+        new.nlink = node.nlink & _U32
+        new.size = node.size
+        new.mtime_sec = node.mtime_sec
+        new.mtime_nsec = node.mtime_nsec & _U32
+        new.payload = node.payload
+        new.content = node.content
+        new.digest = node.digest
+        new.xattrs = dict(node.xattrs) if node.xattrs else {}
+        new.budget = 0
+        new.link_to = None
+        new.children = children = {}
+        _validate(new)
+        _add_overlay_xattrs(new, parent, version)
+        if mode & _S_IFMT == stat.S_IFDIR:
+            for name, child in sorted(node.children.items(), reverse=True):
+                copy = new_inode(_Inode)
+                children[name] = copy
+                stack.append((child, copy, new))
+            children[b"."] = _link(new)
+            children[b".."] = _link(parent)
+        elif node.children:
+            raise FormatError("%s: only directories can have children" % _p(node))
+    for new, target in links:
+        copy = copies.get(id(target))
+        if copy is None:
+            raise FormatError("hard link to an inode outside the tree")
+        new.link_to = copy
+    new_root.set_xattr(OVERLAY_XATTR_OPAQUE, b"y")
+    _add_root_stubs(new_root)
+    return new_root
+
+
+def _add_root_stubs(root: _Inode) -> None:
+    """Chardev stubs 00..ff in the root.
+
+    They hide the object store's ``XX/`` directories when the store is
+    stacked as a plain (not data-only) lower layer, on kernels before 6.5.
+    """
     selinux = root.xattrs.get(XATTR_SELINUX)
-    # Chardev stubs 00..ff hide the object store's XX/ directories when the
-    # store is stacked as a plain (not data-only) lower layer on old kernels.
     for i in range(256):
         name = b"%02x" % i
         if name in root.children:
             continue
-        stub = _Inode()
-        stub.mode = stat.S_IFCHR | 0o644
+        stub = _Inode(stat.S_IFCHR | 0o644)
         stub.uid = root.uid
         stub.gid = root.gid
         stub.mtime_sec = root.mtime_sec
         stub.mtime_nsec = root.mtime_nsec
-        stub.parent = root
         if selinux is not None:
             stub.set_xattr(XATTR_SELINUX, selinux)
         root.children[name] = stub
@@ -362,12 +367,16 @@ def _compute_tree(root: _Inode) -> _Layout:
     index = 0
     while index < len(order):
         inode = order[index]
-        children = sorted(inode.children.items())
-        if inode.fmt() == stat.S_IFDIR:
-            inode.nlink = 2 + sum(1 for _n, c in children if c.fmt() == stat.S_IFDIR)
+        if inode.mode & _S_IFMT == stat.S_IFDIR:
+            children = sorted(inode.children.items())
+            inode.nlink = 2 + sum(1 for _n, c in children if c.mode & _S_IFMT == stat.S_IFDIR)
             layout.sorted_children[index] = children
-        if inode.link_to is not None:
-            raise FormatError("internal error: hard link queued")
+            for name, child in children:
+                if child.link_to is not None:
+                    if name not in (b".", b"..") and _resolve(child).mode & _S_IFMT == stat.S_IFDIR:
+                        raise FormatError("hard links to directories are not allowed")
+                else:
+                    order.append(child)
         if len(inode.xattrs) > 1:
             inode.xattrs = dict(sorted(inode.xattrs.items()))
         mtime = (inode.mtime_sec, inode.mtime_nsec)
@@ -376,29 +385,43 @@ def _compute_tree(root: _Inode) -> _Layout:
         inode.ino = index
         if XATTR_POSIX_ACL_ACCESS in inode.xattrs or XATTR_POSIX_ACL_DEFAULT in inode.xattrs:
             has_acl = True
-        for _name, child in children:
-            if child.link_to is not None:
-                target = _resolve(child)
-                if target.fmt() == stat.S_IFDIR and _name not in (b".", b".."):
-                    raise FormatError("hard links to directories are not allowed")
-                continue
-            order.append(child)
         index += 1
     layout.min_mtime = min_mtime
     layout.has_acl = has_acl
     return layout
 
 
+_KEY_INFO: Dict[bytes, Tuple[int, int, bytes]] = {}
+
+
+def _key_info(key: bytes) -> Tuple[int, int, bytes]:
+    """(e_name_index, name filter bit, entry head without e_value_size) of a key."""
+    info = _KEY_INFO.get(key)
+    if info is None:
+        index, suffix = xattr_entry_index(key)
+        bit = 1 << (xxh32(suffix, EROFS_XATTR_FILTER_SEED + index) & (EROFS_XATTR_FILTER_BITS - 1))
+        info = (index, bit, bytes((len(suffix), index)))
+        # Keys repeat across a tree (overlay, selinux, ...): a bounded cache
+        # keeps the xxh32 and prefix work off the per-inode path.
+        if len(_KEY_INFO) < 65536:
+            _KEY_INFO[key] = info
+    return info
+
+
 def _xattr_entry_size(key: bytes, value: bytes) -> int:
-    _index, suffix = xattr_entry_index(key)
-    return round_up(EROFS_XATTR_ENTRY.size + len(suffix) + len(value), 4)
+    _index, _bit, head = _key_info(key)
+    return (EROFS_XATTR_ENTRY.size + head[0] + len(value) + 3) & ~3
+
+
+def _xattr_entry(key: bytes, value: bytes) -> bytes:
+    _index, _bit, head = _key_info(key)
+    suffix = key[len(key) - head[0]:] if head[0] else b""
+    raw = head + len(value).to_bytes(2, "little") + suffix + value
+    return raw + b"\0" * (-len(raw) % 4)
 
 
 def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes]], int]:
-    counts: Dict[Tuple[bytes, bytes], int] = {}
-    for inode in order:
-        for item in inode.xattrs.items():
-            counts[item] = counts.get(item, 0) + 1
+    counts = Counter(chain.from_iterable(inode.xattrs.items() for inode in order))
     shared = [item for item, count in counts.items() if count > 1]
     # Canonical table order of the C writer: key descending, then longer value
     # first, then value bytes descending.
@@ -408,7 +431,12 @@ def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes
     for item in shared:
         offsets[item] = offset
         offset += _xattr_entry_size(*item)
+    no_shared: List[int] = []
     for inode in order:
+        if not inode.xattrs:
+            inode.shared = no_shared
+            inode.unshared = []
+            continue
         shared_ids: List[int] = []
         unshared: List[Tuple[bytes, bytes]] = []
         for item in inode.xattrs.items():
@@ -513,25 +541,6 @@ def _tail_padding(inode: _Inode, pos: int, head: int) -> int:
 
 # -- step 5: bytes -------------------------------------------------------------------
 
-_filter_cache: Dict[Tuple[int, bytes], int] = {}
-
-
-def _filter_bit(key: bytes) -> int:
-    index, suffix = xattr_entry_index(key)
-    cached = _filter_cache.get((index, suffix))
-    if cached is None:
-        cached = 1 << (xxh32(suffix, EROFS_XATTR_FILTER_SEED + index) & (EROFS_XATTR_FILTER_BITS - 1))
-        if len(_filter_cache) < 4096:
-            _filter_cache[(index, suffix)] = cached
-    return cached
-
-
-def _xattr_entry(key: bytes, value: bytes) -> bytes:
-    index, suffix = xattr_entry_index(key)
-    raw = EROFS_XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
-    return raw + b"\0" * (-len(raw) % 4)
-
-
 def _dirent_block(children: List[Tuple[bytes, _Inode]], pad_to: int) -> bytes:
     nameoff = len(children) * EROFS_DIRENT.size
     heads = []
@@ -630,13 +639,22 @@ def _write(layout: _Layout, version: int, inodes_end: int,
         if inode.xattr_size:
             name_filter = 0
             for key in inode.xattrs:
-                name_filter |= _filter_bit(key)
+                name_filter |= _key_info(key)[1]
             out += EROFS_XATTR_IBODY_HEADER.pack(EROFS_XATTR_FILTER_DEFAULT & ~name_filter,
                                                  len(inode.shared))
             for off in inode.shared:
                 out += ((shared_base + off) // 4).to_bytes(4, "little")
             for key, value in inode.unshared:
-                out += _xattr_entry(key, value)
+                head = _key_info(key)[2]
+                n = head[0]
+                out += head
+                out += len(value).to_bytes(2, "little")
+                if n:
+                    out += key[-n:]
+                out += value
+                pad = -(4 + n + len(value)) % 4
+                if pad:
+                    out += b"\0" * pad
         if fmt == stat.S_IFDIR:
             assert children is not None
             blocks, tail = _dir_chunks(children, inode.n_blocks)
@@ -693,8 +711,7 @@ def effective_version(root: Node, min_version: int = 0, max_version: int = 1) ->
 def build_image(root: Node, min_version: int = 0, max_version: int = 1) -> bytes:
     """The complete image for *root*, as ``mkcomposefs`` would write it."""
     version = effective_version(root, min_version, max_version)
-    work = _clone(root)
-    _rewrite(work, version)
+    work = _prepare(root, version)
     layout = _compute_tree(work)
     shared, shared_size = _compute_shared_xattrs(layout.order)
     inodes_end = _place_inodes(layout)

@@ -1,0 +1,231 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Digest store: backing files named by their fs-verity digest (``XX/YYYY…``).
+
+This is ``mkcomposefs --digest-store=DIR``.  Like C mkcomposefs 1.0.8
+(``copy_file_with_dirs_if_needed``) an object is skipped when its name
+already exists (``lstat``), otherwise written to ``DIR/.tmpXXXXXXXX``
+(reflink with FICLONE, else ``copy_file_range``, else read/write), made 0644,
+fsync-ed, given fs-verity if the filesystem can, and renamed into place.
+Directories are created 0755 (minus umask).  Beyond C, the directory is
+fsync-ed after the rename so a crash cannot lose a name the image refers to,
+the copied size is checked, and a temp file never survives an error.
+
+Two writers of one object may race: both rename, the second replaces an
+identical file, both succeed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import tempfile
+import warnings
+from typing import Iterable, List, Optional, Set, Union
+
+from . import fsverity
+from .errors import FormatError, VerityError, VerityNotSupported
+from .tree import DIGEST_SIZE, digest_to_path
+
+PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+# _IOW(0x94, 9, int) from linux/fs.h.
+FICLONE = 0x40049409
+_COPY_CHUNK = 1 << 30
+_READ_CHUNK = 1 << 20
+# copy_file_range errors meaning "not here, copy by hand" (same list as C).
+_CFR_FALLBACK = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EINVAL, errno.EBADF)
+# ... and the ones that will not change for the rest of the run.
+_CFR_DISABLE = (errno.ENOSYS, errno.EXDEV)
+_use_copy_file_range = hasattr(os, "copy_file_range")
+# Filesystems (st_dev) that said "no fs-verity here": asking again for every
+# object would only repeat the same answer.
+_no_verity_devs: Set[int] = set()
+
+
+def object_path(store_dir: PathLike, digest: bytes) -> bytes:
+    """Absolute-or-relative path of the object for ``digest`` in ``store_dir``."""
+    return os.path.join(os.fsencode(store_dir), digest_to_path(digest))
+
+
+def store_object(src_fd_or_path: Union[int, PathLike], digest: bytes, store_dir: PathLike,
+                 *, size: Optional[int] = None, sync_dir: bool = True) -> bool:
+    """Put the content of ``src_fd_or_path`` into ``store_dir`` under ``digest``.
+
+    ``digest`` must be the file's fs-verity sha256 digest; it is trusted, not
+    recomputed (the caller has just computed it), except that with fs-verity
+    enabled on the new object the kernel's measurement must match it.  A file
+    descriptor is read from offset 0 with positional I/O; its file position is
+    left alone.  ``size``, if given, is the expected content length.
+    ``sync_dir=False`` leaves the directory fsync to the caller, who must
+    call :func:`sync_object_dirs` before relying on the object (a bulk
+    writer then syncs each ``XX`` directory once instead of per object).
+
+    Returns True if the object was written, False if it already existed.
+    """
+    if len(digest) != DIGEST_SIZE:
+        raise FormatError("digest must be %d bytes, not %d" % (DIGEST_SIZE, len(digest)))
+    store = os.fsencode(store_dir)
+    rel = digest_to_path(digest)
+    subdir = os.path.join(store, rel[:2])
+    final = os.path.join(store, rel)
+    created = _ensure_dirs(subdir)
+    if _exists(final):
+        return False
+
+    if isinstance(src_fd_or_path, int):
+        _write_object(src_fd_or_path, digest, store, final, size)
+    else:
+        src = os.open(src_fd_or_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        try:
+            _write_object(src, digest, store, final, size)
+        finally:
+            os.close(src)
+    if sync_dir:
+        _fsync_dir(subdir)
+        if created:
+            # The new XX entry must reach the disk too.
+            _fsync_dir(store)
+    return True
+
+
+def sync_object_dirs(store_dir: PathLike, digests: Iterable[bytes]) -> None:
+    """fsync the store and the ``XX`` directories of ``digests`` (see ``sync_dir``)."""
+    store = os.fsencode(store_dir)
+    for prefix in sorted({digest_to_path(d)[:2] for d in digests}):
+        _fsync_dir(os.path.join(store, prefix))
+    _fsync_dir(store)
+
+
+def _exists(path: bytes) -> bool:
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _ensure_dirs(path: bytes) -> bool:
+    """Create ``path`` and missing parents with mode 0755; True if ``path`` was made.
+
+    Safe against other writers creating the same directories concurrently.
+    """
+    missing: List[bytes] = []
+    cur = path
+    while cur and not os.path.isdir(cur):
+        missing.append(cur)
+        parent = os.path.dirname(cur.rstrip(b"/"))
+        if parent == cur:
+            break
+        cur = parent
+    made = False
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o755)
+            made = directory == path
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                         os.fsdecode(directory)) from None
+    return made
+
+
+def _write_object(src: int, digest: bytes, store: bytes, final: bytes,
+                  size: Optional[int]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=store, prefix=b".tmp")
+    try:
+        try:
+            _copy_data(src, fd)
+            st = os.fstat(fd)
+            if size is not None and st.st_size != size:
+                raise FormatError("%s: copied %d bytes, expected %d (source changed?)"
+                                  % (os.fsdecode(final), st.st_size, size))
+            os.fchmod(fd, 0o644)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _try_enable_verity(tmp, digest)
+        os.rename(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _copy_data(src: int, dst: int) -> None:
+    """Copy all of ``src`` into the empty file ``dst``: reflink, kernel copy, read/write."""
+    global _use_copy_file_range
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError:
+        # Like C: any failure (EOPNOTSUPP, EXDEV, EINVAL, ...) means copy instead.
+        pass
+    offset = 0
+    if _use_copy_file_range:
+        while True:
+            try:
+                n = os.copy_file_range(src, dst, _COPY_CHUNK, offset, offset)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _CFR_DISABLE:
+                    _use_copy_file_range = False
+                elif exc.errno not in _CFR_FALLBACK:
+                    raise
+                break
+            if n == 0:
+                # EOF, or a kernel that copies nothing (procfs, some overlayfs):
+                # the loop below finishes the job either way.
+                break
+            offset += n
+    while True:
+        chunk = os.pread(src, _READ_CHUNK, offset)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            written = os.pwrite(dst, view, offset)
+            if written <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            offset += written
+            view = view[written:]
+
+
+def _try_enable_verity(path: bytes, digest: bytes) -> None:
+    # FS_IOC_ENABLE_VERITY needs a read-only fd and no writer left open.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_dev in _no_verity_devs:
+            return
+        try:
+            fsverity.enable_verity(fd)
+        except VerityNotSupported:
+            _no_verity_devs.add(st.st_dev)
+            return
+        except VerityError as exc:
+            # C ignores every failure here; the object is still correct, but a
+            # later verity=require mount of it would fail, so say so.
+            warnings.warn("cannot enable fs-verity on %s: %s" % (os.fsdecode(path), exc),
+                          RuntimeWarning, stacklevel=4)
+            return
+        algorithm, measured = fsverity.measure_verity(fd)
+        if algorithm != "sha256" or measured != digest:
+            raise VerityError("%s: fs-verity %s digest %s does not match the object name %s"
+                              % (os.fsdecode(path), algorithm, measured.hex(), digest.hex()))
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: bytes) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

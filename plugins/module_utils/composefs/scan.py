@@ -1,0 +1,471 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Build a composefs :class:`~.tree.Node` tree from a real directory.
+
+This is the directory source of ``mkcomposefs SRC IMAGE``.  By default the
+result equals what C mkcomposefs 1.0.8 builds in memory (``lcfs_build`` plus
+the tool's digest pass), so the image written from it is byte-identical:
+
+* every entry is ``lstat``-ed, never followed; the source itself must be a
+  real directory (a symlink to one is refused, as in C);
+* recorded: ``st_mode``, ``st_uid``, ``st_gid``, ``st_rdev``, ``st_size``
+  and the mtime (seconds and nanoseconds, both 0 with ``use_epoch``);
+  ``st_nlink`` is *not* recorded: every entry gets nlink 1 and hard links
+  become independent inodes, unless ``hardlinks=True`` (our extension);
+* symlinks carry their target as payload, and their size is its length;
+* regular files of 1..``inline_max`` bytes (64 by default) are inlined
+  (``content``); larger ones get their userspace fs-verity digest
+  (``digest``) and the backing path ``XX/YYYY…`` (``payload``); empty files
+  get neither;
+* xattrs are read in ``listxattr`` order, including ``trusted.*`` and
+  ``security.*`` (``trusted.overlay.*`` are kept as found; the image writer
+  escapes them).  ``user_xattrs`` keeps only ``user.*``, ``skip_xattrs``
+  reads none, and asking for both is refused like C does (EINVAL);
+* ``skip_devices`` drops character and block devices, 0/0 whiteouts included.
+
+Deliberate differences from C that cannot change a successful C result:
+a filesystem without xattr support (``listxattr`` gives ENOTSUP) counts as
+"no xattrs" where C aborts; a file that changes size or identity between the
+scan and the digest pass is an error where C silently records a mismatch;
+devices are recognised by ``lstat`` where C trusts ``d_type`` (so C keeps
+devices on filesystems that report ``DT_UNKNOWN``); errors name the path.
+
+Inline files get no ``digest``/``payload``: C computes them but the image
+never stores them, and leaving them out keeps the tree equal to what a reader
+gets back from the image.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import stat
+import threading
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+from . import fsverity
+from .errors import FormatError
+from .objects import store_object, sync_object_dirs
+from .tree import (
+    INLINE_CONTENT_MAX,
+    INODE_EXTERNAL_XATTR_MAX,
+    PATH_MAX,
+    RECOMMENDED_INLINE_CONTENT_MAX,
+    XATTR_NAME_MAX,
+    XATTR_VALUE_MAX,
+    Node,
+    digest_to_path,
+)
+
+PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+#: ``progress(files_done, files_total)``: called from the calling thread after
+#: each regular file of the digest/inline/store pass, and once with (0, total)
+#: before the first.  Files that need no reading (empty, or external files
+#: when ``compute_digest`` is off) are not counted.
+ProgressCallback = Callable[[int, int], None]
+
+# Per-xattr cost in libcomposefs' budget (2 * entry header - 1) and the
+# header added with the first xattr (lcfs_node_set_xattr_internal).
+_XATTR_ENTRY_COST = 2 * 4 - 1
+_XATTR_HEADER_COST = 12
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
+
+
+class _FileJob:
+    """A regular file whose content the second pass must read."""
+
+    __slots__ = ("node", "path", "dev", "ino")
+
+    def __init__(self, node: Node, path: bytes, st: os.stat_result) -> None:
+        self.node = node
+        self.path = path
+        self.dev = st.st_dev
+        self.ino = st.st_ino
+
+
+def build_tree_from_directory(
+    path: PathLike,
+    *,
+    use_epoch: bool = False,
+    skip_devices: bool = False,
+    skip_xattrs: bool = False,
+    user_xattrs: bool = False,
+    hardlinks: bool = False,
+    compute_digest: bool = True,
+    inline_max: int = RECOMMENDED_INLINE_CONTENT_MAX,
+    threads: Optional[int] = None,
+    digest_store: Optional[PathLike] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> Node:
+    """Scan directory ``path`` into a tree (see the module docstring).
+
+    ``compute_digest=False`` skips fs-verity hashing: external files then get
+    neither digest nor payload (libcomposefs' ``lcfs_build`` without
+    ``LCFS_BUILD_COMPUTE_DIGEST``), which is only useful for metadata.
+    ``inline_max=0`` disables inlining.  ``digest_store`` copies every
+    external file into that directory as ``XX/YYYY…`` (see
+    :func:`.objects.store_object`), in the same worker threads as the digests.
+    ``threads`` defaults to the CPUs this process may run on.
+
+    Raises :class:`FormatError` for options or trees composefs cannot
+    represent and :class:`OSError` (with the failing path) for I/O errors.
+    """
+    if skip_xattrs and user_xattrs:
+        raise FormatError("skip_xattrs and user_xattrs conflict (C mkcomposefs: Invalid argument)")
+    if not 0 <= inline_max <= INLINE_CONTENT_MAX:
+        raise FormatError("inline_max must be between 0 and %d" % INLINE_CONTENT_MAX)
+    if digest_store is not None and not compute_digest:
+        raise FormatError("a digest store needs compute_digest=True")
+    if threads is None:
+        threads = _cpu_count()
+    if threads < 1:
+        raise FormatError("invalid thread count %d" % threads)
+
+    src = os.fsencode(path)
+    scanner = _Scanner(use_epoch, skip_devices, skip_xattrs, user_xattrs, hardlinks)
+    root = scanner.scan(src)
+    jobs = scanner.jobs
+    if hardlinks:
+        aliased = _link_hardlinks(root, scanner.link_keys)
+        jobs = [job for job in jobs if id(job.node) not in aliased]
+
+    store = os.fsencode(digest_store) if digest_store is not None else None
+    worker = _ContentWorker(compute_digest, inline_max, store)
+    try:
+        _run_jobs([j for j in jobs if worker.needed(j)], worker.process, threads, progress)
+    except BaseException:
+        if worker.stored:
+            # Objects written before the error are complete and worth keeping,
+            # but the original error is the one to report.
+            try:
+                sync_object_dirs(store, worker.stored)
+            except OSError:
+                pass
+        raise
+    if worker.stored:
+        sync_object_dirs(store, worker.stored)
+    return root
+
+
+def _cpu_count() -> int:
+    # C mkcomposefs counts the CPUs in its affinity mask, not all CPUs.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return parent + name if parent.endswith(b"/") else parent + b"/" + name
+
+
+def _oserror(exc: OSError, what: str, path: bytes) -> OSError:
+    """A copy of ``exc`` whose message names the action and the path."""
+    code = exc.errno if exc.errno is not None else errno.EIO
+    # OSError(errno, ...) picks the matching subclass (PermissionError, ...).
+    return OSError(code, "%s: %s" % (what, exc.strerror or exc), os.fsdecode(path))
+
+
+class _Scanner:
+    """First pass: metadata of every entry (lcfs_build with LCFS_BUILD_NO_INLINE)."""
+
+    def __init__(self, use_epoch: bool, skip_devices: bool, skip_xattrs: bool,
+                 user_xattrs: bool, hardlinks: bool) -> None:
+        self.use_epoch = use_epoch
+        self.skip_devices = skip_devices
+        self.skip_xattrs = skip_xattrs
+        self.user_xattrs = user_xattrs
+        self.hardlinks = hardlinks
+        self.jobs: List[_FileJob] = []
+        self.link_keys: Dict[int, Tuple[int, int]] = {}
+
+    def scan(self, src: bytes) -> Node:
+        st = self._lstat(src)
+        if not stat.S_ISDIR(st.st_mode):
+            # C fails later with "cannot write file: Not a directory".
+            raise NotADirectoryError(
+                errno.ENOTDIR, "source is not a directory (symbolic links are not followed)",
+                os.fsdecode(src))
+        root = self._node(src, st)
+        # Explicit stack: depth is bounded only by PATH_MAX, never by Python's
+        # recursion limit.
+        stack: List[Tuple[bytes, Node]] = [(src, root)]
+        while stack:
+            dpath, dnode = stack.pop()
+            for name in self._list_dir(dpath):
+                cpath = _join(dpath, name)
+                cst = self._lstat(cpath)
+                fmt = stat.S_IFMT(cst.st_mode)
+                if self.skip_devices and fmt in (stat.S_IFCHR, stat.S_IFBLK):
+                    continue
+                child = self._node(cpath, cst)
+                dnode.add_child(name, child)
+                if fmt == stat.S_IFDIR:
+                    stack.append((cpath, child))
+        return root
+
+    @staticmethod
+    def _lstat(path: bytes) -> os.stat_result:
+        try:
+            return os.lstat(path)
+        except OSError as exc:
+            raise _oserror(exc, "cannot stat", path) from None
+
+    @staticmethod
+    def _list_dir(path: bytes) -> List[bytes]:
+        # Sorted like the C writer keeps children (strcmp binary insert).
+        # Reading the whole directory first keeps one fd open at a time.
+        try:
+            with os.scandir(path) as it:
+                names = [entry.name for entry in it]
+        except OSError as exc:
+            raise _oserror(exc, "cannot read directory", path) from None
+        names.sort()
+        return names
+
+    def _node(self, path: bytes, st: os.stat_result) -> Node:
+        node = Node(mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, rdev=st.st_rdev,
+                    size=st.st_size)
+        if not self.use_epoch:
+            node.mtime_sec, node.mtime_nsec = divmod(st.st_mtime_ns, 1000000000)
+        fmt = stat.S_IFMT(st.st_mode)
+        if fmt == stat.S_IFREG:
+            self.jobs.append(_FileJob(node, path, st))
+        elif fmt == stat.S_IFLNK:
+            try:
+                target = os.readlink(path)
+            except OSError as exc:
+                raise _oserror(exc, "cannot read symbolic link", path) from None
+            if not target or len(target) >= PATH_MAX:
+                raise FormatError("invalid symlink target length %d: %s"
+                                  % (len(target), os.fsdecode(path)))
+            node.payload = target
+            node.size = len(target)
+        if self.hardlinks and fmt != stat.S_IFDIR and st.st_nlink > 1:
+            self.link_keys[id(node)] = (st.st_dev, st.st_ino)
+        if not self.skip_xattrs:
+            self._read_xattrs(node, path)
+        return node
+
+    def _read_xattrs(self, node: Node, path: bytes) -> None:
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return
+            raise _oserror(exc, "cannot list xattrs", path) from None
+        budget = 0
+        for name in names:
+            key = os.fsencode(name)
+            if self.user_xattrs and not key.startswith(b"user."):
+                continue
+            try:
+                value = os.getxattr(path, key, follow_symlinks=False)
+            except OSError as exc:
+                raise _oserror(exc, "cannot read xattr %s" % name, path) from None
+            if not 0 < len(key) <= XATTR_NAME_MAX:
+                raise FormatError("xattr name too long (%d bytes) on %s"
+                                  % (len(key), os.fsdecode(path)))
+            if len(value) > XATTR_VALUE_MAX:
+                raise FormatError("xattr %s value too large (%d bytes) on %s"
+                                  % (name, len(value), os.fsdecode(path)))
+            budget += _XATTR_ENTRY_COST + len(key) + len(value)
+            if not node.xattrs:
+                budget += _XATTR_HEADER_COST
+            if budget > INODE_EXTERNAL_XATTR_MAX:
+                raise FormatError("xattrs of %s exceed the composefs limit of %d bytes"
+                                  % (os.fsdecode(path), INODE_EXTERNAL_XATTR_MAX))
+            node.xattrs[key] = value
+
+
+def _link_hardlinks(root: Node, keys: Dict[int, Tuple[int, int]]) -> Dict[int, Node]:
+    """Turn later links of one inode into aliases of the first.
+
+    "First" is in sorted depth-first order, the order in which a reader of the
+    image meets the entries, so a dump round trip names the same target.
+    Returns the replaced nodes by id.
+    """
+    if not keys:
+        return {}
+    targets: Dict[Tuple[int, int], Node] = {}
+    replaced: Dict[int, Node] = {}
+    for _path, node in root.walk():
+        key = keys.get(id(node))
+        if key is None:
+            continue
+        target = targets.get(key)
+        if target is None:
+            targets[key] = node
+            continue
+        alias = Node(mode=target.mode)
+        alias.link_to = target
+        target.nlink += 1
+        parent = node.parent
+        assert parent is not None
+        parent.replace_child(node.name, alias)
+        replaced[id(node)] = node
+    return replaced
+
+
+class _ContentWorker:
+    """Second pass for one regular file: inline content, digest, store copy."""
+
+    def __init__(self, compute_digest: bool, inline_max: int, store: Optional[bytes]) -> None:
+        self.compute_digest = compute_digest
+        self.inline_max = inline_max
+        self.store = store
+        # Digests of the objects this run wrote; list.append is thread-safe.
+        self.stored: List[bytes] = []
+
+    def needed(self, job: _FileJob) -> bool:
+        size = job.node.size
+        if size == 0:
+            # C never opens empty files, so an unreadable one is fine.
+            return False
+        return size <= self.inline_max or self.compute_digest
+
+    def process(self, job: _FileJob) -> None:
+        node, path = job.node, job.path
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except OSError as exc:
+            raise _oserror(exc, "cannot open", path) from None
+        try:
+            self._check_same(fd, job)
+            if node.size <= self.inline_max:
+                node.content = self._read_inline(fd, node.size, path)
+                return
+            try:
+                digest, hashed = _digest_fd(fd)
+            except OSError as exc:
+                raise _oserror(exc, "cannot read", path) from None
+            if hashed != node.size:
+                raise FormatError("%s changed during the scan" % os.fsdecode(path))
+            self._check_same(fd, job)
+            node.digest = digest
+            node.payload = digest_to_path(digest)
+            if self.store is not None:
+                try:
+                    if store_object(fd, digest, self.store, size=node.size, sync_dir=False):
+                        self.stored.append(digest)
+                except OSError as exc:
+                    raise _oserror(exc, "cannot store object for", path) from None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _check_same(fd: int, job: _FileJob) -> None:
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_dev != job.dev or st.st_ino != job.ino
+                or st.st_size != job.node.size):
+            raise FormatError("%s changed during the scan" % os.fsdecode(job.path))
+
+    @staticmethod
+    def _read_inline(fd: int, size: int, path: bytes) -> bytes:
+        chunks: List[bytes] = []
+        got = 0
+        try:
+            # One byte more than expected detects a file that grew.
+            while got <= size:
+                chunk = os.pread(fd, size + 1 - got, got)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        except OSError as exc:
+            raise _oserror(exc, "cannot read", path) from None
+        if got != size:
+            raise FormatError("%s changed during the scan" % os.fsdecode(path))
+        return b"".join(chunks)
+
+
+_HASH_CHUNK = 1 << 20
+_tls = threading.local()
+
+
+def _digest_fd(fd: int) -> Tuple[bytes, int]:
+    """fs-verity sha256 digest of ``fd`` and the number of bytes hashed.
+
+    Like :func:`.fsverity.digest_fd` but with one read buffer per thread for
+    the whole scan: a fresh multi-megabyte buffer per file costs more than
+    hashing a typical small file.
+    """
+    buf = getattr(_tls, "buf", None)
+    if buf is None:
+        buf = _tls.buf = memoryview(bytearray(_HASH_CHUNK))
+    hasher = fsverity.FsVerityHasher()
+    offset = 0
+    while True:
+        n = os.preadv(fd, [buf], offset)
+        if n == 0:
+            break
+        hasher.update(buf[:n])
+        offset += n
+    return hasher.digest(), offset
+
+
+def _run_jobs(jobs: List[_FileJob], func: Callable[[_FileJob], None], threads: int,
+              progress: Optional[ProgressCallback]) -> None:
+    """Run ``func`` over ``jobs`` on ``threads`` workers; first error wins.
+
+    Workers pull from a shared index, as in C, instead of one future per file,
+    so millions of files cost no more than a list.
+    """
+    total = len(jobs)
+    if progress is not None:
+        progress(0, total)
+    if threads == 1 or total <= 1:
+        for done, job in enumerate(jobs, 1):
+            func(job)
+            if progress is not None:
+                progress(done, total)
+        return
+
+    lock = threading.Lock()
+    state = {"next": 0}
+    errors: List[BaseException] = []
+    finished: "queue.Queue[Optional[int]]" = queue.Queue()
+
+    def work() -> None:
+        try:
+            while True:
+                with lock:
+                    if errors or state["next"] >= total:
+                        return
+                    index = state["next"]
+                    state["next"] = index + 1
+                try:
+                    func(jobs[index])
+                except BaseException as exc:  # noqa: B902 - re-raised in the caller
+                    with lock:
+                        errors.append(exc)
+                    return
+                finished.put(1)
+        finally:
+            finished.put(None)
+
+    workers = [threading.Thread(target=work, name="cfs-scan-%d" % i, daemon=True)
+               for i in range(min(threads, total))]
+    for worker in workers:
+        worker.start()
+    done = 0
+    running = len(workers)
+    while running:
+        item = finished.get()
+        if item is None:
+            running -= 1
+        else:
+            done += 1
+            if progress is not None and not errors:
+                try:
+                    progress(done, total)
+                except BaseException as exc:  # noqa: B902 - stop the workers, then re-raise
+                    with lock:
+                        errors.append(exc)
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]

@@ -1,0 +1,333 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Digest store (``mkcomposefs --digest-store``): naming, atomicity, reuse, C parity."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+import subprocess
+import threading
+
+import pytest
+
+from composefs_fleet import fsverity, objects
+from composefs_fleet.errors import FormatError, VerityError, VerityNotSupported
+from composefs_fleet.objects import object_path, store_object
+from composefs_fleet.scan import build_tree_from_directory
+from composefs_fleet.tree import digest_to_path
+
+
+def _data(size: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    return bytes(rng.getrandbits(8) for _ in range(size))
+
+
+def _write(path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def store_files(store) -> dict:
+    """Relative path -> (mode, bytes) of every non-directory below ``store``."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(store):
+        for name in dirnames:
+            assert stat.S_IMODE(os.lstat(os.path.join(dirpath, name)).st_mode) == 0o755
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, store)] = (stat.S_IMODE(os.lstat(path).st_mode), f.read())
+    return found
+
+
+def make_src(root) -> None:
+    os.makedirs(os.path.join(root, "a/b"))
+    sizes = (0, 1, 64, 65, 4096, 4097, 100000, 300000)
+    for i, size in enumerate(sizes):
+        _write(os.path.join(root, "f%d" % size), _data(size, i))
+    _write(os.path.join(root, "a/same-as-f65"), _data(65, 3))
+    _write(os.path.join(root, "a/b/other"), _data(7000, 99))
+    os.symlink("f65", os.path.join(root, "link"))
+    os.link(os.path.join(root, "f4096"), os.path.join(root, "a/hard"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_verity_cache(monkeypatch):
+    # The real kernel's "not supported" answers are cached per filesystem.
+    monkeypatch.setattr(objects, "_no_verity_devs", set())
+
+
+@pytest.fixture
+def umask022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.mark.oracle
+def test_store_equals_c_digest_store(oracle, tmp_path, umask022):
+    src = tmp_path / "src"
+    make_src(str(src))
+    c_store = tmp_path / "c" / "store"  # parents are created too, as in C
+    proc = subprocess.run(oracle.argv("mkcomposefs") + ["--digest-store=%s" % c_store, str(src),
+                                                        str(tmp_path / "c.img")], capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    ours = tmp_path / "o" / "store"
+    tree = build_tree_from_directory(src, digest_store=ours, threads=3)
+    expected = store_files(c_store)
+    got = store_files(ours)
+    assert got == expected
+    assert len(got) == 6  # >64 bytes, deduplicated; inline and empty files are not stored
+    for rel, (mode, content) in got.items():
+        assert mode == 0o644
+        assert rel == digest_to_path(fsverity.digest_bytes(content)).decode()
+    payloads = {n.payload.decode() for _p, n in tree.walk() if n.is_reg() and n.payload}
+    assert payloads == set(got)
+    assert stat.S_IMODE(os.stat(tmp_path / "o").st_mode) == 0o755
+
+
+def test_existing_objects_are_reused(tmp_path):
+    src = tmp_path / "src"
+    make_src(str(src))
+    store = tmp_path / "store"
+    build_tree_from_directory(src, digest_store=store)
+    before = {p: os.lstat(store / p) for p in store_files(store)}
+    build_tree_from_directory(src, digest_store=store, threads=2)
+    after = {p: os.lstat(store / p) for p in store_files(store)}
+    assert before.keys() == after.keys()
+    for path, st in before.items():
+        assert (st.st_ino, st.st_mtime_ns) == (after[path].st_ino, after[path].st_mtime_ns)
+    assert not [n for n in os.listdir(store) if n.startswith(".tmp")]
+
+
+def test_store_object_from_path_and_fd(tmp_path):
+    data = _data(10000, 5)
+    src = tmp_path / "f"
+    _write(src, data)
+    digest = fsverity.digest_bytes(data)
+    store = tmp_path / "store"
+    assert store_object(src, digest, store) is True
+    target = object_path(store, digest)
+    assert target == os.path.join(os.fsencode(store), digest_to_path(digest))
+    with open(target, "rb") as f:
+        assert f.read() == data
+    assert store_object(src, digest, store) is False
+    os.unlink(target)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.lseek(fd, 1234, os.SEEK_SET)
+        assert store_object(fd, digest, str(store), size=len(data)) is True
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 1234  # positional I/O only
+    finally:
+        os.close(fd)
+    with open(target, "rb") as f:
+        assert f.read() == data
+    assert stat.S_IMODE(os.lstat(target).st_mode) == 0o644
+
+
+def test_bad_digest_and_size(tmp_path):
+    src = tmp_path / "f"
+    _write(src, b"x" * 100)
+    store = tmp_path / "store"
+    with pytest.raises(FormatError):
+        store_object(src, b"\0" * 31, store)
+    digest = fsverity.digest_bytes(b"x" * 100)
+    with pytest.raises(FormatError, match="expected 99"):
+        store_object(src, digest, store, size=99)
+    assert not os.path.exists(object_path(store, digest))
+    assert os.listdir(store) == [digest.hex()[:2]]
+
+
+def test_store_subdir_that_is_a_file(tmp_path):
+    data = b"y" * 100
+    digest = fsverity.digest_bytes(data)
+    store = tmp_path / "store"
+    store.mkdir()
+    _write(store / digest.hex()[:2], b"not a dir")
+    _write(tmp_path / "f", data)
+    with pytest.raises(NotADirectoryError):
+        store_object(tmp_path / "f", digest, store)
+
+
+def test_failure_mid_copy_leaves_nothing(tmp_path, monkeypatch):
+    data = _data(50000, 8)
+    _write(tmp_path / "f", data)
+    digest = fsverity.digest_bytes(data)
+    store = tmp_path / "store"
+
+    def half_then_fail(src, dst):
+        os.pwrite(dst, data[:20000], 0)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(objects, "_copy_data", half_then_fail)
+    with pytest.raises(OSError) as info:
+        store_object(tmp_path / "f", digest, store)
+    assert info.value.errno == errno.ENOSPC
+    assert os.listdir(store) == [digest.hex()[:2]]
+    assert os.listdir(store / digest.hex()[:2]) == []
+
+    # The same through the scanner: the error names the source file.
+    src = tmp_path / "src"
+    src.mkdir()
+    _write(src / "big", data)
+    with pytest.raises(OSError) as info:
+        build_tree_from_directory(src, digest_store=store)
+    assert info.value.errno == errno.ENOSPC and "big" in str(info.value)
+    assert not any(files for _d, _s, files in os.walk(store))
+
+
+def test_interrupt_during_fsync_removes_temp(tmp_path, monkeypatch):
+    _write(tmp_path / "f", b"q" * 100)
+    digest = fsverity.digest_bytes(b"q" * 100)
+
+    def boom(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(KeyboardInterrupt):
+        store_object(tmp_path / "f", digest, tmp_path / "store")
+    monkeypatch.undo()
+    assert not any(files for _d, _s, files in os.walk(tmp_path / "store"))
+
+
+@pytest.mark.parametrize("path", ["ficlone", "copy_file_range", "read_write", "cfr_returns_zero"])
+def test_copy_strategies(tmp_path, monkeypatch, path):
+    data = _data(3 * 1024 * 1024 + 17, 11)
+    _write(tmp_path / "f", data)
+    digest = fsverity.digest_bytes(data)
+    used = []
+    real_ioctl = objects.fcntl.ioctl
+    real_cfr = os.copy_file_range
+
+    def ioctl(fd, request, arg, *rest):
+        if request == objects.FICLONE:
+            used.append("ficlone")
+            if path == "ficlone":
+                # Pretend the filesystem reflinks: do the copy ourselves.
+                os.pwrite(fd, data, 0)
+                return 0
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_ioctl(fd, request, arg, *rest)
+
+    def cfr(src, dst, count, offset_src=None, offset_dst=None):
+        used.append("cfr")
+        if path == "read_write":
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        if path == "cfr_returns_zero":
+            return 0
+        return real_cfr(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(objects.fcntl, "ioctl", ioctl)
+    monkeypatch.setattr(os, "copy_file_range", cfr)
+    monkeypatch.setattr(objects, "_use_copy_file_range", True)
+    assert store_object(tmp_path / "f", digest, tmp_path / "store", size=len(data))
+    with open(object_path(tmp_path / "store", digest), "rb") as f:
+        assert f.read() == data
+    assert used[0] == "ficlone"
+    if path == "ficlone":
+        assert used == ["ficlone"]
+    if path == "read_write":
+        assert objects._use_copy_file_range is False  # EXDEV: not tried again this run
+
+
+def test_verity_not_supported_is_ignored(tmp_path, monkeypatch):
+    calls = []
+
+    def enable(fd, *a, **kw):
+        calls.append(fd)
+        raise VerityNotSupported("no fs-verity here")
+
+    monkeypatch.setattr(fsverity, "enable_verity", enable)
+    _write(tmp_path / "f", b"v" * 100)
+    assert store_object(tmp_path / "f", fsverity.digest_bytes(b"v" * 100), tmp_path / "s")
+    assert len(calls) == 1
+    # Asked once per filesystem, not once per object.
+    _write(tmp_path / "g", b"w" * 100)
+    assert store_object(tmp_path / "g", fsverity.digest_bytes(b"w" * 100), tmp_path / "s")
+    assert len(calls) == 1
+
+
+def test_verity_other_error_warns(tmp_path, monkeypatch):
+    def enable(fd, *a, **kw):
+        raise VerityError("FS_IOC_ENABLE_VERITY failed: no space")
+
+    monkeypatch.setattr(fsverity, "enable_verity", enable)
+    _write(tmp_path / "f", b"v" * 100)
+    digest = fsverity.digest_bytes(b"v" * 100)
+    with pytest.warns(RuntimeWarning, match="cannot enable fs-verity"):
+        assert store_object(tmp_path / "f", digest, tmp_path / "s")
+    assert os.path.exists(object_path(tmp_path / "s", digest))
+
+
+def test_verity_enabled_with_wrong_digest_is_refused(tmp_path, monkeypatch):
+    def enable(fd, *a, **kw):
+        # Read-only fd and no writer left: what FS_IOC_ENABLE_VERITY needs.
+        assert os.fstat(fd).st_mode & 0o777 == 0o644
+        return True
+
+    monkeypatch.setattr(fsverity, "enable_verity", enable)
+    monkeypatch.setattr(fsverity, "measure_verity", lambda fd: ("sha256", b"\1" * 32))
+    _write(tmp_path / "f", b"v" * 100)
+    digest = fsverity.digest_bytes(b"v" * 100)
+    with pytest.raises(VerityError, match="does not match"):
+        store_object(tmp_path / "f", digest, tmp_path / "s")
+    assert not any(files for _d, _s, files in os.walk(tmp_path / "s"))
+    monkeypatch.setattr(fsverity, "measure_verity", lambda fd: ("sha256", digest))
+    assert store_object(tmp_path / "f", digest, tmp_path / "s")
+
+
+def test_concurrent_writers_of_one_object(tmp_path, monkeypatch):
+    data = _data(200000, 4)
+    _write(tmp_path / "f", data)
+    digest = fsverity.digest_bytes(data)
+    store = tmp_path / "store"
+    # Make every writer pass the existence check before any renames.
+    barrier = threading.Barrier(8)
+    real_copy = objects._copy_data
+
+    def slow_copy(src, dst):
+        barrier.wait(timeout=30)
+        real_copy(src, dst)
+
+    monkeypatch.setattr(objects, "_copy_data", slow_copy)
+    results, errors = [], []
+
+    def writer():
+        try:
+            results.append(store_object(tmp_path / "f", digest, store))
+        except BaseException as exc:  # noqa: B902 - collected for the assert
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results == [True] * 8
+    assert store_files(store) == {digest_to_path(digest).decode(): (0o644, data)}
+
+
+def test_directories_are_synced(tmp_path, monkeypatch):
+    synced = []
+    real = objects._fsync_dir
+    monkeypatch.setattr(objects, "_fsync_dir", lambda p: (synced.append(p), real(p)))
+    _write(tmp_path / "f", b"s" * 100)
+    digest = fsverity.digest_bytes(b"s" * 100)
+    store = os.fsencode(tmp_path / "store")
+    store_object(tmp_path / "f", digest, store)
+    # The object's directory, then the store that got a new XX entry.
+    assert synced == [os.path.join(store, digest.hex()[:2].encode()), store]
+    # The scanner syncs each directory once at the end instead of per object.
+    src = tmp_path / "src"
+    src.mkdir()
+    contents = [_data(100, i) for i in range(30)]
+    for i, data in enumerate(contents):
+        _write(src / ("f%d" % i), data)
+    synced.clear()
+    build_tree_from_directory(src, digest_store=store, threads=2)
+    prefixes = {fsverity.digest_bytes(d).hex()[:2].encode() for d in contents}
+    assert sorted(synced) == sorted([os.path.join(store, p) for p in prefixes] + [store])
