@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Our mkcomposefs against the C mkcomposefs 1.0.8, side by side in one run.
+
+Two workloads, each timed as whole commands (best of --repeat runs):
+
+1. dump -> image: a composefs-dump of a real tree (default /usr, about 100k+
+   entries; digests are synthetic so the dump can be made without hashing
+   gigabytes) built with ``--from-file``.
+2. directory -> image with ``--digest-store``: a generated tree of about
+   --dir-mb MB, a fresh empty store for every run, same --threads for both.
+
+Prints wall times and the ratio ours/C (lower is better) and checks that both
+tools wrote the same image.  Needs the oracle (scripts/fetch-oracle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+
+def oracle_argv(tool: str):
+    cache = os.environ.get("COMPOSEFS_FLEET_CACHE", os.path.expanduser("~/.cache/composefs-fleet"))
+    meta = os.path.join(cache, "oracle", "1.0.8", "root", "oracle.json")
+    if not os.path.exists(meta):
+        meta = os.path.join(cache, "oracle", "1.0.8", "oracle.json")
+    with open(meta) as f:
+        info = json.load(f)
+    return [info["ld_so"], "--library-path", info["libdir"], info["binaries"][tool]]
+
+
+def ours_argv(tool: str):
+    return [os.path.join(REPO, ".venv", "bin", tool)]
+
+
+def best_time(argv, repeat, before=None):
+    best = None
+    for _ in range(repeat):
+        if before:
+            before()
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        elapsed = time.perf_counter() - start
+        best = elapsed if best is None else min(best, elapsed)
+    return best
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_dump(source, path):
+    """A dump of *source*'s real metadata, with synthetic digests for big files."""
+    from composefs_fleet.dump import write_dump
+    from composefs_fleet.scan import build_tree_from_directory
+    from composefs_fleet.tree import digest_to_path
+
+    tree = build_tree_from_directory(source, compute_digest=False, skip_devices=True)
+    count = 0
+    for rel, node in tree.walk():
+        count += 1
+        if node.is_reg() and node.size > 64 and node.content is None:
+            node.digest = hashlib.sha256(rel).digest()
+            node.payload = digest_to_path(node.digest)
+    with open(path, "wb") as out:
+        write_dump(tree, out)
+    return count
+
+
+def make_tree(top, megabytes, seed=1):
+    rng = random.Random(seed)
+    total = 0
+    n = 0
+    block = os.urandom(1 << 20)
+    while total < megabytes << 20:
+        d = os.path.join(top, "d%02d" % (n % 37), "e%d" % (n % 5))
+        os.makedirs(d, exist_ok=True)
+        size = rng.choice([10, 100, 3000, 20_000, 100_000, 300_000, 2_000_000])
+        offset = rng.randrange(len(block))
+        data = (block * ((size >> 20) + 2))[offset:offset + size]
+        with open(os.path.join(d, "f%05d" % n), "wb") as f:
+            # A unique prefix keeps every file a distinct object.
+            f.write(n.to_bytes(8, "little")[:size] + data[8:])
+        total += size
+        n += 1
+    return n, total
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="/usr", help="tree whose metadata makes the dump (default /usr)")
+    parser.add_argument("--dir-mb", type=int, default=200, help="size of the generated directory")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    c_mk = oracle_argv("mkcomposefs")
+    our_mk = ours_argv("mkcomposefs")
+    work = tempfile.mkdtemp(prefix="bench-mkcfs-", dir=os.environ.get("TMPDIR", "/var/tmp"))
+    results = {}
+    try:
+        dump = os.path.join(work, "tree.dump")
+        entries = make_dump(args.source, dump)
+        c_img, our_img = os.path.join(work, "c.img"), os.path.join(work, "ours.img")
+        t_c = best_time(c_mk + ["--from-file", dump, c_img], args.repeat)
+        t_ours = best_time(our_mk + ["--from-file", dump, our_img], args.repeat)
+        same = sha256_file(c_img) == sha256_file(our_img)
+        results["dump"] = (entries, t_c, t_ours, same)
+        print("dump -> image: %d entries from %s: C %.3f s, ours %.3f s, ratio %.2fx, identical=%s"
+              % (entries, args.source, t_c, t_ours, t_ours / t_c, same), flush=True)
+
+        tree = os.path.join(work, "tree")
+        files, size = make_tree(tree, args.dir_mb)
+        stores = {"c": os.path.join(work, "store-c"), "ours": os.path.join(work, "store-ours")}
+
+        def fresh(name):
+            def reset():
+                shutil.rmtree(stores[name], ignore_errors=True)
+                os.mkdir(stores[name])
+            return reset
+
+        threads = "--threads=%d" % args.threads
+        t_c = best_time(c_mk + [threads, "--digest-store=" + stores["c"], tree, c_img],
+                        args.repeat, fresh("c"))
+        t_ours = best_time(our_mk + [threads, "--digest-store=" + stores["ours"], tree, our_img],
+                           args.repeat, fresh("ours"))
+        same = sha256_file(c_img) == sha256_file(our_img)
+        print("dir -> image --digest-store: %d files, %.0f MB, threads=%d: C %.3f s, ours %.3f s, "
+              "ratio %.2fx, identical=%s" % (files, size / 1e6, args.threads, t_c, t_ours,
+                                             t_ours / t_c, same), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
