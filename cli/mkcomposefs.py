@@ -85,7 +85,7 @@ Extensions over the C tool:
   The image is written to a temporary file and renamed into place, so an error
   never leaves a partial image.  --use-epoch, --skip-devices, --skip-xattrs and
   --user-xattrs also apply to --from-file input (the C tool ignores them there).
-  CFS_PARSE_STRICT=1 in the environment enables strict dump parsing.
+  CFS_PARSE_STRICT set in the environment enables strict dump parsing.
 """
 
 
@@ -119,7 +119,8 @@ def _progress_printer(enabled: bool):
 
 
 def _read_dump(src: str, stdin: BinaryIO):
-    strict = os.environ.get("CFS_PARSE_STRICT") == "1"
+    # The C tool enables strict parsing when the variable is set at all.
+    strict = "CFS_PARSE_STRICT" in os.environ
     if src == "-":
         return parse_dump(stdin, strict=strict)
     with open(src, "rb") as stream:

@@ -1,0 +1,324 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""composefs-info: inspect composefs images (drop-in for the C tool, 1.0.8).
+
+    composefs-info [--basedir=PATH] [--filter=NAME]... COMMAND IMAGE...
+
+Commands: ``ls``, ``dump``, ``objects``, ``missing-objects`` and
+``measure-file FILE...``.  Output bytes, messages and exit codes follow
+tools/composefs-info.c, including its GNU getopt handling (options may follow
+the command, ``--basedir`` may be abbreviated, ``--`` ends the options).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from typing import BinaryIO, Callable, Iterable, List, Optional, Set, Tuple
+
+from composefs_fleet.errors import ComposefsError, ImageError
+from composefs_fleet.erofs_reader import read_image_fd
+from composefs_fleet.tree import Node
+
+PROG = "composefs-info"
+_LONG_OPTIONS = ("basedir", "filter", "help")
+
+
+class _Exit(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _err(message: str) -> bytes:
+    return ("%s: %s\n" % (PROG, message)).encode("utf-8", "surrogateescape")
+
+
+# -- escaping (print_escaped in composefs-info.c, C locale) -----------------
+def _make_table(noescape_space: bool) -> Tuple[List[bytes], bytes]:
+    low = 0x20 if noescape_space else 0x21
+    table = []
+    safe = bytearray()
+    for c in range(256):
+        if c == 0x5C:
+            table.append(b"\\\\")
+        elif c == 0x0A:
+            table.append(b"\\n")
+        elif c == 0x0D:
+            table.append(b"\\r")
+        elif c == 0x09:
+            table.append(b"\\t")
+        elif low <= c <= 0x7E:
+            table.append(bytes((c,)))
+            safe.append(c)
+        else:
+            table.append(b"\\x%02x" % c)
+    return table, bytes(safe)
+
+
+_PATH_TABLE, _PATH_SAFE = _make_table(noescape_space=True)
+_STD_TABLE, _STD_SAFE = _make_table(noescape_space=False)
+
+
+def _escape(data: bytes, table: List[bytes], safe: bytes) -> bytes:
+    if not data.translate(None, safe):
+        return data
+    return b"".join([table[c] for c in data])
+
+
+# -- commands ----------------------------------------------------------------
+def _children(node: Node) -> List[Tuple[bytes, Node]]:
+    if node.link_to is not None or not node.is_dir():
+        return []
+    return node.sorted_children()
+
+
+def _ls(root: Node, out: BinaryIO) -> None:
+    lines: List[bytes] = []
+    stack: List[Tuple[bytes, Node]] = [(b"/" + name, child) for name, child in reversed(_children(root))]
+    while stack:
+        path, node = stack.pop()
+        line = _escape(path, _PATH_TABLE, _PATH_SAFE)
+        # A hard-link alias has no mode of its own in the C tree: no suffix.
+        if node.link_to is None:
+            if node.is_dir():
+                line += b"/\t"
+            elif node.is_symlink():
+                line += b"\t-> " + _escape(node.payload or b"", _STD_TABLE, _STD_SAFE)
+            elif node.is_reg() and node.payload is not None:
+                line += b"\t@ " + _escape(node.payload, _STD_TABLE, _STD_SAFE)
+        lines.append(line + b"\n")
+        if len(lines) >= 4096:
+            out.write(b"".join(lines))
+            lines = []
+        for name, child in reversed(_children(node)):
+            stack.append((path + b"/" + name, child))
+    out.write(b"".join(lines))
+
+
+def _payloads(root: Node) -> Iterable[bytes]:
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.link_to is None and node.is_reg() and node.payload is not None:
+            yield node.payload
+        stack.extend(child for _, child in _children(node))
+
+
+def _is_missing(payload: bytes, dir_fd: int) -> bool:
+    # fstatat(dir_fd, path without leading '/', AT_EMPTY_PATH), following symlinks.
+    rel = payload.lstrip(b"/")
+    try:
+        if rel:
+            os.stat(rel, dir_fd=dir_fd)
+        else:
+            os.fstat(dir_fd)
+    except (OSError, ValueError):
+        return True
+    return False
+
+
+def _usage(prog: str) -> bytes:
+    return (
+        "usage: %s [--basedir=path] [ls|objects|dump|missing-objects|measure-file] IMAGES...\n" % prog
+    ).encode("utf-8", "surrogateescape")
+
+
+def _parse_args(args: List[str], prog: str, out: BinaryIO, err: BinaryIO) -> Tuple[dict, List[str]]:
+    """GNU getopt_long with an empty short-option string, permuting."""
+    opts = {"basedir": None, "filter": [], "help": False}
+    positional: List[str] = []
+    i = 0
+
+    def fail(message: str) -> None:
+        err.write(("%s: %s\n" % (prog, message)).encode("utf-8", "surrogateescape"))
+        out.write(b"Def\n")
+        err.write(_usage(prog))
+        raise _Exit(1)
+
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            positional.extend(args[i:])
+            break
+        if arg.startswith("--"):
+            body = arg[2:]
+            name, has_value, value = body.partition("=")
+            matches = [o for o in _LONG_OPTIONS if o == name] or [o for o in _LONG_OPTIONS if o.startswith(name)]
+            if len(matches) != 1 or not name:
+                fail("unrecognized option '%s'" % arg)
+            option = matches[0]
+            if option == "help":
+                if has_value:
+                    fail("option '--help' doesn't allow an argument")
+                opts["help"] = True
+                continue
+            if not has_value:
+                if i >= len(args):
+                    fail("option '--%s' requires an argument" % option)
+                value = args[i]
+                i += 1
+            if option == "basedir":
+                opts["basedir"] = value
+            else:
+                if "/" in value:
+                    err.write(_err("Filter must be a single name: %s: Success" % value))
+                    raise _Exit(1)
+                opts["filter"].append(value)
+        elif arg.startswith("-") and arg != "-":
+            fail("invalid option -- '%s'" % arg[1])
+        else:
+            positional.append(arg)
+    return opts, positional
+
+
+def _measure_files(files: List[str], prog: str, out: BinaryIO, err: BinaryIO) -> int:
+    from composefs_fleet import fsverity
+    from composefs_fleet.errors import VerityNotEnabled, VerityNotSupported
+
+    if not files:
+        err.write(b"No files specified\n")
+        err.write(_usage(prog))
+        return 1
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            err.write(_err("Failed to open '%s': %s" % (path, os.strerror(e.errno or errno.EIO))))
+            return 1
+        try:
+            try:
+                _alg, digest = fsverity.measure_verity(fd)
+                if len(digest) != 32:
+                    raise ComposefsError("fs-verity digest is not sha256")
+            except (VerityNotEnabled, VerityNotSupported):
+                # As lcfs_fd_get_fsverity(): compute it from the same fd.
+                digest = fsverity.digest_fd(fd)
+        except OSError as e:
+            message = os.strerror(e.errno) if e.errno else str(e)
+            err.write(("failed to measure '%s': %s" % (path, message)).encode("utf-8", "surrogateescape"))
+            return 1
+        except ComposefsError as e:
+            err.write(("failed to measure '%s': %s" % (path, e)).encode("utf-8", "surrogateescape"))
+            return 1
+        finally:
+            os.close(fd)
+        out.write(digest.hex().encode("ascii") + b"\n")
+    return 0
+
+
+def _run(args: List[str], prog: str, out: BinaryIO, err: BinaryIO) -> int:
+    opts, positional = _parse_args(args, prog, out, err)
+    if opts["help"]:
+        out.write(_usage(prog))
+        out.write(
+            b"\nCommands:\n"
+            b"  ls               list the files of the images\n"
+            b"  dump             print the images in composefs-dump(5) format\n"
+            b"  objects          list the backing objects the images reference\n"
+            b"  missing-objects  list the referenced objects absent from --basedir\n"
+            b"  measure-file     print the fs-verity digest of files\n"
+            b"Options:\n"
+            b"  --basedir=PATH   object store for missing-objects\n"
+            b"  --filter=NAME    load only this top-level entry (repeatable)\n"
+        )
+        return 0
+    if not positional:
+        err.write(b"No command specified\n")
+        err.write(_usage(prog))
+        return 1
+    command, images = positional[0], positional[1:]
+    if command == "measure-file":
+        return _measure_files(images, prog, out, err)
+    if command not in ("ls", "dump", "objects", "missing-objects"):
+        err.write(_err("Unknown command '%s'\n" % command))
+        return 1
+
+    basedir_fd = 0  # the C tool's default (its global fd is zero-initialised)
+    if opts["basedir"] is not None:
+        try:
+            basedir_fd = os.open(
+                opts["basedir"], os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY | getattr(os, "O_PATH", 0)
+            )
+        except OSError as e:
+            err.write(_err("Can't open basedir `%s`\n: %s" % (opts["basedir"], os.strerror(e.errno or errno.EIO))))
+            return 1
+    try:
+        if not images:
+            err.write(b"No image path specified\n")
+            err.write(_usage(prog))
+            return 1
+        return _run_images(command, images, opts["filter"], basedir_fd, out, err)
+    finally:
+        if opts["basedir"] is not None:
+            os.close(basedir_fd)
+
+
+def _run_images(command: str, images: List[str], filters: List[str], basedir_fd: int, out: BinaryIO, err: BinaryIO) -> int:
+    toplevel = [os.fsencode(name) for name in filters] if filters else None
+    objects: Set[bytes] = set()
+    handler: Callable[[Node], None]
+    if command == "ls":
+        handler = lambda root: _ls(root, out)  # noqa: E731
+    elif command == "dump":
+        from composefs_fleet.dump import write_dump
+
+        handler = lambda root: write_dump(root, out)  # noqa: E731
+    elif command == "objects":
+        handler = lambda root: objects.update(_payloads(root))  # noqa: E731
+    else:
+        handler = lambda root: objects.update(p for p in _payloads(root) if _is_missing(p, basedir_fd))  # noqa: E731
+
+    for image in images:
+        try:
+            fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            err.write(_err("Failed to open '%s': %s" % (image, os.strerror(e.errno or errno.EIO))))
+            return 1
+        try:
+            root = read_image_fd(fd, toplevel)
+        except ImageError as e:
+            err.write(_err("Failed to load '%s': %s" % (image, e)))
+            return 1
+        except OSError as e:
+            err.write(_err("Failed to load '%s': %s" % (image, os.strerror(e.errno) if e.errno else e)))
+            return 1
+        finally:
+            os.close(fd)
+        handler(root)
+    if command in ("objects", "missing-objects"):
+        out.write(b"".join(p + b"\n" for p in sorted(objects)))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+        prog = sys.argv[0] if os.path.basename(sys.argv[0]) == PROG else PROG
+    else:
+        prog = PROG
+    out = sys.stdout.buffer
+    err = sys.stderr.buffer
+    sys.stdout.flush()
+    try:
+        code = _run(list(argv), prog, out, err)
+    except _Exit as e:
+        code = e.code
+    except BrokenPipeError:
+        # Like the C tool killed by SIGPIPE: stop quietly.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 1
+    out.flush()
+    err.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

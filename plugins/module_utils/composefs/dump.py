@@ -1,0 +1,630 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The composefs-dump(5) text format: parser and printer.
+
+``parse_dump`` accepts exactly what C ``mkcomposefs --from-file`` (1.0.8)
+accepts and builds the tree the C tool builds; everything the C tool refuses,
+at parse or at write time, is a :class:`DumpParseError` carrying the line
+number.  ``write_dump`` prints a tree byte for byte as ``composefs-info dump``
+does.
+
+Quirks of the C parser that are reproduced on purpose (each is marked
+``C quirk`` below):
+
+* integers go through ``strtoull``: leading blanks (tab, CR, VT, FF), a ``+``
+  or ``-`` sign (``-1`` wraps to 2**64-1, which is how negative mtimes are
+  read) and overflow (clamped to 2**64-1) are all accepted;
+* a bad GID or RDEV number is read as 0 when UID is not 0 (the C code tests
+  ``uid == 0 && err`` after parsing those fields);
+* PATH, PAYLOAD, xattr keys and DIGEST are C strings: an escaped NUL ends them;
+* missing trailing fields are empty strings, not ``-``; one trailing space
+  after the last field is accepted, two are an empty xattr;
+* values are truncated to the C node's field widths (mode, nlink, uid, gid,
+  rdev and mtime nsec to 32 bits; mtime sec is the int64 view of the u64);
+* a symlink's SIZE is replaced by the target length and its CONTENT is
+  checked against SIZE, then dropped;
+* a duplicate xattr key replaces the earlier value, and the per-inode xattr
+  budget is checked incrementally as the C code does;
+* hard links are resolved after the whole file is read, in reverse line order
+  (so the first error reported is the same), and never change any nlink;
+* in strict mode a final line without newline is still accepted when the C
+  tool's read buffer happens to end exactly at the end of the file.
+
+Deliberate deviations, where the C tool writes an image that is broken or not
+reproducible (we refuse these inputs instead):
+
+* an external file's DIGEST that is not at least 64 hex digits: C copies the
+  parsed prefix into an uninitialised 32-byte stack buffer and writes the
+  garbage into the image (a bad digest on any other inode is ignored by the C
+  writer, so it is accepted and dropped here too);
+* SIZE > 2**64 - 2**43 on an external file: the C chunk count computation
+  overflows to zero chunks;
+* a ``@`` line whose target is a directory (C writes a directory hard link;
+  a link to ``/`` even makes the root its own descendant);
+* hard-link chains that loop (C refuses those at write time, or hangs in
+  ``follow_links`` when a chain runs into a loop that does not include it).
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+from typing import BinaryIO, Dict, List, Optional, Tuple
+
+from .erofs_format import EROFS_CHUNK_BITS_MAX, EROFS_CHUNKS_MAX
+from .errors import DumpParseError
+from .tree import (
+    DIGEST_SIZE,
+    INLINE_CONTENT_MAX,
+    INODE_EXTERNAL_XATTR_MAX,
+    NAME_MAX,
+    PATH_MAX,
+    XATTR_NAME_MAX,
+    XATTR_VALUE_MAX,
+    Node,
+)
+
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+# Sizes the C library charges per xattr against LCFS_INODE_EXTERNAL_XATTR_MAX.
+_XATTR_ENTRY_COST = 2 * 4 - 1
+_XATTR_HEADER_COST = 12
+# Longest remaining xattr text on one line (the C tool caps it at UINT16_MAX).
+_XATTR_TEXT_MAX = 0xFFFF
+
+# Largest external file: the C writer allows 1024 chunks of at most 2**43 bytes.
+_EXTERNAL_SIZE_MAX = EROFS_CHUNKS_MAX << EROFS_CHUNK_BITS_MAX
+
+_VALID_TYPES = frozenset(
+    (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFBLK, stat.S_IFCHR,
+     stat.S_IFSOCK, stat.S_IFIFO)
+)
+
+# strtoull() accepts C-locale white space and a sign before the digits.
+_INT_RE = {
+    10: re.compile(rb"[\t\n\v\f\r ]*([+-]?)([0-9]+)\Z"),
+    8: re.compile(rb"[\t\n\v\f\r ]*([+-]?)([0-7]+)\Z"),
+}
+_OCTAL_RE = re.compile(rb"[0-7]+\Z")
+_DIGEST_RE = re.compile(rb"[0-9a-fA-F]{%d}" % (2 * DIGEST_SIZE))
+
+_HEX_VALUES = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
+_NAMED_ESCAPES = {ord("\\"): b"\\", ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t"}
+
+# Output escaping (composefs-info print_escaped in the C locale): every byte
+# that is not isgraph(), and the backslash, is escaped.
+_ESCAPE_TABLE = [b"\\x%02x" % c for c in range(256)]
+_ESCAPE_TABLE[ord("\\")] = b"\\\\"
+_ESCAPE_TABLE[ord("\n")] = b"\\n"
+_ESCAPE_TABLE[ord("\r")] = b"\\r"
+_ESCAPE_TABLE[ord("\t")] = b"\\t"
+_NEEDS_ESCAPE = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
+_NEEDS_ESCAPE_EQ = re.compile(rb"[^\x21-\x3c\x3e-\x5b\x5d-\x7e]")
+
+
+class _FieldError(Exception):
+    """A field-level error; the parser adds the line number."""
+
+
+# -- escaping -------------------------------------------------------------
+
+
+def _escape_char(match: "re.Match[bytes]") -> bytes:
+    return _ESCAPE_TABLE[match.group()[0]]
+
+
+def escape(data: bytes, *, eq: bool = False, lone_dash: bool = False) -> bytes:
+    """Escape ``data`` as composefs-info does (``eq``: xattr key/value,
+    ``lone_dash``: an optional field whose value is literally ``-``)."""
+    if lone_dash and data == b"-":
+        return b"\\x2d"
+    pattern = _NEEDS_ESCAPE_EQ if eq else _NEEDS_ESCAPE
+    if pattern.search(data) is None:
+        return data
+    return pattern.sub(_escape_char, data)
+
+
+_VALID_ESCAPE = re.compile(rb"\\(?:x[0-9A-Fa-f]{2}|[\\nrt])")
+_UNESCAPED = {b"\\" + bytes((c,)): v for c, v in _NAMED_ESCAPES.items()}
+_UNESCAPED.update(
+    (b"\\x" + bytes((h, l)), bytes((_HEX_VALUES[h] << 4 | _HEX_VALUES[l],)))
+    for h in _HEX_VALUES for l in _HEX_VALUES)
+
+
+def _unescaped(match: "re.Match[bytes]") -> bytes:
+    return _UNESCAPED[match.group()]
+
+
+def _unescape(data: bytes) -> bytes:
+    if b"\\" not in data:
+        return data
+    result = _VALID_ESCAPE.sub(_unescaped, data)
+    if b"\\" not in _VALID_ESCAPE.sub(b"", data):
+        return result
+    _escape_error(data)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _escape_error(data: bytes) -> None:
+    """Raise the error C unescape_string() reports for the first bad escape."""
+    end = len(data)
+    pos = 0
+    while True:
+        i = data.find(b"\\", pos)
+        if i < 0:
+            return
+        if i + 1 >= end:
+            raise _FieldError("No character after escape")
+        c = data[i + 1]
+        if c == 0x78:  # 'x'
+            # As in C: both digits must be present before their validity counts.
+            if i + 3 >= end:
+                raise _FieldError("No hex characters after hex escape")
+            if data[i + 2] not in _HEX_VALUES or data[i + 3] not in _HEX_VALUES:
+                raise _FieldError("Invalid hex characters after hex escape")
+            pos = i + 4
+        elif c in _NAMED_ESCAPES:
+            pos = i + 2
+        else:
+            raise _FieldError("Unsupported escape type %s" % chr(c))
+
+
+def unescape(data: bytes) -> bytes:
+    """Undo composefs-dump escaping (``\\\\``, ``\\n``, ``\\r``, ``\\t``, ``\\xHH``)."""
+    try:
+        return _unescape(data)
+    except _FieldError as exc:
+        raise DumpParseError(str(exc)) from None
+
+
+def _unescape_optional(field: bytes) -> Optional[bytes]:
+    if field == b"-":
+        return None
+    return _unescape(field)
+
+
+def _c_string(value: bytes) -> bytes:
+    # The C parser keeps these fields as NUL-terminated strings.
+    nul = value.find(b"\0")
+    return value if nul < 0 else value[:nul]
+
+
+def _show(path: bytes) -> str:
+    return escape(path).decode("ascii")
+
+
+# -- numbers --------------------------------------------------------------
+
+
+def _parse_int(field: bytes, base: int) -> Tuple[int, Optional[str]]:
+    """strtoull(field, base) as the C parser uses it: (value, error)."""
+    if base == 10:
+        if field.isdigit():
+            return int(field), None
+    elif _OCTAL_RE.match(field):
+        return int(field, 8), None
+    match = _INT_RE[base].match(field)
+    if match is None:
+        return 0, "Invalid integer %s" % field.decode("latin-1")
+    value = int(match.group(2), base)
+    if value > _U64:
+        return _U64, None
+    if match.group(1) == b"-":
+        value = -value & _U64
+    return value, None
+
+
+def _int_field(field: bytes, base: int, name: str) -> int:
+    value, err = _parse_int(field, base)
+    if err is not None:
+        raise _FieldError("%s (%s)" % (err, name))
+    return value
+
+
+def _parse_digest(field: bytes) -> Optional[bytes]:
+    """The digest, or None where C would leave uninitialised bytes in it.
+
+    C digest_to_raw() decodes hex pairs until the 32 bytes are full (ignoring
+    anything after), the string ends or a non-hex char appears.
+    """
+    match = _DIGEST_RE.match(field)
+    if match is None:
+        return None
+    return bytes.fromhex(match.group().decode("ascii"))
+
+
+# -- reading ----------------------------------------------------------------
+
+
+def _c_reads_unterminated_line(data: bytes) -> bool:
+    """Whether C mkcomposefs in strict mode accepts a final line without "\\n".
+
+    C quirk: tree_from_dump() reads with fread() into a buffer that starts at
+    64 KiB and doubles when one line fills it.  When a read ends exactly at
+    the end of the file, EOF is not yet flagged, the next read returns 0
+    bytes and that "short read" path parses the unterminated line instead of
+    reporting "Missing trailing newline".  Both regular files and pipes give
+    full reads from fread(), so this is deterministic.
+    """
+    total = len(data)
+    capacity = 0
+    pos = 0
+    carry_start = 0
+    while True:
+        size = pos - carry_start
+        if capacity < size + 1:
+            capacity = 64 * 1024 if capacity == 0 else capacity * 2
+            capacity = max(capacity, size + 1)
+        want = capacity - size
+        got = min(want, total - pos)
+        pos += got
+        if got == 0:
+            return True
+        if pos == total:
+            return got == want
+        newline = data.rfind(b"\n", carry_start, pos)
+        if newline >= 0:
+            carry_start = newline + 1
+
+
+class _Fixup:
+    __slots__ = ("node", "target", "lineno")
+
+    def __init__(self, node: Node, target: Optional[bytes], lineno: int) -> None:
+        self.node = node
+        self.target = target
+        self.lineno = lineno
+
+
+class _Parser:
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.root: Optional[Node] = None
+        self.fixups: List[_Fixup] = []
+        # Parent lookups by the exact text before the last '/'.  Nodes are
+        # never removed, so a successful lookup stays valid.
+        self.parents: Dict[bytes, Node] = {}
+        # Errors the C tool only reports when writing, after the whole parse.
+        self.deferred: Optional[DumpParseError] = None
+
+    def defer(self, message: str, lineno: int) -> None:
+        if self.deferred is None:
+            self.deferred = DumpParseError(message, lineno)
+
+    # One line of the file; the order of checks follows tree_from_dump_line.
+    def line(self, line: bytes, lineno: int) -> None:
+        try:
+            self._line(line, lineno)
+        except _FieldError as exc:
+            raise DumpParseError(str(exc), lineno) from None
+
+    def _line(self, line: bytes, lineno: int) -> None:
+        nul = line.find(b"\0")
+        if nul >= 0:
+            raise _FieldError("Invalid embedded NUL character at position %d" % nul)
+        fields = line.split(b" ", 11)
+        if len(fields) < 12:
+            fields.extend([b""] * (12 - len(fields)))
+        (f_path, f_size, f_mode, f_nlink, f_uid, f_gid, f_rdev, f_mtime,
+         f_payload, f_content, f_digest, rest) = fields
+
+        path = _c_string(_unescape(f_path))
+        if not path:
+            raise _FieldError("Invalid empty path")
+
+        is_hardlink = f_mode[:1] == b"@"
+        if is_hardlink:
+            f_mode = f_mode[1:]
+        mode = _int_field(f_mode, 8, "MODE") & _U32
+        if stat.S_IFMT(mode) not in _VALID_TYPES:
+            raise _FieldError("Invalid mode %o" % mode)
+        ftype = stat.S_IFMT(mode)
+
+        node = Node(mode)
+        self._add(path, node)
+
+        if is_hardlink:
+            if ftype == stat.S_IFDIR:
+                raise _FieldError("Directories can't be hardlinked")
+            target = _unescape_optional(f_payload)
+            self.fixups.append(_Fixup(node, None if target is None else _c_string(target), lineno))
+            return
+
+        sec_s, _dot, nsec_s = f_mtime.partition(b".")
+        if (f_size.isdigit() and f_nlink.isdigit() and f_uid.isdigit() and f_gid.isdigit()
+                and f_rdev.isdigit() and sec_s.isdigit() and nsec_s.isdigit()):
+            # Canonical text: plain decimal numbers.
+            size = int(f_size)
+            nlink = int(f_nlink)
+            uid = int(f_uid)
+            gid = int(f_gid)
+            rdev = int(f_rdev)
+            mtime_sec = int(sec_s)
+            mtime_nsec = int(nsec_s)
+            if size > _U64 or nlink > _U64 or uid > _U64 or gid > _U64 or rdev > _U64 \
+                    or mtime_sec > _U64 or mtime_nsec > _U64:
+                size, nlink, uid, gid, rdev, mtime_sec, mtime_nsec = (
+                    min(v, _U64) for v in (size, nlink, uid, gid, rdev, mtime_sec, mtime_nsec))
+        else:
+            size = _int_field(f_size, 10, "SIZE")
+            nlink = _int_field(f_nlink, 10, "NLINK")
+            uid = _int_field(f_uid, 10, "UID")
+            # C quirk: the GID and RDEV checks test "uid == 0 && err", so with
+            # a non-zero UID a bad value silently becomes 0.
+            gid, err = _parse_int(f_gid, 10)
+            if err is not None and uid == 0:
+                raise _FieldError("%s (GID)" % err)
+            rdev, err = _parse_int(f_rdev, 10)
+            if err is not None and uid == 0:
+                raise _FieldError("%s (RDEV)" % err)
+            mtime_sec = _int_field(sec_s, 10, "MTIME")
+            mtime_nsec = _int_field(nsec_s, 10, "MTIME")
+        if mtime_sec > 0x7FFFFFFFFFFFFFFF:
+            mtime_sec -= 1 << 64
+        mtime_nsec &= _U32
+
+        payload = _unescape_optional(f_payload)
+        if payload is not None:
+            payload = _c_string(payload)
+        content = _unescape_optional(f_content)
+        if content is not None and len(content) != size:
+            raise _FieldError("Invalid content size %d, must match size %d" % (len(content), size))
+        digest_text = _unescape_optional(f_digest)
+
+        node.nlink = nlink & _U32
+        node.uid = uid & _U32
+        node.gid = gid & _U32
+        if ftype in (stat.S_IFCHR, stat.S_IFBLK):
+            node.rdev = rdev & _U32
+        elif self.strict and rdev != 0:
+            raise _FieldError("Non-zero devnum on non-device")
+        node.mtime_sec = mtime_sec
+        node.mtime_nsec = mtime_nsec
+
+        if ftype == stat.S_IFLNK:
+            if not payload or len(payload) >= PATH_MAX:
+                raise _FieldError("Invalid symlink")
+            if self.strict:
+                if size != len(payload):
+                    raise _FieldError("Invalid symlink size %d, must match target length %d"
+                                      % (size, len(payload)))
+                if content:
+                    raise _FieldError("Symlink cannot have content")
+            node.payload = payload
+            node.size = len(payload)
+        else:
+            if payload is not None and len(payload) >= PATH_MAX:
+                raise _FieldError("Invalid payload")
+            if content is not None and len(content) > INLINE_CONTENT_MAX:
+                raise _FieldError("Inline content size %d exceeds maximum %d"
+                                  % (len(content), INLINE_CONTENT_MAX))
+            node.payload = payload
+            node.size = size
+            # C keeps no buffer for empty content; b"" is kept here so that
+            # write_dump() can print the empty field the C reader produces on
+            # some escaped whiteouts.  Either way the file has no data.
+            node.content = content
+
+        external = ftype == stat.S_IFREG and node.content is None and size > 0
+        if digest_text is not None:
+            digest = _parse_digest(digest_text)
+            if digest is None and external:
+                raise _FieldError("Invalid digest %s: an external file needs 64 hex digits"
+                                  % _show(digest_text[:80]))
+            node.digest = digest
+
+        if len(rest) > _XATTR_TEXT_MAX:
+            raise _FieldError("Too many xattrs")
+        if rest:
+            items = rest.split(b" ")
+            if not items[-1]:
+                items.pop()
+            self._xattrs(node, items)
+
+        if external and size > _EXTERNAL_SIZE_MAX:
+            # C refuses this only when writing (EFBIG); sizes just below 2**64
+            # overflow its chunk count to 0 and would be accepted (deviation).
+            self.defer("File too large: %s has size %d" % (_show(path), size), lineno)
+
+    def _add(self, path: bytes, node: Node) -> None:
+        if path == b"/":
+            if not node.is_dir():
+                raise _FieldError("Root must be a directory")
+            if self.root is not None:
+                raise _FieldError("Can't have multiple roots")
+            self.root = node
+            return
+        root = self.root
+        if root is None:
+            raise _FieldError("Root node not present")
+        slash = path.rfind(b"/")
+        if slash < 0:
+            parent: Optional[Node] = root
+            name = path
+        else:
+            name = path[slash + 1:]
+            prefix = path[:slash]
+            parent = self.parents.get(prefix)
+            if parent is None:
+                parent = root
+                # Leading and repeated slashes are skipped, like C
+                # lookup_parent_path(); non-directories have no children.
+                for component in prefix.split(b"/"):
+                    if component:
+                        parent = parent.children.get(component)
+                        if parent is None:
+                            raise _FieldError("Parent directory missing for %s" % _show(path))
+                self.parents[prefix] = parent
+        assert parent is not None
+        if not parent.is_dir():
+            raise _FieldError("Parent must be a directory for %s" % _show(path))
+        if name in (b".", b".."):
+            raise _FieldError("Invalid . or .. in path: %s" % _show(path))
+        if not name:
+            raise _FieldError("Can't add child: empty name in %s" % _show(path))
+        if len(name) > NAME_MAX:
+            raise _FieldError("Can't add child: name longer than %d bytes in %s"
+                              % (NAME_MAX, _show(path)))
+        if name in parent.children:
+            # C means to say "Path ... already exist" but compares -1 with
+            # -EEXIST, so it reports "Can't add child".
+            raise _FieldError("Can't add child: %s already exists" % _show(path))
+        parent.replace_child(name, node)
+
+    def _xattrs(self, node: Node, items: List[bytes]) -> None:
+        xattrs = node.xattrs
+        used = 0
+        for item in items:
+            key_s, eq, value_s = item.partition(b"=")
+            if not eq:
+                raise _FieldError("Missing = in xattr")
+            key = _c_string(_unescape(key_s))
+            value = _unescape(value_s)
+            if not key or len(key) > XATTR_NAME_MAX:
+                raise _FieldError("Can't set xattr %s: key must be 1..%d bytes"
+                                  % (_show(key), XATTR_NAME_MAX))
+            if len(value) > XATTR_VALUE_MAX:
+                raise _FieldError("Can't set xattr %s: value longer than %d bytes"
+                                  % (_show(key), XATTR_VALUE_MAX))
+            # Replacing a key removes it first, as lcfs_node_unset_xattr().
+            old = xattrs.pop(key, None)
+            if old is not None:
+                used = used - _XATTR_ENTRY_COST - len(key) - len(old) if xattrs else 0
+            cost = _XATTR_ENTRY_COST + len(key) + len(value)
+            if not xattrs:
+                cost += _XATTR_HEADER_COST
+            if used + cost > INODE_EXTERNAL_XATTR_MAX:
+                raise _FieldError("Can't set xattr %s: the inode's xattrs exceed %d bytes"
+                                  % (_show(key), INODE_EXTERNAL_XATTR_MAX))
+            xattrs[key] = value
+            used += cost
+
+    def finish(self) -> Node:
+        root = self.root
+        if root is None:
+            raise DumpParseError("No files in dump file")
+        # C prepends each fixup to a list, so they are resolved last line first.
+        for fixup in reversed(self.fixups):
+            if fixup.target is None:
+                raise DumpParseError("No target path for the hardlink", fixup.lineno)
+            target: Optional[Node] = root
+            for component in fixup.target.split(b"/"):
+                if component:
+                    target = target.children.get(component)
+                    if target is None:
+                        break
+            if target is None:
+                raise DumpParseError("No target at %s for hardlink" % _show(fixup.target),
+                                     fixup.lineno)
+            if target is fixup.node:
+                raise DumpParseError("Self-referential hardlink %s" % _show(fixup.target),
+                                     fixup.lineno)
+            fixup.node.link_to = target
+        if self.deferred is not None:
+            raise self.deferred
+        self._flatten_links()
+        return root
+
+    def _flatten_links(self) -> None:
+        # Point every alias at the real inode (the C writer follows the chain
+        # when it writes the dirent); chains share work through `final`.
+        final: Dict[int, Node] = {}
+        lines = {id(f.node): f.lineno for f in self.fixups}
+        for fixup in self.fixups:
+            chain: List[Node] = []
+            seen = set()
+            node = fixup.node
+            while node.link_to is not None and id(node) not in final:
+                if id(node) in seen:
+                    raise DumpParseError("Hardlink loop through %s" % _show(node.path()),
+                                         lines.get(id(node), fixup.lineno))
+                seen.add(id(node))
+                chain.append(node)
+                node = node.link_to
+            real = final.get(id(node), node)
+            if real.is_dir():
+                raise DumpParseError("Hardlink %s points to a directory" % _show(fixup.node.path()),
+                                     fixup.lineno)
+            for alias in chain:
+                final[id(alias)] = real
+        for fixup in self.fixups:
+            real = final[id(fixup.node)]
+            fixup.node.link_to = real
+            fixup.node.mode = real.mode
+
+
+def parse_dump(stream: BinaryIO, strict: bool = False) -> Node:
+    """Parse a composefs-dump(5) file into a tree; returns the root node.
+
+    ``strict`` is the C tool's CFS_PARSE_STRICT mode: a trailing newline is
+    required, RDEV must be 0 on non-devices, and a symlink's SIZE must equal
+    its target length and it may have no CONTENT.
+    """
+    data = stream.read()
+    if not isinstance(data, bytes):
+        raise TypeError("parse_dump() needs a binary stream")
+    parser = _Parser(strict)
+    lines = data.split(b"\n")
+    last = lines.pop()
+    line = parser.line
+    for lineno, text in enumerate(lines, 1):
+        line(text, lineno)
+    if last:
+        lineno = len(lines) + 1
+        if strict and not _c_reads_unterminated_line(data):
+            raise DumpParseError("Missing trailing newline", lineno)
+        line(last, lineno)
+    return parser.finish()
+
+
+# -- writing ----------------------------------------------------------------
+
+
+def _dump_line(path: bytes, node: Node) -> bytes:
+    target = node.link_to
+    if target is None:
+        target = node
+        payload = node.payload
+        mode_prefix = ""
+    else:
+        # node_build_path() gives "" for the root and "/a/b" otherwise.
+        payload = target.path() if target.parent is not None else b""
+        mode_prefix = "@"
+    sec = target.mtime_sec & _U64
+    if sec > 0x7FFFFFFFFFFFFFFF:
+        sec -= 1 << 64
+    head = " %d %s%o %d %d %d %d %d.%d " % (
+        target.size & _U64, mode_prefix, target.mode & _U32, target.nlink & _U32,
+        target.uid & _U32, target.gid & _U32, target.rdev & _U32, sec,
+        target.mtime_nsec & _U32)
+    parts = [escape(path) if path else b"/", head.encode("ascii"),
+             b"-" if payload is None else escape(payload, lone_dash=True), b" ",
+             b"-" if target.content is None else escape(target.content, lone_dash=True),
+             b" ", b"-" if target.digest is None else target.digest.hex().encode("ascii")]
+    for key, value in target.xattrs.items():
+        parts.append(b" ")
+        parts.append(escape(key, eq=True))
+        parts.append(b"=")
+        parts.append(escape(value, eq=True))
+    parts.append(b"\n")
+    return b"".join(parts)
+
+
+def write_dump(root: Node, out: BinaryIO) -> None:
+    """Print ``root`` as composefs-info dump does: depth first, children in
+    bytewise name order, hard links as ``@`` lines with the target's fields."""
+    batch: List[bytes] = []
+    stack: List[Tuple[bytes, Node]] = [(b"", root)]
+    while stack:
+        path, node = stack.pop()
+        batch.append(_dump_line(path, node))
+        if len(batch) >= 4096:
+            out.write(b"".join(batch))
+            batch = []
+        if node.children:
+            prefix = path + b"/"
+            for name, child in sorted(node.children.items(), reverse=True):
+                stack.append((prefix + name, child))
+    out.write(b"".join(batch))
