@@ -33,12 +33,14 @@ sys.path.insert(0, REPO)
 
 def oracle_argv(tool: str):
     cache = os.environ.get("COMPOSEFS_FLEET_CACHE", os.path.expanduser("~/.cache/composefs-fleet"))
-    meta = os.path.join(cache, "oracle", "1.0.8", "root", "oracle.json")
+    base = os.path.join(cache, "oracle", "1.0.8")
+    meta = os.path.join(base, "oracle.json")
     if not os.path.exists(meta):
-        meta = os.path.join(cache, "oracle", "1.0.8", "oracle.json")
+        sys.exit("C oracle not found (%s): run scripts/fetch-oracle" % meta)
     with open(meta) as f:
         info = json.load(f)
-    return [info["ld_so"], "--library-path", info["libdir"], info["binaries"][tool]]
+    return [os.path.join(base, info["ld_so"]), "--library-path", os.path.join(base, info["libdir"]),
+            os.path.join(base, info["tools"][tool])]
 
 
 def ours_argv(tool: str):

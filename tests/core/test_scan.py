@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from pathlib import Path
 import random
 import socket
 import stat
@@ -332,8 +333,11 @@ def test_unreadable_entries_as_unprivileged_user(oracle, tmp_path):
         os.mkdir(os.path.join(src, "closed"))
         _write(os.path.join(src, "closed/x"), b"")
 
+        # The cached oracle sits under root's 0700 home: nobody needs a copy.
+        c_tools = oracle.copy_to(Path(top) / "oracle")
+
         def run_c(path):
-            return subprocess.run(oracle.argv("mkcomposefs") + [path, "/dev/null"],
+            return subprocess.run(c_tools.argv("mkcomposefs") + [path, "/dev/null"],
                                   capture_output=True, preexec_fn=_drop_privileges)
 
         def run_ours():
