@@ -47,19 +47,29 @@ def ours_argv(tool: str):
     return [os.path.join(REPO, ".venv", "bin", tool)]
 
 
-def best_time(argv, repeat, before=None):
-    best = None
+def timed(argv, before=None):
+    if before:
+        before()
+    # Flush what earlier runs left dirty, so no tool pays for another's
+    # writeback inside its own fsync calls.
+    os.sync()
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def compare(c_argv, our_argv, repeat, c_before=None, our_before=None):
+    """Run C and ours alternately; (best C, best ours, median of per-pair ratios).
+
+    Disk-heavy runs drift with the machine's writeback state, so each of ours
+    is compared with the C run just before it.
+    """
+    c_times, our_times = [], []
     for _ in range(repeat):
-        if before:
-            before()
-        # Flush what earlier runs left dirty, so no tool pays for another's
-        # writeback inside its own fsync calls.
-        os.sync()
-        start = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-        elapsed = time.perf_counter() - start
-        best = elapsed if best is None else min(best, elapsed)
-    return best
+        c_times.append(timed(c_argv, c_before))
+        our_times.append(timed(our_argv, our_before))
+    ratios = sorted(o / c for c, o in zip(c_times, our_times))
+    return min(c_times), min(our_times), ratios[len(ratios) // 2]
 
 
 def sha256_file(path):
@@ -112,45 +122,53 @@ def main():
     parser.add_argument("--source", default="/usr", help="tree whose metadata makes the dump (default /usr)")
     parser.add_argument("--dir-mb", type=int, default=200, help="size of the generated directory")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--only", choices=("dump", "dir"), help="run one workload")
     args = parser.parse_args()
     c_mk = oracle_argv("mkcomposefs")
     our_mk = ours_argv("mkcomposefs")
     work = tempfile.mkdtemp(prefix="bench-mkcfs-", dir=os.environ.get("TMPDIR", "/var/tmp"))
-    results = {}
     try:
-        dump = os.path.join(work, "tree.dump")
-        entries = make_dump(args.source, dump)
         c_img, our_img = os.path.join(work, "c.img"), os.path.join(work, "ours.img")
-        t_c = best_time(c_mk + ["--from-file", dump, c_img], args.repeat)
-        t_ours = best_time(our_mk + ["--from-file", dump, our_img], args.repeat)
-        same = sha256_file(c_img) == sha256_file(our_img)
-        results["dump"] = (entries, t_c, t_ours, same)
-        print("dump -> image: %d entries from %s: C %.3f s, ours %.3f s, ratio %.2fx, identical=%s"
-              % (entries, args.source, t_c, t_ours, t_ours / t_c, same), flush=True)
-
-        tree = os.path.join(work, "tree")
-        files, size = make_tree(tree, args.dir_mb)
-        stores = {"c": os.path.join(work, "store-c"), "ours": os.path.join(work, "store-ours")}
-
-        def fresh(name):
-            def reset():
-                shutil.rmtree(stores[name], ignore_errors=True)
-                os.mkdir(stores[name])
-            return reset
-
-        threads = "--threads=%d" % args.threads
-        t_c = best_time(c_mk + [threads, "--digest-store=" + stores["c"], tree, c_img],
-                        args.repeat, fresh("c"))
-        t_ours = best_time(our_mk + [threads, "--digest-store=" + stores["ours"], tree, our_img],
-                           args.repeat, fresh("ours"))
-        same = sha256_file(c_img) == sha256_file(our_img)
-        print("dir -> image --digest-store: %d files, %.0f MB, threads=%d: C %.3f s, ours %.3f s, "
-              "ratio %.2fx, identical=%s" % (files, size / 1e6, args.threads, t_c, t_ours,
-                                             t_ours / t_c, same), flush=True)
+        if args.only != "dir":
+            bench_dump(args, work, c_mk, our_mk, c_img, our_img)
+        if args.only != "dump":
+            bench_dir(args, work, c_mk, our_mk, c_img, our_img)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def bench_dump(args, work, c_mk, our_mk, c_img, our_img):
+    dump = os.path.join(work, "tree.dump")
+    entries = make_dump(args.source, dump)
+    t_c, t_ours, ratio = compare(c_mk + ["--from-file", dump, c_img],
+                                 our_mk + ["--from-file", dump, our_img], args.repeat)
+    same = sha256_file(c_img) == sha256_file(our_img)
+    print("dump -> image: %d entries from %s: best C %.3f s, best ours %.3f s, "
+          "median ratio ours/C %.2fx, identical=%s"
+          % (entries, args.source, t_c, t_ours, ratio, same), flush=True)
+
+
+def bench_dir(args, work, c_mk, our_mk, c_img, our_img):
+    tree = os.path.join(work, "tree")
+    files, size = make_tree(tree, args.dir_mb)
+    stores = {"c": os.path.join(work, "store-c"), "ours": os.path.join(work, "store-ours")}
+
+    def fresh(name):
+        def reset():
+            shutil.rmtree(stores[name], ignore_errors=True)
+            os.mkdir(stores[name])
+        return reset
+
+    threads = "--threads=%d" % args.threads
+    t_c, t_ours, ratio = compare(c_mk + [threads, "--digest-store=" + stores["c"], tree, c_img],
+                                 our_mk + [threads, "--digest-store=" + stores["ours"], tree, our_img],
+                                 args.repeat, fresh("c"), fresh("ours"))
+    same = sha256_file(c_img) == sha256_file(our_img)
+    print("dir -> image --digest-store: %d files, %.0f MB, threads=%d: best C %.3f s, "
+          "best ours %.3f s, median ratio ours/C %.2fx, identical=%s"
+          % (files, size / 1e6, args.threads, t_c, t_ours, ratio, same), flush=True)
 
 
 if __name__ == "__main__":

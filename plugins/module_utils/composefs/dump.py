@@ -54,6 +54,7 @@ from typing import BinaryIO, Dict, List, Optional, Tuple
 
 from .erofs_format import EROFS_CHUNK_BITS_MAX, EROFS_CHUNKS_MAX
 from .errors import DumpParseError
+from .gc_pause import gc_paused
 from .tree import (
     DIGEST_SIZE,
     INLINE_CONTENT_MAX,
@@ -569,14 +570,15 @@ def parse_dump(stream: BinaryIO, strict: bool = False) -> Node:
     lines = data.split(b"\n")
     last = lines.pop()
     line = parser.line
-    for lineno, text in enumerate(lines, 1):
-        line(text, lineno)
-    if last:
-        lineno = len(lines) + 1
-        if strict and not _c_reads_unterminated_line(data):
-            raise DumpParseError("Missing trailing newline", lineno)
-        line(last, lineno)
-    return parser.finish()
+    with gc_paused():
+        for lineno, text in enumerate(lines, 1):
+            line(text, lineno)
+        if last:
+            lineno = len(lines) + 1
+            if strict and not _c_reads_unterminated_line(data):
+                raise DumpParseError("Missing trailing newline", lineno)
+            line(last, lineno)
+        return parser.finish()
 
 
 # -- writing ----------------------------------------------------------------

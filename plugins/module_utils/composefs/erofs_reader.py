@@ -28,6 +28,7 @@ from typing import Collection, Dict, List, Optional, Tuple, Union
 
 from . import erofs_format as fmt
 from .errors import ImageError
+from .gc_pause import gc_paused
 from .tree import DIGEST_SIZE, INLINE_CONTENT_MAX, NAME_MAX, PATH_MAX, XATTR_NAME_MAX, Node
 
 ImageData = Union[bytes, bytearray, memoryview, mmap.mmap]
@@ -478,6 +479,11 @@ def read_image(data: ImageData, toplevel_filter: Optional[Collection[bytes]] = N
     ``toplevel_filter``, if given, restricts the root to those entry names
     (like ``composefs-info --filter``); everything below them is loaded.
     """
+    with gc_paused():
+        return _read_image(data, toplevel_filter)
+
+
+def _read_image(data: ImageData, toplevel_filter: Optional[Collection[bytes]]) -> Node:
     reader = _Reader(data)
     filter_set = None if toplevel_filter is None else frozenset(bytes(name) for name in toplevel_filter)
     root, entries = reader.build(reader.root_nid, filter_set)

@@ -80,6 +80,7 @@ from .erofs_format import (
     xattr_entry_index,
 )
 from .errors import FormatError
+from .gc_pause import gc_paused
 from .tree import DIGEST_SIZE, INLINE_CONTENT_MAX, INODE_EXTERNAL_XATTR_MAX, XATTR_NAME_MAX, Node
 from .xxhash32 import xxh32
 
@@ -711,8 +712,9 @@ def effective_version(root: Node, min_version: int = 0, max_version: int = 1) ->
 def build_image(root: Node, min_version: int = 0, max_version: int = 1) -> bytes:
     """The complete image for *root*, as ``mkcomposefs`` would write it."""
     version = effective_version(root, min_version, max_version)
-    work = _prepare(root, version)
-    layout = _compute_tree(work)
-    shared, shared_size = _compute_shared_xattrs(layout.order)
-    inodes_end = _place_inodes(layout)
-    return bytes(_write(layout, version, inodes_end, shared, shared_size))
+    with gc_paused():
+        work = _prepare(root, version)
+        layout = _compute_tree(work)
+        shared, shared_size = _compute_shared_xattrs(layout.order)
+        inodes_end = _place_inodes(layout)
+        return bytes(_write(layout, version, inodes_end, shared, shared_size))

@@ -41,12 +41,16 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import multiprocessing
 import threading
-from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import (ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor,
+                                ThreadPoolExecutor, wait)
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from . import fsverity
 from .errors import FormatError
+from .gc_pause import gc_paused
 from .objects import store_object, sync_object_dirs
 from .tree import (
     INLINE_CONTENT_MAX,
@@ -128,7 +132,8 @@ def build_tree_from_directory(
 
     src = os.fsencode(path)
     scanner = _Scanner(use_epoch, skip_devices, skip_xattrs, user_xattrs, hardlinks)
-    root = scanner.scan(src)
+    with gc_paused():
+        root = scanner.scan(src)
     jobs = scanner.jobs
     if hardlinks:
         aliased = _link_hardlinks(root, scanner.link_keys)
@@ -136,8 +141,14 @@ def build_tree_from_directory(
 
     store = os.fsencode(digest_store) if digest_store is not None else None
     worker = _ContentWorker(compute_digest, inline_max, store)
+    jobs = [j for j in jobs if worker.needed(j)]
+    if compute_digest and store is None:
+        # With a store, copying (GIL-free) overlaps with in-thread hashing
+        # instead, which measured faster than hashing and copying in processes.
+        worker.digests = _hash_in_processes(
+            [j for j in jobs if j.node.size > inline_max], threads, progress)
     try:
-        _run_jobs([j for j in jobs if worker.needed(j)], worker.process, threads, progress)
+        _run_jobs(jobs, worker.process, threads, progress)
     except BaseException:
         if worker.stored:
             # Objects written before the error are complete and worth keeping,
@@ -321,6 +332,8 @@ class _ContentWorker:
         self.store = store
         # Digests of the objects this run wrote; list.append is thread-safe.
         self.stored: List[bytes] = []
+        # (digest, bytes hashed) by id(node), computed ahead in processes.
+        self.digests: Dict[int, Tuple[bytes, int]] = {}
 
     def needed(self, job: _FileJob) -> bool:
         size = job.node.size
@@ -337,6 +350,11 @@ class _ContentWorker:
         blocks and does not speed up in threads, copying and fsync do.
         """
         node, path = job.node, job.path
+        ready = self.digests.get(id(node))
+        if ready is not None:
+            node.digest = ready[0]
+            node.payload = digest_to_path(ready[0])
+            return None
         try:
             fd = os.open(path, _OPEN_FLAGS)
         except OSError as exc:
@@ -418,6 +436,68 @@ class _StoreTask:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# Below this much data, starting worker processes costs more than it saves.
+_PROCESS_HASH_MIN_BYTES = 32 << 20
+
+
+def _hash_in_processes(jobs: List[_FileJob], threads: int,
+                       progress: Optional[ProgressCallback]) -> Dict[int, Tuple[bytes, int]]:
+    """fs-verity digests of ``jobs`` computed in ``threads`` worker processes.
+
+    Hashing 4 KiB blocks holds the GIL between blocks, so Python threads do
+    not hash in parallel; processes do.  Returns {} (the caller then hashes
+    in-process) for small trees, ``threads`` < 2, or where processes cannot
+    be started (no fork, a sandbox).
+    """
+    if threads < 2 or len(jobs) < 2 or sum(j.node.size for j in jobs) < _PROCESS_HASH_MIN_BYTES:
+        return {}
+    try:
+        # fork: the workers need nothing but this module; no thread runs yet.
+        context = multiprocessing.get_context("fork")
+        pool = ProcessPoolExecutor(max_workers=threads, mp_context=context)
+    except (ValueError, OSError, ImportError, NotImplementedError):
+        return {}
+    total = len(jobs)
+    if progress is not None:
+        progress(0, total)
+    results: Dict[int, Tuple[bytes, int]] = {}
+    with pool:
+        args = [(j.path, j.dev, j.ino, j.node.size) for j in jobs]
+        chunk = max(1, min(64, total // (8 * threads)))
+        try:
+            for done, (job, result) in enumerate(zip(jobs, pool.map(_hash_path, args, chunksize=chunk)), 1):
+                results[id(job.node)] = result
+                if progress is not None:
+                    progress(done, total)
+        except BrokenProcessPool:
+            # A worker died (OOM killer, seccomp): hash in-process instead.
+            return {}
+    return results
+
+
+def _hash_path(args: Tuple[bytes, int, int, int]) -> Tuple[bytes, int]:
+    """Worker process: digest of one file, refusing one that changed since the scan."""
+    path, dev, ino, size = args
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise _oserror(exc, "cannot open", path) from None
+    try:
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_dev != dev or st.st_ino != ino
+                or st.st_size != size):
+            raise FormatError("%s changed during the scan" % os.fsdecode(path))
+        try:
+            digest, hashed = _digest_fd(fd)
+        except OSError as exc:
+            raise _oserror(exc, "cannot read", path) from None
+        if hashed != size:
+            raise FormatError("%s changed during the scan" % os.fsdecode(path))
+        return digest, hashed
+    finally:
+        os.close(fd)
 
 
 _HASH_CHUNK = 1 << 20
