@@ -568,3 +568,30 @@ def test_threads_give_the_same_tree(tmp_path, monkeypatch):
     make_all_types(str(src), monkeypatch)
     images = {build_image(build_tree_from_directory(src, threads=n)) for n in (1, 2, 7)}
     assert len(images) == 1
+
+
+def test_digests_in_worker_processes_equal_in_process(tmp_path, monkeypatch):
+    """threads > 1 without a store hashes in processes; the tree must not change."""
+    import composefs_fleet.scan as scan_module
+    from composefs_fleet.erofs_writer import build_image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / ("f%02d" % i)).write_bytes(os.urandom(100 + i * 5000))
+    (src / "tiny").write_bytes(b"t")
+    reference = build_image(build_tree_from_directory(str(src), threads=1))
+    computed = []
+    real = scan_module._hash_in_processes
+
+    def spy(jobs, threads, progress):
+        result = real(jobs, threads, progress)
+        computed.append(len(result))
+        return result
+
+    monkeypatch.setattr(scan_module, "_PROCESS_HASH_MIN_BYTES", 0)
+    monkeypatch.setattr(scan_module, "_hash_in_processes", spy)
+    parallel = build_image(build_tree_from_directory(str(src), threads=2))
+    assert parallel == reference
+    # All twelve external files were hashed by the worker processes.
+    assert computed == [12]
