@@ -614,17 +614,26 @@ def _dump_line(path: bytes, node: Node) -> bytes:
     return b"".join(parts)
 
 
+_WRITE_BATCH_BYTES = 1 << 20
+
+
 def write_dump(root: Node, out: BinaryIO) -> None:
     """Print ``root`` as composefs-info dump does: depth first, children in
     bytewise name order, hard links as ``@`` lines with the target's fields."""
     batch: List[bytes] = []
+    pending = 0
     stack: List[Tuple[bytes, Node]] = [(b"", root)]
     while stack:
         path, node = stack.pop()
-        batch.append(_dump_line(path, node))
-        if len(batch) >= 4096:
+        line = _dump_line(path, node)
+        batch.append(line)
+        pending += len(line)
+        # Bounded by bytes, not lines: a hostile image can make single lines
+        # (hard links repeating 64 KiB of xattrs) very long.
+        if pending >= _WRITE_BATCH_BYTES:
             out.write(b"".join(batch))
             batch = []
+            pending = 0
         if node.children:
             prefix = path + b"/"
             for name, child in sorted(node.children.items(), reverse=True):
