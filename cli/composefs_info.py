@@ -22,8 +22,11 @@ from composefs_fleet.errors import ComposefsError, ImageError
 from composefs_fleet.erofs_reader import read_image_fd
 from composefs_fleet.tree import Node
 
+from .getopt_long import OptionError, parse
+
 PROG = "composefs-info"
-_LONG_OPTIONS = ("basedir", "filter", "help")
+# Long options and whether each takes a value.
+_LONG_OPTIONS = {"basedir": True, "filter": True, "help": False}
 
 
 class _Exit(Exception):
@@ -129,8 +132,6 @@ def _usage(prog: str) -> bytes:
 def _parse_args(args: List[str], prog: str, out: BinaryIO, err: BinaryIO) -> Tuple[dict, List[str]]:
     """GNU getopt_long with an empty short-option string, permuting."""
     opts = {"basedir": None, "filter": [], "help": False}
-    positional: List[str] = []
-    i = 0
 
     def fail(message: str) -> None:
         err.write(("%s: %s\n" % (prog, message)).encode("utf-8", "surrogateescape"))
@@ -138,40 +139,26 @@ def _parse_args(args: List[str], prog: str, out: BinaryIO, err: BinaryIO) -> Tup
         err.write(_usage(prog))
         raise _Exit(1)
 
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--":
-            positional.extend(args[i:])
-            break
-        if arg.startswith("--"):
-            body = arg[2:]
-            name, has_value, value = body.partition("=")
-            matches = [o for o in _LONG_OPTIONS if o == name] or [o for o in _LONG_OPTIONS if o.startswith(name)]
-            if len(matches) != 1 or not name:
-                fail("unrecognized option '%s'" % arg)
-            option = matches[0]
-            if option == "help":
-                if has_value:
-                    fail("option '--help' doesn't allow an argument")
-                opts["help"] = True
-                continue
-            if not has_value:
-                if i >= len(args):
-                    fail("option '--%s' requires an argument" % option)
-                value = args[i]
-                i += 1
-            if option == "basedir":
-                opts["basedir"] = value
-            else:
-                if "/" in value:
-                    err.write(_err("Filter must be a single name: %s: Success" % value))
-                    raise _Exit(1)
-                opts["filter"].append(value)
-        elif arg.startswith("-") and arg != "-":
-            fail("invalid option -- '%s'" % arg[1])
+    try:
+        options, positional = parse(args, _LONG_OPTIONS)
+    except OptionError as exc:
+        if exc.kind == "missing":
+            fail("option '%s' requires an argument" % exc.option)
+        elif exc.kind == "unexpected":
+            fail("option '%s' doesn't allow an argument" % exc.option)
+        elif exc.kind == "invalid":
+            fail("invalid option -- '%s'" % exc.option[1])
+        fail("unrecognized option '%s'" % exc.option)
+    for option, value in options:
+        if option == "help":
+            opts["help"] = True
+        elif option == "basedir":
+            opts["basedir"] = value
         else:
-            positional.append(arg)
+            if "/" in value:
+                err.write(_err("Filter must be a single name: %s: Success" % value))
+                raise _Exit(1)
+            opts["filter"].append(value)
     return opts, positional
 
 

@@ -14,7 +14,11 @@ from typing import Dict, List, Sequence, Tuple
 
 
 class OptionError(Exception):
-    """Bad command line; ``kind`` is 'unknown', 'ambiguous', 'missing' or 'unexpected'."""
+    """Bad command line.
+
+    ``kind``: 'unknown' (long option), 'invalid' (short option), 'ambiguous',
+    'missing' (no value) or 'unexpected' (a value for a flag).
+    """
 
     def __init__(self, kind: str, option: str) -> None:
         super().__init__("%s option %s" % (kind, option))
@@ -42,7 +46,7 @@ def parse(argv: Sequence[str], longopts: Dict[str, bool]) -> Tuple[List[Tuple[st
             operands.append(arg)
             continue
         if not arg.startswith("--"):
-            raise OptionError("unknown", arg)
+            raise OptionError("invalid", arg)
         name, has_value, value = arg[2:].partition("=")
         if name in longopts:
             match = name
