@@ -14,7 +14,6 @@ import io
 import os
 import stat
 import subprocess
-import time
 from typing import Dict, List, Optional, Tuple
 
 import pytest
@@ -498,7 +497,8 @@ def test_round_trip_generated(text):
     assert dump(again) == dump(root)
 
 
-def test_speed_100k_lines():
+def test_parse_and_print_100k_lines():
+    # How fast this is belongs to bench/; here: a dump of this size works.
     lines = [ROOT.encode()]
     for d in range(100):
         lines.append(b"/dir%d 4096 40755 2 1000 1000 0 1695372970.944925700 - - - "
@@ -509,19 +509,16 @@ def test_speed_100k_lines():
                          % (d, f, PAYLOAD.encode(), DIGEST.encode()))
     text = b"".join(lines)
     assert text.count(b"\n") == 100001
-    start = time.perf_counter()
     root = parse(text)
-    elapsed = time.perf_counter() - start
     assert len(root.children[b"dir99"].children) == 999
-    assert elapsed < 2.0, "parsing 100k lines took %.2f s" % elapsed
-    start = time.perf_counter()
     out = dump(root)
-    assert time.perf_counter() - start < 2.0
     assert out.count(b"\n") == 100001
 
 
-def test_hostile_shapes_stay_fast():
-    start = time.perf_counter()
+# A hang guard, not a speed check: quadratic or recursive handling of these
+# shapes would run for hours (or overflow the stack).
+@pytest.mark.timeout(300)
+def test_hostile_shapes_are_handled():
     # A 3000-deep directory chain (no recursion anywhere).
     depth = 3000
     lines = [ROOT]
@@ -545,7 +542,6 @@ def test_hostile_shapes_stay_fast():
         parse(ROOT + "/f " + "9" * 5000000 + "x 100644 1 0 0 0 0.0 - - -\n")
     with pytest.raises(DumpParseError, match="Can't add child"):
         parse(ROOT + "/" + "\\x41" * 2000000 + " 0 100644 1 0 0 0 0.0 - - -\n")
-    assert time.perf_counter() - start < 10.0
 
 
 # -- fuzz -------------------------------------------------------------------------------
@@ -589,13 +585,13 @@ _FUZZ_BYTES = st.binary(max_size=400) | st.lists(
 
 
 @pytest.mark.fuzz
+@pytest.mark.timeout(300)
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.one_of(_FUZZ_BYTES,
                  st.tuples(dump_texts(max_entries=8), st.lists(_MUTATION, min_size=1, max_size=6))
                  .map(lambda t: _mutate(*t))),
        st.booleans())
 def test_fuzz_never_crashes(data, strict):
-    start = time.perf_counter()
     try:
         root = parse_dump(io.BytesIO(data), strict=strict)
     except FormatError:
@@ -603,7 +599,6 @@ def test_fuzz_never_crashes(data, strict):
     else:
         assert isinstance(root, Node) and root.is_dir()
         assert_trees_equal(root, parse(dump(root)))
-    assert time.perf_counter() - start < 2.0
 
 
 # -- against the C tools -------------------------------------------------------------
