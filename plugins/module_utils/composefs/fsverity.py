@@ -335,6 +335,18 @@ def digest_fd(
     adds worker threads (see the module docstring for how they are used); the
     result is the same for any value.
     """
+    return hash_fd(fd, algorithm, block_size, salt, threads).digest()
+
+
+def hash_fd(
+    fd: int,
+    algorithm: str = "sha256",
+    block_size: int = 4096,
+    salt: bytes = b"",
+    threads: int = 1,
+) -> FsVerityHasher:
+    """Like :func:`digest_fd`, but the hasher itself: ``.size`` tells how many
+    bytes were hashed (callers check it against what they expected)."""
     hasher = FsVerityHasher(algorithm, block_size, salt)
     # Only a hint (the file may change); small files skip the thread start-up
     # and the big buffers, which would cost more than hashing them.
@@ -355,7 +367,7 @@ def digest_fd(
         _digest_parallel_hash(fd, hasher, threads)
     else:
         _digest_read_ahead(fd, hasher, threads)
-    return hasher.digest()
+    return hasher
 
 
 def _digest_read_ahead(fd: int, hasher: FsVerityHasher, threads: int) -> None:

@@ -42,7 +42,6 @@ import errno
 import os
 import stat
 import multiprocessing
-import threading
 from concurrent.futures import (ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor,
                                 ThreadPoolExecutor, wait)
 from concurrent.futures.process import BrokenProcessPool
@@ -500,29 +499,10 @@ def _hash_path(args: Tuple[bytes, int, int, int]) -> Tuple[bytes, int]:
         os.close(fd)
 
 
-_HASH_CHUNK = 1 << 20
-_tls = threading.local()
-
-
 def _digest_fd(fd: int) -> Tuple[bytes, int]:
-    """fs-verity sha256 digest of ``fd`` and the number of bytes hashed.
-
-    Like :func:`.fsverity.digest_fd` but with one read buffer per thread for
-    the whole scan: a fresh multi-megabyte buffer per file costs more than
-    hashing a typical small file.
-    """
-    buf = getattr(_tls, "buf", None)
-    if buf is None:
-        buf = _tls.buf = memoryview(bytearray(_HASH_CHUNK))
-    hasher = fsverity.FsVerityHasher()
-    offset = 0
-    while True:
-        n = os.preadv(fd, [buf], offset)
-        if n == 0:
-            break
-        hasher.update(buf[:n])
-        offset += n
-    return hasher.digest(), offset
+    """fs-verity sha256 digest of ``fd`` and the number of bytes hashed."""
+    hasher = fsverity.hash_fd(fd)
+    return hasher.digest(), hasher.size
 
 
 def _run_jobs(jobs: List[_FileJob], func: Callable[[_FileJob], Optional[_StoreTask]],
