@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import random
 import stat
 import subprocess
@@ -321,13 +322,25 @@ def test_directories_are_synced(tmp_path, monkeypatch):
     store_object(tmp_path / "f", digest, store)
     # The object's directory, then the store that got a new XX entry.
     assert synced == [os.path.join(store, digest.hex()[:2].encode()), store]
-    # The scanner syncs each directory once at the end instead of per object.
+    # The scanner syncs once at the end instead of per object: each directory
+    # when there are few, one syncfs() of the store's filesystem for many.
     src = tmp_path / "src"
     src.mkdir()
-    contents = [_data(100, i) for i in range(30)]
-    for i, data in enumerate(contents):
-        _write(src / ("f%d" % i), data)
-    synced.clear()
-    build_tree_from_directory(src, digest_store=store, threads=2)
-    prefixes = {fsverity.digest_bytes(d).hex()[:2].encode() for d in contents}
-    assert sorted(synced) == sorted([os.path.join(store, p) for p in prefixes] + [store])
+    synced_fs = []
+    real_syncfs = objects._syncfs
+    monkeypatch.setattr(objects, "_syncfs", lambda p: (synced_fs.append(p), real_syncfs(p))[1])
+    for count in (3, 30):
+        shutil.rmtree(src)
+        src.mkdir()
+        contents = [_data(100 + count, i) for i in range(count)]
+        for i, data in enumerate(contents):
+            _write(src / ("f%d" % i), data)
+        synced.clear()
+        synced_fs.clear()
+        build_tree_from_directory(src, digest_store=store, threads=2)
+        prefixes = {fsverity.digest_bytes(d).hex()[:2].encode() for d in contents}
+        if len(prefixes) > objects._SYNCFS_THRESHOLD:
+            assert synced_fs == [store] and synced == []
+        else:
+            assert synced_fs == []
+            assert sorted(synced) == sorted([os.path.join(store, p) for p in prefixes] + [store])

@@ -18,6 +18,7 @@ identical file, both succeed.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -93,11 +94,39 @@ def store_object(src_fd_or_path: Union[int, PathLike], digest: bytes, store_dir:
 
 
 def sync_object_dirs(store_dir: PathLike, digests: Iterable[bytes]) -> None:
-    """fsync the store and the ``XX`` directories of ``digests`` (see ``sync_dir``)."""
+    """Make the renames of ``digests`` durable (see ``sync_dir``).
+
+    Many ``XX`` directories are flushed with one ``syncfs()`` of the store's
+    filesystem (one journal commit) rather than one fsync each.
+    """
     store = os.fsencode(store_dir)
-    for prefix in sorted({digest_to_path(d)[:2] for d in digests}):
+    prefixes = sorted({digest_to_path(d)[:2] for d in digests})
+    if len(prefixes) > _SYNCFS_THRESHOLD and _syncfs(store):
+        return
+    for prefix in prefixes:
         _fsync_dir(os.path.join(store, prefix))
     _fsync_dir(store)
+
+
+# Above this many directories one syncfs() is cheaper than an fsync each.
+_SYNCFS_THRESHOLD = 8
+
+
+def _syncfs(path: bytes) -> bool:
+    """syncfs(2) on the filesystem holding ``path``; False if unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
+    finally:
+        os.close(fd)
+    return True
 
 
 def _exists(path: bytes) -> bool:
