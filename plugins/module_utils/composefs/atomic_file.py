@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Optional
+from typing import Optional, Union
 
 
 def current_umask() -> int:
@@ -28,7 +28,15 @@ def current_umask() -> int:
     return mask
 
 
-def fsync_dir(path: str) -> None:
+def unlink_quietly(path: Union[str, bytes]) -> None:
+    """Remove a temp file on an error path, where a second error would only hide the first."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def fsync_dir(path: Union[str, bytes]) -> None:
     fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -53,9 +61,6 @@ def write_atomic(path: str, data: bytes, mode: Optional[int] = None) -> None:
             os.fsync(out.fileno())
         os.rename(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        unlink_quietly(tmp)
         raise
     fsync_dir(directory)

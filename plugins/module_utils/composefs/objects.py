@@ -28,6 +28,8 @@ import warnings
 from typing import Iterable, List, Optional, Set, Union
 
 from . import fsverity
+from .atomic_file import fsync_dir as _fsync_dir
+from .atomic_file import unlink_quietly
 from .errors import FormatError, VerityError, VerityNotSupported
 from .tree import DIGEST_SIZE, digest_to_path
 
@@ -179,10 +181,7 @@ def _write_object(src: int, digest: bytes, store: bytes, final: bytes,
         _try_enable_verity(tmp, digest)
         os.rename(tmp, final)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        unlink_quietly(tmp)
         raise
 
 
@@ -248,13 +247,5 @@ def _try_enable_verity(path: bytes, digest: bytes) -> None:
         if algorithm != "sha256" or measured != digest:
             raise VerityError("%s: fs-verity %s digest %s does not match the object name %s"
                               % (os.fsdecode(path), algorithm, measured.hex(), digest.hex()))
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: bytes) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
