@@ -18,7 +18,6 @@ from typing import BinaryIO, List, Optional, Sequence
 
 from composefs_fleet import fsverity
 from composefs_fleet.atomic_file import write_atomic
-from composefs_fleet.dump import parse_dump
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.errors import ComposefsError
 from composefs_fleet.tree import apply_source_options
@@ -119,6 +118,9 @@ def _progress_printer(enabled: bool):
 
 
 def _read_dump(src: str, stdin: BinaryIO):
+    # Imported here so a directory source does not pay for the parser's start-up.
+    from composefs_fleet.dump import parse_dump
+
     # The C tool enables strict parsing when the variable is set at all.
     strict = "CFS_PARSE_STRICT" in os.environ
     if src == "-":

@@ -160,7 +160,7 @@ def test_failure_mid_copy_leaves_nothing(tmp_path, monkeypatch):
     digest = fsverity.digest_bytes(data)
     store = tmp_path / "store"
 
-    def half_then_fail(src, dst):
+    def half_then_fail(src, dst, size=None):
         os.pwrite(dst, data[:20000], 0)
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -290,9 +290,9 @@ def test_concurrent_writers_of_one_object(tmp_path, monkeypatch):
     barrier = threading.Barrier(8)
     real_copy = objects._copy_data
 
-    def slow_copy(src, dst):
+    def slow_copy(src, dst, size=None):
         barrier.wait(timeout=30)
-        real_copy(src, dst)
+        real_copy(src, dst, size)
 
     monkeypatch.setattr(objects, "_copy_data", slow_copy)
     results, errors = [], []

@@ -9,9 +9,9 @@ never a truncated image under the final name.
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 
 def current_umask() -> int:
@@ -26,6 +26,26 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def make_temp(directory: Union[str, bytes], prefix: Union[str, bytes],
+              suffix: Union[str, bytes] = b"") -> Tuple[int, bytes]:
+    """Create a new, empty, mode 0600 file named ``prefix`` + random + ``suffix``.
+
+    Returns ``(fd, path)`` with ``path`` as bytes.  What ``tempfile.mkstemp``
+    does, without the cost of importing ``tempfile`` (and ``random``) into
+    every CLI start.
+    """
+    base = os.path.join(os.fsencode(directory), os.fsencode(prefix))
+    tail = os.fsencode(suffix)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    for _attempt in range(100):
+        path = base + os.urandom(6).hex().encode() + tail
+        try:
+            return os.open(path, flags, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", os.fsdecode(base))
 
 
 def unlink_quietly(path: Union[str, bytes]) -> None:
@@ -44,22 +64,23 @@ def fsync_dir(path: Union[str, bytes]) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes, mode: Optional[int] = None) -> None:
+def write_atomic(path: Union[str, bytes], data: bytes, mode: Optional[int] = None) -> None:
     """Write *data* to *path* via a temp file in the same directory, fsync, rename.
 
     *mode* defaults to what ``open(path, "w")`` would create (0666 & ~umask).
     """
-    directory = os.path.dirname(path) or "."
+    target = os.fsencode(path)
+    directory = os.path.dirname(target) or b"."
     if mode is None:
         mode = 0o666 & ~current_umask()
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".%s." % os.path.basename(path), suffix=".tmp")
+    fd, tmp = make_temp(directory, b".%s." % os.path.basename(target), b".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
             os.fchmod(out.fileno(), mode)
             os.fsync(out.fileno())
-        os.rename(tmp, path)
+        os.rename(tmp, target)
     except BaseException:
         unlink_quietly(tmp)
         raise

@@ -25,19 +25,19 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
-import gzip
 import hashlib
 import os
-import platform
 import stat
 import struct
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from .errors import VerityError, VerityNotEnabled, VerityNotSupported
 from .tree import digest_to_path
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 __all__ = [
     "ALGORITHMS",
@@ -379,6 +379,8 @@ def _digest_read_ahead(fd: int, hasher: FsVerityHasher, threads: int) -> None:
         buf = reader.take()
         return buf, reader.read(buf, offset)
 
+    from concurrent.futures import ThreadPoolExecutor  # costs ~10 ms to import
+
     with ThreadPoolExecutor(max_workers=max(1, threads - 1)) as pool:
         queue: Deque["Future[Tuple[bytearray, int]]"] = deque()
         next_offset = 0
@@ -424,6 +426,8 @@ def _digest_parallel_hash(fd: int, hasher: FsVerityHasher, threads: int) -> None
         finally:
             reader.give(buf)
 
+    from concurrent.futures import ThreadPoolExecutor  # costs ~10 ms to import
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
         queue: Deque["Future[Tuple[bytes, bytes, int]]"] = deque()
         next_offset = 0
@@ -468,7 +472,7 @@ def digest_file(
 
 def _ioc_layout() -> Tuple[int, int, int, int]:
     """(size bits, _IOC_NONE, _IOC_READ, _IOC_WRITE) of this architecture."""
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()
     # These use 13 size bits and 3 direction bits (arch/*/include/uapi/asm/ioctl.h);
     # everything else uses asm-generic/ioctl.h.
     if machine.startswith(("ppc", "powerpc", "mips", "sparc", "alpha")):
@@ -526,6 +530,8 @@ def _kernel_has_fsverity() -> Optional[bool]:
     candidates = [("/proc/config.gz", True), ("/boot/config-" + os.uname().release, False)]
     for path, compressed in candidates:
         try:
+            import gzip  # rarely needed; kept out of every CLI start
+
             opener = gzip.open if compressed else open
             with opener(path, "rt", errors="replace") as config:  # type: ignore[operator]
                 for line in config:

@@ -18,17 +18,16 @@ identical file, both succeed.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
 import stat
-import tempfile
 import warnings
 from typing import Iterable, List, Optional, Set, Union
 
 from . import fsverity
 from .atomic_file import fsync_dir as _fsync_dir
+from .atomic_file import make_temp
 from .atomic_file import unlink_quietly
 from .errors import FormatError, VerityError, VerityNotSupported
 from .tree import DIGEST_SIZE, digest_to_path
@@ -75,16 +74,15 @@ def store_object(src_fd_or_path: Union[int, PathLike], digest: bytes, store_dir:
     rel = digest_to_path(digest)
     subdir = os.path.join(store, rel[:2])
     final = os.path.join(store, rel)
-    created = _ensure_dirs(subdir)
     if _exists(final):
         return False
 
     if isinstance(src_fd_or_path, int):
-        _write_object(src_fd_or_path, digest, store, final, size)
+        created = _write_object(src_fd_or_path, digest, store, subdir, final, size)
     else:
         src = os.open(src_fd_or_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
         try:
-            _write_object(src, digest, store, final, size)
+            created = _write_object(src, digest, store, subdir, final, size)
         finally:
             os.close(src)
     if sync_dir:
@@ -116,6 +114,8 @@ _SYNCFS_THRESHOLD = 8
 
 def _syncfs(path: bytes) -> bool:
     """syncfs(2) on the filesystem holding ``path``; False if unavailable."""
+    import ctypes  # only here: it costs the CLIs' start-up a few ms
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         syncfs = libc.syncfs
@@ -164,12 +164,23 @@ def _ensure_dirs(path: bytes) -> bool:
     return made
 
 
-def _write_object(src: int, digest: bytes, store: bytes, final: bytes,
-                  size: Optional[int]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=store, prefix=b".tmp")
+def _write_object(src: int, digest: bytes, store: bytes, subdir: bytes, final: bytes,
+                  size: Optional[int]) -> bool:
+    """Write one object; True if its ``XX`` directory had to be created.
+
+    Directories are made only when a create or rename says they are missing:
+    one stat less per object, and a directory removed meanwhile (by a gc of
+    empty ``XX`` directories) is simply made again.
+    """
+    created = False
+    try:
+        fd, tmp = make_temp(store, b".tmp")
+    except FileNotFoundError:
+        created = _ensure_dirs(subdir)
+        fd, tmp = make_temp(store, b".tmp")
     try:
         try:
-            _copy_data(src, fd)
+            _copy_data(src, fd, size)
             st = os.fstat(fd)
             if size is not None and st.st_size != size:
                 raise FormatError("%s: copied %d bytes, expected %d (source changed?)"
@@ -178,15 +189,27 @@ def _write_object(src: int, digest: bytes, store: bytes, final: bytes,
             os.fsync(fd)
         finally:
             os.close(fd)
-        _try_enable_verity(tmp, digest)
-        os.rename(tmp, final)
+        if st.st_dev not in _no_verity_devs:
+            _try_enable_verity(tmp, digest)
+        try:
+            os.rename(tmp, final)
+        except FileNotFoundError:
+            created = _ensure_dirs(subdir) or created
+            os.rename(tmp, final)
     except BaseException:
         unlink_quietly(tmp)
         raise
+    return created
 
 
-def _copy_data(src: int, dst: int) -> None:
-    """Copy all of ``src`` into the empty file ``dst``: reflink, kernel copy, read/write."""
+def _copy_data(src: int, dst: int, size: Optional[int] = None) -> None:
+    """Copy all of ``src`` into the empty file ``dst``: reflink, kernel copy, read/write.
+
+    With ``size`` known the kernel copy stops there instead of asking once
+    more for EOF (that last call measured as slow as a real copy).  Bytes
+    past ``size`` are not copied: the object holds exactly what was hashed;
+    a file that shrank is caught by the caller's size check.
+    """
     global _use_copy_file_range
     try:
         fcntl.ioctl(dst, FICLONE, src)
@@ -212,6 +235,8 @@ def _copy_data(src: int, dst: int) -> None:
                 # the loop below finishes the job either way.
                 break
             offset += n
+            if size is not None and offset >= size:
+                return
     while True:
         chunk = os.pread(src, _READ_CHUNK, offset)
         if not chunk:

@@ -41,10 +41,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import multiprocessing
-from concurrent.futures import (ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor,
+from concurrent.futures import (ALL_COMPLETED, FIRST_COMPLETED, Future,
                                 ThreadPoolExecutor, wait)
-from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from . import fsverity
@@ -452,6 +450,11 @@ def _hash_in_processes(jobs: List[_FileJob], threads: int,
     """
     if threads < 2 or len(jobs) < 2 or sum(j.node.size for j in jobs) < _PROCESS_HASH_MIN_BYTES:
         return {}
+    # Imported here: multiprocessing costs every CLI start ~15 ms otherwise.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     try:
         # fork: the workers need nothing but this module; no thread runs yet.
         context = multiprocessing.get_context("fork")
