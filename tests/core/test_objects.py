@@ -12,6 +12,7 @@ import random
 import stat
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -339,8 +340,167 @@ def test_directories_are_synced(tmp_path, monkeypatch):
         synced_fs.clear()
         build_tree_from_directory(src, digest_store=store, threads=2)
         prefixes = {fsverity.digest_bytes(d).hex()[:2].encode() for d in contents}
+        # The first syncfs() makes the staged data durable before any rename.
         if len(prefixes) > objects._SYNCFS_THRESHOLD:
-            assert synced_fs == [store] and synced == []
+            assert synced_fs == [store, store] and synced == []
         else:
-            assert synced_fs == []
+            assert synced_fs == [store]
             assert sorted(synced) == sorted([os.path.join(store, p) for p in prefixes] + [store])
+
+
+def _temps(store) -> list:
+    return sorted(n for n in os.listdir(store) if n.startswith(".tmp"))
+
+
+def test_batch_stages_then_publishes(tmp_path):
+    store = tmp_path / "store"
+    contents = [_data(5000 + i, i) for i in range(5)]
+    digests = [fsverity.digest_bytes(d) for d in contents]
+    for i, data in enumerate(contents):
+        _write(tmp_path / ("f%d" % i), data)
+    # One object is in the store already: the batch must not stage it again.
+    store_object(tmp_path / "f0", digests[0], store)
+    batch = objects.ObjectBatch(store)
+    added = []
+    for i in range(5):
+        fd = os.open(tmp_path / ("f%d" % i), os.O_RDONLY)
+        try:
+            added.append(batch.add(fd, digests[i], size=len(contents[i])))
+            # The same content twice in one batch is staged once.
+            added.append(batch.add(fd, digests[i], size=len(contents[i])))
+        finally:
+            os.close(fd)
+    assert added == [False, False, True, False, True, False, True, False, True, False]
+    # Staged objects are invisible until commit: only temp files exist.
+    assert len(_temps(store)) == 4
+    for d in digests[1:]:
+        assert not os.path.exists(object_path(store, d))
+    batch.commit()
+    assert _temps(store) == []
+    assert sorted(batch.written) == sorted(digests[1:])
+    assert store_files(store) == {digest_to_path(d).decode(): (0o644, c) for d, c in zip(digests, contents)}
+
+
+def test_batch_abort_and_failed_commit_leave_no_temps(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    contents = [_data(3000 + i, 40 + i) for i in range(4)]
+    digests = [fsverity.digest_bytes(d) for d in contents]
+    paths = []
+    for i, data in enumerate(contents):
+        paths.append(tmp_path / ("f%d" % i))
+        _write(paths[-1], data)
+
+    def stage(batch):
+        for path, digest in zip(paths, digests):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                batch.add(fd, digest)
+            finally:
+                os.close(fd)
+
+    batch = objects.ObjectBatch(store)
+    stage(batch)
+    assert len(_temps(store)) == 4
+    batch.abort()
+    assert _temps(store) == [] and store_files(store) == {}
+
+    # A rename that fails mid-commit: the error is raised, the objects
+    # published before it stay (complete), the rest leave no temp file.
+    batch = objects.ObjectBatch(store)
+    stage(batch)
+    real = objects._publish
+    calls = []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(*args)
+
+    monkeypatch.setattr(objects, "_publish", flaky)
+    with pytest.raises(OSError, match="Input/output"):
+        batch.commit()
+    assert _temps(store) == []
+    files = store_files(store)
+    assert len(files) == 2
+    for rel, (mode, data) in files.items():
+        assert fsverity.digest_bytes(data).hex() == rel.replace("/", "")
+
+
+def test_batch_without_syncfs_fsyncs_each_file(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    monkeypatch.setattr(objects, "_syncfs", lambda path: False)
+    fsynced = []
+    real = objects._fsync_path
+    monkeypatch.setattr(objects, "_fsync_path", lambda p: (fsynced.append(p), real(p))[1])
+    batch = objects.ObjectBatch(store)
+    for i in range(3):
+        data = _data(2000, 60 + i)
+        _write(tmp_path / "f", data)
+        fd = os.open(tmp_path / "f", os.O_RDONLY)
+        try:
+            batch.add(fd, fsverity.digest_bytes(data))
+        finally:
+            os.close(fd)
+    staged = [os.path.join(os.fsencode(store), n.encode()) for n in _temps(store)]
+    batch.commit()
+    assert sorted(fsynced) == sorted(staged) and len(fsynced) == 3
+
+
+def test_scan_error_discards_the_batch(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        _write(src / ("f%d" % i), _data(1000, 80 + i))
+    store = tmp_path / "store"
+    real_add = objects.ObjectBatch.add
+    count = []
+
+    def failing_add(self, fd, digest, size=None):
+        count.append(1)
+        if len(count) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_add(self, fd, digest, size)
+
+    monkeypatch.setattr(objects.ObjectBatch, "add", failing_add)
+    with pytest.raises(OSError, match="No space left"):
+        build_tree_from_directory(src, digest_store=store, threads=2)
+    # Nothing was committed, and no staged temp file survives the error.
+    assert store_files(store) == {}
+
+
+def test_killed_mkcomposefs_leaves_only_correct_objects(ours, tmp_path):
+    """SIGKILL at random points: every object name that exists matches its content."""
+    src = tmp_path / "src"
+    for d in range(8):
+        (src / ("d%d" % d)).mkdir(parents=True)
+        for i in range(25):
+            _write(src / ("d%d" % d) / ("f%d" % i), os.urandom(20000 + 997 * i))
+    store = tmp_path / "store"
+    rng = random.Random(1234)
+    # An uninterrupted run: the reference, and how long to spread the kills over.
+    reference = tmp_path / "reference"
+    start = time.monotonic()
+    subprocess.run(ours.argv("mkcomposefs") + ["--digest-store=%s" % reference, str(src),
+                                               str(tmp_path / "ref.img")], check=True)
+    duration = time.monotonic() - start
+    for run in range(12):
+        shutil.rmtree(store, ignore_errors=True)
+        proc = subprocess.Popen(ours.argv("mkcomposefs") + ["--digest-store=%s" % store, str(src),
+                                                            str(tmp_path / "k.img")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0, duration))
+        proc.kill()
+        proc.wait()
+        if not os.path.isdir(store):
+            continue
+        for rel, (_mode, data) in store_files(store).items():
+            if os.path.basename(rel).startswith(".tmp"):
+                continue
+            assert fsverity.digest_bytes(data).hex() == rel.replace("/", ""), rel
+    # A run after the kills completes the store and yields the same image.
+    subprocess.run(ours.argv("mkcomposefs") + ["--digest-store=%s" % store, str(src), str(tmp_path / "k.img")],
+                   check=True)
+    assert (tmp_path / "k.img").read_bytes() == (tmp_path / "ref.img").read_bytes()
+    assert {r for r in store_files(store) if not os.path.basename(r).startswith(".tmp")} == \
+        set(store_files(reference))

@@ -48,7 +48,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 from . import fsverity
 from .errors import FormatError
 from .gc_pause import gc_paused
-from .objects import store_object, sync_object_dirs
+from .objects import ObjectBatch
 from .tree import (
     INLINE_CONTENT_MAX,
     INODE_EXTERNAL_XATTR_MAX,
@@ -107,10 +107,11 @@ def build_tree_from_directory(
     neither digest nor payload (libcomposefs' ``lcfs_build`` without
     ``LCFS_BUILD_COMPUTE_DIGEST``), which is only useful for metadata.
     ``inline_max=0`` disables inlining.  ``digest_store`` copies every
-    external file into that directory as ``XX/YYYY…`` (see
-    :func:`.objects.store_object`): ``threads`` workers copy while the calling
-    thread hashes the next files (hashing 4 KiB blocks does not scale in
-    Python threads, copying and fsync do).
+    external file into that directory as ``XX/YYYY…``: ``threads`` workers
+    copy while the calling thread hashes the next files (hashing 4 KiB blocks
+    does not scale in Python threads, copying does), and the new objects
+    become durable and visible together at the end (:class:`.objects.ObjectBatch`);
+    after an error none of them is added.
     ``threads`` defaults to the CPUs this process may run on.
 
     Raises :class:`FormatError` for options or trees composefs cannot
@@ -147,16 +148,11 @@ def build_tree_from_directory(
     try:
         _run_jobs(jobs, worker.process, threads, progress)
     except BaseException:
-        if worker.stored:
-            # Objects written before the error are complete and worth keeping,
-            # but the original error is the one to report.
-            try:
-                sync_object_dirs(store, worker.stored)
-            except OSError:
-                pass
+        if worker.batch is not None:
+            worker.batch.abort()
         raise
-    if worker.stored:
-        sync_object_dirs(store, worker.stored)
+    if worker.batch is not None:
+        worker.batch.commit()
     return root
 
 
@@ -327,8 +323,8 @@ class _ContentWorker:
         self.compute_digest = compute_digest
         self.inline_max = inline_max
         self.store = store
-        # Digests of the objects this run wrote; list.append is thread-safe.
-        self.stored: List[bytes] = []
+        # New objects become durable and visible together, at the end.
+        self.batch = ObjectBatch(store) if store is not None else None
         # (digest, bytes hashed) by id(node), computed ahead in processes.
         self.digests: Dict[int, Tuple[bytes, int]] = {}
 
@@ -420,10 +416,8 @@ class _StoreTask:
 
     def run(self) -> None:
         try:
-            assert self.worker.store is not None
-            if store_object(self.fd, self.digest, self.worker.store, size=self.size,
-                            sync_dir=False):
-                self.worker.stored.append(self.digest)
+            assert self.worker.batch is not None
+            self.worker.batch.add(self.fd, self.digest, size=self.size)
         except OSError as exc:
             raise _oserror(exc, "cannot store object for", self.path) from None
         finally:
