@@ -1,0 +1,591 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Object store: a content-addressed repository of composefs images.
+
+Layout of ``STORE``::
+
+    meta.json             {"format": 1, "digest": "sha256"}; newer formats are refused
+    objects/XX/YYYY...    file contents named by their fs-verity sha256 digest: the
+                          ``basedir`` of every mount, the C ``mkcomposefs
+                          --digest-store`` directory
+    images/<digest>       composefs images, named by the fs-verity digest of the
+                          image file (what ``mount -o digest=`` checks)
+    refs/<name>           "<image digest>\\n"; names may contain "/" (subdirectories)
+    cache/digests         digest cache of source files (see store_cache)
+    damaged/              where ``fsck --repair`` moves damaged objects and images
+    lock, gate.lock, gc.lock   flock files (see store_lock)
+
+Nothing appears half-written: objects and images are written to a temp name
+(``.tmp*``) in their directory, fsync-ed, given fs-verity where the
+filesystem supports it, renamed into place and the directory fsync-ed.  An
+add publishes bottom-up: objects (made durable), then the image, then the
+ref, so whatever a crash leaves is either complete and reachable, or
+unreferenced garbage for gc, or ``.tmp*`` debris.
+
+Concurrency (the "never loses data" part):
+
+* ``add-image`` holds ``STORE/lock`` shared from before it looks at the first
+  object until its ref is durable.  Any number of adds run side by side.
+  Two adds of the same content both write temp files and rename them onto
+  the same name: identical bytes, stored once, both succeed.
+* gc reads and parses every image reachable from refs and mounts *without*
+  the lock (the slow part; adds keep running), then takes the lock
+  exclusive, which waits until all running adds have finished, re-reads the
+  refs and the mounts, parses the few images added meanwhile, lists the
+  objects and removes what is unreachable: first images (and fsync), then
+  objects, so a crash mid-sweep never leaves an image without its objects.
+  While gc holds the lock no add is in flight, so every ``.tmp*`` file of
+  ours is crash debris and goes too (``objects/.tmp*`` only after a grace
+  period: the C ``mkcomposefs --digest-store`` writes there without our lock).
+* A turnstile keeps new adds from starving a waiting gc (store_lock); the
+  price: while gc waits for a long add (or a read-only fsck, which also
+  holds the lock shared), new adds wait behind it.
+* gc refuses to run rather than guess: a damaged ref, an unreadable image
+  named by a ref, or an unreadable mounted composefs image stop it.
+* Writers that bypass the lock (the C mkcomposefs writing into
+  ``objects/``) must not run during a gc; add their image right after
+  writing it.
+
+Modules: this one (layout, names, refs, images), store_add (add-image and the
+directory pipeline), store_cache (digest cache), store_lock, store_gc,
+store_fsck, store_stats.
+
+Names are validated before any path is built: object and image names must be
+64 lowercase hex digits; ref names must be relative, without empty, ``.``,
+``..`` or dot-leading components, NUL or newline, and are resolved one
+component at a time with ``O_NOFOLLOW`` directory descriptors, so a symlink
+planted under ``refs/`` cannot redirect a read or write outside the store.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+from . import fsverity
+from .atomic_file import fsync_dir, make_temp, unlink_quietly, write_atomic
+from .erofs_format import COMPOSEFS_MAGIC
+from .errors import ComposefsError, VerityError, VerityNotSupported
+from .store_lock import StoreLock, WaitNotice, _stderr_notice
+from .tree import DIGEST_SIZE, Node
+
+PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+FORMAT_VERSION = 1
+DIGEST_ALGORITHM = "sha256"
+META_NAME = b"meta.json"
+OBJECTS = b"objects"
+IMAGES = b"images"
+REFS = b"refs"
+DAMAGED = b"damaged"
+CACHE = b"cache"
+TMP_PREFIX = b".tmp"
+REF_NAME_MAX = 1024
+
+_HEX = frozenset(b"0123456789abcdef")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SRC_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
+
+
+class StoreError(ComposefsError):
+    """The store is missing, of an unknown format, damaged, or an operation is refused."""
+
+
+class RefNotFound(StoreError):
+    pass
+
+
+# -- names ---------------------------------------------------------------------
+
+def is_hex_name(name: Union[str, bytes], length: int = 2 * DIGEST_SIZE) -> bool:
+    raw = name.encode("ascii", "replace") if isinstance(name, str) else bytes(name)
+    return len(raw) == length and not raw.translate(None, bytes(_HEX))
+
+
+def check_digest_hex(name: Union[str, bytes]) -> str:
+    """``name`` as str if it is 64 lowercase hex digits, else StoreError."""
+    if not is_hex_name(name):
+        raise StoreError("invalid digest %r: need %d lowercase hex digits" % (name, 2 * DIGEST_SIZE))
+    return name.decode("ascii") if isinstance(name, bytes) else name
+
+
+def object_hex_from_payload(payload: bytes) -> Optional[str]:
+    """The digest named by a backing path ``XX/YYYY...``, or None if it is not one."""
+    if len(payload) == 2 * DIGEST_SIZE + 1 and payload[2:3] == b"/":
+        raw = payload[:2] + payload[3:]
+        if is_hex_name(raw):
+            return raw.decode("ascii")
+    return None
+
+
+def object_relpath(hexdigest: str) -> bytes:
+    check_digest_hex(hexdigest)
+    raw = hexdigest.encode("ascii")
+    return raw[:2] + b"/" + raw[2:]
+
+
+def split_ref_name(name: Union[str, bytes]) -> List[bytes]:
+    """Components of a valid ref name; StoreError (saying why) otherwise."""
+    raw = os.fsencode(name)
+    shown = os.fsdecode(raw)
+    if not raw:
+        raise StoreError("empty ref name")
+    if len(raw) > REF_NAME_MAX:
+        raise StoreError("ref name too long (%d bytes, at most %d)" % (len(raw), REF_NAME_MAX))
+    if b"\0" in raw or b"\n" in raw or b"\r" in raw:
+        raise StoreError("ref name %r contains NUL or a line break" % shown)
+    if raw.startswith(b"/"):
+        raise StoreError("ref name %r is absolute; refs are relative names like 'app/v1'" % shown)
+    parts = raw.split(b"/")
+    for part in parts:
+        if not part:
+            raise StoreError("ref name %r has an empty component (leading, trailing or double '/')" % shown)
+        if part in (b".", b".."):
+            raise StoreError("ref name %r contains '%s'" % (shown, os.fsdecode(part)))
+        if part.startswith(b"."):
+            raise StoreError("ref name %r: components may not start with '.' (reserved for temporary files)"
+                             % shown)
+        if len(part) > 255:
+            raise StoreError("ref name %r: component longer than 255 bytes" % shown)
+    return parts
+
+
+# -- what an image needs ---------------------------------------------------------
+
+class ImageObjects:
+    """The objects an image refers to, by hex digest, with the file size."""
+
+    def __init__(self) -> None:
+        self.objects: Dict[str, int] = {}
+        self.files = 0
+        self.logical_bytes = 0
+        self.problems: List[str] = []
+
+
+def image_objects(root: Node) -> ImageObjects:
+    """Objects referenced by the external regular files of a tree."""
+    out = ImageObjects()
+    for path, node in root.walk():
+        if node.link_to is not None or not node.is_reg() or node.content is not None:
+            continue
+        if node.payload is None and node.digest is None:
+            continue
+        if node.payload is not None:
+            hexd = object_hex_from_payload(node.payload)
+            if hexd is None:
+                out.problems.append("%s: backing path %r is not an object name XX/YYYY..."
+                                    % (os.fsdecode(path), os.fsdecode(node.payload)))
+                continue
+            if node.digest is not None and node.digest.hex() != hexd:
+                out.problems.append("%s: fs-verity digest %s does not match its backing path %s"
+                                    % (os.fsdecode(path), node.digest.hex(), os.fsdecode(node.payload)))
+        else:
+            assert node.digest is not None
+            hexd = node.digest.hex()
+        known = out.objects.get(hexd)
+        if known is not None and known != node.size:
+            out.problems.append("%s: object %s used with sizes %d and %d" % (os.fsdecode(path), hexd, known,
+                                                                           node.size))
+        out.objects[hexd] = node.size
+        out.files += 1
+        out.logical_bytes += node.size
+    return out
+
+
+def is_composefs_image(head: bytes) -> bool:
+    return len(head) >= 4 and int.from_bytes(head[:4], "little") == COMPOSEFS_MAGIC
+
+
+# -- results -------------------------------------------------------------------
+
+class AddResult:
+    def __init__(self) -> None:
+        self.digest = ""
+        self.ref = ""
+        self.previous: Optional[str] = None
+        self.source_kind = ""
+        self.image_written = False
+        self.objects = 0
+        self.objects_written = 0
+        self.bytes_written = 0
+        self.files_hashed = 0
+        self.bytes_hashed = 0
+        self.cache_hits = 0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# -- the store -----------------------------------------------------------------
+
+class Store:
+    """An opened store directory (see the module docstring)."""
+
+    def __init__(self, path: PathLike, notice: Optional[WaitNotice] = _stderr_notice) -> None:
+        self.path = os.fsencode(path)
+        self.objects_dir = os.path.join(self.path, OBJECTS)
+        self.images_dir = os.path.join(self.path, IMAGES)
+        self.refs_dir = os.path.join(self.path, REFS)
+        self.damaged_dir = os.path.join(self.path, DAMAGED)
+        self.cache_path = os.path.join(self.path, CACHE, b"digests")
+        self.lock = StoreLock(self.path, notice)
+
+    # ---- creation and opening
+    @classmethod
+    def init(cls, path: PathLike, notice: Optional[WaitNotice] = _stderr_notice) -> Tuple["Store", bool]:
+        """Create (or re-open) a store; returns (store, created)."""
+        store = cls(path, notice)
+        meta = os.path.join(store.path, META_NAME)
+        if os.path.lexists(meta):
+            store.check()
+            return store, False
+        try:
+            os.makedirs(store.path, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise StoreError("cannot create %s: %s" % (os.fsdecode(store.path), exc.strerror or exc)) from None
+        for sub in (OBJECTS, IMAGES, REFS):
+            full = os.path.join(store.path, sub)
+            try:
+                os.mkdir(full, 0o755)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(full).st_mode):
+                    raise StoreError("%s exists and is not a directory" % os.fsdecode(full)) from None
+        body = json.dumps({"format": FORMAT_VERSION, "digest": DIGEST_ALGORITHM}, sort_keys=True) + "\n"
+        write_atomic(meta, body.encode(), mode=0o644)
+        fsync_dir(store.path)
+        return store, True
+
+    @classmethod
+    def open(cls, path: PathLike, notice: Optional[WaitNotice] = _stderr_notice) -> "Store":
+        store = cls(path, notice)
+        store.check()
+        return store
+
+    def check(self) -> Dict[str, Any]:
+        """Validate meta.json and the directories; StoreError saying what is wrong."""
+        meta_path = os.path.join(self.path, META_NAME)
+        shown = os.fsdecode(self.path)
+        try:
+            fd = os.open(meta_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                raw = f.read(65536)
+        except FileNotFoundError:
+            raise StoreError("%s is not a composefs store (no meta.json); create one with "
+                             "'composefs-store --repo %s init'" % (shown, shown)) from None
+        except OSError as exc:
+            raise StoreError("cannot read %s: %s" % (os.fsdecode(meta_path), exc.strerror or exc)) from None
+        try:
+            meta = json.loads(raw.decode("utf-8"))
+            version = meta["format"]
+            algorithm = meta["digest"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise StoreError("%s: meta.json is damaged (expected {\"format\": N, \"digest\": ...})" % shown) from None
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise StoreError("%s: invalid store format %r in meta.json" % (shown, version))
+        if version > FORMAT_VERSION:
+            raise StoreError("%s: store format %d is newer than this tool supports (%d); "
+                             "use a newer composefs-fleet" % (shown, version, FORMAT_VERSION))
+        if algorithm != DIGEST_ALGORITHM:
+            raise StoreError("%s: digest algorithm %r is not supported (only %s)"
+                             % (shown, algorithm, DIGEST_ALGORITHM))
+        for sub in (OBJECTS, IMAGES, REFS):
+            full = os.path.join(self.path, sub)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                raise StoreError("%s is missing: the store is damaged" % os.fsdecode(full)) from None
+            if not stat.S_ISDIR(st.st_mode):
+                raise StoreError("%s is not a directory (symbolic links are refused)" % os.fsdecode(full))
+        return meta
+
+    # ---- objects
+    def object_path(self, hexdigest: str) -> bytes:
+        return os.path.join(self.objects_dir, object_relpath(hexdigest))
+
+    def object_state(self, hexdigest: str, size: Optional[int] = None) -> bool:
+        """True if the object is present (and of ``size``); False if missing.
+
+        A present but wrong entry (not a regular file, other size) is damage:
+        StoreError, because trusting it would publish a broken image.
+        """
+        try:
+            st = os.lstat(self.object_path(hexdigest))
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError("object %s is not a regular file: run 'fsck --repair'" % hexdigest)
+        if size is not None and st.st_size != size:
+            raise StoreError("object %s has %d bytes, the image needs %d: it is damaged, run 'fsck --repair'"
+                             % (hexdigest, st.st_size, size))
+        return True
+
+    def iter_objects(self) -> Iterator[Tuple[str, bytes, os.stat_result]]:
+        """(hex, path, lstat) of every entry that looks like an object (names checked)."""
+        for prefix, _full in self._object_dirs():
+            sub = os.path.join(self.objects_dir, prefix)
+            for name in _listdir(sub):
+                if not is_hex_name(name, 2 * DIGEST_SIZE - 2):
+                    continue
+                full = os.path.join(sub, name)
+                try:
+                    st = os.lstat(full)
+                except FileNotFoundError:
+                    continue
+                yield (prefix + name).decode("ascii"), full, st
+
+    def _object_dirs(self) -> List[Tuple[bytes, bytes]]:
+        out = []
+        for name in sorted(_listdir(self.objects_dir)):
+            full = os.path.join(self.objects_dir, name)
+            if is_hex_name(name, 2) and stat.S_ISDIR(_lstat_mode(full)):
+                out.append((name, full))
+        return out
+
+    # ---- images
+    def image_path(self, hexdigest: str) -> bytes:
+        return os.path.join(self.images_dir, check_digest_hex(hexdigest).encode("ascii"))
+
+    def list_images(self) -> List[str]:
+        return sorted(n.decode("ascii") for n in _listdir(self.images_dir) if is_hex_name(n))
+
+    def read_image(self, hexdigest: str) -> Node:
+        from .erofs_reader import read_image_fd
+
+        path = self.image_path(hexdigest)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return read_image_fd(fd)
+        finally:
+            os.close(fd)
+
+    def write_image(self, data: bytes) -> Tuple[str, bool]:
+        """Store image bytes under their fs-verity digest; (hex, written)."""
+        hexd = fsverity.digest_bytes(data).hex()
+        final = self.image_path(hexd)
+        try:
+            st = os.lstat(final)
+            if stat.S_ISREG(st.st_mode) and st.st_size == len(data):
+                # Images are small: check it rather than publish a damaged one.
+                if fsverity.digest_file(final).hex() == hexd:
+                    return hexd, False
+            elif not stat.S_ISREG(st.st_mode):
+                raise StoreError("images/%s is not a regular file: run 'fsck --repair'" % hexd)
+            # Damaged: the complete image written below replaces it.
+        except FileNotFoundError:
+            pass
+        fd, tmp = make_temp(self.images_dir, TMP_PREFIX)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, 0o644)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _try_verity(tmp, bytes.fromhex(hexd))
+            os.rename(tmp, final)
+        except BaseException:
+            unlink_quietly(tmp)
+            raise
+        fsync_dir(self.images_dir)
+        return hexd, True
+
+    # ---- refs
+    def _ref_dirs(self, parts: List[bytes], create: bool) -> List[int]:
+        """Open fds of refs/ and each directory on the way to the ref's parent."""
+        fds = [os.open(self.refs_dir, _DIR_FLAGS)]
+        try:
+            for i, part in enumerate(parts[:-1]):
+                try:
+                    fds.append(os.open(part, _DIR_FLAGS, dir_fd=fds[-1]))
+                    continue
+                except FileNotFoundError:
+                    if not create:
+                        raise RefNotFound("no ref %s" % os.fsdecode(b"/".join(parts))) from None
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        raise _not_a_ref_dir(parts, i) from None
+                    raise
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fds[-1])
+                    os.fsync(fds[-1])
+                except FileExistsError:
+                    pass
+                try:
+                    fds.append(os.open(part, _DIR_FLAGS, dir_fd=fds[-1]))
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        raise _not_a_ref_dir(parts, i) from None
+                    raise
+            return fds
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    def read_ref(self, name: Union[str, bytes]) -> str:
+        parts = split_ref_name(name)
+        shown = os.fsdecode(b"/".join(parts))
+        fds = self._ref_dirs(parts, create=False)
+        try:
+            try:
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fds[-1])
+            except FileNotFoundError:
+                raise RefNotFound("no ref %s" % shown) from None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise StoreError("ref %s is a symbolic link: refused" % shown) from None
+                raise
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise StoreError("ref %s is not a regular file (a directory of refs?)" % shown)
+                raw = os.read(fd, 256)
+            finally:
+                os.close(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        text = raw.strip()
+        if not is_hex_name(text):
+            raise StoreError("ref %s is damaged: %r is not an image digest" % (shown, raw[:80]))
+        return text.decode("ascii")
+
+    def write_ref(self, name: Union[str, bytes], hexdigest: str) -> None:
+        parts = split_ref_name(name)
+        check_digest_hex(hexdigest)
+        for _attempt in range(20):
+            fds = self._ref_dirs(parts, create=True)
+            try:
+                parent = fds[-1]
+                tmp = b".tmp-ref-" + os.urandom(6).hex().encode()
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                                 dir_fd=parent)
+                except FileNotFoundError:
+                    continue  # rm-ref removed the (empty) directory meanwhile: again
+                try:
+                    try:
+                        os.write(fd, hexdigest.encode("ascii") + b"\n")
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    try:
+                        os.rename(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+                    except OSError as exc:
+                        if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                            raise StoreError("cannot create ref %s: refs named %s/... exist"
+                                             % (os.fsdecode(b"/".join(parts)), os.fsdecode(b"/".join(parts)))) from None
+                        raise
+                except BaseException:
+                    try:
+                        os.unlink(tmp, dir_fd=parent)
+                    except OSError:
+                        pass
+                    raise
+                os.fsync(parent)
+                return
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        raise StoreError("cannot create ref %s: its directory keeps disappearing" % os.fsdecode(name))
+
+    def remove_ref(self, name: Union[str, bytes]) -> str:
+        """Delete a ref (and its directories left empty); returns the digest it named."""
+        parts = split_ref_name(name)
+        target = self.read_ref(name)
+        fds = self._ref_dirs(parts, create=False)
+        try:
+            try:
+                os.unlink(parts[-1], dir_fd=fds[-1])
+            except FileNotFoundError:
+                raise RefNotFound("no ref %s" % os.fsdecode(b"/".join(parts))) from None
+            os.fsync(fds[-1])
+            for i in range(len(parts) - 1, 0, -1):
+                try:
+                    os.rmdir(parts[i - 1], dir_fd=fds[i - 1])
+                except OSError:
+                    break
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return target
+
+    def list_refs(self) -> List[str]:
+        """Names of all refs (regular files under refs/, temp files and symlinks skipped)."""
+        out: List[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.refs_dir, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(b"."))
+            rel = os.path.relpath(dirpath, self.refs_dir)
+            for fname in filenames:
+                if fname.startswith(b"."):
+                    continue
+                full = os.path.join(dirpath, fname)
+                if not stat.S_ISREG(_lstat_mode(full)):
+                    continue
+                out.append(os.fsdecode(fname if rel == b"." else os.path.join(rel, fname)))
+        return sorted(out)
+
+    def ref_targets(self) -> Dict[str, str]:
+        """{ref: image digest} for every readable ref (damaged ones are left out)."""
+        out = {}
+        for name in self.list_refs():
+            try:
+                out[name] = self.read_ref(name)
+            except StoreError:
+                continue
+        return out
+
+    # ---- adding
+    def add_image(self, source: PathLike, ref: str, **options: Any) -> AddResult:
+        """Build (or take) an image from ``source``, store it and its objects, point ``ref`` at it.
+
+        See :func:`.store_add.add_image` for the options.
+        """
+        from .store_add import add_image
+
+        return add_image(self, source, ref, **options)
+
+
+def _not_a_ref_dir(parts: List[bytes], i: int) -> StoreError:
+    return StoreError("ref %s: %s is not a directory under refs/ (a ref or a symbolic link)"
+                      % (os.fsdecode(b"/".join(parts)), os.fsdecode(b"/".join(parts[:i + 1]))))
+
+
+def _try_verity(path: bytes, digest: bytes) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fsverity.enable_verity(fd)
+        except VerityNotSupported:
+            return
+        alg, measured = fsverity.measure_verity(fd)
+        if alg != "sha256" or measured != digest:
+            raise VerityError("%s: kernel fs-verity digest %s differs from %s"
+                              % (os.fsdecode(path), measured.hex(), digest.hex()))
+    finally:
+        os.close(fd)
+
+
+def _listdir(path: bytes) -> List[bytes]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+def _lstat_mode(path: bytes) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return 0
+
+
+__all__ = [
+    "AddResult", "ImageObjects", "RefNotFound", "Store", "StoreError", "check_digest_hex", "image_objects",
+    "is_hex_name", "object_hex_from_payload", "split_ref_name",
+]
