@@ -1,0 +1,697 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Mount a composefs image: EROFS metadata + overlayfs over the object store(s).
+
+Steps (as libcomposefs 1.0.8 ``lcfs_mount_fd``, with the kernel interfaces of
+today and no temporary mount where the kernel allows it):
+
+1. check everything that can be checked without mounting (privileges, image
+   header, fs-verity digest, directories), each with a clear message;
+2. mount the image as EROFS, detached (``fsmount``): file-backed where the
+   kernel can (Linux 6.12+), else through a read-only auto-clearing loop
+   device; idmap it when asked (``mount_setattr(MOUNT_ATTR_IDMAP)``);
+3. build the overlay: ``lowerdir+`` = the detached EROFS mount passed as a
+   file descriptor (Linux 6.15+; older kernels get a private temporary
+   directory, detached right after), ``datadir+`` per basedir,
+   ``redirect_dir=on``, ``metacopy=on``, ``verity=require`` when asked;
+   kernels without those keys get the classic ``lowerdir=a::b`` string with
+   ``\\``-escaped separators;
+4. attach the overlay at the target (``move_mount``).
+
+The EROFS mount is never visible anywhere once this returns: the overlay
+holds the only reference, so ``umount TARGET`` releases everything, and the
+loop device (if any) auto-clears with it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+# typing itself costs ~20 ms of start-up (re, functools...): imported for type checkers only.
+TYPE_CHECKING = False
+
+from . import erofs_format as fmt
+from . import loopdev
+from . import mount_api as api
+from .errors import ComposefsError, VerityError, VerityNotEnabled, VerityNotSupported
+
+if TYPE_CHECKING:  # typing costs import time on every mount; annotations are strings here
+    from typing import List, Optional, Sequence, Tuple, Union
+
+    PathArg = Union[str, bytes, "os.PathLike[str]"]
+
+# fsverity (hashlib, threading) and tempfile are imported where needed: a
+# plain mount uses neither, and mount.composefs start-up time is mount time.
+
+CAP_SYS_ADMIN = 21
+MOUNT_SOURCE = "composefs"
+
+# Options fstab, systemd and mount(8) may hand to a helper that mean nothing
+# to the kernel mount itself (the C helper refuses them).
+IGNORED_OPTIONS = frozenset((
+    "defaults", "auto", "noauto", "nofail", "_netdev", "user", "nouser", "users",
+    "owner", "noowner", "group", "nogroup", "comment",
+))
+IGNORED_PREFIXES = ("x-", "comment=")
+
+# VFS options carried as mount attributes on the overlay: name -> (set, clear).
+ATTR_OPTIONS = {
+    "nosuid": (api.MOUNT_ATTR_NOSUID, 0),
+    "suid": (0, api.MOUNT_ATTR_NOSUID),
+    "nodev": (api.MOUNT_ATTR_NODEV, 0),
+    "dev": (0, api.MOUNT_ATTR_NODEV),
+    "noexec": (api.MOUNT_ATTR_NOEXEC, 0),
+    "exec": (0, api.MOUNT_ATTR_NOEXEC),
+    "noatime": (api.MOUNT_ATTR_NOATIME, api.MOUNT_ATTR_STRICTATIME),
+    "strictatime": (api.MOUNT_ATTR_STRICTATIME, api.MOUNT_ATTR_NOATIME),
+    "relatime": (0, api.MOUNT_ATTR_NOATIME | api.MOUNT_ATTR_STRICTATIME),
+    "atime": (0, api.MOUNT_ATTR_NOATIME),
+    "nodiratime": (api.MOUNT_ATTR_NODIRATIME, 0),
+    "diratime": (0, api.MOUNT_ATTR_NODIRATIME),
+    "nosymfollow": (api.MOUNT_ATTR_NOSYMFOLLOW, 0),
+    "symfollow": (0, api.MOUNT_ATTR_NOSYMFOLLOW),
+}
+_VALUE_OPTIONS = ("basedir", "digest", "upperdir", "workdir", "idmap")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+class MountOptionError(ComposefsError):
+    """A mount option string or option value is not acceptable."""
+
+
+class ComposefsMountError(ComposefsError):
+    """Mounting failed; the message says why, ``errno`` the kernel's answer if any."""
+
+    def __init__(self, message: str, err: int = 0) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class MountOptions:
+    """The parsed ``-o`` string of mount.composefs."""
+
+    def __init__(self) -> None:
+        self.basedirs: List[str] = []
+        self.digest: Optional[str] = None
+        self.verity = False
+        self.tryverity = False
+        self.idmap: Optional[str] = None
+        self.upperdir: Optional[str] = None
+        self.workdir: Optional[str] = None
+        self.readonly = False
+        self.attr_set = 0
+        self.attr_clr = 0
+        self.ignored: List[str] = []
+
+    def __repr__(self) -> str:
+        return "MountOptions(%r)" % (self.__dict__,)
+
+
+# -- option strings -----------------------------------------------------------
+
+def split_options(text: str) -> List[Tuple[str, Optional[str]]]:
+    """``key[=value]`` items of a comma-separated option string.
+
+    As the C helper: a backslash escapes the next character (so ``\\,`` is a
+    comma inside a value), the first unescaped ``=`` splits key and value.
+    Values keep their backslashes here; :func:`unescape` removes them, and
+    :func:`split_basedirs` first splits on unescaped colons.
+    """
+    items: List[Tuple[str, Optional[str]]] = []
+    pos = 0
+    n = len(text)
+    while True:
+        start = pos
+        equal = -1
+        while pos < n:
+            c = text[pos]
+            if c == "=" and equal < 0:
+                equal = pos
+            elif c == "\\" and pos + 1 < n:
+                pos += 1
+            elif c == ",":
+                break
+            pos += 1
+        if equal >= 0:
+            items.append((text[start:equal], text[equal + 1 : pos]))
+        else:
+            items.append((text[start:pos], None))
+        if pos >= n:
+            break
+        pos += 1  # the comma
+    return items
+
+
+def unescape(value: str) -> str:
+    out = []
+    i = 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value):
+            i += 1
+        out.append(value[i])
+        i += 1
+    return "".join(out)
+
+
+def escape(value: str, specials: str = ",\\") -> str:
+    """Inverse of :func:`unescape` for the given special characters."""
+    return "".join("\\" + c if c in specials else c for c in value)
+
+
+def split_basedirs(raw: str) -> List[str]:
+    """``basedir`` value -> directories: split on unescaped ``:``.
+
+    C 1.0.8 splits after unescaping, so it cannot name a directory holding a
+    colon; ``\\:`` does that here (C would read two directories there, which
+    no sane option string relies on).  Empty entries are refused like C does.
+    """
+    parts: List[str] = []
+    current: List[str] = []
+    i = 0
+    while i < len(raw):
+        c = raw[i]
+        if c == "\\" and i + 1 < len(raw):
+            current.append(raw[i + 1])
+            i += 2
+            continue
+        if c == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+        i += 1
+    parts.append("".join(current))
+    if any(not p for p in parts):
+        raise MountOptionError("Value for basedir option has incorrect format (empty directory in %r)" % raw)
+    return parts
+
+
+def parse_options(text: Optional[str], sloppy: bool = False) -> MountOptions:
+    """Parse a ``-o`` string; ``sloppy`` (mount -s) skips unknown options."""
+    opts = MountOptions()
+    if not text:
+        return opts
+    for key, raw in split_options(text):
+        if key in _VALUE_OPTIONS:
+            if raw is None:
+                raise MountOptionError("No value specified for %s option" % key)
+            if key == "basedir":
+                opts.basedirs = split_basedirs(raw)
+                continue
+            value = unescape(raw)
+            if key == "digest":
+                opts.digest = value
+            elif key == "upperdir":
+                opts.upperdir = value
+            elif key == "workdir":
+                opts.workdir = value
+            else:
+                opts.idmap = value
+        elif key == "verity" and raw is None:
+            opts.verity = True
+        elif key == "tryverity" and raw is None:
+            opts.tryverity = True
+        elif key == "ro" and raw is None:
+            opts.readonly = True
+        elif key == "rw" and raw is None:
+            opts.readonly = False
+        elif key in ATTR_OPTIONS and raw is None:
+            set_bits, clr_bits = ATTR_OPTIONS[key]
+            opts.attr_set = (opts.attr_set & ~clr_bits) | set_bits
+            opts.attr_clr = (opts.attr_clr & ~set_bits) | clr_bits
+        elif key == "" and raw is None:
+            continue  # empty item, e.g. a trailing comma
+        elif key in IGNORED_OPTIONS or key.startswith(IGNORED_PREFIXES):
+            opts.ignored.append(key if raw is None else key + "=" + raw)
+        elif sloppy:
+            opts.ignored.append(key if raw is None else key + "=" + raw)
+        else:
+            raise MountOptionError("Unsupported option %s" % (key if raw is None else key + "=" + raw))
+    return opts
+
+
+def format_options(basedirs: Sequence[str], digest: Optional[str] = None, verity: bool = False,
+                   tryverity: bool = False, idmap: Optional[str] = None,
+                   upperdir: Optional[str] = None, workdir: Optional[str] = None,
+                   readonly: bool = False, extra: Sequence[str] = ()) -> str:
+    """An option string that :func:`parse_options` reads back as given."""
+    items = ["basedir=" + ":".join(escape(d, ",:\\") for d in basedirs)]
+    if digest:
+        items.append("digest=" + escape(digest))
+    if verity:
+        items.append("verity")
+    if tryverity:
+        items.append("tryverity")
+    if idmap:
+        items.append("idmap=" + escape(idmap))
+    if upperdir:
+        items.append("upperdir=" + escape(upperdir))
+    if workdir:
+        items.append("workdir=" + escape(workdir))
+    items.append("ro" if readonly else "rw")
+    items.extend(extra)
+    return ",".join(items)
+
+
+# -- checks -------------------------------------------------------------------
+
+def _show(path: PathArg) -> str:
+    return os.fsdecode(os.fspath(path))
+
+
+def has_cap_sys_admin() -> bool:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool((int(line.split()[1], 16) >> CAP_SYS_ADMIN) & 1)
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
+def _check_dir(path: PathArg, what: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise ComposefsMountError("%s %s does not exist" % (what, _show(path)), exc.errno) from exc
+        raise ComposefsMountError("%s %s: %s" % (what, _show(path), exc.strerror), exc.errno or 0) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise ComposefsMountError("%s %s is not a directory" % (what, _show(path)), errno.ENOTDIR)
+
+
+def read_image_header(fd: int, path: PathArg) -> int:
+    """Check the composefs header and EROFS superblock; return the header flags."""
+    head = os.pread(fd, fmt.EROFS_SUPER_OFFSET + fmt.EROFS_SUPER.size, 0)
+    name = _show(path)
+    if len(head) < fmt.COMPOSEFS_HEADER.size:
+        raise ComposefsMountError("%s is not a composefs image: only %d bytes long" % (name, len(head)),
+                                  errno.EINVAL)
+    magic, version, flags, _ = fmt.COMPOSEFS_HEADER.unpack_from(head, 0)
+    if magic != fmt.COMPOSEFS_MAGIC:
+        raise ComposefsMountError("%s is not a composefs image: bad magic 0x%08x (want 0x%08x)"
+                                  % (name, magic, fmt.COMPOSEFS_MAGIC), errno.EINVAL)
+    if version != fmt.COMPOSEFS_HEADER_VERSION:
+        raise ComposefsMountError("%s: unsupported composefs header version %d" % (name, version), errno.EINVAL)
+    if len(head) < fmt.EROFS_SUPER_OFFSET + fmt.EROFS_SUPER.size:
+        raise ComposefsMountError("%s is not an EROFS image: truncated before the superblock" % name,
+                                  errno.EINVAL)
+    sb_magic = fmt.EROFS_SUPER.unpack_from(head, fmt.EROFS_SUPER_OFFSET)[0]
+    if sb_magic != fmt.EROFS_SUPER_MAGIC:
+        raise ComposefsMountError("%s is not an EROFS image: bad superblock magic 0x%08x" % (name, sb_magic),
+                                  errno.EINVAL)
+    return int(flags)
+
+
+def check_digest(fd: int, path: PathArg, digest: str) -> None:
+    """Refuse the image unless its fs-verity digest is ``digest`` (hex)."""
+    if not digest or len(digest) % 2 or len(digest) > 128 or not set(digest) <= _HEX_DIGITS:
+        raise ComposefsMountError("invalid digest %r: expected hex, e.g. 64 digits for sha256" % digest,
+                                  errno.EINVAL)
+    from .fsverity import measure_verity
+
+    name = _show(path)
+    try:
+        algorithm, found = measure_verity(fd)
+    except VerityNotEnabled as exc:
+        raise ComposefsMountError("Image has no fs-verity: %s has no fs-verity enabled, so digest= cannot be "
+                                  "checked (enable it, e.g. fsverity enable)" % name, errno.ENODATA) from exc
+    except VerityNotSupported as exc:
+        raise ComposefsMountError("digest= needs fs-verity on the image %s: %s" % (name, exc),
+                                  errno.EOPNOTSUPP) from exc
+    except VerityError as exc:
+        raise ComposefsMountError("cannot measure fs-verity of %s: %s" % (name, exc), errno.EIO) from exc
+    if found.hex() != digest.lower():
+        raise ComposefsMountError("Image has wrong fs-verity: %s has %s digest %s, expected %s"
+                                  % (name, algorithm, found.hex(), digest.lower()), errno.EILSEQ)
+
+
+def verity_problem(basedir: PathArg) -> Optional[str]:
+    """Why objects under ``basedir`` can not have fs-verity (None: they can)."""
+    from .fsverity import measure_verity
+
+    try:
+        fd = os.open(basedir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        return "cannot open %s: %s" % (_show(basedir), exc.strerror)
+    try:
+        measure_verity(fd)
+    except VerityNotEnabled:
+        return None  # the filesystem answers fs-verity questions: it has it
+    except VerityNotSupported as exc:
+        return str(exc)
+    except VerityError:
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
+# -- mounting -----------------------------------------------------------------
+
+class MountResult:
+    """How the mount was made (for -v output and tests)."""
+
+    def __init__(self) -> None:
+        self.erofs_source = ""  # "file" or "loop:/dev/loopN"
+        self.lower = ""  # "fd", "tmpdir" or "legacy"
+        self.verity = False  # verity=require is on
+        self.target = ""
+
+    def __repr__(self) -> str:
+        return "MountResult(%r)" % (self.__dict__,)
+
+
+def _mount_erofs(image_fd: int, image: PathArg, has_acl: bool, idmap_fd: Optional[int],
+                 source_mode: str, result: MountResult) -> int:
+    """Detached EROFS mount of the image; returns the mount fd."""
+
+    def attempt(source: str) -> int:
+        with api.FsContext("erofs") as ctx:
+            ctx.set_string("source", source)
+            ctx.set_flag("ro")
+            if not has_acl:
+                ctx.set_flag("noacl")
+            ctx.create()
+            return ctx.mount(api.MOUNT_ATTR_RDONLY)
+
+    mnt_fd = -1
+    if source_mode in ("auto", "file"):
+        try:
+            mnt_fd = attempt("/proc/self/fd/%d" % image_fd)
+            result.erofs_source = "file"
+        except api.MountError as exc:
+            # ENOTBLK: this kernel has no file-backed EROFS (before 6.12).
+            if exc.errno != errno.ENOTBLK or source_mode == "file":
+                raise _explain_erofs(exc, image)
+    if mnt_fd < 0:
+        try:
+            loop_fd, device = loopdev.attach_readonly(image_fd, _show(image))
+        except loopdev.LoopError as exc:
+            raise ComposefsMountError("cannot set up a loop device for %s: %s" % (_show(image), exc),
+                                      exc.errno) from exc
+        try:
+            mnt_fd = attempt(device)
+        except api.MountError as exc:
+            raise _explain_erofs(exc, image)
+        finally:
+            os.close(loop_fd)  # autoclear: the erofs superblock now holds it
+        result.erofs_source = "loop:" + device
+    if idmap_fd is not None:
+        try:
+            api.set_idmap(mnt_fd, idmap_fd)
+        except api.MountError as exc:
+            os.close(mnt_fd)
+            raise ComposefsMountError("idmap: cannot make an idmapped mount with that user namespace: %s "
+                                      "(it must be a user namespace, e.g. /proc/PID/ns/user, and the kernel "
+                                      "must support idmapped erofs mounts)" % exc, exc.errno) from exc
+    return mnt_fd
+
+
+def _explain_erofs(exc: api.MountError, image: PathArg) -> ComposefsMountError:
+    return ComposefsMountError("cannot mount %s as EROFS: %s" % (_show(image), exc), exc.errno)
+
+
+class _OverlayPlan:
+    def __init__(self, basedirs: Sequence[str], upperdir: Optional[str], workdir: Optional[str],
+                 verity: str, attr_flags: int) -> None:
+        self.basedirs = list(basedirs)
+        self.upperdir = upperdir
+        self.workdir = workdir
+        self.verity = verity  # "", "require" or "try"
+        self.attr_flags = attr_flags
+
+
+def _overlay_new_api(plan: _OverlayPlan, lower_fd: Optional[int], lower_path: Optional[str],
+                     result: MountResult) -> int:
+    with api.FsContext("overlay") as ctx:
+        # A kernel that only forwards a legacy option string accepts any key:
+        # then the keys below would be silently misread (as libcomposefs checks).
+        try:
+            ctx.set_string("unsupported", "unsupported")
+        except api.MountError:
+            pass
+        else:
+            raise api.MountError("overlayfs does not validate fsconfig keys", errno.ENOSYS, "fsconfig")
+        ctx.set_string("source", MOUNT_SOURCE)
+        ctx.set_string("metacopy", "on")
+        ctx.set_string("redirect_dir", "on")
+        if plan.verity:
+            try:
+                ctx.set_string("verity", "require")
+                result.verity = True
+            except api.MountError as exc:
+                if plan.verity == "require":
+                    raise ComposefsMountError(
+                        "verity requested, but the kernel's overlayfs has no verity=require option "
+                        "(needs Linux 6.6+): %s" % exc, exc.errno) from exc
+        if lower_fd is not None:
+            ctx.set_fd("lowerdir+", lower_fd)
+        else:
+            assert lower_path is not None
+            ctx.set_string("lowerdir+", lower_path)
+        for basedir in plan.basedirs:
+            ctx.set_string("datadir+", basedir)
+        if plan.upperdir is not None:
+            _set_dir(ctx, "upperdir", plan.upperdir)
+            _set_dir(ctx, "workdir", plan.workdir or "")
+        ctx.create()
+        return ctx.mount(plan.attr_flags)
+
+
+def _set_dir(ctx: api.FsContext, key: str, path: str) -> None:
+    """upperdir/workdir: as an fd where the kernel takes one (Linux 6.13+).
+
+    As strings, overlayfs unescapes these two (unlike lowerdir+/datadir+), so
+    a backslash in the path must then be doubled.
+    """
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise api.MountError("cannot open %s %s: %s" % (key, path, exc.strerror), exc.errno or 0) from exc
+    try:
+        try:
+            ctx.set_fd(key + "+", fd)
+            return
+        except api.MountError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    finally:
+        os.close(fd)
+    ctx.set_string(key, escape(path, "\\"))
+
+
+_MS_FLAGS = {
+    api.MOUNT_ATTR_RDONLY: 1,  # MS_RDONLY
+    api.MOUNT_ATTR_NOSUID: 2,
+    api.MOUNT_ATTR_NODEV: 4,
+    api.MOUNT_ATTR_NOEXEC: 8,
+    api.MOUNT_ATTR_NOATIME: 1024,
+    api.MOUNT_ATTR_NODIRATIME: 2048,
+    api.MOUNT_ATTR_STRICTATIME: 1 << 24,
+    api.MOUNT_ATTR_NOSYMFOLLOW: 256,  # MS_NOSYMFOLLOW
+}
+
+
+def _overlay_legacy(plan: _OverlayPlan, lower_path: str, target: PathArg, result: MountResult) -> None:
+    """mount(2) with one option string: every path escaped for overlayfs."""
+    def esc(path: str) -> str:
+        if "\n" in path:
+            raise ComposefsMountError("path %r holds a newline, which the legacy overlayfs option string "
+                                      "cannot carry (needs Linux 6.7+ for lowerdir+/datadir+)" % path,
+                                      errno.EINVAL)
+        return escape(path, ",:\\")
+
+    flags = 0
+    for attr, ms in _MS_FLAGS.items():
+        if plan.attr_flags & attr:
+            flags |= ms
+    base = "metacopy=on,redirect_dir=on"
+    tail = ""
+    if plan.upperdir is not None:
+        tail += ",upperdir=%s,workdir=%s" % (esc(plan.upperdir), esc(plan.workdir or ""))
+    if plan.verity == "require":
+        tail += ",verity=require"
+    last_exc: Optional[api.MountError] = None
+    # Data-only lower layers ("::", Linux 6.5+) first, then plain lower layers.
+    for sep in ("::", ":"):
+        lower = esc(lower_path) + "".join(sep + esc(d) for d in plan.basedirs)
+        data = "%s,lowerdir=%s%s" % (base, lower, tail)
+        try:
+            api.legacy_mount(MOUNT_SOURCE, target, "overlay", flags, os.fsencode(data))
+            result.lower = "legacy" + ("" if sep == "::" else "-nodataonly")
+            result.verity = plan.verity == "require"
+            return
+        except api.MountError as exc:
+            last_exc = exc
+            if exc.errno != errno.EINVAL:
+                break
+    assert last_exc is not None
+    raise last_exc
+
+
+def _private_tmpdir() -> str:
+    import tempfile
+
+    parent = "/run" if os.path.isdir("/run") and os.access("/run", os.W_OK) else tempfile.gettempdir()
+    return tempfile.mkdtemp(prefix=".composefs.", dir=parent)
+
+
+def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg],
+                    digest: Optional[str] = None, verity: bool = False, tryverity: bool = False,
+                    idmap: Optional[PathArg] = None, upperdir: Optional[PathArg] = None,
+                    workdir: Optional[PathArg] = None, readonly: bool = False,
+                    attr_set: int = 0, dry_run: bool = False,
+                    erofs_source: str = "auto", lower: str = "auto") -> MountResult:
+    """Mount the composefs ``image`` at ``target`` with objects from ``basedirs``.
+
+    ``digest`` (hex) is the required fs-verity digest of the image and implies
+    ``verity``; ``verity`` makes overlayfs require fs-verity digests on every
+    file (``tryverity``: where the kernel and the basedir filesystem can).
+    ``idmap`` is a user namespace file (e.g. ``/proc/PID/ns/user``).
+    ``upperdir``/``workdir`` make the mount writable unless ``readonly``.
+    ``dry_run`` checks everything and mounts nothing (``mount -f``).
+    ``erofs_source`` ("auto", "file", "loop") and ``lower`` ("auto", "fd",
+    "tmpdir", "legacy") force a way of mounting; "auto" picks the best the
+    kernel has.  Raises :class:`ComposefsMountError` with a clear message.
+    """
+    if erofs_source not in ("auto", "file", "loop") or lower not in ("auto", "fd", "tmpdir", "legacy"):
+        raise ValueError("bad erofs_source/lower")
+    result = MountResult()
+    result.target = _show(target)
+    if not has_cap_sys_admin():
+        if os.geteuid() != 0:
+            raise ComposefsMountError("must be run as root (euid is %d): mounting needs CAP_SYS_ADMIN"
+                                      % os.geteuid(), errno.EPERM)
+        raise ComposefsMountError("euid is 0 but CAP_SYS_ADMIN is missing: mounting needs it", errno.EPERM)
+    dirs = [_show(d) for d in basedirs]
+    if not dirs:
+        raise ComposefsMountError("No object dirs specified: basedir= is required", errno.EINVAL)
+    if (upperdir is None) != (workdir is None):
+        raise ComposefsMountError("Both workdir and upperdir must be specified if used", errno.EINVAL)
+    if digest is not None:
+        verity = True
+
+    try:
+        image_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise ComposefsMountError("image %s does not exist" % _show(image), exc.errno) from exc
+        raise ComposefsMountError("Failed to open %s: %s" % (_show(image), exc.strerror), exc.errno or 0) from exc
+    idmap_fd: Optional[int] = None
+    try:
+        st = os.fstat(image_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ComposefsMountError("image %s is not a regular file" % _show(image), errno.EINVAL)
+        flags = read_image_header(image_fd, image)
+        _check_dir(target, "mount point")
+        for d in dirs:
+            _check_dir(d, "basedir")
+        if upperdir is not None:
+            _check_dir(upperdir, "upperdir")
+            _check_dir(workdir, "workdir")  # type: ignore[arg-type]
+        if digest is not None:
+            check_digest(image_fd, image, digest)
+        verity_mode = ""
+        if verity:
+            for d in dirs:
+                problem = verity_problem(d)
+                if problem:
+                    raise ComposefsMountError(
+                        "verity requested but impossible for basedir %s: %s" % (d, problem), errno.EOPNOTSUPP)
+            verity_mode = "require"
+        elif tryverity:
+            verity_mode = "try" if all(verity_problem(d) is None for d in dirs) else ""
+        if idmap is not None:
+            try:
+                idmap_fd = os.open(idmap, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+            except OSError as exc:
+                raise ComposefsMountError("Failed to open userns %s: %s" % (_show(idmap), exc.strerror),
+                                          exc.errno or 0) from exc
+        if dry_run:
+            return result
+        attr_flags = attr_set | (api.MOUNT_ATTR_RDONLY if readonly else 0)
+        plan = _OverlayPlan(dirs, None if upperdir is None else _show(upperdir),
+                            None if workdir is None else _show(workdir), verity_mode, attr_flags)
+        try:
+            _mount(image_fd, image, bool(flags & fmt.COMPOSEFS_FLAGS_HAS_ACL), idmap_fd, plan, target,
+                   erofs_source, lower, result)
+        except api.MountError as exc:
+            raise ComposefsMountError("Failed to mount composefs %s: %s" % (_show(image), exc),
+                                      exc.errno) from exc
+        return result
+    finally:
+        os.close(image_fd)
+        if idmap_fd is not None:
+            os.close(idmap_fd)
+
+
+def _mount(image_fd: int, image: PathArg, has_acl: bool, idmap_fd: Optional[int], plan: _OverlayPlan,
+           target: PathArg, erofs_source: str, lower: str, result: MountResult) -> None:
+    erofs_fd = _mount_erofs(image_fd, image, has_acl, idmap_fd, erofs_source, result)
+    first: Optional[api.MountError] = None
+    try:
+        if lower in ("auto", "fd"):
+            try:
+                ovl_fd = _overlay_new_api(plan, erofs_fd, None, result)
+            except api.MountError as exc:
+                # EINVAL: lowerdir+ takes no fd here (before 6.13) or no
+                # detached mount (before 6.15); ENOSYS: no usable new API.
+                if lower == "fd" or exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                first = exc
+            else:
+                result.lower = "fd"
+                _attach(ovl_fd, target)
+                return
+        try:
+            _with_tmpdir(erofs_fd, plan, target, lower, result)
+        except api.MountError as exc:
+            # The same refusal by an older interface: the first answer came
+            # from the newest one, with the kernel's own explanation.
+            if first is not None and exc.errno == first.errno:
+                raise first from None
+            raise
+    finally:
+        os.close(erofs_fd)
+
+
+def _attach(ovl_fd: int, target: PathArg) -> None:
+    try:
+        api.move_mount(ovl_fd, target)
+    finally:
+        os.close(ovl_fd)
+
+
+def _with_tmpdir(erofs_fd: int, plan: _OverlayPlan, target: PathArg, lower: str, result: MountResult) -> None:
+    """Older kernels: the EROFS mount must have a path while the overlay is made."""
+    tmpdir = _private_tmpdir()
+    attached = False
+    try:
+        api.move_mount(erofs_fd, tmpdir)
+        attached = True
+        if lower in ("auto", "tmpdir"):
+            try:
+                ovl_fd = _overlay_new_api(plan, None, tmpdir, result)
+            except api.MountError as exc:
+                if lower == "tmpdir" or exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                lower = "legacy"
+            else:
+                result.lower = "tmpdir"
+                _attach(ovl_fd, target)
+                return
+        _overlay_legacy(plan, tmpdir, target, result)
+    finally:
+        if attached:
+            try:
+                api.umount(tmpdir, api.MNT_DETACH)
+            except api.MountError:
+                pass
+        try:
+            os.rmdir(tmpdir)
+        except OSError:
+            pass

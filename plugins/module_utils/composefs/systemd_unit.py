@@ -1,0 +1,144 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""systemd ``.mount`` units for composefs mounts (so they come back at boot).
+
+The unit file name must be the escaped mount point (systemd refuses a mount
+unit whose name does not match ``Where=``); :func:`path_escape` does what
+``systemd-escape --path`` does.  Values are written so that systemd reads
+them back unchanged (``%`` doubled for specifier expansion), and anything a
+unit file or libmount's option parser cannot carry is refused with a clear
+message instead of being written as a different mount.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Iterable, List, Optional, Sequence, Union
+
+from .atomic_file import write_atomic
+from .errors import ComposefsError
+
+PathArg = Union[str, bytes, "os.PathLike[str]"]
+
+UNIT_NAME_MAX = 255
+_VALID = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:_.")
+
+
+class UnitError(ComposefsError):
+    """The mount cannot be described by a systemd unit as asked."""
+
+
+def _bytes(path: PathArg) -> bytes:
+    return os.fsencode(os.fspath(path))
+
+
+def _simplify(path: bytes) -> bytes:
+    """Collapse ``//`` and ``/./``, drop a trailing slash (systemd path_simplify)."""
+    absolute = path.startswith(b"/")
+    parts = [p for p in path.split(b"/") if p not in (b"", b".")]
+    return (b"/" if absolute else b"") + b"/".join(parts)
+
+
+def path_escape(path: PathArg) -> str:
+    """The unit name stem of ``path``, as ``systemd-escape --path`` prints it."""
+    raw = _simplify(_bytes(path))
+    if not raw:
+        raise UnitError("cannot escape an empty path")
+    if b".." in raw.split(b"/"):
+        raise UnitError("path %r is not normalized (contains ..)" % os.fsdecode(raw))
+    stem = raw.strip(b"/")
+    if not stem:
+        return "-"
+    out: List[str] = []
+    for i, c in enumerate(stem):
+        if c == 0x2F:
+            out.append("-")
+        elif c in _VALID and not (i == 0 and c == 0x2E):
+            out.append(chr(c))
+        else:
+            out.append("\\x%02x" % c)
+    return "".join(out)
+
+
+def unit_name(where: PathArg) -> str:
+    name = path_escape(where) + ".mount"
+    if len(name) > UNIT_NAME_MAX:
+        raise UnitError("unit name for %s would be %d characters, systemd allows %d"
+                        % (os.fsdecode(_bytes(where)), len(name), UNIT_NAME_MAX))
+    return name
+
+
+def _value(text: str, what: str) -> str:
+    """A unit-file value that systemd reads back as ``text``."""
+    if "\n" in text or "\r" in text:
+        raise UnitError("%s %r contains a newline, which a unit file cannot carry" % (what, text))
+    if text != text.strip(" \t"):
+        raise UnitError("%s %r starts or ends with whitespace, which systemd strips" % (what, text))
+    if text.endswith("\\"):
+        raise UnitError("%s %r ends with a backslash (a line continuation in a unit file)" % (what, text))
+    return text.replace("%", "%%")
+
+
+def _quoted(path: str) -> str:
+    """One word of a space-separated list (systemd unquotes and unescapes it)."""
+    return '"%s"' % path.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+
+
+def unit_text(image: PathArg, where: PathArg, options: str, description: Optional[str] = None,
+              requires_mounts_for: Iterable[PathArg] = (), wanted_by: str = "local-fs.target") -> str:
+    """The text of the ``.mount`` unit mounting ``image`` at ``where``.
+
+    ``options`` is the ``-o`` string as mount.composefs takes it; libmount
+    splits it on commas before our helper sees it, so no value may hold one.
+    """
+    image_s = os.fsdecode(_bytes(image))
+    where_b = _simplify(_bytes(where))
+    where_s = os.fsdecode(where_b)
+    if not image_s.startswith("/"):
+        raise UnitError("What= must be an absolute path, got %r" % image_s)
+    if not where_s.startswith("/"):
+        raise UnitError("Where= must be an absolute path, got %r" % where_s)
+    unit_name(where_b)  # validates the mount point
+    if '"' in options:
+        raise UnitError("mount options %r contain a double quote, which libmount treats as quoting" % options)
+    if "\\," in options:
+        raise UnitError("mount options %r contain an escaped comma: mount(8) splits options on every comma "
+                        "before the helper sees them, so such a path cannot be named in a unit" % options)
+    desc = description or "composefs image %s" % image_s
+    lines = [
+        "# Written by mount.composefs (composefs-fleet); mounts a composefs image at boot.",
+        "[Unit]",
+        "Description=" + _value(desc, "Description"),
+    ]
+    extra = [os.fsdecode(_bytes(p)) for p in requires_mounts_for]
+    needs = [posixpath.dirname(image_s) or "/"] + [p for p in extra if p.startswith("/")]
+    seen: List[str] = []
+    for p in needs:
+        if p not in seen and "\n" not in p:
+            seen.append(p)
+    lines.append("RequiresMountsFor=" + " ".join(_quoted(p) for p in seen))
+    lines += [
+        "",
+        "[Mount]",
+        "What=" + _value(image_s, "What="),
+        "Where=" + _value(where_s, "Where="),
+        "Type=composefs",
+        "Options=" + _value(options, "Options="),
+        "",
+        "[Install]",
+        "WantedBy=" + wanted_by,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_unit(directory: PathArg, image: PathArg, where: PathArg, options: str,
+               description: Optional[str] = None, requires_mounts_for: Sequence[PathArg] = (),
+               wanted_by: str = "local-fs.target") -> str:
+    """Write the unit into ``directory`` atomically; return its path."""
+    text = unit_text(image, where, options, description, requires_mounts_for, wanted_by)
+    path = os.path.join(os.fsdecode(_bytes(directory)), unit_name(where))
+    write_atomic(path, text.encode("utf-8", "surrogateescape"), mode=0o644)
+    return path
