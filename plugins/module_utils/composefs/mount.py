@@ -639,8 +639,9 @@ def _mount(image_fd: int, image: PathArg, has_acl: bool, idmap_fd: Optional[int]
                 ovl_fd = _overlay_new_api(plan, erofs_fd, None, result)
             except api.MountError as exc:
                 # EINVAL: lowerdir+ takes no fd here (before 6.13) or no
-                # detached mount (before 6.15); ENOSYS: no usable new API.
-                if lower == "fd" or exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                # detached mount (before 6.15); EBADF: the same refusal as
+                # measured on Debian trixie's 6.12; ENOSYS: no usable new API.
+                if lower == "fd" or exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOSYS):
                     raise
                 first = exc
             else:
