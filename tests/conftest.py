@@ -6,7 +6,7 @@
 Tiers (markers):
   kernel  real mounts (root, CAP_SYS_ADMIN, erofs + overlay, loop devices)
   oracle  runs the C composefs 1.0.8 tools fetched by scripts/fetch-oracle
-  guest   needs the QEMU guest (COMPOSEFS_FLEET_GUEST)
+  guest   runs in the QEMU guest (tests/guest/guest_vm.py, scripts/build-guest)
   fuzz    bounded-time fuzzing of the reader and the dump parser
 
 A test that cannot run skips with a reason naming exactly what is missing.
@@ -37,7 +37,8 @@ OUR_MODULES = {
 MARKERS = {
     "kernel": "needs real mounts: root, CAP_SYS_ADMIN, erofs and overlay in /proc/filesystems, /dev/loop-control",
     "oracle": "needs the C composefs 1.0.8 tools (scripts/fetch-oracle)",
-    "guest": "needs the QEMU guest (COMPOSEFS_FLEET_GUEST); not built yet",
+    "guest": "runs in the QEMU trixie guest (fs-verity, systemd, journald): qemu-system-x86_64 with TCG, "
+             "ssh, and the image from scripts/build-guest (built on first use when possible)",
     "fuzz": "bounded-time fuzzing of the image reader and the dump parser",
 }
 
@@ -297,8 +298,30 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         found, reason = _oracle_or_reason()
         if found is None:
             unavailable(reason)
-    if item.get_closest_marker("guest") is not None and not os.environ.get("COMPOSEFS_FLEET_GUEST"):
-        pytest.skip("QEMU guest not available: COMPOSEFS_FLEET_GUEST is not set (the guest is not built yet)")
+    if item.get_closest_marker("guest") is not None:
+        reason = _guest_missing()
+        if reason:
+            unavailable(reason)
+
+
+_guest_reason: List[str] = []
+
+
+def _guest_missing() -> str:
+    """Why the QEMU guest cannot run here ("" if it can); asked once per session."""
+    if not _guest_reason:
+        path = Path(__file__).resolve().parent / "guest" / "guest_vm.py"
+        spec = importlib.util.spec_from_file_location("guest_vm", str(path))
+        if spec is None or spec.loader is None or not path.is_file():
+            _guest_reason.append("QEMU guest not available: %s missing" % path)
+        else:
+            module = sys.modules.get("guest_vm")
+            if module is None:
+                module = importlib.util.module_from_spec(spec)
+                sys.modules["guest_vm"] = module
+                spec.loader.exec_module(module)
+            _guest_reason.append(module.missing_requirements())
+    return _guest_reason[0]
 
 
 def _skip_reason(report: pytest.TestReport) -> str:

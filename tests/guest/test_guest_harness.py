@@ -1,0 +1,45 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The guest runner on the host side (no boot): availability reasons, the
+recipe key shared with scripts/build-guest, the QEMU command line."""
+import subprocess
+from pathlib import Path
+
+import guest_vm
+
+
+def test_missing_tools_are_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.setenv("COMPOSEFS_FLEET_CACHE", str(tmp_path / "empty-cache"))
+    reason = guest_vm.missing_requirements()
+    assert reason.startswith("QEMU guest not available: ")
+    for piece in ("qemu-system-x86_64 not on PATH (apt-get install qemu-system-x86)",
+                  "qemu-img not on PATH (apt-get install qemu-utils)",
+                  "ssh not on PATH (apt-get install openssh-client)",
+                  "debootstrap not on PATH (apt-get install debootstrap)",
+                  str(tmp_path / "empty-cache" / "guest" / guest_vm.recipe_hash())):
+        assert piece in reason, reason
+
+
+def test_recipe_key_matches_build_script(monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPOSEFS_FLEET_CACHE", str(tmp_path))
+    out = subprocess.run(["bash", str(guest_vm.BUILD_SCRIPT), "--print-dir"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert Path(out) == guest_vm.image_dir() == tmp_path / "guest" / guest_vm.recipe_hash()
+    # --check says "not built" for an empty cache.
+    assert subprocess.run(["bash", str(guest_vm.BUILD_SCRIPT), "--check"]).returncode == 1
+    assert not guest_vm.image_complete()
+
+
+def test_qemu_command_line_is_tcg_headless_and_restricted(tmp_path):
+    vm = guest_vm.Guest(state_dir=tmp_path, image=tmp_path / "image")
+    argv = vm._qemu_argv(tmp_path / "overlay.qcow2", 2222)
+    joined = " ".join(argv)
+    assert argv[argv.index("-accel") + 1] == "tcg" and "kvm" not in argv
+    for flag in ("-nodefaults", "-no-reboot"):
+        assert flag in argv
+    assert argv[argv.index("-vga") + 1] == "none" and argv[argv.index("-display") + 1] == "none"
+    assert "-serial file:%s" % (tmp_path / "serial.log") in joined
+    assert "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22" in argv
+    assert "file=%s,if=virtio,format=qcow2,cache=unsafe" % (tmp_path / "overlay.qcow2") in argv
