@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import struct
@@ -15,7 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAP_SYS_ADMIN, kernel_mount_missing, load_oracle
+
+def _root_conftest():
+    # By path: with conftest.py files in subdirectories too, "import conftest"
+    # would get whichever of them pytest loaded last.
+    spec = importlib.util.spec_from_file_location("composefs_fleet_root_conftest",
+                                                  str(Path(__file__).parent / "conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_conftest = _root_conftest()
+CAP_SYS_ADMIN = _conftest.CAP_SYS_ADMIN
+kernel_mount_missing = _conftest.kernel_mount_missing
+load_oracle = _conftest.load_oracle
 
 COMPOSEFS_MAGIC = 0xD078629A
 EROFS_SUPER_MAGIC = 0xE0F5E1E2
@@ -115,7 +130,6 @@ def _inner_run(pytester, monkeypatch, tmp_path: Path, ci: str):
     pytester.makepyfile(test_inner=INNER)
     monkeypatch.setenv("COMPOSEFS_FLEET_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("CI", ci)
-    monkeypatch.delenv("COMPOSEFS_FLEET_GUEST", raising=False)
     return pytester.runpytest_subprocess("-p", "no:cacheprovider")
 
 
@@ -125,14 +139,15 @@ def test_missing_oracle_skips_and_is_summarised(pytester, monkeypatch, tmp_path)
     result.stdout.fnmatch_lines([
         "*SKIPPED TESTS SUMMARY: 2 skipped*",
         "*1 x C oracle composefs 1.0.8 not found in *empty-cache/oracle/1.0.8: run scripts/fetch-oracle",
-        "*1 x QEMU guest not available: COMPOSEFS_FLEET_GUEST is not set*",
+        "*1 x QEMU guest not available: *guest_vm.py missing",
     ])
 
 
 def test_missing_oracle_fails_under_ci(pytester, monkeypatch, tmp_path):
     result = _inner_run(pytester, monkeypatch, tmp_path, ci="true")
-    result.assert_outcomes(errors=1, skipped=1)
+    result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(["*CI=true requires it: C oracle composefs 1.0.8 not found*"])
+    result.stdout.fnmatch_lines(["*CI=true requires it: QEMU guest not available: *guest_vm.py missing*"])
     assert result.ret == 1
 
 
