@@ -43,14 +43,9 @@ LONGOPTS = {
 }
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def usage_text(prog: str) -> str:
+    from composefs_fleet.scan import cpu_count  # only for the help text
+
     return (
         "Usage: %s [OPTIONS] SOURCE IMAGE\n"
         "Options:\n"
@@ -147,7 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     values = dict(options)
     version_set = "min-version" in values or "max-version" in values
     min_version, max_version = (0, 0) if version_set else (0, 1)
-    threads = cpu_count()
+    # None: the scanner's default, the CPUs this process may run on.
+    threads: Optional[int] = None
     for name, value in options:
         try:
             if name == "min-version":
@@ -161,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "threads": "threads count"}[name]
             sys.stderr.write("Invalid %s %s\n" % (label, value))
             return 1
-    if threads <= 0:
+    if threads is not None and threads <= 0:
         sys.stderr.write("Invalid threads count %d\n" % threads)
         return 1
 

@@ -124,7 +124,7 @@ def build_tree_from_directory(
     if digest_store is not None and not compute_digest:
         raise FormatError("a digest store needs compute_digest=True")
     if threads is None:
-        threads = _cpu_count()
+        threads = cpu_count()
     if threads < 1:
         raise FormatError("invalid thread count %d" % threads)
 
@@ -156,7 +156,8 @@ def build_tree_from_directory(
     return root
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
+    """CPUs this process may run on (the default thread count)."""
     # C mkcomposefs counts the CPUs in its affinity mask, not all CPUs.
     try:
         return max(1, len(os.sched_getaffinity(0)))

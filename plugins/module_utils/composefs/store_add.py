@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 from . import fsverity
 from .errors import FormatError, ImageError
 from .objects import ObjectBatch, store_object, sync_object_dirs
-from .scan import build_tree_from_directory
+from .scan import build_tree_from_directory, cpu_count
 from .store import (_SRC_FLAGS, AddResult, ImageObjects, PathLike, RefNotFound, Store, StoreError, image_objects,
                     is_composefs_image, object_relpath, split_ref_name)
 from .store_cache import DigestCache, Key, key_of
@@ -177,10 +177,7 @@ def tree_from_directory(store: Store, src: bytes, result: AddResult, *, use_epoc
                         skip_devices: bool, skip_xattrs: bool, user_xattrs: bool, hardlinks: bool,
                         threads: Optional[int], use_cache: bool) -> Node:
     if threads is None:
-        try:
-            threads = max(1, len(os.sched_getaffinity(0)))
-        except (AttributeError, OSError):
-            threads = os.cpu_count() or 1
+        threads = cpu_count()
     root = build_tree_from_directory(src, use_epoch=use_epoch, skip_devices=skip_devices,
                                      skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
                                      compute_digest=False, threads=threads)
