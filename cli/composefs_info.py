@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from typing import BinaryIO, Callable, Iterable, List, Optional, Set, Tuple
+from typing import BinaryIO, Iterable, List, Optional, Set, Tuple
 
 from composefs_fleet.errors import ComposefsError, ImageError
 from composefs_fleet.erofs_reader import read_image_fd
@@ -107,7 +107,7 @@ def _payloads(root: Node) -> Iterable[bytes]:
         node = stack.pop()
         if node.link_to is None and node.is_reg() and node.payload is not None:
             yield node.payload
-        stack.extend(child for _, child in _children(node))
+        stack.extend(child for _name, child in _children(node))
 
 
 def _is_missing(payload: bytes, dir_fd: int) -> bool:
@@ -247,17 +247,18 @@ def _run(args: List[str], prog: str, out: BinaryIO, err: BinaryIO) -> int:
 def _run_images(command: str, images: List[str], filters: List[str], basedir_fd: int, out: BinaryIO, err: BinaryIO) -> int:
     toplevel = [os.fsencode(name) for name in filters] if filters else None
     objects: Set[bytes] = set()
-    handler: Callable[[Node], None]
-    if command == "ls":
-        handler = lambda root: _ls(root, out)  # noqa: E731
-    elif command == "dump":
-        from composefs_fleet.dump import write_dump
 
-        handler = lambda root: write_dump(root, out)  # noqa: E731
-    elif command == "objects":
-        handler = lambda root: objects.update(_payloads(root))  # noqa: E731
-    else:
-        handler = lambda root: objects.update(p for p in _payloads(root) if _is_missing(p, basedir_fd))  # noqa: E731
+    def handler(root: Node) -> None:
+        if command == "ls":
+            _ls(root, out)
+        elif command == "dump":
+            from composefs_fleet.dump import write_dump
+
+            write_dump(root, out)
+        elif command == "objects":
+            objects.update(_payloads(root))
+        else:
+            objects.update(p for p in _payloads(root) if _is_missing(p, basedir_fd))
 
     for image in images:
         try:

@@ -458,7 +458,8 @@ class _Parser:
                         if parent is None:
                             raise _FieldError("Parent directory missing for %s" % _show(path))
                 self.parents[prefix] = parent
-        assert parent is not None
+        if parent is None:
+            raise AssertionError("parent is not None")
         if not parent.is_dir():
             raise _FieldError("Parent must be a directory for %s" % _show(path))
         if name in (b".", b".."):

@@ -34,7 +34,8 @@ EROFS_FEATURE_INCOMPAT_CHUNKED_FILE = 0x4
 # dirblkbits, xattr_prefix_count, xattr_prefix_start, packed_nid,
 # xattr_filter_reserved, reserved2[23]
 EROFS_SUPER = struct.Struct("<IIIBBHQQIIII16s16sIHHHBBIQB23x")
-assert EROFS_SUPER.size == 128
+if EROFS_SUPER.size != 128:
+    raise AssertionError("EROFS_SUPER.size == 128")
 
 BLOCK_BITS = 12
 BLOCK_SIZE = 1 << BLOCK_BITS
@@ -61,11 +62,13 @@ EROFS_BLOCK_MAP_ENTRY_SIZE = 4
 # i_format, i_xattr_icount, i_mode, i_nlink, i_size, i_reserved, i_u, i_ino,
 # i_uid, i_gid, i_reserved2
 EROFS_INODE_COMPACT = struct.Struct("<HHHHIIIIHHI")
-assert EROFS_INODE_COMPACT.size == 32
+if EROFS_INODE_COMPACT.size != 32:
+    raise AssertionError("EROFS_INODE_COMPACT.size == 32")
 # i_format, i_xattr_icount, i_mode, i_reserved, i_size, i_u, i_ino, i_uid,
 # i_gid, i_mtime, i_mtime_nsec, i_nlink, i_reserved2[16]
 EROFS_INODE_EXTENDED = struct.Struct("<HHHHQIIIIQII16x")
-assert EROFS_INODE_EXTENDED.size == 64
+if EROFS_INODE_EXTENDED.size != 64:
+    raise AssertionError("EROFS_INODE_EXTENDED.size == 64")
 # Largest chunk: 2^(12 + 31) bytes, the most the 5-bit chunk format expresses here.
 EROFS_CHUNK_BITS_MAX = BLOCK_BITS + 31
 EROFS_CHUNKS_MAX = 1024
@@ -73,7 +76,8 @@ EROFS_CHUNKS_MAX = 1024
 # -- xattrs -----------------------------------------------------------------
 # h_name_filter, h_shared_count, h_reserved2[7]
 EROFS_XATTR_IBODY_HEADER = struct.Struct("<IB7x")
-assert EROFS_XATTR_IBODY_HEADER.size == 12
+if EROFS_XATTR_IBODY_HEADER.size != 12:
+    raise AssertionError("EROFS_XATTR_IBODY_HEADER.size == 12")
 # e_name_len, e_name_index, e_value_size
 EROFS_XATTR_ENTRY = struct.Struct("<BBH")
 EROFS_XATTR_INDEX_USER = 1
@@ -103,7 +107,8 @@ XATTR_PREFIX_BY_INDEX[EROFS_XATTR_INDEX_LUSTRE] = b"lustre."
 # -- directories ------------------------------------------------------------
 # nid, nameoff, file_type, reserved
 EROFS_DIRENT = struct.Struct("<QHBx")
-assert EROFS_DIRENT.size == 12
+if EROFS_DIRENT.size != 12:
+    raise AssertionError("EROFS_DIRENT.size == 12")
 EROFS_FT_UNKNOWN = 0
 EROFS_FT_REG_FILE = 1
 EROFS_FT_DIR = 2

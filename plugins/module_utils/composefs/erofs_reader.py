@@ -59,6 +59,7 @@ _VALID_TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 )
 
+
 def _cstr(raw: bytes) -> bytes:
     """The C string view of ``raw``: libcomposefs handles names with strlen()."""
     end = raw.find(b"\0")
@@ -191,11 +192,11 @@ class _Reader:
         layout = (i_format >> fmt.EROFS_I_DATALAYOUT_BIT) & fmt.EROFS_I_DATALAYOUT_MASK
         if compact:
             st = fmt.EROFS_INODE_COMPACT
-            (_, icount, mode, nlink, size, _, i_u, _ino, uid, gid, _) = self._unpack(st, offset, "inode %d" % nid)
+            (_format, icount, mode, nlink, size, _reserved, i_u, _ino, uid, gid, _reserved2) = self._unpack(st, offset, "inode %d" % nid)
             mtime, mtime_nsec = self.build_time, self.build_time_nsec
         else:
             st = fmt.EROFS_INODE_EXTENDED
-            (_, icount, mode, _, size, i_u, _ino, uid, gid, mtime, mtime_nsec, nlink) = self._unpack(
+            (_format, icount, mode, _reserved, size, i_u, _ino, uid, gid, mtime, mtime_nsec, nlink) = self._unpack(
                 st, offset, "inode %d" % nid
             )
             mtime = _signed64(mtime)
@@ -382,7 +383,7 @@ class _Reader:
             cached = self.shared_cache.get(idx)
             if cached is None:
                 cached = self._shared_entry(nid, idx)
-            _, name, value, value_start, value_size = cached
+            _entry_size, name, value, value_start, value_size = cached
             self._apply_xattr(node, xattrs, name, value_start, value_size, value)
         node.xattrs = dict(xattrs.items)
 

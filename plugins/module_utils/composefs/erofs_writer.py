@@ -589,7 +589,7 @@ def _write(layout: _Layout, version: int, inodes_end: int,
         raise FormatError("root inode placed too far into the image")
     out += EROFS_SUPER.pack(
         EROFS_SUPER_MAGIC, 0, EROFS_FEATURE_COMPAT_MTIME | EROFS_FEATURE_COMPAT_XATTR_FILTER,
-        BLOCK_BITS, 0, root.nid, len(order), min_sec & _U64, min_nsec, 
+        BLOCK_BITS, 0, root.nid, len(order), min_sec & _U64, min_nsec,
         (data_start // BLOCK_SIZE + n_data_blocks) & _U32,
         INODES_START // BLOCK_SIZE, (inodes_end // BLOCK_SIZE) & _U32,
         b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0)
@@ -657,7 +657,8 @@ def _write(layout: _Layout, version: int, inodes_end: int,
                 if pad:
                     out += b"\0" * pad
         if fmt == stat.S_IFDIR:
-            assert children is not None
+            if children is None:
+                raise AssertionError("children is not None")
             blocks, tail = _dir_chunks(children, inode.n_blocks)
             out += tail
             data.extend(blocks)

@@ -59,7 +59,7 @@ ALGORITHMS: Dict[str, Tuple[int, int, int]] = {
     "sha256": (1, 32, 64),
     "sha512": (2, 64, 128),
 }
-_ALGORITHM_NAMES = {alg_id: name for name, (alg_id, _, _) in ALGORITHMS.items()}
+_ALGORITHM_NAMES = {alg_id: name for name, (alg_id, _size, _hexlen) in ALGORITHMS.items()}
 
 MIN_BLOCK_SIZE = 1024
 MAX_BLOCK_SIZE = 65536
@@ -72,7 +72,8 @@ DESCRIPTOR_SIZE = 256
 # version, hash_algorithm, log_blocksize, salt_size, reserved u32, data_size
 # le64, root_hash[64], salt[32], reserved[144].
 _DESCRIPTOR = struct.Struct("<BBBBIQ64s32s144x")
-assert _DESCRIPTOR.size == DESCRIPTOR_SIZE
+if _DESCRIPTOR.size != DESCRIPTOR_SIZE:
+    raise AssertionError("_DESCRIPTOR.size == DESCRIPTOR_SIZE")
 
 # Reads are this big so that syscall and per-chunk Python costs vanish next
 # to hashing, yet a few in-flight buffers stay small.  A multiple of every
@@ -187,7 +188,8 @@ class FsVerityHasher:
     def _add_block_hashes(self, hashes: bytes, nbytes: int) -> None:
         """Feed ready-made hashes of ``nbytes`` (whole blocks) of data."""
         # Only valid on a block boundary; the file readers guarantee it.
-        assert not self._partial and nbytes % self.block_size == 0
+        if self._partial or nbytes % self.block_size != 0:
+            raise AssertionError("not self._partial and nbytes % self.block_size == 0")
         if nbytes:
             self._size += nbytes
             self._push(0, hashes, nbytes // self.block_size)
@@ -285,7 +287,7 @@ class _ChunkReader:
 
     def __init__(self, fd: int, nbuffers: int) -> None:
         self.fd = fd
-        self._free: List[bytearray] = [bytearray(READ_CHUNK) for _ in range(nbuffers)]
+        self._free: List[bytearray] = [bytearray(READ_CHUNK) for _buffer in range(nbuffers)]
         self._lock = threading.Lock()
 
     def take(self) -> bytearray:
@@ -384,7 +386,7 @@ def _digest_read_ahead(fd: int, hasher: FsVerityHasher, threads: int) -> None:
     with ThreadPoolExecutor(max_workers=max(1, threads - 1)) as pool:
         queue: Deque["Future[Tuple[bytearray, int]]"] = deque()
         next_offset = 0
-        for _ in range(inflight):
+        for _slot in range(inflight):
             queue.append(pool.submit(job, next_offset))
             next_offset += READ_CHUNK
         try:
@@ -431,7 +433,7 @@ def _digest_parallel_hash(fd: int, hasher: FsVerityHasher, threads: int) -> None
     with ThreadPoolExecutor(max_workers=threads) as pool:
         queue: Deque["Future[Tuple[bytes, bytes, int]]"] = deque()
         next_offset = 0
-        for _ in range(inflight):
+        for _slot in range(inflight):
             queue.append(pool.submit(job, next_offset))
             next_offset += READ_CHUNK
         try:
@@ -502,7 +504,8 @@ def _iowr(kind: str, nr: int, size: int) -> int:
 # struct fsverity_enable_arg: version, hash_algorithm, block_size, salt_size,
 # salt_ptr, sig_size, reserved, sig_ptr, reserved[11] (all native order).
 _ENABLE_ARG = struct.Struct("=IIIIQIIQ88x")
-assert _ENABLE_ARG.size == 128
+if _ENABLE_ARG.size != 128:
+    raise AssertionError("_ENABLE_ARG.size == 128")
 # struct fsverity_digest: digest_algorithm u16, digest_size u16, digest[].
 _DIGEST_HEADER = struct.Struct("=HH")
 

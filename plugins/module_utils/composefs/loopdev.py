@@ -39,10 +39,12 @@ LO_NAME_SIZE = 64
 # number, encrypt_type, encrypt_key_size, flags (u32), file_name[64],
 # crypt_name[64], encrypt_key[32], init[2] (u64).
 _LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s16x")
-assert _LOOP_INFO64.size == 232
+if _LOOP_INFO64.size != 232:
+    raise AssertionError("_LOOP_INFO64.size == 232")
 # struct loop_config: fd, block_size (u32), info, reserved[8] (u64).
 _LOOP_CONFIG = struct.Struct("=II232s64x")
-assert _LOOP_CONFIG.size == 304
+if _LOOP_CONFIG.size != 304:
+    raise AssertionError("_LOOP_CONFIG.size == 304")
 
 # Same block size as the EROFS images composefs writes.
 BLOCK_SIZE = 4096
@@ -102,7 +104,7 @@ def attach_readonly(backing_fd: int, name: str = "", direct_io: bool = True,
     flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR | (LO_FLAGS_DIRECT_IO if direct_io else 0)
     raw_name = os.fsencode(name)
     last = 0
-    for _ in range(_ATTEMPTS):
+    for _attempt in range(_ATTEMPTS):
         path = _free_device()
         try:
             loop_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

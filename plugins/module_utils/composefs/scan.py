@@ -311,7 +311,8 @@ def _link_hardlinks(root: Node, keys: Dict[int, Tuple[int, int]]) -> Dict[int, N
         alias.link_to = target
         target.nlink += 1
         parent = node.parent
-        assert parent is not None
+        if parent is None:
+            raise AssertionError("parent is not None")
         parent.replace_child(node.name, alias)
         replaced[id(node)] = node
     return replaced
@@ -417,7 +418,8 @@ class _StoreTask:
 
     def run(self) -> None:
         try:
-            assert self.worker.batch is not None
+            if self.worker.batch is None:
+                raise AssertionError("self.worker.batch is not None")
             self.worker.batch.add(self.fd, self.digest, size=self.size)
         except OSError as exc:
             raise _oserror(exc, "cannot store object for", self.path) from None

@@ -184,12 +184,13 @@ def image_objects(root: Node) -> ImageObjects:
                 out.problems.append("%s: fs-verity digest %s does not match its backing path %s"
                                     % (os.fsdecode(path), node.digest.hex(), os.fsdecode(node.payload)))
         else:
-            assert node.digest is not None
+            if node.digest is None:
+                raise AssertionError("node.digest is not None")
             hexd = node.digest.hex()
         known = out.objects.get(hexd)
         if known is not None and known != node.size:
-            out.problems.append("%s: object %s used with sizes %d and %d" % (os.fsdecode(path), hexd, known,
-                                                                           node.size))
+            out.problems.append("%s: object %s used with sizes %d and %d"
+                                % (os.fsdecode(path), hexd, known, node.size))
         out.objects[hexd] = node.size
         out.files += 1
         out.logical_bytes += node.size

@@ -53,7 +53,7 @@ class FsckResult:
 
     def as_dict(self) -> Dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "damaged"}
-        out["damaged"] = [os.fsdecode(p) for p, _ in self.damaged]
+        out["damaged"] = [os.fsdecode(p) for p, _identity in self.damaged]
         out["clean"] = self.clean
         return out
 
@@ -172,7 +172,7 @@ def _check_objects(store: Store, result: FsckResult, threads: int) -> Dict[str, 
                 _damage(result, path, "%s: not a regular file (mode %o)" % (shown, sst.st_mode))
                 continue
             todo.append(((name + sub).decode("ascii"), path, sst.st_size))
-    digests = _digests([p for _, p, _ in todo], sum(s for _, _, s in todo), threads)
+    digests = _digests([p for _hexd, p, _size in todo], sum(s for _hexd, _path, s in todo), threads)
     for (hexd, path, size), (got, measured, err) in zip(todo, digests):
         shown = "objects/%s/%s" % (hexd[:2], hexd[2:])
         if got is None:
