@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--no-cache", action="store_true", help="hash every file; don't use the digest cache")
     add.add_argument("--min-version", type=int, default=0, choices=(0, 1), help="minimum image format version")
     add.add_argument("--max-version", type=int, default=1, choices=(0, 1), help="maximum image format version")
+    add.add_argument("--expected-digest", metavar="HEX",
+                     help="fail, and publish nothing, unless the image's fs-verity digest is HEX")
+    add.add_argument("--dry-run", action="store_true",
+                     help="say what the add would do (digest, new objects); write nothing in the store")
 
     sub.add_parser("ls", parents=[common], help="list images with their refs and sizes")
     sub.add_parser("refs", parents=[common], help="list refs and the images they name")
@@ -160,10 +164,11 @@ def _cmd_add(args: argparse.Namespace) -> int:
                              skip_xattrs=args.skip_xattrs, user_xattrs=args.user_xattrs,
                              hardlinks=args.hardlinks, threads=args.threads, use_cache=not args.no_cache,
                              objects_from=args.objects_from, min_version=args.min_version,
-                             max_version=args.max_version)
+                             max_version=args.max_version, expected_digest=args.expected_digest,
+                             dry_run=args.dry_run)
     moved = "" if result.previous in (None, result.digest) else " (was %s)" % result.previous
     lines = [
-        "%s %s%s" % (result.digest, result.ref, moved),
+        "%s%s %s%s" % ("would add " if args.dry_run else "", result.digest, result.ref, moved),
         "  %s image from %s; %d objects: %d new (%s), %d files hashed (%s), %d from the digest cache"
         % ("new" if result.image_written else "existing", result.source_kind, result.objects,
            result.objects_written, _human(result.bytes_written), result.files_hashed,
@@ -281,8 +286,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     data = stats(Store.open(args.repo))
     lines = [
-        "objects:          %d (%s; %s on disk)" % (data["objects"], _human(data["object_bytes"]),
-                                                 _human(data["object_disk_bytes"])),
+        "objects:          %d (%s; %s on disk)"
+        % (data["objects"], _human(data["object_bytes"]), _human(data["object_disk_bytes"])),
         "images:           %d (%s), refs: %d" % (data["images"], _human(data["image_bytes"]), data["refs"]),
         "shared objects:   %d used by 2+ images (%s); most shared: %d images"
         % (data["shared_objects"], _human(data["shared_object_bytes"]), data["max_sharing"]),

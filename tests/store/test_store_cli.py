@@ -121,3 +121,30 @@ def test_repo_option_after_the_command(tmp_path, store_cmd):
     assert res.returncode == 0 and (repo / "meta.json").is_file()
     res = subprocess.run(store_cmd + ["refs", "--repo", str(repo), "--json"], capture_output=True, text=True)
     assert res.returncode == 0 and json.loads(res.stdout) == []
+
+
+def _store_files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_add_image_dry_run_and_expected_digest(cli, tmp_path, make_tree):
+    src = tmp_path / "src"
+    make_tree(src, 1, shared_from=5)
+    assert cli.run("init").returncode == 0
+    repo = Path(cli.repo)
+    plan = cli.run("add-image", src, "--ref", "app/v1", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.startswith("would add ")
+    digest = plan.stdout.split()[2]
+    assert cli.run("refs").stdout.strip() == ""  # nothing published
+    before = _store_files(repo)
+    wrong = "0" * 64
+    res = cli.run("add-image", src, "--ref", "app/v1", "--expected-digest", wrong)
+    assert res.returncode == 1 and digest in res.stderr and "nothing was stored" in res.stderr
+    assert cli.run("refs").stdout.strip() == ""
+    after = _store_files(repo)
+    assert {k for k in after if k.startswith(("objects/", "images/", "refs/"))} == \
+        {k for k in before if k.startswith(("objects/", "images/", "refs/"))}
+    res = cli.run("add-image", src, "--ref", "app/v1", "--expected-digest", digest)
+    assert res.returncode == 0 and res.stdout.split()[0] == digest
+    assert digest in cli.run("refs").stdout

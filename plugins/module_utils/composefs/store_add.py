@@ -19,25 +19,43 @@ already in the store) or by hashing it, and new objects are copied into
 ``objects/`` by worker threads while this thread hashes the next file.  The
 resulting tree, and so the image, is the one ``mkcomposefs --digest-store``
 builds from the same directory.
+
+Plans (``dry_run=True``): the same tree, digests (from the cache when the
+object is present, else hashed) and image bytes as a real add, but nothing
+under the store is written -- no object, image, ref, cache file, not even
+the lock files (an existing lock is taken read-only; a store without lock
+files has never been written to by an add or gc, and a plan's answer is
+advisory anyway).  The result says what a real add would do:
+``objects_written``/``bytes_written`` are the objects that would be copied,
+``image_written`` whether the image is new, ``previous`` the ref's digest.
+
+``expected_digest``: the image is built and its digest compared *before*
+anything is published.  For a directory source the files are then hashed
+first and the new objects copied only after the comparison (each copy
+re-checks that the file's identity and change time are those seen while
+hashing), instead of copying while hashing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import stat
 import sys
 import time
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 from . import fsverity
 from .errors import FormatError, ImageError
 from .objects import ObjectBatch, store_object, sync_object_dirs
 from .scan import build_tree_from_directory, cpu_count
-from .store import (_SRC_FLAGS, AddResult, ImageObjects, PathLike, RefNotFound, Store, StoreError, image_objects,
-                    is_composefs_image, object_relpath, split_ref_name)
+from .store import (_SRC_FLAGS, AddResult, ImageObjects, PathLike, Store, StoreError, check_digest_hex,
+                    image_objects, is_composefs_image, object_relpath, split_ref_name)
 from .store_cache import DigestCache, Key, key_of
+from .store_lock import GATE_NAME, LOCK_NAME, _flock
 from .tree import RECOMMENDED_INLINE_CONTENT_MAX, Node, apply_source_options, digest_to_path
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
@@ -47,21 +65,52 @@ def _changed(path: bytes) -> FormatError:
     return FormatError("%s changed while it was being added; try again" % os.fsdecode(path))
 
 
+class DigestMismatch(StoreError):
+    """The image's digest is not the expected one; nothing was published."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__("the image's digest is %s, not the expected %s: nothing was stored" % (actual, expected))
+        self.expected = expected
+        self.actual = actual
+
+
+class _Plan:
+    """Objects a directory source needs that are not in the store yet, found but not copied."""
+
+    def __init__(self) -> None:
+        self.copies: List[Tuple[bytes, bytes, int, Key]] = []  # (digest, source path, size, fstat key)
+        self.cache: Optional[DigestCache] = None
+
+
 def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = False, skip_devices: bool = False,
               skip_xattrs: bool = False, user_xattrs: bool = False, hardlinks: bool = False,
               threads: Optional[int] = None, use_cache: bool = True,
               objects_from: Optional[PathLike] = None, min_version: int = 0, max_version: int = 1,
-              stdin: Any = None) -> AddResult:
-    """Build (or take) an image from ``source``, store it and its objects, point ``ref`` at it."""
+              stdin: Any = None, dry_run: bool = False, expected_digest: Optional[str] = None) -> AddResult:
+    """Build (or take) an image from ``source``, store it and its objects, point ``ref`` at it.
+
+    ``dry_run``: write nothing, return what an add would do (module docstring).
+    ``expected_digest``: raise :class:`DigestMismatch` before publishing
+    anything if the image's digest differs.
+    """
     split_ref_name(ref)
     if skip_xattrs and user_xattrs:
         raise StoreError("skip_xattrs and user_xattrs exclude each other")
+    expected = None if expected_digest is None else check_digest_hex(expected_digest.lower())
+    if threads is None:
+        threads = cpu_count()
     result = AddResult()
     result.ref = ref
-    with store.lock.shared():
+    # Objects of a directory source are copied while hashing, unless they
+    # must wait for the digest check (or never be copied at all).
+    plan = _Plan() if dry_run or expected is not None else None
+    # Objects this run has seen present (or is copying): checked once, not again.
+    known: Set[str] = set()
+    with (_lock_read_only(store) if dry_run else store.lock.shared()):
         kind, root, data = _load_source(store, source, result, use_epoch=use_epoch, skip_devices=skip_devices,
                                         skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
-                                        threads=threads, use_cache=use_cache, stdin=stdin)
+                                        threads=threads, use_cache=use_cache, stdin=stdin, plan=plan,
+                                        known=known)
         result.source_kind = kind
         needed = image_objects(root)
         if needed.problems:
@@ -69,25 +118,90 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
                 os.fsdecode(os.fsencode(source)), needed.problems[0],
                 " (and %d more problems)" % (len(needed.problems) - 1) if len(needed.problems) > 1 else ""))
         result.objects = len(needed.objects)
-        _ensure_objects(store, needed, kind, objects_from, result)
         if data is None:
             from .erofs_writer import build_image
 
             data = build_image(root, min_version=min_version, max_version=max_version)
-        result.digest, result.image_written = store.write_image(data)
-        try:
-            result.previous = store.read_ref(ref)
-        except RefNotFound:
-            result.previous = None
-        except StoreError:
-            result.previous = None
-        store.write_ref(ref, result.digest)
+        result.digest = fsverity.digest_bytes(data).hex()
+        if expected is not None and result.digest != expected:
+            raise DigestMismatch(expected, result.digest)
+        if dry_run:
+            copies = plan.copies if plan is not None else []
+            result.objects_written = len(copies)
+            result.bytes_written = sum(size for _d, _p, size, _k in copies)
+            _ensure_objects(store, needed, kind, objects_from, result, known, dry_run=True)
+            result.image_written = not _image_present(store, result.digest, len(data))
+            result.previous = _read_previous(store, ref)
+            return result
+        result.previous = _read_previous(store, ref)
+        if plan is not None:
+            _store_planned(store, plan, threads, result)
+        _ensure_objects(store, needed, kind, objects_from, result, known,
+                        published=result.previous == result.digest)
+        _same, result.image_written = store.write_image(data)
+        # An unchanged ref is left alone: rewriting it would only cost a
+        # write and two fsyncs on every no-change run.
+        if result.previous != result.digest:
+            store.write_ref(ref, result.digest)
     return result
+
+
+def _read_previous(store: Store, ref: str) -> Optional[str]:
+    """The ref's digest, or None if it is missing or damaged (then it is simply replaced)."""
+    try:
+        return store.read_ref(ref)
+    except StoreError:
+        return None
+    except FileNotFoundError:
+        return None  # a plan against a store that does not exist yet
+
+
+def _image_present(store: Store, hexd: str, size: int) -> bool:
+    """Would :meth:`Store.write_image` leave the image as it is?  (Reads only.)"""
+    path = store.image_path(hexd)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError("images/%s is not a regular file: run 'fsck --repair'" % hexd)
+    return st.st_size == size and fsverity.digest_file(path).hex() == hexd
+
+
+@contextmanager
+def _lock_read_only(store: Store) -> Iterator[None]:
+    """The store's shared lock as :meth:`StoreLock.shared` takes it, minus creating lock files.
+
+    Keeps a gc from removing objects the plan counts as present.  Lock files
+    that do not exist are not created: a plan writes nothing.
+    """
+    fds: List[Optional[int]] = []
+    try:
+        for name in (LOCK_NAME, GATE_NAME):
+            try:
+                fds.append(os.open(os.path.join(store.path, name),
+                                   os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY))
+            except FileNotFoundError:
+                fds.append(None)
+        lock, gate = fds
+        if gate is not None:
+            _flock(gate, fcntl.LOCK_EX, "a garbage collection is waiting or running", store.lock.notice)
+        if lock is not None:
+            _flock(lock, fcntl.LOCK_SH, "a garbage collection is running", store.lock.notice)
+        if gate is not None:
+            os.close(gate)  # releases the gate
+            fds[1] = None
+        yield
+    finally:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
 
 
 def _load_source(store: Store, source: PathLike, result: AddResult, *, use_epoch: bool, skip_devices: bool,
                  skip_xattrs: bool, user_xattrs: bool, hardlinks: bool, threads: Optional[int],
-                 use_cache: bool, stdin: Any) -> Tuple[str, Node, Optional[bytes]]:
+                 use_cache: bool, stdin: Any, plan: Optional[_Plan] = None,
+                 known: Optional[Set[str]] = None) -> Tuple[str, Node, Optional[bytes]]:
     src = os.fsencode(source)
     if src == b"-":
         from .dump import parse_dump
@@ -112,7 +226,7 @@ def _load_source(store: Store, source: PathLike, result: AddResult, *, use_epoch
 
         root = tree_from_directory(store, src, result, use_epoch=use_epoch, skip_devices=skip_devices,
                                    skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
-                                   threads=threads, use_cache=use_cache)
+                                   threads=threads, use_cache=use_cache, plan=plan, known=known)
         return "directory", root, None
     if not stat.S_ISREG(st.st_mode):
         raise StoreError("%s is neither a directory, a dump file nor an image" % os.fsdecode(src))
@@ -138,10 +252,16 @@ def _load_source(store: Store, source: PathLike, result: AddResult, *, use_epoch
 
 
 def _ensure_objects(store: Store, needed: ImageObjects, kind: str, objects_from: Optional[PathLike],
-                    result: AddResult) -> None:
-    """Every object the image needs is present; import from ``objects_from`` if given."""
-    missing = [h for h, size in sorted(needed.objects.items()) if not store.object_state(h, size)]
-    written: List[bytes] = []
+                    result: AddResult, known: Set[str], dry_run: bool = False, published: bool = False) -> None:
+    """Every object the image needs is present; import from ``objects_from`` if given.
+
+    ``known``: objects this run has already found present or stored (or, in
+    a dry run, planned to store); the shared lock keeps them there.
+    ``dry_run``: objects found in ``objects_from`` are verified and counted,
+    not stored.  ``published``: the ref already names this image.
+    """
+    missing = [h for h, size in sorted(needed.objects.items())
+               if h not in known and not store.object_state(h, size)]
     if missing and objects_from is not None:
         base = os.fsencode(objects_from)
         still = []
@@ -157,8 +277,8 @@ def _ensure_objects(store: Store, needed: ImageObjects, kind: str, objects_from:
                 if hasher.digest().hex() != hexd or hasher.size != needed.objects[hexd]:
                     raise StoreError("%s does not hold the content its name says (digest %s, %d bytes)"
                                      % (os.fsdecode(path), hasher.digest().hex(), hasher.size))
-                if store_object(fd, bytes.fromhex(hexd), store.objects_dir, size=hasher.size, sync_dir=False):
-                    written.append(bytes.fromhex(hexd))
+                if dry_run or store_object(fd, bytes.fromhex(hexd), store.objects_dir, size=hasher.size,
+                                           sync_dir=False):
                     result.objects_written += 1
                     result.bytes_written += hasher.size
             finally:
@@ -168,6 +288,13 @@ def _ensure_objects(store: Store, needed: ImageObjects, kind: str, objects_from:
         where = " or in %s" % os.fsdecode(os.fsencode(objects_from)) if objects_from is not None else ""
         raise StoreError("the %s refers to %d object(s) not in the store%s, e.g. %s; add its files with "
                          "--objects-from DIR (a digest store)" % (kind, len(missing), where, missing[0]))
+    if dry_run:
+        return
+    if published and result.objects_written == 0:
+        # The add that published the ref made these names durable first, and
+        # nothing removes an object a ref needs: no syncfs on a no-change run
+        # (on a busy filesystem it would flush everyone's dirty data).
+        return
     # Objects found present may come from a writer that crashed before
     # syncing their directory: make every name the image relies on durable.
     sync_object_dirs(store.objects_dir, [bytes.fromhex(h) for h in needed.objects])
@@ -175,7 +302,16 @@ def _ensure_objects(store: Store, needed: ImageObjects, kind: str, objects_from:
 
 def tree_from_directory(store: Store, src: bytes, result: AddResult, *, use_epoch: bool,
                         skip_devices: bool, skip_xattrs: bool, user_xattrs: bool, hardlinks: bool,
-                        threads: Optional[int], use_cache: bool) -> Node:
+                        threads: Optional[int], use_cache: bool, plan: Optional[_Plan] = None,
+                        known: Optional[Set[str]] = None) -> Node:
+    """The tree of ``src`` with every external file's digest; new objects stored.
+
+    With a ``plan`` nothing is stored: new objects are listed in it, and the
+    digest cache (with what was learnt) is left there, unsaved.  ``known``
+    collects the objects found present or stored (or planned).
+    """
+    if known is None:
+        known = set()
     if threads is None:
         threads = cpu_count()
     root = build_tree_from_directory(src, use_epoch=use_epoch, skip_devices=skip_devices,
@@ -203,23 +339,48 @@ def tree_from_directory(store: Store, src: bytes, result: AddResult, *, use_epoc
         by_inode[ident] = [node]
         if cache is not None:
             digest = cache.get(st)
-            if digest is not None and store.object_state(digest.hex(), node.size):
-                node.digest = digest
-                node.payload = digest_to_path(digest)
-                result.cache_hits += 1
-                continue
+            if digest is not None:
+                payload = digest_to_path(digest)
+                if _object_present(store, payload, node.size):
+                    known.add(digest.hex())
+                    node.digest = digest
+                    node.payload = payload
+                    result.cache_hits += 1
+                    continue
         todo.append((node, full, st))
-    _hash_and_store(store, todo, cache, threads, result)
+    _hash_and_store(store, todo, cache, threads, result, plan, known)
     for nodes in by_inode.values():
         for other in nodes[1:]:
             other.digest = nodes[0].digest
             other.payload = nodes[0].payload
+    if plan is not None:
+        plan.cache = cache
+    else:
+        _save_cache(cache)
+    return root
+
+
+def _object_present(store: Store, payload: bytes, size: int) -> bool:
+    """:meth:`Store.object_state` for a well-formed ``XX/YYYY...`` name, without validating it again.
+
+    Runs once per file of every add, unchanged ones included; the name comes
+    from a 32-byte digest, so the hex check of object_state only costs time.
+    """
+    try:
+        st = os.lstat(store.objects_dir + b"/" + payload)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISREG(st.st_mode) and st.st_size == size:
+        return True
+    return store.object_state((payload[:2] + payload[3:]).decode("ascii"), size)  # raises, saying what is wrong
+
+
+def _save_cache(cache: Optional[DigestCache]) -> None:
     if cache is not None:
         try:
             cache.save()
         except OSError:
             pass  # only a performance aid
-    return root
 
 
 # Below this much data to hash, starting worker processes costs more than it saves.
@@ -268,8 +429,7 @@ def _hash_all(jobs: List[HashJob], total: int, threads: int) -> Iterator[HashRes
                 # any copy thread exists.
                 try:
                     results = pool.map(_hash_one, jobs)
-                    for result in results:
-                        yield result
+                    yield from results
                     return
                 except BrokenProcessPool:
                     pass  # a worker died (OOM killer, sandbox): hash here instead
@@ -277,39 +437,82 @@ def _hash_all(jobs: List[HashJob], total: int, threads: int) -> Iterator[HashRes
         yield _hash_one(job)
 
 
-def _hash_and_store(store: Store, todo: List[Tuple[Node, bytes, os.stat_result]],
-                    cache: Optional[DigestCache], threads: int, result: AddResult) -> None:
-    jobs = [(full, key_of(st)[:4]) for _node, full, st in todo]
-    digests = _hash_all(jobs, sum(st.st_size for _n, _f, st in todo), threads)
-    pool = ThreadPoolExecutor(max_workers=threads)
-    pending: Dict["Future[bool]", int] = {}
-    sizes: Dict["Future[bool]", int] = {}
-    writing: Set[str] = set()
-    window = 4 * threads
-    # New objects are staged and become durable and visible together once
-    # all are written (one syncfs instead of an fsync each); an error
-    # discards them all, so a file that changed while being copied can never
-    # leave an object whose content differs from its name.
-    batch = ObjectBatch(store.objects_dir)
+class _Copier:
+    """Copies new objects in worker threads, staged in one :class:`.objects.ObjectBatch`.
 
-    def copy(fd: int, digest: bytes, size: int, key: Key, path: bytes) -> bool:
+    The objects become durable and visible together on :meth:`finish` (one
+    syncfs instead of an fsync each); :meth:`abort` discards them all, so a
+    file that changed while being copied can never leave an object whose
+    content differs from its name.
+    """
+
+    def __init__(self, store: Store, threads: int, result: AddResult) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=threads)
+        self.pending: Dict["Future[bool]", Tuple[int, int]] = {}  # (source fd, size)
+        self.window = 4 * threads
+        self.batch = ObjectBatch(store.objects_dir)
+        self.result = result
+
+    def submit(self, digest: bytes, size: int, key: Key, path: bytes) -> None:
+        """Copy ``path``, whose fstat key was ``key`` when it was hashed."""
+        fd = os.open(path, _OPEN_FLAGS)
         try:
-            written = batch.add(fd, digest, size=size)
+            if key_of(os.fstat(fd)) != key:
+                raise _changed(path)
+            fut = self.pool.submit(self._copy, fd, digest, size, key, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.pending[fut] = (fd, size)
+        if len(self.pending) >= self.window:
+            self._reap(FIRST_COMPLETED)
+
+    def _copy(self, fd: int, digest: bytes, size: int, key: Key, path: bytes) -> bool:
+        try:
+            written = self.batch.add(fd, digest, size=size)
             if key_of(os.fstat(fd)) != key:
                 raise _changed(path)
             return written
         finally:
             os.close(fd)
 
-    def reap(how: str) -> None:
-        done, _ = wait(list(pending), return_when=how)
+    def _reap(self, how: str) -> None:
+        done, _not_done = wait(list(self.pending), return_when=how)
         for fut in done:
-            del pending[fut]
-            size = sizes.pop(fut)
+            _fd, size = self.pending.pop(fut)
             if fut.result():
-                result.objects_written += 1
-                result.bytes_written += size
+                self.result.objects_written += 1
+                self.result.bytes_written += size
 
+    def finish(self) -> None:
+        if self.pending:
+            self._reap(ALL_COMPLETED)
+        self.batch.commit()
+        self.pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        # Queued copies are cancelled (their fds closed here), running ones
+        # finish (their fds are theirs to close); then all they staged goes.
+        for fut, (fd, _size) in list(self.pending.items()):
+            if fut.cancel():
+                os.close(fd)
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
+        self.batch.abort()
+
+
+def _hash_and_store(store: Store, todo: List[Tuple[Node, bytes, os.stat_result]],
+                    cache: Optional[DigestCache], threads: int, result: AddResult,
+                    plan: Optional[_Plan] = None, known: Optional[Set[str]] = None) -> None:
+    """Hash ``todo``; copy new objects meanwhile, or (``plan``) only list them.
+
+    Adds every object found present, copied or planned to ``known``.
+    """
+    if known is None:
+        known = set()
+    jobs = [(full, key_of(st)[:4]) for _node, full, st in todo]
+    digests = _hash_all(jobs, sum(st.st_size for _n, _f, st in todo), threads)
+    copier = _Copier(store, threads, result) if plan is None else None
     try:
         for (node, full, st), (digest, key, started) in zip(todo, digests):
             result.files_hashed += 1
@@ -319,36 +522,35 @@ def _hash_and_store(store: Store, todo: List[Tuple[Node, bytes, os.stat_result]]
             if cache is not None:
                 cache.put(key, digest, started)
             hexd = digest.hex()
-            if hexd in writing or store.object_state(hexd, node.size):
+            if hexd in known:
                 continue
-            fd = os.open(full, _OPEN_FLAGS)
-            try:
-                if key_of(os.fstat(fd)) != key:
-                    raise _changed(full)
-                writing.add(hexd)
-                fut = pool.submit(copy, fd, digest, node.size, key, full)
-            except BaseException:
-                os.close(fd)
-                raise
-            pending[fut] = fd
-            sizes[fut] = node.size
-            if len(pending) >= window:
-                reap(FIRST_COMPLETED)
-        if pending:
-            reap(ALL_COMPLETED)
-        batch.commit()
+            known.add(hexd)
+            if store.object_state(hexd, node.size):
+                continue
+            if copier is not None:
+                copier.submit(digest, node.size, key, full)
+            elif plan is not None:
+                plan.copies.append((digest, full, node.size, key))
+        if copier is not None:
+            copier.finish()
     except BaseException:
-        # Queued copies are cancelled (their fds closed here), running ones
-        # finish (their fds are theirs to close); then all they staged goes.
-        for fut, fd in list(pending.items()):
-            if fut.cancel():
-                os.close(fd)
-        pending.clear()
-        pool.shutdown(wait=True)
-        batch.abort()
+        if copier is not None:
+            copier.abort()
         raise
     finally:
-        pool.shutdown(wait=True)
         close = getattr(digests, "close", None)
         if close is not None:
             close()
+
+
+def _store_planned(store: Store, plan: _Plan, threads: int, result: AddResult) -> None:
+    """Copy the objects ``plan`` lists (their files checked unchanged since hashing), save its cache."""
+    copier = _Copier(store, threads, result)
+    try:
+        for digest, path, size, key in plan.copies:
+            copier.submit(digest, size, key, path)
+        copier.finish()
+    except BaseException:
+        copier.abort()
+        raise
+    _save_cache(plan.cache)
