@@ -224,6 +224,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             _say("mounted %s on %s (erofs: %s, lower layer: %s, verity: %s)"
                  % (image, target, result.erofs_source, result.lower, "require" if result.verity else "off"))
+            if result.record_path:
+                _say("recorded in %s" % result.record_path)
+            else:
+                _say("mounted, but not recorded: %s" % result.record_error)
     return 0
 
 

@@ -493,3 +493,41 @@ def test_stats_sharing(store, tmp_path, make_tree):
     assert data["object_bytes"] == unique
     assert data["logical_bytes"] == na.logical_bytes + nb.logical_bytes
     assert data["saved_bytes"] == na.logical_bytes + nb.logical_bytes - unique > 0
+
+
+@pytest.mark.kernel
+def test_gc_keeps_images_mounted_by_fd_and_refuses_unknown_mounts(store, tmp_path, make_tree, kernel_mount):
+    """Our mounts hand EROFS to overlayfs as a detached fd: no loop device and
+    no erofs mount shows the image, only the mount record does."""
+    from composefs_fleet.mount import mount_composefs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_tree(a, 40)
+    make_tree(b, 41)
+    ra = store.add_image(a, "a")
+    rb = store.add_image(b, "b")
+    need_a = set(image_objects(store.read_image(ra.digest)).objects)
+    ma, mb = tmp_path / "ma", tmp_path / "mb"
+    ma.mkdir()
+    mb.mkdir()
+    mounted = []
+    try:
+        mount_composefs(store.image_path(ra.digest), ma, [store.objects_dir])
+        mounted.append(ma)
+        store.remove_ref("a")
+        result = collect(store, tmp_grace=0)
+        assert ra.digest in store.list_images(), "gc removed the image of a live mount"
+        assert need_a <= set(all_objects(store))
+        assert any(str(ma) in where for where in result.mounted), result.mounted
+        # A composefs mount of this store without a record: its image is unknown.
+        mount_composefs(store.image_path(rb.digest), mb, [store.objects_dir], record_dir=None)
+        mounted.append(mb)
+        store.remove_ref("b")
+        with pytest.raises(StoreError, match="no mount record"):
+            collect(store, tmp_grace=0)
+        assert rb.digest in store.list_images()
+    finally:
+        for where in reversed(mounted):
+            subprocess.run(["umount", str(where)], check=True)
+    collect(store, tmp_grace=0)
+    assert all_objects(store) == [] and store.list_images() == []

@@ -290,7 +290,7 @@ def read_image_header(fd: int, path: PathArg) -> int:
     if len(head) < fmt.COMPOSEFS_HEADER.size:
         raise ComposefsMountError("%s is not a composefs image: only %d bytes long" % (name, len(head)),
                                   errno.EINVAL)
-    magic, version, flags, _ = fmt.COMPOSEFS_HEADER.unpack_from(head, 0)
+    magic, version, flags, _unused = fmt.COMPOSEFS_HEADER.unpack_from(head, 0)
     if magic != fmt.COMPOSEFS_MAGIC:
         raise ComposefsMountError("%s is not a composefs image: bad magic 0x%08x (want 0x%08x)"
                                   % (name, magic, fmt.COMPOSEFS_MAGIC), errno.EINVAL)
@@ -360,6 +360,8 @@ class MountResult:
         self.lower = ""  # "fd", "tmpdir" or "legacy"
         self.verity = False  # verity=require is on
         self.target = ""
+        self.record_path: Optional[str] = None  # the mount record written (mount_record)
+        self.record_error: Optional[str] = None  # why none was written
 
     def __repr__(self) -> str:
         return "MountResult(%r)" % (self.__dict__,)
@@ -451,7 +453,8 @@ def _overlay_new_api(plan: _OverlayPlan, lower_fd: Optional[int], lower_path: Op
         if lower_fd is not None:
             ctx.set_fd("lowerdir+", lower_fd)
         else:
-            assert lower_path is not None
+            if lower_path is None:
+                raise AssertionError("lower_path is not None")
             ctx.set_string("lowerdir+", lower_path)
         for basedir in plan.basedirs:
             ctx.set_string("datadir+", basedir)
@@ -529,7 +532,8 @@ def _overlay_legacy(plan: _OverlayPlan, lower_path: str, target: PathArg, result
             last_exc = exc
             if exc.errno != errno.EINVAL:
                 break
-    assert last_exc is not None
+    if last_exc is None:
+        raise AssertionError("last_exc is not None")
     raise last_exc
 
 
@@ -545,7 +549,8 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
                     idmap: Optional[PathArg] = None, upperdir: Optional[PathArg] = None,
                     workdir: Optional[PathArg] = None, readonly: bool = False,
                     attr_set: int = 0, dry_run: bool = False,
-                    erofs_source: str = "auto", lower: str = "auto") -> MountResult:
+                    erofs_source: str = "auto", lower: str = "auto",
+                    record_dir: Optional[str] = "") -> MountResult:
     """Mount the composefs ``image`` at ``target`` with objects from ``basedirs``.
 
     ``digest`` (hex) is the required fs-verity digest of the image and implies
@@ -557,6 +562,9 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
     ``erofs_source`` ("auto", "file", "loop") and ``lower`` ("auto", "fd",
     "tmpdir", "legacy") force a way of mounting; "auto" picks the best the
     kernel has.  Raises :class:`ComposefsMountError` with a clear message.
+    A record of the mount is written into ``record_dir`` ("": the default
+    :data:`.mount_record.RECORD_DIR`, None: none); failing to write it never
+    fails the mount (``result.record_error`` says why).
     """
     if erofs_source not in ("auto", "file", "loop") or lower not in ("auto", "fd", "tmpdir", "legacy"):
         raise ValueError("bad erofs_source/lower")
@@ -622,11 +630,37 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
         except api.MountError as exc:
             raise ComposefsMountError("Failed to mount composefs %s: %s" % (_show(image), exc),
                                       exc.errno) from exc
+        if record_dir is not None:
+            _record(image_fd, image, target, dirs, digest, verity_mode, plan, readonly, result, record_dir)
         return result
     finally:
         os.close(image_fd)
         if idmap_fd is not None:
             os.close(idmap_fd)
+
+
+def _record(image_fd: int, image: PathArg, target: PathArg, dirs: List[str], digest: Optional[str],
+            verity_mode: str, plan: _OverlayPlan, readonly: bool, result: MountResult, record_dir: str) -> None:
+    """Note which image is mounted (mountinfo cannot tell): never fails the mount."""
+    from . import mount_record
+
+    try:
+        if digest is not None:
+            image_digest = digest.lower()  # checked by the kernel's fs-verity above
+        else:
+            from .fsverity import digest_fd
+
+            image_digest = digest_fd(image_fd).hex()
+    except (OSError, ComposefsError) as exc:
+        result.record_error = "cannot compute the image digest: %s" % exc
+        return
+    result.record_path, result.record_error = mount_record.record_mount(
+        target, record_dir or mount_record.RECORD_DIR, image=image, image_digest=image_digest, basedirs=dirs,
+        verity="require" if result.verity else "off", verity_requested=verity_mode or "off", digest=digest,
+        upperdir=plan.upperdir, workdir=plan.workdir, readonly=readonly,
+        options=format_options(dirs, digest, verity_mode == "require", verity_mode == "try", None,
+                               plan.upperdir, plan.workdir, readonly),
+        how={"erofs": result.erofs_source, "lower": result.lower})
 
 
 def _mount(image_fd: int, image: PathArg, has_acl: bool, idmap_fd: Optional[int], plan: _OverlayPlan,

@@ -157,6 +157,26 @@ def mounted_images(store: Store, cache: Dict[str, Set[str]]) -> List[MountedImag
             continue  # seen through /sys/block
         candidates.append(("erofs %s on %s" % (os.fsdecode(source), os.fsdecode(target)), source,
                            source if not source.startswith(b"/dev/") else None))
+    # Overlays given their EROFS layer as a detached mount fd show neither a
+    # loop device nor an erofs mount: their mount records say which image
+    # they show.  One that has no record but reads objects from this store
+    # cannot be identified: refuse rather than guess.
+    from .mount_record import mounted_images as recorded_mounts
+
+    records, unknown = recorded_mounts()
+    for rec in records:
+        image_file = os.fsencode(rec["image"])
+        mountpoints.setdefault(image_file, os.fsencode(rec["where"]))
+        candidates.append(("composefs image %s on %s" % (rec["image"], rec["where"]), image_file, image_file))
+    objects = os.path.realpath(store.objects_dir)
+    for entry in unknown:
+        for basedir in entry.layout()["basedirs"]:
+            real = os.path.realpath(os.fsencode(basedir))
+            if real == objects or real.startswith(objects + b"/"):
+                raise StoreError("the composefs mount on %s reads objects of this store but has no mount record, "
+                                 "so its image is unknown; refusing to collect garbage (remount it with "
+                                 "composefs-fleet's mount.composefs or the composefs.fleet.mount module)"
+                                 % entry.where)
     images = store.images_dir
     for where, readable, backing in candidates:
         key = readable
