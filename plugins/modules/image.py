@@ -1,0 +1,363 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: image
+short_description: Build a composefs image into a store and point a ref at it
+version_added: 0.1.0
+description:
+  - Builds a composefs image from O(src) (a directory on the node, a composefs-dump(5) file, or an existing
+    composefs image file) into the object store O(store), stores the file contents it needs as objects, and
+    points the ref O(ref) at the image (O(state=present)).
+  - The image is byte-identical to what C C(mkcomposefs --digest-store=STORE/objects) 1.0.8 builds from the
+    same source with the same options, so its digest can be pinned and compared with images built elsewhere.
+  - O(state=absent) removes the ref only.
+  - "Idempotence: the module reports a change only when the ref is created or moved, or when the image or
+    any object had to be written into the store."
+  - "What an unchanged directory costs: every run scans the whole tree (one C(lstat) and one C(listxattr)
+    per entry, plus C(getxattr) per extended attribute, a second C(lstat) per file larger than 64 bytes and
+    one of each object the image needs, to see that it is in the store), and rebuilds the image in memory to
+    compute its digest; nothing in the store is written when nothing changed.  File contents
+    are not read again: the store's digest cache (C(STORE/cache/digests)) maps a file's identity and change
+    state to its fs-verity digest."
+  - "What makes a file be read and hashed again: any change of its device number (C(st_dev)), inode number,
+    size, modification time or status change time (C(st_ctime), which the kernel updates on every write,
+    truncate, C(chmod), C(chown), C(touch), link count or extended attribute change; a file replaced by
+    another one has another inode).  A file whose ctime was less
+    than one second old when it was hashed is not cached (it could still be changing), nor is anything when
+    O(use_cache=false).  A cache entry is only used when its object is present in the store, so objects
+    removed by C(composefs-store gc) are hashed and copied again."
+  - "What makes the image change (a new digest, the ref moves): any change in the tree's content, names,
+    modes, owners, extended attributes or (without O(use_epoch)) modification times, and a change of
+    O(format_version), O(use_epoch), O(skip_xattrs), O(user_xattrs) or O(skip_devices)."
+author:
+  - composefs-fleet contributors (@composefs-fleet)
+options:
+  store:
+    description:
+      - The store directory (created with M(composefs.fleet.store) or C(composefs-store init)).
+    type: path
+    required: true
+  ref:
+    description:
+      - Name of the ref, a relative name such as C(app/v1); components may not be empty, V(.), V(..) or start
+        with a dot.
+    type: str
+    required: true
+  src:
+    description:
+      - The source on the node, required with O(state=present).
+      - A directory (its contents are hashed and stored as objects), a composefs-dump(5) file, or a composefs
+        image file (stored as it is).
+      - The objects a dump or an image refers to must already be in the store, or in O(objects_from).
+    type: path
+  state:
+    description:
+      - V(present) builds the image and points O(ref) at it.
+      - V(absent) removes O(ref). The image and its objects stay in the store until C(composefs-store gc)
+        removes what no ref or mount uses any more.
+    type: str
+    choices: [present, absent]
+    default: present
+  format_version:
+    description:
+      - The lowest composefs format version of the image (C(mkcomposefs --min-version)); V(0) lets the
+        writer choose the lowest version that can hold the tree, V(1) forces version 1.
+      - Ignored for an image file source, which is stored as it is.
+    type: int
+    choices: [0, 1]
+    default: 0
+  use_epoch:
+    description:
+      - Set every modification time in the image to 0 (C(mkcomposefs --use-epoch)).
+    type: bool
+    default: false
+  skip_xattrs:
+    description:
+      - Leave all extended attributes out of the image (C(mkcomposefs --skip-xattrs)).
+      - Mutually exclusive with O(user_xattrs).
+    type: bool
+    default: false
+  user_xattrs:
+    description:
+      - Keep only C(user.*) extended attributes (C(mkcomposefs --user-xattrs)).
+      - Mutually exclusive with O(skip_xattrs).
+    type: bool
+    default: false
+  skip_devices:
+    description:
+      - Leave block and character devices out of the image (C(mkcomposefs --skip-devices)).
+    type: bool
+    default: false
+  expected_digest:
+    description:
+      - The fs-verity digest (64 hex digits) the image must have.
+      - The image is built and its digest compared before anything is stored; on a mismatch the module fails
+        and writes nothing into the store (no object, image or ref).
+    type: str
+  objects_from:
+    description:
+      - A digest store directory (C(XX/YYYY...) files, as written by C(mkcomposefs --digest-store)) from which
+        objects missing in the store are copied when O(src) is a dump or an image. Each copied object is
+        verified against its name.
+    type: path
+  use_cache:
+    description:
+      - Use the store's digest cache (see above). V(false) hashes every file on every run.
+    type: bool
+    default: true
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+attributes:
+  check_mode:
+    support: full
+    details: A real dry run; the tree is scanned, hashed where needed and the image built in memory, but nothing
+      under O(store) is written, not even the digest cache.
+  diff_mode:
+    support: full
+  platform:
+    platforms: posix
+notes:
+  - Options that filter the source (O(use_epoch), O(skip_xattrs), O(user_xattrs), O(skip_devices)) cannot apply to
+    an image file source and make the module fail.
+  - In check mode a store that does not exist yet (a missing or empty directory) is treated as an empty store,
+    so that a play that creates the store first can be checked.
+  - Adds run under the store's shared lock, so they never overlap a C(composefs-store gc) sweep.
+requirements:
+  - Python 3.8 or later on the managed node; only the standard library.
+seealso:
+  - module: composefs.fleet.store
+  - module: composefs.fleet.mount
+  - module: composefs.fleet.info
+  - module: composefs.fleet.verity
+"""
+
+EXAMPLES = r"""
+- name: Build the application tree into the store as app/v1
+  composefs.fleet.image:
+    store: /var/lib/composefs
+    ref: app/v1
+    src: /srv/build/app
+
+- name: Store an image built elsewhere, only if it is the one we released
+  composefs.fleet.image:
+    store: /var/lib/composefs
+    ref: app/v2
+    src: /tmp/app-v2.cfs
+    objects_from: /tmp/app-v2-objects
+    expected_digest: 0f2b1e4c2e5d9c0a0f7f1f2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7
+
+- name: Reproducible image (all mtimes 0, only user xattrs)
+  composefs.fleet.image:
+    store: /var/lib/composefs
+    ref: base
+    src: /srv/rootfs
+    use_epoch: true
+    user_xattrs: true
+    format_version: 1
+  register: base_image
+
+- name: Drop the old ref (objects go with the next composefs-store gc)
+  composefs.fleet.image:
+    store: /var/lib/composefs
+    ref: app/v0
+    state: absent
+"""
+
+RETURN = r"""
+digest:
+  description: The image's fs-verity digest (the ref's target); with O(state=absent) the digest the ref named
+    (null if there was no ref).
+  returned: always
+  type: str
+  sample: 8d1c2a3f4b5e6d7c8b9a0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566
+image:
+  description: What was built and stored (in check mode, what would be).
+  returned: when O(state=present)
+  type: dict
+  contains:
+    digest:
+      description: The image's fs-verity digest.
+      type: str
+      returned: always
+      sample: 8d1c2a3f4b5e6d7c8b9a0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566
+    ref:
+      description: The ref name.
+      type: str
+      returned: always
+      sample: app/v1
+    previous_digest:
+      description: The digest the ref named before, null if it did not exist (or was damaged).
+      type: str
+      returned: always
+      sample: 3a7bd3e2360a3d29eea436fcfb7e44c735d117c42d1c1835420b6b9942dd4f1b
+    source_kind:
+      description: What O(src) was, V(directory), V(dump) or V(image).
+      type: str
+      returned: always
+      sample: directory
+    image_written:
+      description: Whether the image file was new in the store (or replaced a damaged one).
+      type: bool
+      returned: always
+      sample: true
+    objects:
+      description: Number of objects (distinct file contents) the image refers to.
+      type: int
+      returned: always
+      sample: 9000
+    objects_written:
+      description: Objects that were (check mode, would be) copied into the store.
+      type: int
+      returned: always
+      sample: 12
+    bytes_written:
+      description: Bytes of those objects.
+      type: int
+      returned: always
+      sample: 1048576
+    files_hashed:
+      description: Source files that were read and hashed (not found in the digest cache).
+      type: int
+      returned: always
+      sample: 12
+    bytes_hashed:
+      description: Bytes read for hashing.
+      type: int
+      returned: always
+      sample: 1048576
+    cache_hits:
+      description: Files whose digest came from the digest cache, without reading them.
+      type: int
+      returned: always
+      sample: 8988
+removed:
+  description: Whether the ref was (check mode, would be) removed.
+  returned: when O(state=absent)
+  type: bool
+  sample: true
+"""
+
+import os
+from contextlib import nullcontext
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ..module_utils.composefs.errors import ComposefsError
+from ..module_utils.composefs.store import RefNotFound, Store, StoreError, is_hex_name, split_ref_name
+
+_RESULT_KEYS = ("digest", "ref", "source_kind", "image_written", "objects", "objects_written", "bytes_written",
+                "files_hashed", "bytes_hashed", "cache_hits")
+
+
+def _not_created(location):
+    """True if ``location`` is no store yet but the store module would create one there."""
+    if os.path.lexists(os.path.join(location, "meta.json")):
+        return False
+    if not os.path.lexists(location):
+        return True
+    return os.path.isdir(location) and not os.path.islink(location) and not os.listdir(location)
+
+
+def _present(module, params):
+    location = params["store"]
+    planned_store = module.check_mode and _not_created(location)
+    if planned_store:
+        store = Store(location, notice=None)
+        module.warn("store %s does not exist yet; the check assumes an empty store" % location)
+    else:
+        store = Store.open(location, notice=None)
+    result = store.add_image(
+        params["src"], params["ref"],
+        use_epoch=params["use_epoch"], skip_devices=params["skip_devices"], skip_xattrs=params["skip_xattrs"],
+        user_xattrs=params["user_xattrs"], use_cache=params["use_cache"], objects_from=params["objects_from"],
+        min_version=params["format_version"], max_version=1, expected_digest=params["expected_digest"],
+        dry_run=module.check_mode)
+    changed = result.previous != result.digest or result.image_written or result.objects_written > 0
+    image = dict((key, getattr(result, key)) for key in _RESULT_KEYS)
+    image["previous_digest"] = result.previous
+    out = dict(changed=bool(changed), digest=result.digest, image=image)
+    if module._diff:
+        out["diff"] = {"before": {"ref": params["ref"], "digest": result.previous},
+                       "after": {"ref": params["ref"], "digest": result.digest}}
+    return out
+
+
+def _absent(module, params):
+    location = params["store"]
+    ref = params["ref"]
+    previous = None
+    if not _not_created(location):  # else: no store, no ref
+        store = Store.open(location, notice=None)
+        with store.lock.shared() if not module.check_mode else nullcontext():
+            try:
+                previous = store.read_ref(ref)
+            except RefNotFound:
+                previous = None
+            if previous is not None and not module.check_mode:
+                store.remove_ref(ref)
+    out = dict(changed=previous is not None, removed=previous is not None, digest=previous)
+    if module._diff:
+        out["diff"] = {"before": {"ref": ref, "digest": previous}, "after": {"ref": ref, "digest": None}}
+    return out
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            store=dict(type="path", required=True),
+            ref=dict(type="str", required=True),
+            src=dict(type="path"),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
+            format_version=dict(type="int", default=0, choices=[0, 1]),
+            use_epoch=dict(type="bool", default=False),
+            skip_xattrs=dict(type="bool", default=False),
+            user_xattrs=dict(type="bool", default=False),
+            skip_devices=dict(type="bool", default=False),
+            expected_digest=dict(type="str"),
+            objects_from=dict(type="path"),
+            use_cache=dict(type="bool", default=True),
+        ),
+        required_if=[("state", "present", ["src"])],
+        mutually_exclusive=[("skip_xattrs", "user_xattrs")],
+        supports_check_mode=True,
+    )
+    params = module.params
+    expected = params["expected_digest"]
+    if expected is not None:
+        expected = expected.strip().lower()
+        if not is_hex_name(expected):
+            module.fail_json(msg="expected_digest must be 64 hexadecimal digits (an fs-verity sha256 digest), "
+                                 "not %r" % params["expected_digest"])
+        params["expected_digest"] = expected
+    try:
+        split_ref_name(params["ref"])
+        if params["state"] == "present":
+            out = _present(module, params)
+        else:
+            out = _absent(module, params)
+    except StoreError as exc:
+        msg = str(exc)
+        if "not a composefs store" in msg:
+            msg += " (or use the composefs.fleet.store module)"
+        extra = {}
+        actual = getattr(exc, "actual", None)
+        if actual is not None:
+            extra["digest"] = actual
+        module.fail_json(msg=msg, **extra)
+    except ComposefsError as exc:
+        module.fail_json(msg="%s: %s" % (params.get("src") or params["store"], exc))
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else params.get("src") or params["store"]
+        module.fail_json(msg="%s: %s" % (where, exc.strerror or exc))
+    module.exit_json(**out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,724 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: mount
+short_description: Mount composefs images, persistently through a systemd mount unit
+version_added: 0.1.0
+description:
+  - Mounts a composefs image (EROFS metadata plus an overlayfs over the object store) at O(path), with the same
+    code as the collection's C(mount.composefs) helper, and makes the mount persistent with a systemd C(.mount)
+    unit in O(unit_dir) instead of an C(/etc/fstab) line.
+  - The states mean what they mean for M(ansible.posix.mount) - V(mounted) writes the unit and mounts,
+    V(present) only writes the unit, V(unmounted) only unmounts, V(absent) unmounts and removes the unit,
+    V(remounted) always unmounts and mounts again.
+  - The live mount is compared, not only the unit - C(/proc/self/mountinfo) tells whether a composefs overlay is
+    mounted at O(path) and with which basedirs, upper and work directories and verity mode; the mount record that
+    every mount made by this collection leaves under C(/run/composefs-fleet/mounts/) tells which image (the
+    kernel does not show it). A mount that differs from the request (another image, other basedirs, another
+    verity mode, other upper or work directories, or no record, so that its image is unknown) is left alone with
+    O(state=mounted), which warns and lists RV(differences); O(state=remounted) replaces it.
+author:
+  - composefs-fleet contributors (@composefs-fleet)
+options:
+  path:
+    description:
+      - The mount point, an absolute path. Symbolic links in it are resolved (systemd requires that of C(Where=)).
+      - Created (mode 0755) by O(state=mounted) and O(state=remounted) when missing, removed again if the mount
+        then fails. O(state=absent) removes it when it is empty and the task unmounted or removed something.
+    type: path
+    required: true
+    aliases: [name]
+  image:
+    description:
+      - The image to mount - a ref name or a 64 hex digit image digest in O(store), or the absolute path of an image
+        file.
+      - Required with O(state=mounted), O(state=present) and O(state=remounted); ignored otherwise.
+    type: str
+  store:
+    description:
+      - The composefs store holding the image named by O(image) (needed when O(image) is a ref or digest).
+      - Its C(objects/) directory is the default O(basedir).
+    type: path
+  basedir:
+    description:
+      - Object directories (overlayfs data layers), first one searched first.
+      - Default - C(objects/) of O(store). Required when O(store) is not given.
+    type: list
+    elements: path
+  verity:
+    description:
+      - fs-verity checking of the files read through the mount (overlayfs C(verity=require)).
+      - V(require) - always; the task fails now if the filesystem of a basedir has no fs-verity.
+      - V(auto) - require it when the filesystems of all basedirs support fs-verity, else off; decided when the
+        task runs, and the unit carries the decision.
+      - V(on) - like V(auto) when the task mounts, but the unit asks the mount helper to decide at every boot
+        (C(tryverity)).
+      - V(off) - no fs-verity checks.
+    type: str
+    choices: [require, "on", "off", auto]
+    default: auto
+  digest:
+    description:
+      - Pin the image - the mount checks that the image file's fs-verity digest (measured by the kernel) is this
+        one (64 hex digits). Needs fs-verity on the image file.
+      - The task fails before mounting when the image's digest computed here differs.
+    type: str
+  pin_digest:
+    description:
+      - Pin the image to its own digest (its name in the store, or the digest computed of an image file), as
+        O(digest) would.
+    type: bool
+    default: false
+  upperdir:
+    description:
+      - Writable overlayfs upper directory (makes the mount writable). Needs O(workdir).
+    type: path
+  workdir:
+    description:
+      - overlayfs work directory on the same filesystem as O(upperdir).
+    type: path
+  state:
+    description:
+      - V(mounted) - the unit is written and enabled, and the image is mounted. An existing composefs mount that
+        differs is not replaced (see RV(differences)).
+      - V(present) - the unit is written and enabled; nothing is mounted or unmounted.
+      - V(unmounted) - composefs mounts at O(path) are unmounted; the unit is left alone.
+      - V(absent) - unmounted, and the unit and its C(local-fs.target.wants) link removed.
+      - V(remounted) - unmounted (if mounted) and mounted again; always reports a change.
+    type: str
+    required: true
+    choices: [mounted, unmounted, present, absent, remounted]
+  unit_dir:
+    description:
+      - Directory of the systemd unit (its name is the escaped mount point, for example C(srv-app.mount)).
+      - The unit is enabled with a symbolic link in C(local-fs.target.wants/) below it. When systemd runs (PID 1)
+        and O(unit_dir) is C(/etc/systemd/system), C(systemctl enable) and C(systemctl disable) do that, and
+        C(systemctl daemon-reload) follows every change of the unit.
+    type: path
+    default: /etc/systemd/system
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+  platform:
+    platforms: posix
+notes:
+  - Needs root (CAP_SYS_ADMIN). Linux 6.5+ for data-only overlay layers; fs-verity checks need 6.6+ and a basedir
+    filesystem with fs-verity.
+  - Paths may hold spaces, commas, colons and C(=) - the mount passes each of them to the kernel separately. A
+    basedir, upper or work directory holding a comma cannot be written into a unit (mount(8) splits unit options
+    on commas), nor can any path holding a newline; the task then fails before doing anything.
+  - A busy mount is not detached lazily - the task fails and says it is in use.
+  - Something other than a composefs mount at O(path) is never unmounted; the task fails instead.
+  - The image is identified by its fs-verity digest computed in user space, so identical images in two places
+    count as the same image.
+  - The unit names the image file itself (for a store, C(images/<digest>)), so a ref that moves later changes
+    nothing until the task runs again. With O(state=mounted) the unit always follows the request, also while a
+    differing mount is left alone; the unit then takes effect at the next boot or with O(state=remounted).
+  - In diff mode, C(before) and C(after) hold the mount (C(mounted), C(image_digest), C(basedirs), C(verity),
+    C(upperdir), C(workdir)), the unit text as a list of lines (null without a unit) and C(enabled).
+  - Mount records live in C(/run) and vanish at reboot; a mount made at boot by the unit (through the
+    collection's C(mount.composefs) helper) writes its record again. Mounts made by other tools have none.
+requirements:
+  - Linux with EROFS and overlayfs.
+seealso:
+  - module: composefs.fleet.store
+    description: Create the object store.
+  - module: composefs.fleet.image
+    description: Build images into a store.
+  - module: composefs.fleet.info
+    description: Facts about stores, images and mounts.
+  - module: composefs.fleet.verity
+    description: Enable fs-verity on files and trees.
+  - module: ansible.posix.mount
+    description: The model for the states.
+"""
+
+EXAMPLES = r"""
+- name: Mount the image the ref app/current names, now and at every boot
+  composefs.fleet.mount:
+    path: /srv/app
+    store: /var/lib/composefs/store
+    image: app/current
+    state: mounted
+  register: app_mount
+
+- name: Say why the mount was left alone
+  ansible.builtin.debug:
+    var: app_mount.differences
+  when: app_mount.differences | length > 0
+
+- name: Switch to the image the ref names now (always remounts)
+  composefs.fleet.mount:
+    path: /srv/app
+    store: /var/lib/composefs/store
+    image: app/current
+    state: remounted
+
+- name: Mount an image file with a writable upper layer, requiring fs-verity
+  composefs.fleet.mount:
+    path: /srv/scratch
+    image: /var/lib/images/scratch.cfs
+    basedir:
+      - /var/lib/composefs/store/objects
+    upperdir: /var/lib/scratch/upper
+    workdir: /var/lib/scratch/work
+    verity: require
+    state: mounted
+
+- name: Remove the mount and its unit
+  composefs.fleet.mount:
+    path: /srv/app
+    state: absent
+"""
+
+RETURN = r"""
+mount:
+  description: The mount after the task (in check mode, as it would be).
+  returned: always
+  type: dict
+  contains:
+    where:
+      description: The mount point (symbolic links resolved).
+      type: str
+      returned: always
+      sample: /srv/app
+    image_file:
+      description: The image file mounted (or to be mounted); null when unknown.
+      type: str
+      returned: always
+      sample: /var/lib/composefs/store/images/4c1d0a0a5e0c5f1e9a8bd13ab8a4c0c3d7b5ab4b6aef0ef2a0a7bb2f1e0b1f27
+    image_digest:
+      description: The fs-verity (sha256) digest of that image file; null when unknown.
+      type: str
+      returned: always
+      sample: 4c1d0a0a5e0c5f1e9a8bd13ab8a4c0c3d7b5ab4b6aef0ef2a0a7bb2f1e0b1f27
+    basedirs:
+      description: The object directories.
+      type: list
+      elements: str
+      returned: always
+      sample: [/var/lib/composefs/store/objects]
+    verity:
+      description: The verity mode of the mount, V(require) or V(off); null when not mounted and not requested.
+      type: str
+      returned: always
+      sample: "off"
+    unit_name:
+      description: The systemd unit name.
+      type: str
+      returned: always
+      sample: srv-app.mount
+    unit_file:
+      description: The unit file path.
+      type: str
+      returned: always
+      sample: /etc/systemd/system/srv-app.mount
+    mounted:
+      description: Whether a composefs image is mounted at RV(mount.where).
+      type: bool
+      returned: always
+      sample: true
+    differences:
+      description: Same as the top-level RV(differences).
+      type: list
+      elements: str
+      returned: always
+      sample: []
+    record:
+      description: The mount record file of the mount; null when there is none.
+      type: str
+      returned: always
+      sample: /run/composefs-fleet/mounts/srv-app.mount@4026531832.json
+differences:
+  description:
+    - How the composefs mount found at RV(mount.where) differs from the request, one sentence each, before the
+      task acted. Empty when nothing was mounted or it matched.
+  returned: always
+  type: list
+  elements: str
+  sample:
+    - "image: 9f2c...e1 is mounted (/var/lib/composefs/store/images/9f2c...e1), 4c1d...27 is wanted"
+action:
+  description: What the task did (or would do in check mode), comma-separated, or V(none).
+  returned: always
+  type: str
+  sample: mounted, wrote unit, enabled unit
+actions:
+  description: The same as a list.
+  returned: always
+  type: list
+  elements: str
+  sample: [mounted, wrote unit, enabled unit]
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ..module_utils.composefs import mount_record
+from ..module_utils.composefs.errors import ComposefsError
+from ..module_utils.composefs.fsverity import digest_file
+from ..module_utils.composefs.mount import format_options, mount_composefs, verity_problem
+from ..module_utils.composefs.store import Store, is_hex_name
+from ..module_utils.composefs.systemd_unit import unit_name, unit_text, write_unit
+
+WANTED_BY = "local-fs.target"
+SYSTEMD_UNIT_DIR = "/etc/systemd/system"
+
+
+class Fail(Exception):
+    """A clear error for fail_json."""
+
+
+def _fs(path):
+    return os.fsdecode(path)
+
+
+class Request:
+    """What the task asks for, resolved (image, basedirs, verity, unit)."""
+
+    def __init__(self, params, where):
+        self.where = where
+        self.image_file = None
+        self.image_digest = None
+        self.basedirs = []
+        self.verity = None  # effective: "require" or "off"
+        self.unit_verity = ""  # "verity", "tryverity" or ""
+        self.pin = None
+        self.upperdir = params["upperdir"]
+        self.workdir = params["workdir"]
+        self.unit_text = None
+        self.options = ""
+        self.needs = []
+
+
+def resolve(params, where, need_image):
+    req = Request(params, where)
+    image, store_path = params["image"], params["store"]
+    if need_image:
+        if image.startswith("/"):
+            req.image_file = os.path.normpath(image)
+            if not os.path.isfile(req.image_file):
+                raise Fail("image file %s does not exist (or is not a regular file)" % req.image_file)
+            req.image_digest = digest_file(req.image_file).hex()
+        else:
+            if not store_path:
+                raise Fail("image %r is not an absolute path, so it names an image in a store: store is required"
+                           % image)
+            store = Store.open(store_path, notice=None)
+            digest = image.lower() if is_hex_name(image.lower()) else store.read_ref(image)
+            req.image_file = _fs(store.image_path(digest))
+            if not os.path.isfile(req.image_file):
+                raise Fail("image %s is not in the store %s" % (digest, store_path))
+            req.image_digest = digest
+    if params["basedir"]:
+        req.basedirs = [os.path.normpath(os.path.abspath(d)) for d in params["basedir"]]
+    elif store_path:
+        req.basedirs = [os.path.normpath(os.path.join(os.path.abspath(store_path), "objects"))]
+    elif need_image:
+        raise Fail("basedir is required when store is not given")
+    if params["digest"]:
+        pin = params["digest"].lower()
+        if not is_hex_name(pin):
+            raise Fail("digest %r is not a sha256 fs-verity digest (64 hex digits)" % params["digest"])
+        if req.image_digest is not None and pin != req.image_digest:
+            raise Fail("digest %s does not match the image %s, whose fs-verity digest is %s"
+                       % (pin, req.image_file, req.image_digest))
+        req.pin = pin
+    elif params["pin_digest"]:
+        req.pin = req.image_digest
+    for what in ("upperdir", "workdir"):
+        value = getattr(req, what)
+        if value is not None:
+            setattr(req, what, os.path.normpath(os.path.abspath(value)))
+    if not need_image:
+        return req
+    mode = params["verity"]
+    problems = [(d, verity_problem(d)) for d in req.basedirs]
+    problems = [(d, p) for d, p in problems if p]
+    if mode == "require":
+        if problems:
+            raise Fail("verity=require, but the filesystem of basedir %s has no fs-verity: %s "
+                       "(use verity: auto or off there)" % problems[0])
+        req.verity, req.unit_verity = "require", "verity"
+    elif mode == "off":
+        req.verity = "off"
+    else:
+        req.verity = "off" if problems else "require"
+        if mode == "on":
+            req.unit_verity = "tryverity"
+        elif not problems:
+            req.unit_verity = "verity"
+    if req.pin:
+        req.verity = "require"  # digest= implies verity
+    options = format_options(req.basedirs, req.pin, req.unit_verity == "verity", req.unit_verity == "tryverity",
+                             None, req.upperdir, req.workdir, False)
+    needs = list(req.basedirs) + [p for p in (req.upperdir, req.workdir) if p]
+    req.options, req.needs = options, needs
+    req.unit_text = unit_text(req.image_file, where, options, requires_mounts_for=needs, wanted_by=WANTED_BY)
+    return req
+
+
+NOT_MOUNTED = {"mounted": False, "image_digest": None, "basedirs": [], "verity": None, "upperdir": None,
+               "workdir": None}
+
+
+class Live:
+    """The composefs mounts at the mount point now."""
+
+    def __init__(self, where):
+        self.entries = mount_record.read_mountinfo()
+        self.stack = mount_record.mounts_at(where, self.entries)
+        self.top = self.stack[-1] if self.stack else None
+        self.layers = 0  # composefs mounts stacked on top
+        for entry in reversed(self.stack):
+            if not entry.is_composefs():
+                break
+            self.layers += 1
+        self.record = None
+        self.layout = None
+        if self.layers:
+            self.layout = self.top.layout()
+            self.record = mount_record.live_record(where, self.entries)
+
+    @property
+    def mounted(self):
+        return self.layers > 0
+
+    def foreign(self):
+        """Something that is not composefs on top (never touched)."""
+        if self.top is not None and not self.top.is_composefs():
+            return "%s (%s %s)" % (self.top.where, self.top.fstype, self.top.source)
+        return None
+
+    def state(self):
+        if not self.mounted:
+            return dict(NOT_MOUNTED)
+        return {"mounted": True, "image_digest": self.record.get("image_digest") if self.record else None,
+                "basedirs": self.layout["basedirs"], "verity": self.layout["verity"],
+                "upperdir": self.layout["upperdir"], "workdir": self.layout["workdir"]}
+
+
+def differences(live, req):
+    if not live.mounted or req.image_file is None:
+        return []
+    out = []
+    rec = live.record
+    if rec is None:
+        out.append("image: the mount has no valid mount record (made by another tool, or before the last "
+                   "remount by another tool), so which image it shows is unknown")
+    elif rec.get("image_digest") != req.image_digest:
+        out.append("image: %s is mounted (%s), %s is wanted (%s)"
+                   % (rec.get("image_digest"), rec.get("image"), req.image_digest, req.image_file))
+    if rec is not None and req.pin and rec.get("digest") != req.pin:
+        out.append("digest: the mount was made %s, the request pins %s"
+                   % ("pinned to %s" % rec["digest"] if rec.get("digest") else "without a pinned digest", req.pin))
+    lay = live.layout
+    if [os.path.normpath(d) for d in lay["basedirs"]] != req.basedirs:
+        out.append("basedirs: %s mounted, %s wanted" % (lay["basedirs"], req.basedirs))
+    if lay["verity"] != req.verity:
+        out.append("verity: %s mounted, %s wanted" % (lay["verity"], req.verity))
+    for what in ("upperdir", "workdir"):
+        have = lay[what]
+        if (os.path.normpath(have) if have else None) != getattr(req, what):
+            out.append("%s: %s mounted, %s wanted" % (what, have, getattr(req, what)))
+    if live.layers > 1:
+        out.append("stacked: %d composefs mounts are stacked at %s" % (live.layers, req.where))
+    return out
+
+
+class Unit:
+    def __init__(self, unit_dir, where):
+        self.name = unit_name(where)
+        self.dir = os.path.normpath(os.path.abspath(unit_dir))  # the wants link must be absolute
+        self.file = os.path.join(unit_dir, self.name)
+        self.link = os.path.join(unit_dir, WANTED_BY + ".wants", self.name)
+        self.text = _read_text(self.file)
+        try:
+            self.enabled = os.readlink(self.link) == self.file
+        except OSError:
+            self.enabled = False
+        self.link_exists = os.path.lexists(self.link)
+
+
+def _read_text(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "surrogateescape")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise Fail("cannot read %s: %s" % (path, exc.strerror)) from None
+
+
+def _systemd_running():
+    return os.path.isdir("/run/systemd/system")
+
+
+class Runner:
+    """Carries out the actions (unless check mode) and lists them."""
+
+    def __init__(self, module, where):
+        self.module = module
+        self.where = where
+        self.actions = []
+        self.check = module.check_mode
+        self.made_dir = False
+        self.record = None
+        self.reload_needed = False
+
+    def _use_systemctl(self, unit):
+        return _systemd_running() and os.path.realpath(unit.dir) == SYSTEMD_UNIT_DIR
+
+    def systemctl(self, *args):
+        bin_path = self.module.get_bin_path("systemctl", required=True)
+        rc, out, err = self.module.run_command([bin_path] + list(args))
+        if rc != 0:
+            raise Fail("systemctl %s failed (rc %d): %s" % (" ".join(args), rc, (err or out).strip()))
+
+    def mount(self, req):
+        self.actions.append("mounted")
+        if self.check:
+            return
+        if not os.path.isdir(self.where):
+            if os.path.lexists(self.where):
+                raise Fail("mount point %s exists and is not a directory" % self.where)
+            os.makedirs(self.where, mode=0o755)
+            self.made_dir = True
+        try:
+            result = mount_composefs(req.image_file, self.where, req.basedirs, digest=req.pin,
+                                     verity=req.unit_verity == "verity", tryverity=req.unit_verity == "tryverity",
+                                     upperdir=req.upperdir, workdir=req.workdir)
+        except BaseException:
+            self.rmdir_made()
+            raise
+        self.record = result.record_path
+        if result.record_error:
+            self.module.warn("%s is mounted, but no mount record was written (%s): later runs cannot tell which "
+                             "image it shows" % (self.where, result.record_error))
+
+    def rmdir_made(self):
+        if self.made_dir:
+            try:
+                os.rmdir(self.where)
+            except OSError:
+                pass
+            self.made_dir = False
+
+    def unmount(self, layers):
+        for _layer in range(layers):
+            self.actions.append("unmounted")
+            if not self.check:
+                mount_record.unmount(self.where)
+
+    def write_unit(self, unit, req):
+        if unit.text != req.unit_text:
+            self.actions.append("wrote unit" if unit.text is None else "updated unit")
+            if not self.check:
+                os.makedirs(unit.dir, mode=0o755, exist_ok=True)
+                write_unit(unit.dir, req.image_file, self.where, req.options, requires_mounts_for=req.needs,
+                           wanted_by=WANTED_BY)
+                self.reload_needed = True
+        if not unit.enabled:
+            self.actions.append("enabled unit")
+            if not self.check:
+                if self._use_systemctl(unit):
+                    self.daemon_reload()
+                    self.systemctl("enable", unit.name)
+                else:
+                    os.makedirs(os.path.dirname(unit.link), mode=0o755, exist_ok=True)
+                    if os.path.lexists(unit.link):
+                        os.unlink(unit.link)
+                    os.symlink(unit.file, unit.link)
+
+    def remove_unit(self, unit):
+        if unit.link_exists:
+            self.actions.append("disabled unit")
+            if not self.check:
+                if self._use_systemctl(unit) and unit.text is not None:
+                    self.systemctl("disable", unit.name)
+                if os.path.lexists(unit.link):
+                    os.unlink(unit.link)
+                _rmdir_quietly(os.path.dirname(unit.link))
+        if unit.text is not None:
+            self.actions.append("removed unit")
+            if not self.check:
+                os.unlink(unit.file)
+                self.reload_needed = True
+
+    def daemon_reload(self):
+        if self.reload_needed and not self.check and _systemd_running():
+            self.systemctl("daemon-reload")
+        self.reload_needed = False
+
+
+def _rmdir_quietly(path):
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _diff_state(mounted_state, unit_text_value, enabled):
+    out = dict(mounted_state)
+    # One list item per line: Ansible renders dict diffs as JSON, so a
+    # line-wise unit diff stays readable.
+    out["unit"] = None if unit_text_value is None else unit_text_value.splitlines()
+    out["enabled"] = enabled
+    return out
+
+
+def run(module):
+    params = module.params
+    state = params["state"]
+    raw = params["path"]
+    if not raw.startswith("/"):
+        raise Fail("path must be an absolute path, got %r" % raw)
+    where = mount_record.canonical(raw)
+    need_image = state in ("mounted", "present", "remounted")
+    req = resolve(params, where, need_image)
+    unit = Unit(params["unit_dir"], where)
+    live = Live(where)
+    foreign = live.foreign()
+    if foreign and state != "present":
+        raise Fail("something other than a composefs image is mounted at %s: %s; not touching it" % (where, foreign))
+    diffs = differences(live, req)
+    before = _diff_state(live.state(), unit.text, unit.enabled)
+    runner = Runner(module, where)
+    after_mounted = live.state()
+    if need_image:
+        wanted_state = {"mounted": True, "image_digest": req.image_digest, "basedirs": req.basedirs,
+                        "verity": req.verity, "upperdir": req.upperdir, "workdir": req.workdir}
+    if state == "mounted":
+        if not live.mounted:
+            runner.mount(req)
+            after_mounted = wanted_state
+        elif diffs:
+            module.warn("a different composefs mount is at %s and was left alone (use state=remounted to replace "
+                        "it): %s" % (where, "; ".join(diffs)))
+        try:
+            runner.write_unit(unit, req)
+        except BaseException:
+            if "mounted" in runner.actions and not module.check_mode:
+                _undo_mount(runner)
+            raise
+    elif state == "remounted":
+        runner.unmount(live.layers)
+        runner.mount(req)
+        after_mounted = wanted_state
+        runner.write_unit(unit, req)
+    elif state == "present":
+        runner.write_unit(unit, req)
+    elif state == "unmounted":
+        runner.unmount(live.layers)
+        after_mounted = NOT_MOUNTED
+    else:  # absent
+        runner.unmount(live.layers)
+        after_mounted = NOT_MOUNTED
+        runner.remove_unit(unit)
+        # As ansible.posix.mount: the mount point goes with the mount, if empty
+        # (not an action of its own: an empty directory alone is no mount).
+        if runner.actions and not module.check_mode and os.path.isdir(where) and not os.path.islink(where):
+            _rmdir_quietly(where)
+    runner.daemon_reload()
+    if state in ("present", "mounted", "remounted"):
+        after_unit, after_enabled = req.unit_text, True
+    elif state == "absent":
+        after_unit, after_enabled = None, False
+    else:
+        after_unit, after_enabled = unit.text, unit.enabled
+    changed = bool(runner.actions) or state == "remounted"
+    record = runner.record
+    if record is None and live.record is not None and state in ("mounted", "present"):
+        record = mount_record.record_path(where)
+    info = {
+        "where": where,
+        "image_file": req.image_file if need_image else (live.record or {}).get("image"),
+        "image_digest": req.image_digest if need_image else (live.record or {}).get("image_digest"),
+        "basedirs": list(req.basedirs) if need_image else (live.layout or {}).get("basedirs", []),
+        "verity": after_mounted["verity"] if after_mounted["mounted"] else (req.verity if need_image else None),
+        "unit_name": unit.name,
+        "unit_file": unit.file,
+        "mounted": after_mounted["mounted"],
+        "differences": diffs,
+        "record": record if after_mounted["mounted"] else None,
+    }
+    if state == "mounted" and live.mounted:
+        # Left as it was: describe what is there.
+        info["verity"] = live.layout["verity"]
+        info["basedirs"] = live.layout["basedirs"]
+        if diffs:
+            info["image_file"] = (live.record or {}).get("image")
+            info["image_digest"] = (live.record or {}).get("image_digest")
+    result = {
+        "changed": changed,
+        "mount": info,
+        "differences": diffs,
+        "actions": runner.actions,
+        "action": ", ".join(runner.actions) or "none",
+    }
+    if module._diff:
+        result["diff"] = {"before": before, "after": _diff_state(after_mounted, after_unit, after_enabled)}
+    return result
+
+
+def _undo_mount(runner):
+    try:
+        mount_record.unmount(runner.where)
+    except (mount_record.UnmountError, OSError):
+        return
+    runner.rmdir_made()
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            path=dict(type="path", required=True, aliases=["name"]),
+            image=dict(type="str"),
+            store=dict(type="path"),
+            basedir=dict(type="list", elements="path"),
+            verity=dict(type="str", default="auto", choices=["require", "on", "off", "auto"]),
+            digest=dict(type="str"),
+            pin_digest=dict(type="bool", default=False),
+            upperdir=dict(type="path"),
+            workdir=dict(type="path"),
+            state=dict(type="str", required=True, choices=["mounted", "unmounted", "present", "absent", "remounted"]),
+            unit_dir=dict(type="path", default=SYSTEMD_UNIT_DIR),
+        ),
+        required_if=[
+            ("state", "mounted", ["image"]),
+            ("state", "present", ["image"]),
+            ("state", "remounted", ["image"]),
+        ],
+        required_together=[("upperdir", "workdir")],
+        supports_check_mode=True,
+    )
+    if module.params["digest"] and module.params["pin_digest"]:
+        module.fail_json(msg="parameters are mutually exclusive: digest|pin_digest")
+    try:
+        result = run(module)
+    except Fail as exc:
+        module.fail_json(msg=str(exc))
+    except mount_record.UnmountError as exc:
+        module.fail_json(msg=str(exc))
+    except ComposefsError as exc:
+        module.fail_json(msg=str(exc))
+    except OSError as exc:
+        name = " %s" % _fs(exc.filename) if exc.filename else ""
+        module.fail_json(msg="%s:%s %s" % (type(exc).__name__, name, exc.strerror or exc))
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
