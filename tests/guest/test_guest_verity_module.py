@@ -11,20 +11,17 @@ tests assert on its recorded results and on ``fsverity measure`` afterwards.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from guest_ansible import playbook_exe, run_playbook
 
 from composefs_fleet import fsverity
 
 pytestmark = pytest.mark.guest
 
-REPO = Path(__file__).resolve().parents[2]
 WORK = "/var/tmp/cfverity-module"
 TMPFS = "/dev/shm/cfverity-module"
 
@@ -114,40 +111,14 @@ def _report_task(names: List[str], report: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def results(guest, tmp_path_factory) -> Dict[str, dict]:
-    playbook_exe = Path(sys.executable).parent / "ansible-playbook"
-    if not playbook_exe.is_file():
-        reason = "ansible-playbook is not installed next to %s (pip install -e .[test])" % sys.executable
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true requires it: " + reason, pytrace=False)
-        pytest.skip(reason)
+    playbook_exe()
     guest.run(["python3", "-c", SETUP],
               input=json.dumps({"work": WORK, "tmpfs": TMPFS, "files": FILES}).encode())
     tmp = tmp_path_factory.mktemp("verity-module")
-    collections = tmp / "collections" / "ansible_collections" / "composefs"
-    collections.mkdir(parents=True)
-    (collections / "fleet").symlink_to(REPO)
-    inventory = {"all": {"hosts": {"guest": {
-        "ansible_ssh_common_args": "-F %s" % guest.vm.ssh_config,
-        "ansible_python_interpreter": "/usr/bin/python3",
-        "ansible_user": "root",
-    }}}}
-    (tmp / "inventory.json").write_text(json.dumps(inventory))
     report = tmp / "results.json"
     tasks = _tasks(report)
     tasks.append(_report_task([t["name"] for t in tasks], report))
-    (tmp / "playbook.json").write_text(json.dumps([{"hosts": "guest", "gather_facts": False, "tasks": tasks}]))
-    env = dict(os.environ)
-    env.update({
-        "ANSIBLE_COLLECTIONS_PATH": str(tmp / "collections"),
-        "ANSIBLE_PIPELINING": "1",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-tmp"),
-        "ANSIBLE_HOME": str(tmp / "ansible-home"),
-        "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "PATH": "%s:%s" % (Path(sys.executable).parent, env.get("PATH", "")),
-    })
-    res = subprocess.run([str(playbook_exe), "-i", str(tmp / "inventory.json"), str(tmp / "playbook.json")],
-                         capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=900)
+    res = run_playbook(guest, tmp, [{"hosts": "guest", "gather_facts": False, "tasks": tasks}])
     try:
         out = json.loads(report.read_text())
     except (OSError, ValueError):

@@ -81,6 +81,8 @@ def write_if_different(path, text, mode):
 
 def install(bundle, prefix, bin_dir, sbin_dir, python):
     written, removed = [], []
+    for directory in (bin_dir, sbin_dir):
+        os.makedirs(directory, mode=0o755, exist_ok=True)
     for package in PACKAGES:
         files = bundle.get(package)
         if not isinstance(files, dict) or "__init__.py" not in files:
