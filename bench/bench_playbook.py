@@ -8,7 +8,7 @@ mounts, store figures, reads through the mounts) is run once on two trees of
 
 * the demo playbook again: nothing changes (checked in the recap), but the
   image module scans both trees (an lstat per file, digests from the store's
-  cache) and rebuilds both images in memory, and the mount module compares
+  cache, the image from the store's image memo), and the mount module compares
   the live mounts;
 * the stat variant: the same playbook where every task of ours (store,
   image, mount) is replaced by an ``ansible.builtin.stat`` of the same path;

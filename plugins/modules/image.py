@@ -22,10 +22,11 @@ description:
     any object had to be written into the store."
   - "What an unchanged directory costs: every run scans the whole tree (one C(lstat) and one C(listxattr)
     per entry, plus C(getxattr) per extended attribute, a second C(lstat) per file larger than 64 bytes and
-    one of each object the image needs, to see that it is in the store), and rebuilds the image in memory to
-    compute its digest; nothing in the store is written when nothing changed.  File contents
-    are not read again: the store's digest cache (C(STORE/cache/digests)) maps a file's identity and change
-    state to its fs-verity digest."
+    one of each object the image needs, to see that it is in the store), and hashes the tree's metadata; nothing
+    in the store is written when nothing changed.  File contents are not read again: the store's digest cache
+    (C(STORE/cache/digests)) maps a file's identity and change state to its fs-verity digest.  The image is
+    not built again either: the image memo (C(STORE/cache/images)) maps the tree's metadata, the format
+    options and the writer's code to the image already in the store (checked by its fs-verity digest)."
   - "What makes a file be read and hashed again: any change of its device number (C(st_dev)), inode number,
     size, modification time or status change time (C(st_ctime), which the kernel updates on every write,
     truncate, C(chmod), C(chown), C(touch), link count or extended attribute change; a file replaced by

@@ -52,9 +52,11 @@ from . import fsverity
 from .errors import FormatError, ImageError
 from .objects import ObjectBatch, store_object, sync_object_dirs
 from .scan import build_tree_from_directory, cpu_count
-from .store import (_SRC_FLAGS, AddResult, ImageObjects, PathLike, Store, StoreError, check_digest_hex,
+from .store import (_SRC_FLAGS, CACHE, AddResult, ImageObjects, PathLike, Store, StoreError, check_digest_hex,
                     image_objects, is_composefs_image, object_relpath, split_ref_name)
 from .store_cache import DigestCache, Key, key_of
+from .store_image_memo import ImageMemo
+from .store_image_memo import memo_key as image_memo_key
 from .store_lock import GATE_NAME, LOCK_NAME, _flock
 from .tree import RECOMMENDED_INLINE_CONTENT_MAX, Node, apply_source_options, digest_to_path
 
@@ -118,11 +120,22 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
                 os.fsdecode(os.fsencode(source)), needed.problems[0],
                 " (and %d more problems)" % (len(needed.problems) - 1) if len(needed.problems) > 1 else ""))
         result.objects = len(needed.objects)
-        if data is None:
-            from .erofs_writer import build_image
+        # An unchanged tree: the memo names the image already in the store
+        # (see store_image_memo), so it is not built again.
+        memo = memo_key = None
+        image_present = False
+        if data is None and use_cache:
+            memo = ImageMemo(os.path.join(store.path, CACHE, b"images"))
+            memo_key = image_memo_key(root, min_version, max_version)
+            hit = memo.get(memo_key) if memo_key is not None else None
+            if hit is not None and _image_present(store, hit[0], hit[1]):
+                result.digest, image_present = hit[0], True
+        if not image_present:
+            if data is None:
+                from .erofs_writer import build_image
 
-            data = build_image(root, min_version=min_version, max_version=max_version)
-        result.digest = fsverity.digest_bytes(data).hex()
+                data = build_image(root, min_version=min_version, max_version=max_version)
+            result.digest = fsverity.digest_bytes(data).hex()
         if expected is not None and result.digest != expected:
             raise DigestMismatch(expected, result.digest)
         if dry_run:
@@ -130,7 +143,7 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
             result.objects_written = len(copies)
             result.bytes_written = sum(size for _d, _p, size, _k in copies)
             _ensure_objects(store, needed, kind, objects_from, result, known, dry_run=True)
-            result.image_written = not _image_present(store, result.digest, len(data))
+            result.image_written = not (image_present or _image_present(store, result.digest, len(data)))
             result.previous = _read_previous(store, ref)
             return result
         result.previous = _read_previous(store, ref)
@@ -138,7 +151,14 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
             _store_planned(store, plan, threads, result)
         _ensure_objects(store, needed, kind, objects_from, result, known,
                         published=result.previous == result.digest)
-        _same, result.image_written = store.write_image(data)
+        if not image_present:
+            _same, result.image_written = store.write_image(data)
+            if memo is not None and memo_key is not None:
+                memo.put(memo_key, result.digest, len(data))
+                try:
+                    memo.save(memo_key)
+                except OSError:
+                    pass  # only a performance aid
         # An unchanged ref is left alone: rewriting it would only cost a
         # write and two fsyncs on every no-change run.
         if result.previous != result.digest:
