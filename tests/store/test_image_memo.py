@@ -108,3 +108,32 @@ def test_no_cache_turns_the_memo_off(store, tmp_path, make_tree, count_builds):
     store.add_image(src, "r", use_cache=False)
     store.add_image(src, "r", use_cache=False)
     assert len(count_builds) == 2 and not memo_path(store).exists()
+
+
+def test_writer_identity_from_loaders_giving_text_or_bytes(monkeypatch):
+    """zipimport (AnsiballZ) gives the source as text, Ansible's collection loader as bytes."""
+    from composefs_fleet import erofs_format, tree
+
+    monkeypatch.setattr(store_image_memo, "_writer_identity", None)
+    as_text = store_image_memo.writer_identity()
+    assert as_text is not None and len(as_text) == 32
+
+    class BytesLoader:
+        def __init__(self, real):
+            self.real = real
+
+        def get_source(self, name):
+            return self.real.get_source(name).encode("utf-8")
+
+    for module in (erofs_writer, erofs_format, tree):
+        monkeypatch.setattr(module, "__loader__", BytesLoader(module.__loader__))
+    monkeypatch.setattr(store_image_memo, "_writer_identity", None)
+    assert store_image_memo.writer_identity() == as_text
+
+    class NoSource:
+        def get_source(self, name):
+            return None
+
+    monkeypatch.setattr(tree, "__loader__", NoSource())
+    monkeypatch.setattr(store_image_memo, "_writer_identity", None)
+    assert store_image_memo.writer_identity() is None  # the memo is off, never wrong

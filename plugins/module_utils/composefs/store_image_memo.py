@@ -56,7 +56,9 @@ def writer_identity() -> Optional[bytes]:
                 source = None
             if not source:
                 return None
-            h.update(module.__name__.encode() + b"\0" + source.encode("utf-8", "surrogateescape") + b"\0")
+            if not isinstance(source, bytes):  # Ansible's collection loader gives bytes
+                source = source.encode("utf-8", "surrogateescape")
+            h.update(module.__name__.encode() + b"\0" + source + b"\0")
         _writer_identity = h.digest()
     return _writer_identity
 
