@@ -1,6 +1,6 @@
 """The molecule scenario ``default``: the node role on this machine, for real.
 
-molecule runs cleanup, syntax, prepare, converge, idempotence (a second
+molecule runs cleanup, syntax, converge, idempotence (a second
 converge must change nothing), verify (reads through the mounts compared with
 the source trees, the installed mount.composefs used by ``mount -t
 composefs``) and cleanup.  Any failing step fails this test, with molecule's
