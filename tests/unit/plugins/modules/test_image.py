@@ -5,25 +5,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
-from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.composefs.fleet.plugins.modules import image
+from ansible_collections.composefs.fleet.tests.unit.plugins.modules.module_runner import run_module
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.store import RefNotFound, Store
 
 
 def run(capsys, args, check=False, diff=False):
-    full = dict(args)
-    full["_ansible_check_mode"] = check
-    full["_ansible_diff"] = diff
-    with patch_module_args(full):
-        with pytest.raises(SystemExit):
-            image.main()
-    return json.loads(capsys.readouterr().out)
+    return run_module(image, capsys, args, check, diff)
 
 
 def listing(top):

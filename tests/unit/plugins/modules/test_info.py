@@ -5,15 +5,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 
 import pytest
 
-from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.composefs.fleet.plugins.modules import info
+from ansible_collections.composefs.fleet.tests.unit.plugins.modules.module_runner import run_module
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.store import Store
 
 
@@ -22,13 +21,8 @@ def _rand(seed, size):
     return random.Random(seed).getrandbits(8 * size).to_bytes(size, "little")
 
 
-def run(capsys, args, check=False):
-    full = dict(args)
-    full["_ansible_check_mode"] = check
-    with patch_module_args(full):
-        with pytest.raises(SystemExit):
-            info.main()
-    return json.loads(capsys.readouterr().out)
+def run(capsys, args, check=False, diff=False):
+    return run_module(info, capsys, args, check, diff)
 
 
 @pytest.fixture

@@ -5,15 +5,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 
 import pytest
 
-from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.composefs.fleet.plugins.modules import mount
+from ansible_collections.composefs.fleet.tests.unit.plugins.modules.module_runner import run_module
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.mount import verity_problem
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.store import Store
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.systemd_unit import unit_name
@@ -25,13 +24,7 @@ def _rand(seed, size):
 
 
 def run(capsys, args, check=False, diff=False):
-    full = dict(args)
-    full["_ansible_check_mode"] = check
-    full["_ansible_diff"] = diff
-    with patch_module_args(full):
-        with pytest.raises(SystemExit):
-            mount.main()
-    return json.loads(capsys.readouterr().out)
+    return run_module(mount, capsys, args, check, diff)
 
 
 @pytest.fixture

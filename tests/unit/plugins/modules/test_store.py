@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.composefs.fleet.plugins.modules import store as store_module
+from ansible_collections.composefs.fleet.tests.unit.plugins.modules.module_runner import run_module
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs import store_admin
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.store import Store
 
@@ -22,13 +22,7 @@ EMPTY = {"state": "present", "format": 1, "digest_algorithm": "sha256", "objects
 
 
 def run(capsys, args, check=False, diff=False):
-    full = dict(args)
-    full["_ansible_check_mode"] = check
-    full["_ansible_diff"] = diff
-    with patch_module_args(full):
-        with pytest.raises(SystemExit):
-            store_module.main()
-    return json.loads(capsys.readouterr().out)
+    return run_module(store_module, capsys, args, check, diff)
 
 
 def listing(path):

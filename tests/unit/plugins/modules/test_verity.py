@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.composefs.fleet.plugins.modules import verity
+from ansible_collections.composefs.fleet.tests.unit.plugins.modules.module_runner import run_module
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs import fsverity, verity_files
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.errors import (
     VerityError, VerityNotSupported)
@@ -25,13 +25,7 @@ EMPTY_DIGEST = "3d248ca542a24fc62d1c43b916eae5016878e2533c88238480b26128a1f1af95
 
 
 def run(capsys, args, check=False, diff=False):
-    full = dict(args)
-    full["_ansible_check_mode"] = check
-    full["_ansible_diff"] = diff
-    with patch_module_args(full):
-        with pytest.raises(SystemExit):
-            verity.main()
-    return json.loads(capsys.readouterr().out)
+    return run_module(verity, capsys, args, check, diff)
 
 
 def has_verity(path):
