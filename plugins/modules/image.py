@@ -118,8 +118,8 @@ extends_documentation_fragment:
 attributes:
   check_mode:
     support: full
-    details: A real dry run; the tree is scanned, hashed where needed and the image built in memory, but nothing
-      under O(store) is written, not even the digest cache.
+    details: A real dry run; the tree is scanned, hashed where needed and the image built in memory (or found
+      through the image memo), but nothing under O(store) is written, not even the digest cache.
   diff_mode:
     support: full
   platform:
