@@ -24,7 +24,7 @@ import mmap
 import os
 import stat
 import struct
-from typing import Collection, Dict, List, Optional, Tuple, Union
+from typing import Collection, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from . import erofs_format as fmt
 from .errors import ImageError
@@ -521,6 +521,43 @@ def _read_image(data: ImageData, toplevel_filter: Optional[Collection[bytes]]) -
         if child.is_dir():
             stack.append((child, child_entries, 0))
     return root
+
+
+def iter_external_files(data: ImageData) -> Iterator[Tuple[int, Optional[bytes], Optional[bytes], int]]:
+    """(inode nid, redirect payload, metacopy digest, size) of every regular
+    file whose data lives outside the image, each inode once.
+
+    The same hostile-image checks as :func:`read_image`, but no tree is kept:
+    memory is bounded by the directory depth and the number of inodes, not by
+    the size of their metadata (the agent lists the objects of 100,000-file
+    images this way on every node).
+    """
+    with gc_paused():
+        reader = _Reader(data)
+        root, entries = reader.build(reader.root_nid, None)
+        if root is None or not root.is_dir():
+            raise ImageError("root inode %d is not a directory" % reader.root_nid)
+        seen: Set[int] = {reader.root_nid}
+        stack: List[Tuple[List[Tuple[bytes, int]], int]] = [(entries, 0)]
+        while stack:
+            entries, pos = stack[-1]
+            if pos == len(entries):
+                stack.pop()
+                continue
+            stack[-1] = (entries, pos + 1)
+            nid = entries[pos][1]
+            if nid in seen:
+                continue  # a hard link (directories reached twice fail in read_image; here they are simply not re-entered)
+            seen.add(nid)
+            child, child_entries = reader.build(nid, None)
+            if child is None:
+                continue
+            if child.is_dir():
+                stack.append((child_entries, 0))
+            elif child.is_reg() and child.content is None and (child.payload is not None or child.digest is not None):
+                yield nid, child.payload, child.digest, child.size
+            # Redirects are per file: caching them (read_image dedups equal ones) would only hold memory.
+            reader.payload_cache.clear()
 
 
 def read_image_fd(fd: int, toplevel_filter: Optional[Collection[bytes]] = None) -> Node:

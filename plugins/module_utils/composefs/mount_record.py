@@ -402,6 +402,32 @@ def live_record(where: PathArg, entries: Optional[Sequence[MountInfo]] = None,
     return record
 
 
+def record_for(entry: MountInfo, entries: Optional[Sequence[MountInfo]] = None,
+               directory: str = RECORD_DIR) -> Optional[Dict[str, Any]]:
+    """The record of the composefs mount ``entry``, also when it was made in
+    another mount namespace.
+
+    A process in a namespace of its own (a sandboxed service: systemd gives it
+    a copy of the host's mounts) sees the host's mounts under other mount IDs,
+    and cannot read the host namespace's identity.  What is shared is the
+    overlay's device number: a record of another namespace is believed when
+    its place, device and boot match.  The kernel reuses device numbers, so a
+    caller that watches mounts over time should also notice the mount ID in
+    its own namespace changing under an unchanged record.
+    """
+    if not entry.is_composefs():
+        return None
+    record = live_record(entry.where, entries, directory)
+    if record is not None:
+        return record
+    own, boot = mount_namespace(), boot_id()
+    for record in list_records(directory):
+        if (record.get("where") == entry.where and record.get("dev") == entry.dev
+                and record.get("boot_id") == boot and record.get("mnt_ns") != own):
+            return record
+    return None
+
+
 def remove_record(where: PathArg, directory: str = RECORD_DIR, only_stale: bool = True) -> bool:
     """Remove the record for ``where`` (by default only once its mount is gone)."""
     path = record_path(where, directory)

@@ -63,13 +63,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import mmap
 import stat
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import fsverity
 from .atomic_file import fsync_dir, make_temp, unlink_quietly, write_atomic
 from .erofs_format import COMPOSEFS_MAGIC
-from .errors import ComposefsError, VerityError, VerityNotSupported
+from .errors import ComposefsError, ImageError, VerityError, VerityNotSupported
 from .store_lock import StoreLock, WaitNotice, _stderr_notice
 from .tree import DIGEST_SIZE, Node
 
@@ -168,32 +169,64 @@ class ImageObjects:
 
 def image_objects(root: Node) -> ImageObjects:
     """Objects referenced by the external regular files of a tree."""
+    return _collect_objects(
+        (os.fsdecode(path), node.payload, node.digest, node.size)
+        for path, node in root.walk()
+        if node.link_to is None and node.is_reg() and node.content is None
+        and (node.payload is not None or node.digest is not None))
+
+
+def image_file_objects(path: PathLike) -> ImageObjects:
+    """Objects referenced by the image file at ``path``, without loading its tree."""
+    from .erofs_reader import iter_external_files
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise ImageError("image is empty")
+        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
+            files = (("inode %d" % nid, payload, digest, fsize)
+                     for nid, payload, digest, fsize in iter_external_files(mm))
+            return _collect_objects(_dropping_pages(mm, files))
+    finally:
+        os.close(fd)
+
+
+def _dropping_pages(mm: mmap.mmap, items: Iterator[Any], every: int = 4096) -> Iterator[Any]:
+    # Mapped image pages count as our memory: a large image read once would
+    # keep all of it resident.  Dropping them now and then only costs page
+    # cache lookups for the few pages read again.
+    advise = getattr(mm, "madvise", None)
+    dontneed = getattr(mmap, "MADV_DONTNEED", None)
+    for i, item in enumerate(items, 1):
+        yield item
+        if advise is not None and dontneed is not None and i % every == 0:
+            advise(dontneed)
+
+
+def _collect_objects(files: Iterable[Tuple[str, Optional[bytes], Optional[bytes], int]]) -> ImageObjects:
     out = ImageObjects()
-    for path, node in root.walk():
-        if node.link_to is not None or not node.is_reg() or node.content is not None:
-            continue
-        if node.payload is None and node.digest is None:
-            continue
-        if node.payload is not None:
-            hexd = object_hex_from_payload(node.payload)
+    for where, payload, digest, size in files:
+        if payload is not None:
+            hexd = object_hex_from_payload(payload)
             if hexd is None:
                 out.problems.append("%s: backing path %r is not an object name XX/YYYY..."
-                                    % (os.fsdecode(path), os.fsdecode(node.payload)))
+                                    % (where, os.fsdecode(payload)))
                 continue
-            if node.digest is not None and node.digest.hex() != hexd:
+            if digest is not None and digest.hex() != hexd:
                 out.problems.append("%s: fs-verity digest %s does not match its backing path %s"
-                                    % (os.fsdecode(path), node.digest.hex(), os.fsdecode(node.payload)))
+                                    % (where, digest.hex(), os.fsdecode(payload)))
         else:
-            if node.digest is None:
-                raise AssertionError("node.digest is not None")
-            hexd = node.digest.hex()
+            if digest is None:
+                raise AssertionError("digest is not None")
+            hexd = digest.hex()
         known = out.objects.get(hexd)
-        if known is not None and known != node.size:
-            out.problems.append("%s: object %s used with sizes %d and %d"
-                                % (os.fsdecode(path), hexd, known, node.size))
-        out.objects[hexd] = node.size
+        if known is not None and known != size:
+            out.problems.append("%s: object %s used with sizes %d and %d" % (where, hexd, known, size))
+        out.objects[hexd] = size
         out.files += 1
-        out.logical_bytes += node.size
+        out.logical_bytes += size
     return out
 
 

@@ -1,0 +1,181 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The agent's desired state: one JSON file, written by the collection's role.
+
+Validation collects every problem before refusing, so one run of
+``--check-config`` shows them all; unknown keys are errors (a misspelt
+``remount`` must not silently mean "never remount").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+DEFAULT_PATH = "/etc/composefs-fleet/agent.json"
+FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 4 << 20
+VERITY_MODES = ("require", "on", "auto", "off")
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, problems: List[str]) -> None:
+        super().__init__("%s: %s" % (path, "; ".join(problems)))
+        self.path = path
+        self.problems = problems
+
+
+class MountSpec:
+    __slots__ = ("where", "image", "digest", "basedirs", "verity", "remount", "upperdir", "workdir")
+
+    def __init__(self, where: str, image: str, digest: str, basedirs: List[str], verity: str, remount: bool,
+                 upperdir: Optional[str], workdir: Optional[str]) -> None:
+        self.where = where
+        self.image = image
+        self.digest = digest
+        self.basedirs = basedirs
+        self.verity = verity
+        self.remount = remount
+        self.upperdir = upperdir
+        self.workdir = workdir
+
+
+class Config:
+    __slots__ = ("path", "interval", "quarantine", "textfile", "stores", "mounts")
+
+    def __init__(self, path: str, interval: float, quarantine: bool, textfile: str, stores: List[str],
+                 mounts: List[MountSpec]) -> None:
+        self.path = path
+        self.interval = interval
+        self.quarantine = quarantine
+        self.textfile = textfile
+        self.stores = stores
+        self.mounts = mounts
+
+
+_TOP = {"version", "interval", "quarantine", "textfile", "stores", "mounts"}
+_STORE = {"path"}
+_MOUNT = {"where", "image", "digest", "basedirs", "verity", "remount", "upperdir", "workdir"}
+
+
+def _abs_path(value: Any, what: str, problems: List[str], optional: bool = False) -> Optional[str]:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        problems.append("%s must be an absolute path, got %r" % (what, value))
+        return None
+    return os.path.normpath(value)
+
+
+def _hex64(value: Any, what: str, problems: List[str]) -> Optional[str]:
+    if (not isinstance(value, str) or len(value) != 64
+            or any(c not in "0123456789abcdef" for c in value.lower())):
+        problems.append("%s must be 64 hex digits (an fs-verity sha256 digest), got %r" % (what, value))
+        return None
+    return value.lower()
+
+
+def _unknown(obj: Dict[str, Any], allowed: set, what: str, problems: List[str]) -> None:
+    for key in sorted(set(obj) - allowed):
+        problems.append("%s: unknown key %r (known: %s)" % (what, key, ", ".join(sorted(allowed))))
+
+
+def parse(data: bytes, path: str = "<config>") -> Config:
+    """The config in ``data``; raises :class:`ConfigError` listing every problem."""
+    problems: List[str] = []
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(path, ["not valid JSON: %s" % exc]) from None
+    if not isinstance(doc, dict):
+        raise ConfigError(path, ["the top level must be a JSON object"])
+    _unknown(doc, _TOP, "top level", problems)
+    if doc.get("version", FORMAT_VERSION) != FORMAT_VERSION:
+        problems.append("version must be %d, got %r" % (FORMAT_VERSION, doc.get("version")))
+    interval = doc.get("interval", 300)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 1 <= interval <= 86400:
+        problems.append("interval must be a number of seconds from 1 to 86400, got %r" % (interval,))
+        interval = 300
+    quarantine = doc.get("quarantine", False)
+    if not isinstance(quarantine, bool):
+        problems.append("quarantine must be true or false, got %r" % (quarantine,))
+    textfile = doc.get("textfile") or ""
+    if textfile:
+        textfile = _abs_path(textfile, "textfile", problems) or ""
+        if textfile and not textfile.endswith(".prom"):
+            problems.append("textfile must end in .prom (node_exporter reads only those), got %r" % textfile)
+    stores: List[str] = []
+    raw_stores = doc.get("stores", [])
+    if not isinstance(raw_stores, list):
+        problems.append("stores must be a list")
+        raw_stores = []
+    for i, item in enumerate(raw_stores):
+        what = "stores[%d]" % i
+        if not isinstance(item, dict):
+            problems.append("%s must be an object with a path" % what)
+            continue
+        _unknown(item, _STORE, what, problems)
+        store = _abs_path(item.get("path"), what + ".path", problems)
+        if store:
+            stores.append(store)
+    mounts = _mounts(doc.get("mounts", []), problems)
+    if problems:
+        raise ConfigError(path, problems)
+    return Config(path, float(interval), bool(quarantine), textfile, stores, mounts)
+
+
+def _mounts(raw: Any, problems: List[str]) -> List[MountSpec]:
+    mounts: List[MountSpec] = []
+    if not isinstance(raw, list):
+        problems.append("mounts must be a list")
+        return mounts
+    seen = set()
+    for i, item in enumerate(raw):
+        what = "mounts[%d]" % i
+        if not isinstance(item, dict):
+            problems.append("%s must be an object" % what)
+            continue
+        _unknown(item, _MOUNT, what, problems)
+        n = len(problems)
+        where = _abs_path(item.get("where"), what + ".where", problems)
+        image = _abs_path(item.get("image"), what + ".image", problems)
+        digest = _hex64(item.get("digest"), what + ".digest", problems)
+        basedirs_raw = item.get("basedirs")
+        basedirs: List[str] = []
+        if not isinstance(basedirs_raw, list) or not basedirs_raw:
+            problems.append("%s.basedirs must be a non-empty list of absolute paths" % what)
+        else:
+            for j, b in enumerate(basedirs_raw):
+                path = _abs_path(b, "%s.basedirs[%d]" % (what, j), problems)
+                if path:
+                    basedirs.append(path)
+        verity = item.get("verity", "auto")
+        if verity not in VERITY_MODES:
+            problems.append("%s.verity must be one of %s, got %r" % (what, ", ".join(VERITY_MODES), verity))
+        remount = item.get("remount", False)
+        if not isinstance(remount, bool):
+            problems.append("%s.remount must be true or false, got %r" % (what, remount))
+        upperdir = _abs_path(item.get("upperdir"), what + ".upperdir", problems, optional=True)
+        workdir = _abs_path(item.get("workdir"), what + ".workdir", problems, optional=True)
+        if (upperdir is None) != (workdir is None) and len(problems) == n:
+            problems.append("%s: upperdir and workdir go together" % what)
+        if where in seen:
+            problems.append("%s: %s is listed twice" % (what, where))
+        seen.add(where)
+        if len(problems) == n and where and image and digest:
+            mounts.append(MountSpec(where, image, digest, basedirs, verity, remount, upperdir, workdir))
+    return mounts
+
+
+def load(path: str) -> Config:
+    """Read and parse the config file at ``path`` (ConfigError on any problem)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(path, ["cannot read it: %s" % (exc.strerror or exc)]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, ["larger than %d bytes" % MAX_CONFIG_BYTES])
+    return parse(data, path)
