@@ -71,8 +71,11 @@ class DigestCache:
 
     _STAMP = struct.Struct("<Qqq")
 
-    def __init__(self) -> None:
+    CHUNK = 1 << 20
+
+    def __init__(self, tick: Callable[[], None] = lambda: None) -> None:
         self.entries: Dict[int, bytes] = {}
+        self.tick = tick
 
     @staticmethod
     def _key(st: os.stat_result) -> int:
@@ -84,11 +87,25 @@ class DigestCache:
         known = self.entries.get(key)
         if known is not None and known[:self._STAMP.size] == stamp:
             return known[self._STAMP.size:].hex()
-        digest = fsverity.digest_fd(fd)
+        digest = self._hash(fd)
         after = os.fstat(fd)
         if self._STAMP.pack(after.st_size, after.st_mtime_ns, after.st_ctime_ns) == stamp:
             self.entries[key] = stamp + digest
         return digest.hex()
+
+    def _hash(self, fd: int) -> bytes:
+        # In chunks, ticking between them: a multi-gigabyte object must not
+        # starve systemd's watchdog (or delay a stop request) while it is hashed.
+        hasher = fsverity.FsVerityHasher()
+        offset = 0
+        while True:
+            chunk = os.pread(fd, self.CHUNK, offset)
+            if not chunk:
+                return hasher.digest()
+            hasher.update(chunk)
+            offset += len(chunk)
+            if offset % (64 * self.CHUNK) == 0:
+                self.tick()
 
     def forget(self, st: os.stat_result) -> None:
         self.entries.pop(self._key(st), None)
@@ -102,7 +119,7 @@ class Checker:
         self.log = log
         self.tick = tick  # called between objects: watchdog pings, stop requests (raises StopPass)
         self.record_dir = record_dir
-        self.digests = DigestCache()
+        self.digests = DigestCache(tick)
         # image digest -> {object hex: size}; images are content-addressed, so this never goes stale.
         self.image_objects: Dict[str, List[bytes]] = {}
         self._stores: Dict[str, Optional[str]] = {}  # basedir -> the store it belongs to
@@ -273,7 +290,7 @@ class Checker:
         if digest != spec.digest or not image_ok:
             return None
         try:
-            listed = image_file_objects(spec.image)
+            listed = image_file_objects(spec.image, progress=self.tick)
         except (OSError, ComposefsError) as exc:
             self._add("image-unreadable", "image %s cannot be read: %s" % (spec.image, _why(exc)),
                       dict(fields, path=spec.image))

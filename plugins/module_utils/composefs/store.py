@@ -65,7 +65,7 @@ import json
 import os
 import mmap
 import stat
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import fsverity
 from .atomic_file import fsync_dir, make_temp, unlink_quietly, write_atomic
@@ -176,8 +176,11 @@ def image_objects(root: Node) -> ImageObjects:
         and (node.payload is not None or node.digest is not None))
 
 
-def image_file_objects(path: PathLike) -> ImageObjects:
-    """Objects referenced by the image file at ``path``, without loading its tree."""
+def image_file_objects(path: PathLike, progress: Optional[Callable[[], None]] = None) -> ImageObjects:
+    """Objects referenced by the image file at ``path``, without loading its tree.
+
+    ``progress`` is called every few thousand files (a long-running caller
+    pings its watchdog there)."""
     from .erofs_reader import iter_external_files
 
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -188,12 +191,13 @@ def image_file_objects(path: PathLike) -> ImageObjects:
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
             files = (("inode %d" % nid, payload, digest, fsize)
                      for nid, payload, digest, fsize in iter_external_files(mm))
-            return _collect_objects(_dropping_pages(mm, files))
+            return _collect_objects(_dropping_pages(mm, files, progress))
     finally:
         os.close(fd)
 
 
-def _dropping_pages(mm: mmap.mmap, items: Iterator[Any], every: int = 4096) -> Iterator[Any]:
+def _dropping_pages(mm: mmap.mmap, items: Iterator[Any], progress: Optional[Callable[[], None]],
+                    every: int = 4096) -> Iterator[Any]:
     # Mapped image pages count as our memory: a large image read once would
     # keep all of it resident.  Dropping them now and then only costs page
     # cache lookups for the few pages read again.
@@ -201,8 +205,11 @@ def _dropping_pages(mm: mmap.mmap, items: Iterator[Any], every: int = 4096) -> I
     dontneed = getattr(mmap, "MADV_DONTNEED", None)
     for i, item in enumerate(items, 1):
         yield item
-        if advise is not None and dontneed is not None and i % every == 0:
-            advise(dontneed)
+        if i % every == 0:
+            if advise is not None and dontneed is not None:
+                advise(dontneed)
+            if progress is not None:
+                progress()
 
 
 def _collect_objects(files: Iterable[Tuple[str, Optional[bytes], Optional[bytes], int]]) -> ImageObjects:
