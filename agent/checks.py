@@ -429,8 +429,8 @@ class Checker:
             self._add("check-failed", "cannot move %s aside: %s" % (path, _why(exc)), fields)
             return
         if dest:
-            self._add("object-quarantined", "moved %s to %s" % (path, dest), dict(fields, action="quarantined",
-                                                                                   path=dest))
+            self._add("object-quarantined", "moved %s to %s" % (path, dest),
+                      dict(fields, action="quarantined", path=dest))
 
     def _file_digest(self, fd: int, st: os.stat_result) -> Tuple[str, bool]:
         """(hex digest, measured by the kernel) of an open regular file."""
@@ -457,8 +457,8 @@ def quarantine(path: str, basedir: str, hexd: str, st: os.stat_result) -> Option
     store = _store_of(basedir)
     target_dir = os.path.join(store, os.fsdecode(DAMAGED)) if store else os.path.join(basedir, ".quarantine")
     os.makedirs(target_dir, mode=0o700, exist_ok=True)
-    dest = os.path.join(target_dir, "%s.%s.%s" % (hexd, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-                                                   os.urandom(3).hex()))
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = os.path.join(target_dir, "%s.%s.%s" % (hexd, stamp, os.urandom(3).hex()))
     os.rename(path, dest)
     fsync_dir(os.path.dirname(path))
     fsync_dir(target_dir)
@@ -477,4 +477,3 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return "%s (%s)" % (exc.strerror, errno.errorcode.get(exc.errno or 0, exc.errno))
     return str(exc) or type(exc).__name__
-

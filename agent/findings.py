@@ -86,4 +86,4 @@ class Finding:
 
     def as_dict(self) -> Dict[str, object]:
         return {"kind": self.kind, "message": self.message, "resolved": self.resolved,
-                "fields": {k: v for k, v in self.fields.items()}}
+                "fields": dict(self.fields)}

@@ -190,8 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for problem in exc.problems:
                 print("  " + problem, file=sys.stderr)
             return EXIT_CONFIG
-        print("%s: valid (%d stores, %d mounts, every %gs)" % (config.path, len(config.stores), len(config.mounts),
-                                                                config.interval))
+        print("%s: valid (%d stores, %d mounts, every %gs)"
+              % (config.path, len(config.stores), len(config.mounts), config.interval))
         return EXIT_HEALTHY
     journal = Journal(echo=args.once and not args.json, use_journal=not args.no_journal)
     agent = Agent(args, journal)
@@ -209,4 +209,3 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "findings": [f.as_dict() for f in result.findings]}, sys.stdout, indent=1, sort_keys=True)
         print()
     return EXIT_HEALTHY if result.healthy else EXIT_FINDINGS
-

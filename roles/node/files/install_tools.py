@@ -2,15 +2,22 @@
 # -*- coding: utf-8 -*-
 # Copyright: composefs-fleet contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Install composefs-fleet's tools from a bundle written by the node role.
+"""Install Python packages and their commands from a bundle a role wrote.
 
-The bundle (JSON) holds the collection's core package and the command-line
-front ends as text, so the role ships them in one file transfer instead of
-one per source file.  This script, run on the node, writes each package
-file that differs under PREFIX (temp file, fsync, rename), removes package
-files that are no longer in the bundle, and writes the wrappers
-(mkcomposefs, composefs-info, composefs-store in BIN_DIR, mount.composefs
-in SBIN_DIR).  It prints {"changed": ..., "written": [...], "removed": [...]}
+The bundle (JSON) holds Python packages as text and the commands to make
+for them, so a role ships them in one file transfer instead of one per
+source file.  The node role bundles the collection's core package and the
+command-line front ends, the agent role the core and the agent:
+
+    {"role": "node",
+     "packages": {"composefs_fleet": {"__init__.py": "...", ...}, ...},
+     "commands": {"/usr/local/bin/mkcomposefs": "composefs_fleet_cli.mkcomposefs", ...}}
+
+This script, run on the node, writes each package file that differs under
+PREFIX (temp file, fsync, rename), removes the .py files of a bundled
+package that the bundle no longer has, and writes a wrapper for every
+command (``#!PYTHON -I``, PREFIX first on sys.path, then the module's
+main()).  It prints {"changed": ..., "written": [...], "removed": [...]}
 as JSON.  Standard library only: it runs on the node's own Python.
 """
 
@@ -22,21 +29,22 @@ import shutil
 import sys
 import tempfile
 
-PACKAGES = ("composefs_fleet", "composefs_fleet_cli")
-COMMANDS = (("mkcomposefs", "mkcomposefs", "bin"), ("composefs-info", "composefs_info", "bin"),
-            ("composefs-store", "composefs_store", "bin"), ("mount.composefs", "mount_composefs", "sbin"))
-_FILE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.py$")
-MARKER = "# Installed by the composefs.fleet.node role; changes are overwritten."
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_PACKAGE = re.compile(r"^%s$" % _IDENTIFIER)
+_MODULE = re.compile(r"^%s(\.%s)+$" % (_IDENTIFIER, _IDENTIFIER))
+_FILE_NAME = re.compile(r"^%s\.py$" % _IDENTIFIER)
+_ROLE = re.compile(r"^[a-z][a-z0-9_]*$")
+MARKER = "# Installed by the composefs.fleet.%s role; changes are overwritten."
 
 
-def wrapper(python, prefix, module):
+def wrapper(python, prefix, module, role):
     return "\n".join([
         "#!%s -I" % python,
-        MARKER,
+        MARKER % role,
         "import sys",
         "",
         "sys.path.insert(0, %s)" % json.dumps(prefix),
-        "from composefs_fleet_cli.%s import main  # noqa: E402" % module,
+        "from %s import main  # noqa: E402" % module,
         "",
         "sys.exit(main())",
         "",
@@ -79,31 +87,52 @@ def write_if_different(path, text, mode):
     return True
 
 
-def install(bundle, prefix, bin_dir, sbin_dir, python):
-    written, removed = [], []
-    for directory in (bin_dir, sbin_dir):
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-    for package in PACKAGES:
-        files = bundle.get(package)
+def check_bundle(bundle):
+    """Refuse a malformed bundle before anything is written."""
+    if not isinstance(bundle, dict):
+        raise ValueError("the bundle is not a JSON object")
+    role, packages, commands = bundle.get("role"), bundle.get("packages"), bundle.get("commands")
+    if not isinstance(role, str) or not _ROLE.match(role):
+        raise ValueError("bundle role %r is not a role name" % (role,))
+    if not isinstance(packages, dict) or not packages:
+        raise ValueError("the bundle has no packages")
+    for package, files in packages.items():
+        if not _PACKAGE.match(package):
+            raise ValueError("bundle package %r is not a Python package name" % package)
         if not isinstance(files, dict) or "__init__.py" not in files:
-            raise ValueError("bundle has no package %s" % package)
+            raise ValueError("bundle package %s has no __init__.py" % package)
+        for name, text in files.items():
+            if not _FILE_NAME.match(name) or not isinstance(text, str):
+                raise ValueError("bundle entry %s/%r is not a Python source file" % (package, name))
+    if not isinstance(commands, dict):
+        raise ValueError("the bundle has no commands")
+    for path, module in commands.items():
+        if not path.startswith("/") or "\n" in path or path.endswith("/"):
+            raise ValueError("command path %r is not an absolute file name" % path)
+        if not isinstance(module, str) or not _MODULE.match(module) or module.split(".")[0] not in packages:
+            raise ValueError("command %s: %r is not a module of a bundled package" % (path, module))
+    return role, packages, commands
+
+
+def install(bundle, prefix, python):
+    role, packages, commands = check_bundle(bundle)
+    written, removed = [], []
+    for package, files in sorted(packages.items()):
         directory = os.path.join(prefix, package)
         os.makedirs(directory, mode=0o755, exist_ok=True)
         for name, text in sorted(files.items()):
-            if not _FILE_NAME.match(name) or not isinstance(text, str):
-                raise ValueError("bundle entry %s/%r is not a Python source file" % (package, name))
             path = os.path.join(directory, name)
             if write_if_different(path, text, 0o644):
                 written.append(path)
-        for name in sorted(os.listdir(directory)):
-            if name.endswith(".py") and name not in files:
-                os.unlink(os.path.join(directory, name))
-                removed.append(os.path.join(directory, name))
-        if removed:
+        gone = [name for name in sorted(os.listdir(directory)) if name.endswith(".py") and name not in files]
+        for name in gone:
+            os.unlink(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+        if gone:
             shutil.rmtree(os.path.join(directory, "__pycache__"), ignore_errors=True)
-    for command, module, where in COMMANDS:
-        path = os.path.join(bin_dir if where == "bin" else sbin_dir, command)
-        if write_if_different(path, wrapper(python, prefix, module), 0o755):
+    for path, module in sorted(commands.items()):
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        if write_if_different(path, wrapper(python, prefix, module, role), 0o755):
             written.append(path)
     return written, removed
 
@@ -112,18 +141,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--prefix", required=True)
-    parser.add_argument("--bin-dir", required=True)
-    parser.add_argument("--sbin-dir", required=True)
     parser.add_argument("--python", required=True)
     args = parser.parse_args()
-    for name in ("prefix", "bin_dir", "sbin_dir", "python"):
+    for name in ("prefix", "python"):
         value = getattr(args, name)
         if not os.path.isabs(value) or "\n" in value:
-            parser.error("--%s must be an absolute path without newlines, got %r" % (name.replace("_", "-"), value))
+            parser.error("--%s must be an absolute path without newlines, got %r" % (name, value))
     try:
         with open(args.bundle, encoding="utf-8") as f:
             bundle = json.load(f)
-        written, removed = install(bundle, args.prefix, args.bin_dir, args.sbin_dir, args.python)
+        written, removed = install(bundle, args.prefix, args.python)
     except (OSError, ValueError) as exc:
         print(json.dumps({"changed": False, "failed": True, "msg": str(exc)}))
         return 1
