@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import pytest
+
 from composefs_fleet import mount_record
 from composefs_fleet.mount import mount_composefs
 from composefs_fleet.store import Store
@@ -97,3 +99,13 @@ def kinds(stderr: str) -> List[str]:
         if line.startswith("<") and ">" in line:
             out.append(line.split(">", 1)[1].split(":", 1)[0])
     return out
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    """A store in ``tmp_path``; its mounts are undone at teardown."""
+    n = Node(tmp_path)
+    try:
+        yield n
+    finally:
+        n.unmount_all()

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from agent_fixtures import Node, kinds, run_once
+from agent_fixtures import Node, kinds, node, run_once  # noqa: F401  (node: a fixture)
 
 from composefs_fleet import mount_record
 from composefs_fleet_agent.checks import Checker
@@ -23,14 +23,6 @@ from composefs_fleet_agent.config import load
 
 pytestmark = pytest.mark.kernel
 
-
-@pytest.fixture
-def node(tmp_path: Path):
-    n = Node(tmp_path)
-    try:
-        yield n
-    finally:
-        n.unmount_all()
 
 
 def _app(node: Node, remount: bool = True, **extra: object):

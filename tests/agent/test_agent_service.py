@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from agent_fixtures import Node
+from agent_fixtures import Node, node  # noqa: F401  (node: a fixture)
 
 pytestmark = pytest.mark.kernel
 
@@ -46,14 +46,6 @@ class NotifySocket:
                 break
         raise AssertionError("no matching notification; got %r" % self.messages)
 
-
-@pytest.fixture
-def node(tmp_path: Path):
-    n = Node(tmp_path)
-    try:
-        yield n
-    finally:
-        n.unmount_all()
 
 
 def test_notify_watchdog_reload_and_stop(node: Node, tmp_path: Path):
