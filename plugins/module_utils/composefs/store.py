@@ -196,6 +196,14 @@ def image_file_objects(path: PathLike, progress: Optional[Callable[[], None]] = 
         os.close(fd)
 
 
+def image_data_objects(data: bytes) -> ImageObjects:
+    """Objects referenced by the image held in ``data``, without loading its tree."""
+    from .erofs_reader import iter_external_files
+
+    return _collect_objects(("inode %d" % nid, payload, digest, fsize)
+                            for nid, payload, digest, fsize in iter_external_files(data))
+
+
 def _dropping_pages(mm: mmap.mmap, items: Iterator[Any], progress: Optional[Callable[[], None]],
                     every: int = 4096) -> Iterator[Any]:
     # Mapped image pages count as our memory: a large image read once would

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .atomic_file import fsync_dir
 from .errors import ComposefsError
-from .store import RefNotFound, Store, StoreError, image_objects, is_composefs_image, is_hex_name
+from .store import RefNotFound, Store, StoreError, image_data_objects, image_objects, is_composefs_image, is_hex_name
 from .tree import Node
 
 #: Default age after which ``objects/.tmp*`` files count as crash debris.
@@ -209,14 +209,12 @@ def mounted_images(store: Store, cache: Dict[str, Set[str]]) -> List[MountedImag
                              % (where, exc.strerror or exc)) from None
         if not is_composefs_image(data[:4]):
             continue  # some other erofs or loop image: not ours to protect
-        from .erofs_reader import read_image
-
         try:
-            root = read_image(data)
+            # Foreign images may be large: list their objects without building their trees.
+            image.objects = set(image_data_objects(data).objects)
         except ComposefsError as exc:
             raise StoreError("cannot parse mounted composefs image %s: %s; refusing to collect garbage"
                              % (where, exc)) from None
-        image.objects = set(image_objects(root).objects)
         found.append(image)
     return found
 
