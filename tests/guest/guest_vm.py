@@ -8,14 +8,15 @@ create/destroy playbooks, or by hand):
 
   python3 tests/guest/guest_vm.py start --state-dir DIR   boot, detached; prints JSON
   python3 tests/guest/guest_vm.py ssh --state-dir DIR -- CMD...
+  python3 tests/guest/guest_vm.py reboot --state-dir DIR  poweroff, boot again (same overlay and port)
   python3 tests/guest/guest_vm.py stop --state-dir DIR    poweroff, then kill
   python3 tests/guest/guest_vm.py run -- CMD...           boot, copy project, run, stop
   python3 tests/guest/guest_vm.py check                   why the guest cannot run here
 
 QEMU always runs with ``-accel tcg``: KVM hangs on this project's machines
-instead of failing. Every boot uses a fresh qcow2 overlay over the cached raw
-image, user networking with ``restrict=on`` and one forwarded SSH port on
-127.0.0.1. An attached guest (the pytest fixture) can never outlive its Python
+instead of failing. Every start uses a fresh qcow2 overlay over the cached raw
+image (a reboot keeps it), user networking with ``restrict=on`` and one
+forwarded SSH port on 127.0.0.1. An attached guest (the pytest fixture) can never outlive its Python
 process: poweroff at stop, kill after a timeout, atexit and SIGTERM/SIGHUP
 handlers, and PR_SET_PDEATHSIG as the last resort. A detached guest (molecule)
 runs under ``timeout`` so it dies after --lifetime seconds even if destroy never
@@ -168,6 +169,25 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def running_guests() -> List[int]:
+    """PIDs of the QEMU processes running a guest of this project (any
+    recipe), whoever started them. Two emulated guests at once starve each
+    other on a small machine (tests flaked so): callers that boot one check
+    first."""
+    marker = (str(cache_dir() / "guest") + "/").encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]).startswith(b"qemu-system") and any(marker in a for a in argv):
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
 def _sweep_stale_state_dirs() -> None:
     """Remove what a killed session (SIGKILL: no cleanup ran) left in the temp dir."""
     for path in Path(tempfile.gettempdir()).glob("cfguest-*"):
@@ -208,6 +228,7 @@ class Guest:
         self.ready_seconds: Optional[float] = None
         self.system_state: Optional[str] = None
         self.failed_units: List[str] = []
+        self.panics = 0  # boots retried after a guest kernel panic
         self._stopped = False
 
     # ---------------------------------------------------------------- paths --
@@ -285,14 +306,50 @@ class Guest:
         if not detached:
             atexit.register(self.stop)
             _install_signal_handlers()
+        self._boot(lifetime)
+        return self
+
+    def _boot(self, lifetime: int, port: Optional[int] = None) -> None:
+        """Start QEMU on the existing overlay and wait until the system is up.
+        ``port``: try that SSH port first (a reboot keeps the address Ansible
+        already has in its inventory).
+
+        A guest kernel that panics while booting is booted again, up to twice:
+        under TCG with two vCPUs the kernel's live code patching (int3 while
+        patching static keys) sometimes oopses in early boot - seen here on a
+        second boot of the same disk. It happens before the root file system
+        is used, so a new boot on the same overlay is a clean retry."""
         t0 = time.monotonic()
-        for attempt in range(3):
-            self.port = free_port()
+        for boot_try in range(3):
+            self._launch(lifetime, port)
+            try:
+                self._write_ssh_config()
+                self._wait_for_ssh(t0 + boot_try * 60)
+                break
+            except GuestError:
+                panicked = "Kernel panic" in self.serial_tail(200)
+                if self._alive() or not panicked or boot_try == 2:
+                    raise
+                os.replace(str(self.log_path), str(self.state_dir / ("serial.panic-%d.log" % (boot_try + 1))))
+                self.panics += 1
+                port = self.port
+        self.boot_seconds = time.monotonic() - t0
+        self._wait_for_system(t0)
+        self.ready_seconds = time.monotonic() - t0
+        self._save_state()
+
+    def _launch(self, lifetime: int, port: Optional[int]) -> None:
+        overlay = self.state_dir / "overlay.qcow2"
+        for attempt in range(5 if port else 3):
+            if port and attempt < 3:
+                self.port = port
+            else:
+                self.port = free_port()
             argv = self._qemu_argv(overlay, self.port)
             if self.log_path.exists():
                 self.log_path.unlink()
             with open(str(self.state_dir / "qemu.stderr"), "wb") as stderr:
-                if detached:
+                if self.detached:
                     argv = ["timeout", "--kill-after=15", str(lifetime)] + argv
                     self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                  stderr=stderr, start_new_session=True)
@@ -306,17 +363,48 @@ class Guest:
             self._save_state()
             time.sleep(0.5)
             if self.proc.poll() is None:
-                break
+                return
             err = (self.state_dir / "qemu.stderr").read_text(errors="replace")
-            if "Could not set up host forwarding" not in err or attempt == 2:
+            if "Could not set up host forwarding" not in err or attempt == (4 if port else 2):
                 raise GuestError("qemu exited at once (exit %s): %s" % (self.proc.returncode, err.strip()))
-        self._write_ssh_config()
-        self._wait_for_ssh(t0)
-        self.boot_seconds = time.monotonic() - t0
-        self._wait_for_system(t0)
-        self.ready_seconds = time.monotonic() - t0
-        self._save_state()
-        return self
+            time.sleep(1.0)
+
+    def reboot(self, poweroff_timeout: float = 60.0, lifetime: int = 3 * 3600) -> float:
+        """Power the guest off cleanly and boot it again on the same overlay
+        (what was written in the guest stays), on the same SSH port if it is
+        free. QEMU runs with -no-reboot, so a guest-side reboot would only end
+        it: the harness starts the second boot. Returns the seconds from the
+        poweroff request until the system was up again."""
+        if not self._alive():
+            raise GuestError("reboot: the guest is not running")
+        t0 = time.monotonic()
+        asked = self.run("systemctl --no-block poweroff", check=False, timeout=30)
+        if asked.returncode != 0:
+            raise GuestError("reboot: poweroff refused: %s" % asked.stderr.strip())
+        deadline = time.monotonic() + poweroff_timeout
+        while self._alive() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        if self._alive():
+            # A kill instead of a clean poweroff would lose what the guest had
+            # not written yet: that is no reboot test any more.
+            raise GuestError("reboot: the guest did not power off within %.0f s. Serial log tail:\n%s"
+                             % (poweroff_timeout, self.serial_tail()))
+        if self.proc is not None:
+            self.proc.wait(timeout=10)
+        self._close_master()
+        if self.log_path.exists():
+            os.replace(str(self.log_path), str(self.state_dir / "serial.previous.log"))
+        self._boot(lifetime, port=self.port)
+        return time.monotonic() - t0
+
+    def _close_master(self) -> None:
+        if self.control_path.exists():
+            subprocess.run(["ssh", "-F", str(self.ssh_config), "-o", "ControlPath=%s" % self.control_path,
+                            "-O", "exit", "guest"], stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+            try:
+                self.control_path.unlink()
+            except OSError:
+                pass
 
     def _alive(self) -> bool:
         if self.proc is not None:
@@ -419,6 +507,8 @@ class Guest:
                         tar.addfile(info, f)
             add(repo / "plugins" / "module_utils" / "composefs", "lib/composefs_fleet")
             add(repo / "cli", "lib/composefs_fleet_cli")
+            if (repo / "agent").is_dir():
+                add(repo / "agent", "lib/composefs_fleet_agent")
             add(repo / "tests" / "guest" / "guest_checks.py", "tests/guest_checks.py")
             for wrapper, module in GUEST_TOOLS:
                 name = os.path.basename(wrapper)
@@ -457,9 +547,7 @@ class Guest:
                     time.sleep(0.25)
             self._kill()
         finally:
-            if self.control_path.exists():
-                subprocess.run(["ssh", "-F", str(self.ssh_config), "-o", "ControlPath=%s" % self.control_path,
-                                "-O", "exit", "guest"], stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+            self._close_master()
             _RUNNING.discard(self)
             if not self._own_state_dir and (self.state_dir / "state.json").exists():
                 self.pid = None
@@ -509,7 +597,7 @@ class Guest:
             "control_path": str(self.control_path), "state_dir": str(self.state_dir),
             "serial_log": str(self.log_path), "image": str(self.image), "detached": self.detached,
             "boot_seconds": self.boot_seconds, "ready_seconds": self.ready_seconds,
-            "system_state": self.system_state, "failed_units": self.failed_units,
+            "system_state": self.system_state, "failed_units": self.failed_units, "panics": self.panics,
         }
 
     def _save_state(self) -> None:
@@ -588,6 +676,13 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reboot(args: argparse.Namespace) -> int:
+    guest = Guest.attach(args.state_dir)
+    seconds = guest.reboot(lifetime=args.lifetime)
+    print(json.dumps(dict(guest.state(), reboot_seconds=seconds)))
+    return 0
+
+
 def _cmd_ssh(args: argparse.Namespace) -> int:
     guest = Guest.attach(args.state_dir)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -632,6 +727,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             s.add_argument("command", nargs=argparse.REMAINDER)
     s = sub.add_parser("stop")
     s.add_argument("--state-dir", required=True)
+    s = sub.add_parser("reboot", help="poweroff, then boot again on the same overlay and SSH port")
+    s.add_argument("--state-dir", required=True)
+    s.add_argument("--lifetime", type=int, default=3 * 3600,
+                   help="seconds after which the new QEMU is killed even without stop")
     s = sub.add_parser("ssh")
     s.add_argument("--state-dir", required=True)
     s.add_argument("command", nargs=argparse.REMAINDER)
@@ -642,7 +741,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "build":
             print(build_image())
             return 0
-        return {"start": _cmd_start, "stop": _cmd_stop, "ssh": _cmd_ssh, "run": _cmd_run,
+        return {"start": _cmd_start, "stop": _cmd_stop, "ssh": _cmd_ssh, "run": _cmd_run, "reboot": _cmd_reboot,
                 "check": _cmd_check}[args.cmd](args)
     except GuestError as exc:
         print("guest_vm: ERROR: %s" % exc, file=sys.stderr)
