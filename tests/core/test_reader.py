@@ -449,6 +449,7 @@ def test_fuzz_mutated_images(which, edits, cut):
         read_image(data)
     except ImageError:
         pass
+    _objects_both_ways(data)  # the lean lister too: ImageError or a list, nothing else
 
 
 _FUZZ_IMAGES = valid_images()

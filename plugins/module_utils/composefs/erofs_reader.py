@@ -183,7 +183,8 @@ class _Reader:
         self.root_nid = root_nid
 
     # -- inodes ----------------------------------------------------------
-    def _inode(self, nid: int) -> Tuple[_Inode, Node]:
+    def _decode_inode(self, nid: int) -> Tuple[_Inode, int, int, int, int, int, int]:
+        """The fixed part of inode ``nid``: (inode, mode, uid, gid, nlink, mtime, mtime_nsec)."""
         offset = self.meta_base + nid * fmt.SLOT_SIZE
         if offset >= self.length:
             raise ImageError("inode nid %d is beyond the end of the image" % nid)
@@ -200,13 +201,73 @@ class _Reader:
                 st, offset, "inode %d" % nid
             )
             mtime = _signed64(mtime)
-        ftype = stat.S_IFMT(mode)
-        if ftype not in _VALID_TYPES:
+        if stat.S_IFMT(mode) not in _VALID_TYPES:
             raise ImageError("inode %d has invalid mode 0%o" % (nid, mode))
-        node = Node(mode, uid=uid, gid=gid, nlink=nlink, size=size, mtime_sec=mtime, mtime_nsec=mtime_nsec)
-        if ftype in (stat.S_IFCHR, stat.S_IFBLK):
-            node.rdev = i_u
-        return _Inode(offset, compact, layout, st.size, icount, size, i_u), node
+        return _Inode(offset, compact, layout, st.size, icount, size, i_u), mode, uid, gid, nlink, mtime, mtime_nsec
+
+    def _inode(self, nid: int) -> Tuple[_Inode, Node]:
+        ino, mode, uid, gid, nlink, mtime, mtime_nsec = self._decode_inode(nid)
+        node = Node(mode, uid=uid, gid=gid, nlink=nlink, size=ino.size, mtime_sec=mtime, mtime_nsec=mtime_nsec)
+        if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK):
+            node.rdev = ino.i_u
+        return ino, node
+
+    def external_ref(self, nid: int) -> Tuple[int, Optional[bytes], Optional[bytes], int]:
+        """(file type, redirect payload, metacopy digest, size) of inode ``nid``,
+        decoding only what tells whether a regular file's data is external."""
+        ino, mode, _uid, _gid, _nlink, _mtime, _nsec = self._decode_inode(nid)
+        ftype = stat.S_IFMT(mode)
+        if ftype != stat.S_IFREG:
+            return ftype, None, None, 0
+        if ino.size and ino.layout in (fmt.EROFS_INODE_FLAT_PLAIN, fmt.EROFS_INODE_FLAT_INLINE):
+            return ftype, None, None, ino.size  # data in the image itself
+        if ino.layout == fmt.EROFS_INODE_CHUNK_BASED:
+            self._check_chunks(nid, ino)
+        elif ino.size:
+            raise ImageError("inode %d: unsupported data layout %d for a regular file" % (nid, ino.layout))
+        xattr_size = self._xattr_size(ino)
+        xattr_start = ino.offset + ino.isize
+        if xattr_start + xattr_size > self.length:
+            raise ImageError("inode %d: xattrs run past the end of the image" % nid)
+        self._charge(ino.isize + xattr_size, "inode %d" % nid)
+        if not xattr_size:
+            return ftype, None, None, ino.size
+        header = fmt.EROFS_XATTR_IBODY_HEADER
+        end = xattr_start + xattr_size
+        if xattr_size < header.size:
+            raise ImageError("inode %d: xattr area too small" % nid)
+        shared_count = self._unpack(header, xattr_start, "xattr header")[1]
+        pos = xattr_start + header.size + shared_count * 4
+        if pos > end:
+            raise ImageError("inode %d: %d shared xattr ids do not fit the xattr area" % (nid, shared_count))
+        payload: Optional[bytes] = None
+        digest: Optional[bytes] = None
+        entry = fmt.EROFS_XATTR_ENTRY
+        found = []
+        while pos + entry.size < end:
+            name_len, index, value_size = entry.unpack_from(self.data, pos)
+            name_start = pos + entry.size
+            value_start = name_start + name_len
+            if value_start + value_size > end:
+                raise ImageError("inode %d: xattr entry runs past the xattr area" % nid)
+            found.append((self._xattr_name(nid, index, name_start, name_len), value_start, value_size))
+            pos += fmt.round_up(entry.size + name_len + value_size, 4)
+        for i in range(shared_count):
+            (idx,) = _U32.unpack_from(self.data, xattr_start + header.size + i * 4)
+            cached = self.shared_cache.get(idx)
+            if cached is None:
+                cached = self._shared_entry(nid, idx)
+            found.append((cached[1], cached[3], cached[4]))
+        for name, value_start, value_size in found:
+            # The same rules as _apply_xattr(): the last one of a name wins.
+            if name == _ESCAPED_WHITEOUT:
+                return stat.S_IFCHR, None, None, 0  # read back as a whiteout, not a file
+            if name == _REDIRECT:
+                payload = self._redirect_payload(value_start, value_size)
+            elif name == _METACOPY and value_size == _METACOPY_SIZE:
+                start = value_start + fmt.OVL_METACOPY_HEADER.size
+                digest = self._slice(start, start + DIGEST_SIZE, "metacopy")
+        return ftype, payload, digest, ino.size
 
     def _xattr_size(self, ino: _Inode) -> int:
         if ino.xattr_icount == 0:
@@ -549,13 +610,13 @@ def iter_external_files(data: ImageData) -> Iterator[Tuple[int, Optional[bytes],
             if nid in seen:
                 continue  # a hard link (directories reached twice fail in read_image; here they are simply not re-entered)
             seen.add(nid)
-            child, child_entries = reader.build(nid, None)
-            if child is None:
-                continue
-            if child.is_dir():
-                stack.append((child_entries, 0))
-            elif child.is_reg() and child.content is None and (child.payload is not None or child.digest is not None):
-                yield nid, child.payload, child.digest, child.size
+            ftype, payload, digest, size = reader.external_ref(nid)
+            if ftype == stat.S_IFDIR:
+                child, child_entries = reader.build(nid, None)
+                if child is not None:
+                    stack.append((child_entries, 0))
+            elif payload is not None or digest is not None:
+                yield nid, payload, digest, size
             # Redirects are per file: caching them (read_image dedups equal ones) would only hold memory.
             reader.payload_cache.clear()
 
