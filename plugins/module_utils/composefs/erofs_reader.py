@@ -232,33 +232,9 @@ class _Reader:
         self._charge(ino.isize + xattr_size, "inode %d" % nid)
         if not xattr_size:
             return ftype, None, None, ino.size
-        header = fmt.EROFS_XATTR_IBODY_HEADER
-        end = xattr_start + xattr_size
-        if xattr_size < header.size:
-            raise ImageError("inode %d: xattr area too small" % nid)
-        shared_count = self._unpack(header, xattr_start, "xattr header")[1]
-        pos = xattr_start + header.size + shared_count * 4
-        if pos > end:
-            raise ImageError("inode %d: %d shared xattr ids do not fit the xattr area" % (nid, shared_count))
         payload: Optional[bytes] = None
         digest: Optional[bytes] = None
-        entry = fmt.EROFS_XATTR_ENTRY
-        found = []
-        while pos + entry.size < end:
-            name_len, index, value_size = entry.unpack_from(self.data, pos)
-            name_start = pos + entry.size
-            value_start = name_start + name_len
-            if value_start + value_size > end:
-                raise ImageError("inode %d: xattr entry runs past the xattr area" % nid)
-            found.append((self._xattr_name(nid, index, name_start, name_len), value_start, value_size))
-            pos += fmt.round_up(entry.size + name_len + value_size, 4)
-        for i in range(shared_count):
-            (idx,) = _U32.unpack_from(self.data, xattr_start + header.size + i * 4)
-            cached = self.shared_cache.get(idx)
-            if cached is None:
-                cached = self._shared_entry(nid, idx)
-            found.append((cached[1], cached[3], cached[4]))
-        for name, value_start, value_size in found:
+        for name, value_start, value_size, _value in self._xattr_entries(nid, xattr_start, xattr_size):
             # The same rules as _apply_xattr(): the last one of a name wins.
             if name == _ESCAPED_WHITEOUT:
                 return stat.S_IFCHR, None, None, 0  # read back as a whiteout, not a file
@@ -417,7 +393,9 @@ class _Reader:
             entries.append((name, child_nid))
 
     # -- xattrs ----------------------------------------------------------
-    def _read_xattrs(self, nid: int, node: Node, start: int, xattr_size: int) -> None:
+    def _xattr_entries(self, nid: int, start: int, xattr_size: int) -> Iterator[Tuple[bytes, int, int, Optional[bytes]]]:
+        """(name, value offset, value size, value if already read) of an inode's
+        xattrs: the inline entries, then the shared ones, as the C reader takes them."""
         header = fmt.EROFS_XATTR_IBODY_HEADER
         end = start + xattr_size
         if xattr_size < header.size:
@@ -426,7 +404,6 @@ class _Reader:
         pos = start + header.size + shared_count * 4
         if pos > end:
             raise ImageError("inode %d: %d shared xattr ids do not fit the xattr area" % (nid, shared_count))
-        xattrs = _XattrList()
         entry = fmt.EROFS_XATTR_ENTRY
         # The C reader takes an entry only while its header ends before the area does.
         while pos + entry.size < end:
@@ -436,8 +413,7 @@ class _Reader:
             value_end = value_start + value_size
             if value_end > end:
                 raise ImageError("inode %d: xattr entry runs past the xattr area" % nid)
-            name = self._xattr_name(nid, index, name_start, name_len)
-            self._apply_xattr(node, xattrs, name, value_start, value_size, None)
+            yield self._xattr_name(nid, index, name_start, name_len), value_start, value_size, None
             pos += fmt.round_up(entry.size + name_len + value_size, 4)
         for i in range(shared_count):
             (idx,) = _U32.unpack_from(self.data, start + header.size + i * 4)
@@ -445,6 +421,11 @@ class _Reader:
             if cached is None:
                 cached = self._shared_entry(nid, idx)
             _entry_size, name, value, value_start, value_size = cached
+            yield name, value_start, value_size, value
+
+    def _read_xattrs(self, nid: int, node: Node, start: int, xattr_size: int) -> None:
+        xattrs = _XattrList()
+        for name, value_start, value_size, value in self._xattr_entries(nid, start, xattr_size):
             self._apply_xattr(node, xattrs, name, value_start, value_size, value)
         node.xattrs = dict(xattrs.items)
 
