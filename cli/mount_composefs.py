@@ -136,7 +136,7 @@ def _enter_namespace(ns: str) -> None:
 
 def _unit_options(options) -> str:
     """The -o string a unit passes back to us: the parsed options, normalized."""
-    from composefs_fleet.mount import ATTR_OPTIONS, format_options
+    from composefs_fleet.mount_options import ATTR_OPTIONS, format_options
 
     def absolute(path: Optional[str]) -> Optional[str]:
         # systemd runs mount(8) from /: relative paths would change meaning.
@@ -182,7 +182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     image, target = operands[0], operands[1]
 
     from composefs_fleet.errors import ComposefsError
-    from composefs_fleet.mount import mount_composefs, parse_options
+    from composefs_fleet.mount import mount_composefs
+    from composefs_fleet.mount_options import parse_options
 
     try:
         options = parse_options(opts["o"], sloppy=bool(opts["s"]))

@@ -269,7 +269,8 @@ from ansible.module_utils.basic import AnsibleModule
 from ..module_utils.composefs import mount_record
 from ..module_utils.composefs.errors import ComposefsError
 from ..module_utils.composefs.fsverity import digest_file
-from ..module_utils.composefs.mount import format_options, mount_composefs, verity_problem
+from ..module_utils.composefs.mount import mount_composefs, verity_problem
+from ..module_utils.composefs.mount_options import format_options
 from ..module_utils.composefs.store import Store, is_hex_name
 from ..module_utils.composefs.systemd_unit import unit_name, unit_text, write_unit
 

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from composefs_fleet import mount_api as api
-from composefs_fleet.mount import (
+from composefs_fleet.mount_options import (
     MountOptionError,
     escape,
     format_options,

@@ -38,10 +38,10 @@ from composefs_fleet.mount import (
     _mount_erofs,
     _overlay_new_api,
     _OverlayPlan,
-    format_options,
     mount_composefs,
     verity_problem,
 )
+from composefs_fleet.mount_options import format_options
 from composefs_fleet.scan import build_tree_from_directory
 from composefs_fleet.tree import Node, digest_to_path
 
