@@ -20,11 +20,12 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from composefs_fleet import fsverity, mount_record
 from composefs_fleet.errors import ComposefsError, VerityError, VerityNotEnabled, VerityNotSupported
+from composefs_fleet.mount_state import LAYOUT, LiveMount, differences
 from composefs_fleet.store import DAMAGED, META_NAME, image_file_objects
 
 from .config import Config, MountSpec
 from .findings import Finding
-from .remount import remount
+from .remount import remount, request_for
 
 O_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
 
@@ -254,18 +255,9 @@ class Checker:
                 record = None  # the mount changed under an unchanged record: it describes another mount
             else:
                 self.seen_mounts[spec.where] = (ident, top.mount_id)
-        layout = top.layout()
-        differ = []
-        want_dirs = [os.path.normpath(d) for d in spec.basedirs]
-        if [os.path.normpath(d) for d in layout["basedirs"]] != want_dirs and layout["basedirs"]:
-            differ.append("basedirs %s (expected %s)" % (":".join(layout["basedirs"]), ":".join(want_dirs)))
-        if (layout["upperdir"] or None) != spec.upperdir or (layout["workdir"] or None) != spec.workdir:
-            differ.append("upperdir/workdir %s/%s (expected %s/%s)"
-                          % (layout["upperdir"], layout["workdir"], spec.upperdir, spec.workdir))
-        if spec.verity == "require" and layout["verity"] != "require":
-            differ.append("verity=%s (expected require)" % layout["verity"])
-        if spec.verity == "off" and layout["verity"] == "require":
-            differ.append("verity=require (expected off)")
+        live = LiveMount(spec.where, entries, record)
+        differ = ["%s=%s (expected %s)" % (d.what, _shown(d.mounted), _shown(d.wanted))
+                  for d in differences(live, request_for(spec)) if d.what in LAYOUT]
         if differ:
             self._add("mount-options-differ", "%s: %s" % (spec.where, "; ".join(differ)),
                       dict(fields, actual="; ".join(differ)))
@@ -471,6 +463,13 @@ def _store_of(basedir: str) -> Optional[str]:
     if os.path.basename(os.path.normpath(basedir)) == "objects" and os.path.exists(os.path.join(parent, os.fsdecode(META_NAME))):
         return parent
     return None
+
+
+def _shown(value: object) -> str:
+    """A difference's side as the agent words it: directory lists colon-separated."""
+    if isinstance(value, list):
+        return ":".join(str(v) for v in value)
+    return str(value)
 
 
 def _why(exc: BaseException) -> str:

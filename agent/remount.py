@@ -8,56 +8,48 @@ mount made there would be invisible to the rest of the node.  So when
 systemd is PID 1 and knows the mount's unit (the collection's mount module
 writes one), systemd is asked to start it; the mount then happens in the
 host's namespace, through mount.composefs, exactly as at boot.  Without
-systemd the core mounts directly.
+systemd the core mounts directly, with the arguments the mount module would
+use for the same request (:mod:`composefs_fleet.mount_state`).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-from typing import List
-
 from composefs_fleet.errors import ComposefsError
 from composefs_fleet.mount import mount_composefs
-from composefs_fleet.systemd_unit import UnitError, unit_name
+from composefs_fleet.mount_state import MountRequest, resolve_verity
+from composefs_fleet.systemd_unit import SystemctlError, UnitError, start_unit, systemd_running, unit_loaded, unit_name
 
 from .config import MountSpec
-
-SYSTEMCTL_TIMEOUT = 120
 
 
 class RemountError(ComposefsError):
     pass
 
 
-def systemd_running() -> bool:
-    return os.path.isdir("/run/systemd/system")
-
-
-def _systemctl(args: List[str]) -> "subprocess.CompletedProcess[str]":
-    return subprocess.run(["systemctl"] + args, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=SYSTEMCTL_TIMEOUT, check=False)
-
-
-def unit_loaded(unit: str) -> bool:
-    res = _systemctl(["show", "--property=LoadState", "--value", "--", unit])
-    return res.returncode == 0 and res.stdout.strip() == "loaded"
+def request_for(spec: MountSpec, pin: bool = False) -> MountRequest:
+    """The mount request ``spec`` makes.  ``pin``: the image file has fs-verity, so
+    its digest can be pinned (the kernel measures it at mount time) where the
+    mount requires fs-verity anyway; ``verity: off`` is never turned into a
+    verity mount by a pin."""
+    verity = resolve_verity(spec.verity, spec.basedirs)
+    pinned = spec.digest if pin and verity.effective == "require" else None
+    return MountRequest(spec.where, spec.image, spec.digest, spec.basedirs, verity, pinned, spec.upperdir,
+                        spec.workdir)
 
 
 def remount(spec: MountSpec, pin: bool) -> str:
-    """Mount ``spec`` again; returns how.  ``pin``: the image file has fs-verity, so
-    its digest can be pinned (the kernel measures it at mount time)."""
+    """Mount ``spec`` again; returns how."""
     if systemd_running():
         try:
             unit = unit_name(spec.where)
         except UnitError:
             unit = ""
         if unit and unit_loaded(unit):
-            res = _systemctl(["start", "--", unit])
-            if res.returncode != 0:
-                raise RemountError("systemctl start %s failed: %s" % (unit, (res.stderr or res.stdout).strip()))
+            try:
+                start_unit(unit)
+            except SystemctlError as exc:
+                raise RemountError(str(exc)) from None
             return "systemctl start %s" % unit
-    mount_composefs(spec.image, spec.where, spec.basedirs, digest=spec.digest if pin else None,
-                    verity=spec.verity == "require", tryverity=spec.verity in ("on", "auto"),
-                    upperdir=spec.upperdir, workdir=spec.workdir)
+    req = request_for(spec, pin)
+    mount_composefs(req.image_file, req.where, req.basedirs, **req.mount_args())
     return "mounted by the agent"

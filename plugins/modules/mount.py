@@ -269,13 +269,14 @@ from ansible.module_utils.basic import AnsibleModule
 from ..module_utils.composefs import mount_record
 from ..module_utils.composefs.errors import ComposefsError
 from ..module_utils.composefs.fsverity import digest_file
-from ..module_utils.composefs.mount import mount_composefs, verity_problem
-from ..module_utils.composefs.mount_options import format_options
+from ..module_utils.composefs.mount import mount_composefs
+from ..module_utils.composefs.mount_state import NOT_MOUNTED, MountRequest, differences, live_mount, resolve_verity
 from ..module_utils.composefs.store import Store, is_hex_name
-from ..module_utils.composefs.systemd_unit import unit_name, unit_text, write_unit
+from ..module_utils.composefs.systemd_unit import (SYSTEMD_UNIT_DIR, daemon_reload, disable_unit, enable_unit,
+                                                   manages_unit_dir, systemd_running, unit_name, unit_text,
+                                                   write_unit)
 
 WANTED_BY = "local-fs.target"
-SYSTEMD_UNIT_DIR = "/etc/systemd/system"
 
 
 class Fail(Exception):
@@ -286,157 +287,55 @@ def _fs(path):
     return os.fsdecode(path)
 
 
-class Request:
-    """What the task asks for, resolved (image, basedirs, verity, unit)."""
-
-    def __init__(self, params, where):
-        self.where = where
-        self.image_file = None
-        self.image_digest = None
-        self.basedirs = []
-        self.verity = None  # effective: "require" or "off"
-        self.unit_verity = ""  # "verity", "tryverity" or ""
-        self.pin = None
-        self.upperdir = params["upperdir"]
-        self.workdir = params["workdir"]
-        self.unit_text = None
-        self.options = ""
-        self.needs = []
-
-
 def resolve(params, where, need_image):
-    req = Request(params, where)
+    """The request as a :class:`MountRequest` (verity decided), with its unit text when an image is named."""
     image, store_path = params["image"], params["store"]
+    image_file = image_digest = pin = None
     if need_image:
         if image.startswith("/"):
-            req.image_file = os.path.normpath(image)
-            if not os.path.isfile(req.image_file):
-                raise Fail("image file %s does not exist (or is not a regular file)" % req.image_file)
-            req.image_digest = digest_file(req.image_file).hex()
+            image_file = os.path.normpath(image)
+            if not os.path.isfile(image_file):
+                raise Fail("image file %s does not exist (or is not a regular file)" % image_file)
+            image_digest = digest_file(image_file).hex()
         else:
             if not store_path:
                 raise Fail("image %r is not an absolute path, so it names an image in a store: store is required"
                            % image)
             store = Store.open(store_path, notice=None)
             digest = image.lower() if is_hex_name(image.lower()) else store.read_ref(image)
-            req.image_file = _fs(store.image_path(digest))
-            if not os.path.isfile(req.image_file):
+            image_file = _fs(store.image_path(digest))
+            if not os.path.isfile(image_file):
                 raise Fail("image %s is not in the store %s" % (digest, store_path))
-            req.image_digest = digest
+            image_digest = digest
+    basedirs = []
     if params["basedir"]:
-        req.basedirs = [os.path.normpath(os.path.abspath(d)) for d in params["basedir"]]
+        basedirs = [os.path.normpath(os.path.abspath(d)) for d in params["basedir"]]
     elif store_path:
-        req.basedirs = [os.path.normpath(os.path.join(os.path.abspath(store_path), "objects"))]
+        basedirs = [os.path.normpath(os.path.join(os.path.abspath(store_path), "objects"))]
     elif need_image:
         raise Fail("basedir is required when store is not given")
     if params["digest"]:
         pin = params["digest"].lower()
         if not is_hex_name(pin):
             raise Fail("digest %r is not a sha256 fs-verity digest (64 hex digits)" % params["digest"])
-        if req.image_digest is not None and pin != req.image_digest:
+        if image_digest is not None and pin != image_digest:
             raise Fail("digest %s does not match the image %s, whose fs-verity digest is %s"
-                       % (pin, req.image_file, req.image_digest))
-        req.pin = pin
+                       % (pin, image_file, image_digest))
     elif params["pin_digest"]:
-        req.pin = req.image_digest
-    for what in ("upperdir", "workdir"):
-        value = getattr(req, what)
-        if value is not None:
-            setattr(req, what, os.path.normpath(os.path.abspath(value)))
-    if not need_image:
-        return req
-    mode = params["verity"]
-    problems = [(d, verity_problem(d)) for d in req.basedirs]
-    problems = [(d, p) for d, p in problems if p]
-    if mode == "require":
-        if problems:
-            raise Fail("verity=require, but the filesystem of basedir %s has no fs-verity: %s "
-                       "(use verity: auto or off there)" % problems[0])
-        req.verity, req.unit_verity = "require", "verity"
-    elif mode == "off":
-        req.verity = "off"
+        pin = image_digest
+    upper, work = (None if params[w] is None else os.path.abspath(params[w]) for w in ("upperdir", "workdir"))
+    if need_image:
+        verity = resolve_verity(params["verity"], basedirs, pinned=bool(pin))
+        if params["verity"] == "require" and verity.problem:
+            raise Fail("verity=require, but %s (use verity: auto or off there)" % verity.problem)
     else:
-        req.verity = "off" if problems else "require"
-        if mode == "on":
-            req.unit_verity = "tryverity"
-        elif not problems:
-            req.unit_verity = "verity"
-    if req.pin:
-        req.verity = "require"  # digest= implies verity
-    options = format_options(req.basedirs, req.pin, req.unit_verity == "verity", req.unit_verity == "tryverity",
-                             None, req.upperdir, req.workdir, False)
-    needs = list(req.basedirs) + [p for p in (req.upperdir, req.workdir) if p]
-    req.options, req.needs = options, needs
-    req.unit_text = unit_text(req.image_file, where, options, requires_mounts_for=needs, wanted_by=WANTED_BY)
+        verity = resolve_verity("off", basedirs)
+    req = MountRequest(where, image_file, image_digest, basedirs, verity, pin, upper, work)
+    req.unit_text = None
+    if need_image:
+        req.unit_text = unit_text(image_file, where, req.options(), requires_mounts_for=req.needs(),
+                                  wanted_by=WANTED_BY)
     return req
-
-
-NOT_MOUNTED = {"mounted": False, "image_digest": None, "basedirs": [], "verity": None, "upperdir": None,
-               "workdir": None}
-
-
-class Live:
-    """The composefs mounts at the mount point now."""
-
-    def __init__(self, where):
-        self.entries = mount_record.read_mountinfo()
-        self.stack = mount_record.mounts_at(where, self.entries)
-        self.top = self.stack[-1] if self.stack else None
-        self.layers = 0  # composefs mounts stacked on top
-        for entry in reversed(self.stack):
-            if not entry.is_composefs():
-                break
-            self.layers += 1
-        self.record = None
-        self.layout = None
-        if self.layers:
-            self.layout = self.top.layout()
-            self.record = mount_record.live_record(where, self.entries)
-
-    @property
-    def mounted(self):
-        return self.layers > 0
-
-    def foreign(self):
-        """Something that is not composefs on top (never touched)."""
-        if self.top is not None and not self.top.is_composefs():
-            return "%s (%s %s)" % (self.top.where, self.top.fstype, self.top.source)
-        return None
-
-    def state(self):
-        if not self.mounted:
-            return dict(NOT_MOUNTED)
-        return {"mounted": True, "image_digest": self.record.get("image_digest") if self.record else None,
-                "basedirs": self.layout["basedirs"], "verity": self.layout["verity"],
-                "upperdir": self.layout["upperdir"], "workdir": self.layout["workdir"]}
-
-
-def differences(live, req):
-    if not live.mounted or req.image_file is None:
-        return []
-    out = []
-    rec = live.record
-    if rec is None:
-        out.append("image: the mount has no valid mount record (made by another tool, or before the last "
-                   "remount by another tool), so which image it shows is unknown")
-    elif rec.get("image_digest") != req.image_digest:
-        out.append("image: %s is mounted (%s), %s is wanted (%s)"
-                   % (rec.get("image_digest"), rec.get("image"), req.image_digest, req.image_file))
-    if rec is not None and req.pin and rec.get("digest") != req.pin:
-        out.append("digest: the mount was made %s, the request pins %s"
-                   % ("pinned to %s" % rec["digest"] if rec.get("digest") else "without a pinned digest", req.pin))
-    lay = live.layout
-    if [os.path.normpath(d) for d in lay["basedirs"]] != req.basedirs:
-        out.append("basedirs: %s mounted, %s wanted" % (lay["basedirs"], req.basedirs))
-    if lay["verity"] != req.verity:
-        out.append("verity: %s mounted, %s wanted" % (lay["verity"], req.verity))
-    for what in ("upperdir", "workdir"):
-        have = lay[what]
-        if (os.path.normpath(have) if have else None) != getattr(req, what):
-            out.append("%s: %s mounted, %s wanted" % (what, have, getattr(req, what)))
-    if live.layers > 1:
-        out.append("stacked: %d composefs mounts are stacked at %s" % (live.layers, req.where))
-    return out
 
 
 class Unit:
@@ -463,10 +362,6 @@ def _read_text(path):
         raise Fail("cannot read %s: %s" % (path, exc.strerror)) from None
 
 
-def _systemd_running():
-    return os.path.isdir("/run/systemd/system")
-
-
 class Runner:
     """Carries out the actions (unless check mode) and lists them."""
 
@@ -479,14 +374,9 @@ class Runner:
         self.record = None
         self.reload_needed = False
 
-    def _use_systemctl(self, unit):
-        return _systemd_running() and os.path.realpath(unit.dir) == SYSTEMD_UNIT_DIR
-
-    def systemctl(self, *args):
-        bin_path = self.module.get_bin_path("systemctl", required=True)
-        rc, out, err = self.module.run_command([bin_path] + list(args))
-        if rc != 0:
-            raise Fail("systemctl %s failed (rc %d): %s" % (" ".join(args), rc, (err or out).strip()))
+    def _systemctl(self):
+        """(runner, binary) for the systemd_unit helpers: through Ansible's run_command."""
+        return self.module.run_command, self.module.get_bin_path("systemctl", required=True)
 
     def mount(self, req):
         self.actions.append("mounted")
@@ -498,9 +388,7 @@ class Runner:
             os.makedirs(self.where, mode=0o755)
             self.made_dir = True
         try:
-            result = mount_composefs(req.image_file, self.where, req.basedirs, digest=req.pin,
-                                     verity=req.unit_verity == "verity", tryverity=req.unit_verity == "tryverity",
-                                     upperdir=req.upperdir, workdir=req.workdir)
+            result = mount_composefs(req.image_file, self.where, req.basedirs, **req.mount_args())
         except BaseException:
             self.rmdir_made()
             raise
@@ -528,15 +416,15 @@ class Runner:
             self.actions.append("wrote unit" if unit.text is None else "updated unit")
             if not self.check:
                 os.makedirs(unit.dir, mode=0o755, exist_ok=True)
-                write_unit(unit.dir, req.image_file, self.where, req.options, requires_mounts_for=req.needs,
+                write_unit(unit.dir, req.image_file, self.where, req.options(), requires_mounts_for=req.needs(),
                            wanted_by=WANTED_BY)
                 self.reload_needed = True
         if not unit.enabled:
             self.actions.append("enabled unit")
             if not self.check:
-                if self._use_systemctl(unit):
+                if manages_unit_dir(unit.dir):
                     self.daemon_reload()
-                    self.systemctl("enable", unit.name)
+                    enable_unit(unit.name, *self._systemctl())
                 else:
                     os.makedirs(os.path.dirname(unit.link), mode=0o755, exist_ok=True)
                     if os.path.lexists(unit.link):
@@ -547,8 +435,8 @@ class Runner:
         if unit.link_exists:
             self.actions.append("disabled unit")
             if not self.check:
-                if self._use_systemctl(unit) and unit.text is not None:
-                    self.systemctl("disable", unit.name)
+                if manages_unit_dir(unit.dir) and unit.text is not None:
+                    disable_unit(unit.name, *self._systemctl())
                 if os.path.lexists(unit.link):
                     os.unlink(unit.link)
                 _rmdir_quietly(os.path.dirname(unit.link))
@@ -559,8 +447,8 @@ class Runner:
                 self.reload_needed = True
 
     def daemon_reload(self):
-        if self.reload_needed and not self.check and _systemd_running():
-            self.systemctl("daemon-reload")
+        if self.reload_needed and not self.check and systemd_running():
+            daemon_reload(*self._systemctl())
         self.reload_needed = False
 
 
@@ -590,17 +478,16 @@ def run(module):
     need_image = state in ("mounted", "present", "remounted")
     req = resolve(params, where, need_image)
     unit = Unit(params["unit_dir"], where)
-    live = Live(where)
+    live = live_mount(where)
     foreign = live.foreign()
     if foreign and state != "present":
         raise Fail("something other than a composefs image is mounted at %s: %s; not touching it" % (where, foreign))
-    diffs = differences(live, req)
+    diffs = [str(d) for d in differences(live, req)] if need_image else []
     before = _diff_state(live.state(), unit.text, unit.enabled)
     runner = Runner(module, where)
     after_mounted = live.state()
     if need_image:
-        wanted_state = {"mounted": True, "image_digest": req.image_digest, "basedirs": req.basedirs,
-                        "verity": req.verity, "upperdir": req.upperdir, "workdir": req.workdir}
+        wanted_state = req.state()
     if state == "mounted":
         if not live.mounted:
             runner.mount(req)
@@ -648,7 +535,7 @@ def run(module):
         "image_file": req.image_file if need_image else (live.record or {}).get("image"),
         "image_digest": req.image_digest if need_image else (live.record or {}).get("image_digest"),
         "basedirs": list(req.basedirs) if need_image else (live.layout or {}).get("basedirs", []),
-        "verity": after_mounted["verity"] if after_mounted["mounted"] else (req.verity if need_image else None),
+        "verity": after_mounted["verity"] if after_mounted["mounted"] else (req.verity.effective if need_image else None),
         "unit_name": unit.name,
         "unit_file": unit.file,
         "mounted": after_mounted["mounted"],

@@ -436,3 +436,54 @@ def test_newline_mount_point_mounted_by_core_is_unmounted(module_runner, env):
     assert real["actions"] == ["unmounted"] and real["diff"]["before"]["image_digest"] == env.digest["one"]
     assert not mounted_here(target) and not os.path.exists(record)
     os.rmdir(target)
+
+
+@pytest.mark.parametrize("has_verity", [True, False], ids=["verity-fs", "no-verity-fs"])
+@pytest.mark.parametrize("mode", ["require", "on", "off", "auto"])
+def test_module_and_agent_resolve_a_request_alike(monkeypatch, tmp_path, mode, has_verity):
+    """One meaning of each verity mode: the module's request and the agent's remount
+    ask mount.composefs for the same thing (auto: verity where the basedirs have it)."""
+    import importlib
+
+    from composefs_fleet import mount_state
+    from composefs_fleet_agent.config import MountSpec
+    from composefs_fleet_agent.remount import request_for
+
+    module = importlib.import_module("ansible_collections.composefs.fleet.plugins.modules.mount")
+    module_state = importlib.import_module("ansible_collections.composefs.fleet.plugins.module_utils.composefs.mount_state")
+
+    def problem(basedir):
+        return None if has_verity else "no fs-verity on %s" % basedir
+
+    for state_module in (mount_state, module_state):
+        monkeypatch.setattr(state_module, "verity_problem", problem)
+    image = tmp_path / "image.cfs"
+    image.write_bytes(b"not parsed here")
+    basedir = str(tmp_path / "objects")
+    where = str(tmp_path / "mnt")
+    params = dict(image=str(image), store=None, basedir=[basedir], digest=None, pin_digest=False, upperdir=None,
+                  workdir=None, verity=mode)
+    spec = MountSpec(where, str(image), "0" * 64, [basedir], mode, True, None, None)
+    agent = request_for(spec, pin=False)
+    want = {"require": "verity", "on": "tryverity", "off": "", "auto": "verity" if has_verity else ""}[mode]
+    assert agent.verity.option == want
+    if mode == "require" and not has_verity:
+        with pytest.raises(module.Fail, match="verity=require, but the filesystem of basedir"):
+            module.resolve(params, where, True)
+        return
+    req = module.resolve(params, where, True)
+    assert req.mount_args() == agent.mount_args()
+    assert req.options() == agent.options()
+    effective = "require" if mode == "require" or (mode in ("on", "auto") and has_verity) else "off"
+    assert req.verity.effective == agent.verity.effective == effective
+
+
+def test_agent_pins_only_a_verity_mount():
+    """A pinned digest implies verity=require: the agent's remount never pins a verity: off mount."""
+    from composefs_fleet_agent.config import MountSpec
+    from composefs_fleet_agent.remount import request_for
+
+    off = MountSpec("/srv/x", "/i", "a" * 64, ["/nonexistent-objects"], "off", True, None, None)
+    assert request_for(off, pin=True).mount_args()["digest"] is None
+    req = MountSpec("/srv/x", "/i", "a" * 64, ["/nonexistent-objects"], "require", True, None, None)
+    assert request_for(req, pin=True).mount_args()["digest"] == "a" * 64

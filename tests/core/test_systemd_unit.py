@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from composefs_fleet.mount import parse_options
+from composefs_fleet.mount_options import parse_options
 from composefs_fleet.systemd_unit import UnitError, path_escape, unit_name, unit_text, write_unit
 
 ESCAPE_CASES = [

@@ -9,13 +9,16 @@ unit whose name does not match ``Where=``); :func:`path_escape` does what
 them back unchanged (``%`` doubled for specifier expansion), and anything a
 unit file or libmount's option parser cannot carry is refused with a clear
 message instead of being written as a different mount.
+
+The systemctl helpers at the end are shared by the mount module (which runs
+commands through Ansible's ``run_command``) and the agent (subprocess).
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .atomic_file import write_atomic
 from .errors import ComposefsError
@@ -23,11 +26,17 @@ from .errors import ComposefsError
 PathArg = Union[str, bytes, "os.PathLike[str]"]
 
 UNIT_NAME_MAX = 255
+SYSTEMD_UNIT_DIR = "/etc/systemd/system"
+SYSTEMCTL_TIMEOUT = 120
 _VALID = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:_.")
 
 
 class UnitError(ComposefsError):
     """The mount cannot be described by a systemd unit as asked."""
+
+
+class SystemctlError(ComposefsError):
+    """systemctl failed; the message carries its exit status and output."""
 
 
 def _bytes(path: PathArg) -> bytes:
@@ -142,3 +151,62 @@ def write_unit(directory: PathArg, image: PathArg, where: PathArg, options: str,
     path = os.path.join(os.fsdecode(_bytes(directory)), unit_name(where))
     write_atomic(path, text.encode("utf-8", "surrogateescape"), mode=0o644)
     return path
+
+
+# -- systemctl -------------------------------------------------------------------
+
+# argv -> (exit status, stdout, stderr); Ansible's module.run_command fits.
+Runner = Callable[[List[str]], Tuple[int, str, str]]
+
+
+def systemd_running() -> bool:
+    """Is systemd PID 1 here (sd_booted)?"""
+    return os.path.isdir("/run/systemd/system")
+
+
+def _subprocess_run(argv: List[str]) -> Tuple[int, str, str]:
+    import subprocess
+
+    res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                         timeout=SYSTEMCTL_TIMEOUT, check=False)
+    return res.returncode, res.stdout, res.stderr
+
+
+def systemctl_output(args: Sequence[str], run: Optional[Runner] = None, binary: str = "systemctl") -> Tuple[int, str, str]:
+    """Run ``systemctl ARGS``; (exit status, stdout, stderr), never raises for a failure."""
+    return (run or _subprocess_run)([binary] + list(args))
+
+
+def systemctl(args: Sequence[str], run: Optional[Runner] = None, binary: str = "systemctl") -> str:
+    """Run ``systemctl ARGS``; its stdout, or :class:`SystemctlError`."""
+    rc, out, err = systemctl_output(args, run, binary)
+    if rc != 0:
+        raise SystemctlError("systemctl %s failed (rc %d): %s" % (" ".join(args), rc, (err or out).strip()))
+    return out
+
+
+def unit_loaded(unit: str, run: Optional[Runner] = None, binary: str = "systemctl") -> bool:
+    """Does systemd know ``unit`` (a unit file it has read)?"""
+    rc, out, _err = systemctl_output(["show", "--property=LoadState", "--value", "--", unit], run, binary)
+    return rc == 0 and out.strip() == "loaded"
+
+
+def daemon_reload(run: Optional[Runner] = None, binary: str = "systemctl") -> None:
+    systemctl(["daemon-reload"], run, binary)
+
+
+def enable_unit(unit: str, run: Optional[Runner] = None, binary: str = "systemctl") -> None:
+    systemctl(["enable", "--", unit], run, binary)
+
+
+def disable_unit(unit: str, run: Optional[Runner] = None, binary: str = "systemctl") -> None:
+    systemctl(["disable", "--", unit], run, binary)
+
+
+def start_unit(unit: str, run: Optional[Runner] = None, binary: str = "systemctl") -> None:
+    systemctl(["start", "--", unit], run, binary)
+
+
+def manages_unit_dir(unit_dir: PathArg) -> bool:
+    """Should units in ``unit_dir`` be enabled through systemctl (else by a wants link)?"""
+    return systemd_running() and os.path.realpath(os.fsdecode(_bytes(unit_dir))) == SYSTEMD_UNIT_DIR
