@@ -213,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  verity=options.verity, tryverity=options.tryverity, idmap=options.idmap,
                                  upperdir=options.upperdir, workdir=options.workdir,
                                  readonly=options.readonly, attr_set=options.attr_set,
-                                 dry_run=bool(opts["f"]))
+                                 dry_run=bool(opts["f"]), follow_symlinks=True)
     except ComposefsError as exc:
         _say(str(exc))
         return 1

@@ -199,3 +199,18 @@ def test_journal_socket_missing_means_plain_lines(node: Node, tmp_path: Path):
     if os.path.exists("/run/systemd/journal/socket"):
         pytest.skip("journald runs here: entries go to the journal, not stderr")
     assert "<6>pass-summary: pass 1: healthy" in res.stderr
+
+
+def test_remount_refuses_a_symlink_in_the_parents_of_where(node: Node):
+    """A link planted in a parent of the mount point must not move the agent's (root) mount elsewhere."""
+    digest = node.image("app", 1)
+    real = node.base / "elsewhere"
+    (real / "app").mkdir(parents=True)
+    (node.base / "mnt").symlink_to(real)
+    node.mounted.append(real / "app")  # undone at teardown, should the mount happen after all
+    node.add_mount(digest, node.base / "mnt" / "app", remount=True)
+    res = run_once(node.write_config())
+    assert res.returncode == 1
+    assert kinds(res.stderr) == ["config-loaded", "mount-missing", "mount-remount-failed", "pass-summary"], res.stderr
+    assert "%s is a symbolic link: refused" % (node.base / "mnt") in res.stderr
+    assert mount_record.top_mount(real / "app") is None

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -372,8 +373,8 @@ def build_ours(ours, src: Path, image: Path, store: Path) -> None:
     assert res.returncode == 0, res.stderr
 
 
-def helper(ours, *args):
-    return ours.run("mount.composefs", *args)
+def helper(ours, *args, **kwargs):
+    return ours.run("mount.composefs", *args, **kwargs)
 
 
 def mount_cli(ours, mounts, image, target, options: str, tool=None):
@@ -797,17 +798,23 @@ def test_bad_digest_syntax(tree, ours):
 AWKWARD = ["sp ace", "com,ma", "co:lon", "e=q", "new\nline", "back\\slash", "all ,:=\\\n"]
 
 
-@dataonly
-@pytest.mark.parametrize("name", AWKWARD)
-@pytest.mark.parametrize("lower", ["auto", "tmpdir", "legacy"])
-def test_awkward_paths_api(tmp_path, ours, mounts, name, lower):
-    need(lower)
+def awkward_tree(tmp_path, ours, name):
+    """(source, image, store, mount point), each named with ``name`` in a directory named so."""
     src = make_source(tmp_path)
     base = tmp_path / name
     base.mkdir()
     image, store, target = base / ("img" + name), base / ("objects" + name), base / ("mnt" + name)
     build_ours(ours, src, image, store)
     target.mkdir()
+    return src, image, store, target
+
+
+@dataonly
+@pytest.mark.parametrize("name", AWKWARD)
+@pytest.mark.parametrize("lower", ["auto", "tmpdir", "legacy"])
+def test_awkward_paths_api(tmp_path, ours, mounts, name, lower):
+    need(lower)
+    src, image, store, target = awkward_tree(tmp_path, ours, name)
     try:
         mount_composefs(image, target, [store], lower=lower)
     except ComposefsMountError as exc:
@@ -845,12 +852,7 @@ def test_awkward_upperdir_and_workdir(tree, tmp_path, mounts, name, lower):
 @dataonly
 @pytest.mark.parametrize("name", AWKWARD)
 def test_awkward_paths_cli(tmp_path, ours, mounts, name):
-    src = make_source(tmp_path)
-    base = tmp_path / name
-    base.mkdir()
-    image, store, target = base / ("img" + name), base / ("objects" + name), base / ("mnt" + name)
-    build_ours(ours, src, image, store)
-    target.mkdir()
+    src, image, store, target = awkward_tree(tmp_path, ours, name)
     mount_cli(ours, mounts, image, target, format_options([str(store)]))
     assert_same_tree(source_view(src), snapshot(target))
 
@@ -868,6 +870,92 @@ def test_basedir_colon_is_a_separator_like_c(tmp_path, ours, mounts):
     assert ("basedir %s does not exist" % (tmp_path / "a")).encode() in res.stderr
     mount_cli(ours, mounts, tmp_path / "img", target, "basedir=%s" % str(store).replace(":", "\\:"))
     assert_same_tree(source_view(src), snapshot(target))
+
+
+# -- the mount point: no symbolic link in its path ---------------------------------------
+
+@dataonly
+@pytest.mark.parametrize("lower", ["auto", "tmpdir", "legacy"])
+def test_symlinked_parent_of_the_mount_point_is_refused(tree, tmp_path, mounts, lower):
+    """A link planted in a parent directory must not move a root mount elsewhere (agent, module)."""
+    need(lower)
+    src, image, store, target = tree
+    real = tmp_path / "elsewhere"
+    (real / "mnt").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    mounts.add(real / "mnt")  # undone at teardown, should the mount happen after all
+    with pytest.raises(ComposefsMountError) as info:
+        mount_composefs(image, tmp_path / "link" / "mnt", [store], lower=lower)
+    assert "mount point %s/link/mnt: %s/link is a symbolic link: refused" % (tmp_path, tmp_path) in str(info.value)
+    assert not mounts_at(real / "mnt")
+    # The mount point itself a link: refused as well.
+    (tmp_path / "mntlink").symlink_to(target)
+    with pytest.raises(ComposefsMountError, match="mntlink is a symbolic link: refused"):
+        mount_composefs(image, tmp_path / "mntlink", [store], lower=lower)
+    assert not mounts_at(target)
+    # Named without links, the same place mounts (on the descriptor that was checked).
+    mount_composefs(image, real / "mnt", [store], lower=lower)
+    assert_same_tree(source_view(src), snapshot(real / "mnt"))
+    mounts.umount(real / "mnt")
+
+
+@dataonly
+def test_helper_follows_links_like_c(tree, tmp_path, ours, mounts):
+    """mount.composefs follows links in the target as the C helper does (mount(8) resolves them first)."""
+    src, image, store, target = tree
+    (tmp_path / "link").symlink_to(tmp_path)
+    mount_cli(ours, mounts, image, tmp_path / "link" / "mnt", "basedir=%s" % store)
+    assert_same_tree(source_view(src), snapshot(target))
+
+
+# -- images that must not be mounted, or waited on -----------------------------------------
+
+@pytest.mark.parametrize("how", ["api", "cli"])
+def test_truncated_image_is_refused_before_mounting(tree, ours, mounts, how):
+    """The kernel mounts a truncated image and then fails every read with EIO: refused up front."""
+    src, image, store, target = tree
+    data = image.read_bytes()
+    short = image.with_name("short.cfs")
+    short.write_bytes(data[:len(data) - 4096])
+    mounts.add(target)  # undone at teardown, should the mount happen after all
+    want = "image %s is truncated or damaged: its superblock declares %d blocks of 4096 bytes" % (short, len(data) // 4096)
+    if how == "api":
+        with pytest.raises(ComposefsMountError) as info:
+            mount_composefs(short, target, [store])
+        assert want in str(info.value)
+    else:
+        res = helper(ours, "-o", "basedir=%s" % store, short, target)
+        assert res.returncode == 1 and want in res.stderr.decode(), res.stderr
+    assert not mounts_at(target)
+
+
+def test_image_whose_root_inode_is_past_its_end_is_refused(tree, mounts):
+    src, image, store, target = tree
+    data = bytearray(image.read_bytes())
+    struct.pack_into("<I", data, 1024 + 36, 0)  # blocks: 0, so only the root inode's place tells
+    short = image.with_name("short.cfs")
+    short.write_bytes(bytes(data[:1024 + 128]))
+    mounts.add(target)
+    with pytest.raises(ComposefsMountError, match="image %s is truncated or damaged: its root inode" % short):
+        mount_composefs(short, target, [store])
+    assert not mounts_at(target)
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "character device"])
+def test_fifo_or_device_as_image_is_refused_without_waiting(tree, tmp_path, ours, kind):
+    src, image, store, target = tree
+    if kind == "FIFO":
+        bad = tmp_path / "fifo.cfs"
+        os.mkfifo(str(bad))
+    else:
+        bad = Path("/dev/zero")
+    try:
+        res = helper(ours, "-o", "basedir=%s" % store, bad, target, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("mount.composefs waited on a %s given as the image" % kind)
+    assert res.returncode == 1
+    assert "mount.composefs: image %s is not a regular file (%s)" % (bad, kind) in res.stderr.decode(), res.stderr
+    assert not mounts_at(target)
 
 
 # -- mount(8) ------------------------------------------------------------------------------

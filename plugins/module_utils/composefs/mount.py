@@ -37,9 +37,10 @@ from . import loopdev
 from . import mount_api as api
 from .errors import ComposefsError, VerityError, VerityNotEnabled, VerityNotSupported
 from .mount_options import escape, format_options
+from .safe_dirs import READ_FLAGS, UnsafePathError, open_regular
 
 if TYPE_CHECKING:  # typing costs import time on every mount; annotations are strings here
-    from typing import List, Optional, Sequence, Tuple, Union
+    from typing import List, Optional, Sequence, Union
 
     PathArg = Union[str, bytes, "os.PathLike[str]"]
 
@@ -88,6 +89,57 @@ def _check_dir(path: PathArg, what: str) -> None:
         raise ComposefsMountError("%s %s is not a directory" % (what, _show(path)), errno.ENOTDIR)
 
 
+def open_mount_point(target: PathArg, follow_symlinks: bool = False) -> int:
+    """An ``O_PATH`` descriptor of the directory ``target``, for mounting onto.
+
+    Unless ``follow_symlinks``, the path is resolved one component at a time
+    with ``O_NOFOLLOW`` and a symbolic link anywhere in it is refused: a link
+    planted in a parent directory (by anyone who can write there) must not
+    move a root mount elsewhere.  The mount is then made on this descriptor,
+    so the place mounted is exactly the place checked.
+    """
+    name = _show(target)
+    path_flags = os.O_PATH | os.O_CLOEXEC
+    if follow_symlinks:
+        try:
+            fd = os.open(target, path_flags)
+        except OSError as exc:
+            raise _mount_point_error(name, exc) from exc
+    else:
+        raw = os.fsencode(os.fspath(target))
+        try:
+            fd = os.open(b"/" if raw.startswith(b"/") else b".", path_flags | os.O_DIRECTORY)
+        except OSError as exc:
+            raise _mount_point_error(name, exc) from exc
+        walked = b"" if raw.startswith(b"/") else b"."
+        for part in [p for p in raw.split(b"/") if p not in (b"", b".")]:
+            walked += b"/" + part
+            try:
+                nxt = os.open(part, path_flags | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                os.close(fd)
+                raise _mount_point_error(name, exc) from exc
+            os.close(fd)
+            fd = nxt
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise ComposefsMountError("mount point %s: %s is a symbolic link: refused (a link in the path "
+                                          "could send the mount elsewhere; give the path with links resolved)"
+                                          % (name, os.fsdecode(walked)), errno.ELOOP)
+    if not stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ComposefsMountError("mount point %s is not a directory" % name, errno.ENOTDIR)
+    return fd
+
+
+def _mount_point_error(name: str, exc: OSError) -> ComposefsMountError:
+    if exc.errno == errno.ENOENT:
+        return ComposefsMountError("mount point %s does not exist" % name, exc.errno)
+    if exc.errno == errno.ENOTDIR:
+        return ComposefsMountError("mount point %s is not a directory (nor is a component of it)" % name, exc.errno)
+    return ComposefsMountError("mount point %s: %s" % (name, exc.strerror), exc.errno or 0)
+
+
 def read_image_header(fd: int, path: PathArg) -> int:
     """Check the composefs header and EROFS superblock; return the header flags."""
     head = os.pread(fd, fmt.EROFS_SUPER_OFFSET + fmt.EROFS_SUPER.size, 0)
@@ -104,11 +156,37 @@ def read_image_header(fd: int, path: PathArg) -> int:
     if len(head) < fmt.EROFS_SUPER_OFFSET + fmt.EROFS_SUPER.size:
         raise ComposefsMountError("%s is not an EROFS image: truncated before the superblock" % name,
                                   errno.EINVAL)
-    sb_magic = fmt.EROFS_SUPER.unpack_from(head, fmt.EROFS_SUPER_OFFSET)[0]
-    if sb_magic != fmt.EROFS_SUPER_MAGIC:
-        raise ComposefsMountError("%s is not an EROFS image: bad superblock magic 0x%08x" % (name, sb_magic),
+    sb = fmt.EROFS_SUPER.unpack_from(head, fmt.EROFS_SUPER_OFFSET)
+    if sb[0] != fmt.EROFS_SUPER_MAGIC:
+        raise ComposefsMountError("%s is not an EROFS image: bad superblock magic 0x%08x" % (name, sb[0]),
                                   errno.EINVAL)
+    _check_bounds(name, os.fstat(fd).st_size, blkszbits=sb[3], root_nid=sb[5], blocks=sb[9], meta_blkaddr=sb[10],
+                  xattr_blkaddr=sb[11])
     return int(flags)
+
+
+def _check_bounds(name: str, size: int, blkszbits: int, root_nid: int, blocks: int, meta_blkaddr: int,
+                  xattr_blkaddr: int) -> None:
+    """Refuse an image whose superblock points past the end of the file.
+
+    The kernel mounts a truncated image and then fails every read beyond its
+    end with EIO; what the superblock declares is checked here instead (a
+    few comparisons, no parse).  An impossible block size is left to the
+    kernel, which refuses the superblock with its own message.
+    """
+    if not 9 <= blkszbits <= 16:
+        return
+    block = 1 << blkszbits
+    problem = None
+    if blocks * block > size:
+        problem = "its superblock declares %d blocks of %d bytes (%d bytes)" % (blocks, block, blocks * block)
+    elif meta_blkaddr * block + ((root_nid + 1) << fmt.SLOT_BITS) > size:
+        problem = "its root inode (nid %d, metadata at block %d) lies past the end" % (root_nid, meta_blkaddr)
+    elif xattr_blkaddr * block > size:
+        problem = "its shared xattr area (block %d) starts past the end" % xattr_blkaddr
+    if problem:
+        raise ComposefsMountError("image %s is truncated or damaged: %s, but the file has %d bytes"
+                                  % (name, problem, size), errno.EINVAL)
 
 
 def check_digest(fd: int, path: PathArg, digest: str) -> None:
@@ -304,8 +382,12 @@ _MS_FLAGS = {
 }
 
 
-def _overlay_legacy(plan: _OverlayPlan, lower_path: str, target: PathArg, result: MountResult) -> None:
-    """mount(2) with one option string: every path escaped for overlayfs."""
+def _overlay_legacy(plan: _OverlayPlan, lower_path: str, target_fd: int, result: MountResult) -> None:
+    """mount(2) with one option string: every path escaped for overlayfs.
+
+    mount(2) takes no descriptor: the target is named through /proc/self/fd,
+    which resolves to the directory open at ``target_fd`` and nothing else.
+    """
     def esc(path: str) -> str:
         if "\n" in path:
             raise ComposefsMountError("path %r holds a newline, which the legacy overlayfs option string "
@@ -329,7 +411,8 @@ def _overlay_legacy(plan: _OverlayPlan, lower_path: str, target: PathArg, result
         lower = esc(lower_path) + "".join(sep + esc(d) for d in plan.basedirs)
         data = "%s,lowerdir=%s%s" % (base, lower, tail)
         try:
-            api.legacy_mount(MOUNT_SOURCE, target, "overlay", flags, os.fsencode(data))
+            api.legacy_mount(MOUNT_SOURCE, "/proc/self/fd/%d" % target_fd, "overlay", flags, os.fsencode(data),
+                             result.target)
             result.lower = "legacy" + ("" if sep == "::" else "-nodataonly")
             result.verity = plan.verity == "require"
             return
@@ -355,7 +438,7 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
                     workdir: Optional[PathArg] = None, readonly: bool = False,
                     attr_set: int = 0, dry_run: bool = False,
                     erofs_source: str = "auto", lower: str = "auto",
-                    record_dir: Optional[str] = "") -> MountResult:
+                    record_dir: Optional[str] = "", follow_symlinks: bool = False) -> MountResult:
     """Mount the composefs ``image`` at ``target`` with objects from ``basedirs``.
 
     ``digest`` (hex) is the required fs-verity digest of the image and implies
@@ -369,7 +452,8 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
     kernel has.  Raises :class:`ComposefsMountError` with a clear message.
     A record of the mount is written into ``record_dir`` ("": the default
     :data:`.mount_record.RECORD_DIR`, None: none); failing to write it never
-    fails the mount (``result.record_error`` says why).
+    fails the mount (``result.record_error`` says why).  A symbolic link in
+    ``target`` is refused unless ``follow_symlinks`` (see :func:`open_mount_point`).
     """
     if erofs_source not in ("auto", "file", "loop") or lower not in ("auto", "fd", "tmpdir", "legacy"):
         raise ValueError("bad erofs_source/lower")
@@ -388,19 +472,12 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
     if digest is not None:
         verity = True
 
-    try:
-        image_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            raise ComposefsMountError("image %s does not exist" % _show(image), exc.errno) from exc
-        raise ComposefsMountError("Failed to open %s: %s" % (_show(image), exc.strerror), exc.errno or 0) from exc
+    image_fd = _open_image(image)
     idmap_fd: Optional[int] = None
+    target_fd: Optional[int] = None
     try:
-        st = os.fstat(image_fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ComposefsMountError("image %s is not a regular file" % _show(image), errno.EINVAL)
         flags = read_image_header(image_fd, image)
-        _check_dir(target, "mount point")
+        target_fd = open_mount_point(target, follow_symlinks)
         for d in dirs:
             _check_dir(d, "basedir")
         if upperdir is not None:
@@ -430,7 +507,7 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
         plan = _OverlayPlan(dirs, None if upperdir is None else _show(upperdir),
                             None if workdir is None else _show(workdir), verity_mode, attr_flags)
         try:
-            _mount(image_fd, image, bool(flags & fmt.COMPOSEFS_FLAGS_HAS_ACL), idmap_fd, plan, target,
+            _mount(image_fd, image, bool(flags & fmt.COMPOSEFS_FLAGS_HAS_ACL), idmap_fd, plan, target_fd,
                    erofs_source, lower, result)
         except api.MountError as exc:
             raise ComposefsMountError("Failed to mount composefs %s: %s" % (_show(image), exc),
@@ -442,6 +519,23 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
         os.close(image_fd)
         if idmap_fd is not None:
             os.close(idmap_fd)
+        if target_fd is not None:
+            os.close(target_fd)
+
+
+def _open_image(image: PathArg) -> int:
+    """Open the image: a regular file, never blocking (a FIFO or a device given as
+    the image is refused, not waited on).  A symbolic link is followed, as by C."""
+    try:
+        fd = open_regular(image, shown="image %s" % _show(image), flags=READ_FLAGS & ~os.O_NOFOLLOW)
+    except UnsafePathError as exc:
+        raise ComposefsMountError(str(exc), errno.EINVAL) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise ComposefsMountError("image %s does not exist" % _show(image), exc.errno) from exc
+        raise ComposefsMountError("Failed to open %s: %s" % (_show(image), exc.strerror), exc.errno or 0) from exc
+    os.set_blocking(fd, True)  # a regular file: O_NONBLOCK only guarded the open
+    return fd
 
 
 def _record(image_fd: int, image: PathArg, target: PathArg, dirs: List[str], digest: Optional[str],
@@ -469,7 +563,7 @@ def _record(image_fd: int, image: PathArg, target: PathArg, dirs: List[str], dig
 
 
 def _mount(image_fd: int, image: PathArg, has_acl: bool, idmap_fd: Optional[int], plan: _OverlayPlan,
-           target: PathArg, erofs_source: str, lower: str, result: MountResult) -> None:
+           target_fd: int, erofs_source: str, lower: str, result: MountResult) -> None:
     erofs_fd = _mount_erofs(image_fd, image, has_acl, idmap_fd, erofs_source, result)
     first: Optional[api.MountError] = None
     try:
@@ -485,10 +579,10 @@ def _mount(image_fd: int, image: PathArg, has_acl: bool, idmap_fd: Optional[int]
                 first = exc
             else:
                 result.lower = "fd"
-                _attach(ovl_fd, target)
+                _attach(ovl_fd, target_fd, result.target)
                 return
         try:
-            _with_tmpdir(erofs_fd, plan, target, lower, result)
+            _with_tmpdir(erofs_fd, plan, target_fd, lower, result)
         except api.MountError as exc:
             # The same refusal by an older interface: the first answer came
             # from the newest one, with the kernel's own explanation.
@@ -499,14 +593,14 @@ def _mount(image_fd: int, image: PathArg, has_acl: bool, idmap_fd: Optional[int]
         os.close(erofs_fd)
 
 
-def _attach(ovl_fd: int, target: PathArg) -> None:
+def _attach(ovl_fd: int, target_fd: int, shown: str) -> None:
     try:
-        api.move_mount(ovl_fd, target)
+        api.move_mount_fd(ovl_fd, target_fd, shown)
     finally:
         os.close(ovl_fd)
 
 
-def _with_tmpdir(erofs_fd: int, plan: _OverlayPlan, target: PathArg, lower: str, result: MountResult) -> None:
+def _with_tmpdir(erofs_fd: int, plan: _OverlayPlan, target_fd: int, lower: str, result: MountResult) -> None:
     """Older kernels: the EROFS mount must have a path while the overlay is made."""
     tmpdir = _private_tmpdir()
     attached = False
@@ -522,9 +616,9 @@ def _with_tmpdir(erofs_fd: int, plan: _OverlayPlan, target: PathArg, lower: str,
                 lower = "legacy"
             else:
                 result.lower = "tmpdir"
-                _attach(ovl_fd, target)
+                _attach(ovl_fd, target_fd, result.target)
                 return
-        _overlay_legacy(plan, tmpdir, target, result)
+        _overlay_legacy(plan, tmpdir, target_fd, result)
     finally:
         if attached:
             try:

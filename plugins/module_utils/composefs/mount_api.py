@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # not at run time: every import is mount.composefs start-up t
 # Syscall numbers of the mount API: one table for every architecture since
 # Linux 5.1 (asm-generic/unistd.h), except alpha, which Python rarely runs on.
 _NR = {
-    "open_tree": 428,
     "move_mount": 429,
     "fsopen": 430,
     "fsconfig": 431,
@@ -45,10 +44,9 @@ FSCONFIG_SET_FD = 5
 FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 0x1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 AT_EMPTY_PATH = 0x1000
 AT_FDCWD = -100
-OPEN_TREE_CLONE = 0x1
-OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
@@ -189,13 +187,14 @@ def move_mount(mnt_fd: int, target: PathArg) -> None:
         raise _fail("move_mount", -res, "to %s" % os.fsdecode(_fs(target)))
 
 
-def open_tree_clone(path: PathArg) -> int:
-    """A detached copy of the mount at ``path`` (open_tree OPEN_TREE_CLONE)."""
-    res = _call("open_tree", ctypes.c_int(AT_FDCWD), _fs(path),
-                ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC))
+def move_mount_fd(mnt_fd: int, target_fd: int, shown: str) -> None:
+    """Attach the detached mount ``mnt_fd`` on the directory open at ``target_fd``
+    (an ``O_PATH`` descriptor): exactly the place that was opened, whatever
+    its path names meanwhile."""
+    res = _call("move_mount", ctypes.c_int(mnt_fd), b"", ctypes.c_int(target_fd), b"",
+                ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH))
     if res < 0:
-        raise _fail("open_tree", -res, os.fsdecode(_fs(path)))
-    return res
+        raise _fail("move_mount", -res, "to %s" % shown)
 
 
 def mount_setattr(mnt_fd: int, attr_set: int, attr_clr: int = 0, userns_fd: int = 0) -> None:
@@ -211,13 +210,14 @@ def set_idmap(mnt_fd: int, userns_fd: int) -> None:
     mount_setattr(mnt_fd, MOUNT_ATTR_IDMAP, 0, userns_fd)
 
 
-def legacy_mount(source: PathArg, target: PathArg, fstype: str, flags: int, data: Optional[bytes]) -> None:
-    """mount(2), for kernels without the mount API keys we need."""
+def legacy_mount(source: PathArg, target: PathArg, fstype: str, flags: int, data: Optional[bytes],
+                 shown: str = "") -> None:
+    """mount(2), for kernels without the mount API keys we need; ``shown`` names the target in errors."""
     _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                             ctypes.c_char_p]
     if _libc.mount(_fs(source), _fs(target), fstype.encode(), flags, data) != 0:
         err = ctypes.get_errno()
-        raise _fail("mount", err, "%s on %s" % (fstype, os.fsdecode(_fs(target))))
+        raise _fail("mount", err, "%s on %s" % (fstype, shown or os.fsdecode(_fs(target))))
 
 
 def umount(target: PathArg, flags: int = 0) -> None:
