@@ -288,7 +288,7 @@ def _fs(path):
 
 
 def resolve(params, where, need_image):
-    """The request as a :class:`MountRequest` (verity decided), with its unit text when an image is named."""
+    """The request as a :class:`MountRequest` (verity decided)."""
     image, store_path = params["image"], params["store"]
     image_file = image_digest = pin = None
     if need_image:
@@ -330,12 +330,12 @@ def resolve(params, where, need_image):
             raise Fail("verity=require, but %s (use verity: auto or off there)" % verity.problem)
     else:
         verity = resolve_verity("off", basedirs)
-    req = MountRequest(where, image_file, image_digest, basedirs, verity, pin, upper, work)
-    req.unit_text = None
-    if need_image:
-        req.unit_text = unit_text(image_file, where, req.options(), requires_mounts_for=req.needs(),
-                                  wanted_by=WANTED_BY)
-    return req
+    return MountRequest(where, image_file, image_digest, basedirs, verity, pin, upper, work)
+
+
+def wanted_unit_text(req):
+    """The text of the unit that mounts ``req`` at boot."""
+    return unit_text(req.image_file, req.where, req.options(), requires_mounts_for=req.needs(), wanted_by=WANTED_BY)
 
 
 class Unit:
@@ -411,8 +411,8 @@ class Runner:
             if not self.check:
                 mount_record.unmount(self.where)
 
-    def write_unit(self, unit, req):
-        if unit.text != req.unit_text:
+    def write_unit(self, unit, req, text):
+        if unit.text != text:
             self.actions.append("wrote unit" if unit.text is None else "updated unit")
             if not self.check:
                 os.makedirs(unit.dir, mode=0o755, exist_ok=True)
@@ -488,6 +488,7 @@ def run(module):
     after_mounted = live.state()
     if need_image:
         wanted_state = req.state()
+        wanted_text = wanted_unit_text(req)
     if state == "mounted":
         if not live.mounted:
             runner.mount(req)
@@ -496,7 +497,7 @@ def run(module):
             module.warn("a different composefs mount is at %s and was left alone (use state=remounted to replace "
                         "it): %s" % (where, "; ".join(diffs)))
         try:
-            runner.write_unit(unit, req)
+            runner.write_unit(unit, req, wanted_text)
         except BaseException:
             if "mounted" in runner.actions and not module.check_mode:
                 _undo_mount(runner)
@@ -505,9 +506,9 @@ def run(module):
         runner.unmount(live.layers)
         runner.mount(req)
         after_mounted = wanted_state
-        runner.write_unit(unit, req)
+        runner.write_unit(unit, req, wanted_text)
     elif state == "present":
-        runner.write_unit(unit, req)
+        runner.write_unit(unit, req, wanted_text)
     elif state == "unmounted":
         runner.unmount(live.layers)
         after_mounted = NOT_MOUNTED
@@ -521,7 +522,7 @@ def run(module):
             _rmdir_quietly(where)
     runner.daemon_reload()
     if state in ("present", "mounted", "remounted"):
-        after_unit, after_enabled = req.unit_text, True
+        after_unit, after_enabled = wanted_text, True
     elif state == "absent":
         after_unit, after_enabled = None, False
     else:
