@@ -7,7 +7,8 @@ Steps (as libcomposefs 1.0.8 ``lcfs_mount_fd``, with the kernel interfaces of
 today and no temporary mount where the kernel allows it):
 
 1. check everything that can be checked without mounting (privileges, image
-   header, fs-verity digest, directories), each with a clear message;
+   header and bounds, fs-verity digest, directories), each with a clear
+   message; open the mount point without following symbolic links;
 2. mount the image as EROFS, detached (``fsmount``): file-backed where the
    kernel can (Linux 6.12+), else through a read-only auto-clearing loop
    device; idmap it when asked (``mount_setattr(MOUNT_ATTR_IDMAP)``);
@@ -17,7 +18,8 @@ today and no temporary mount where the kernel allows it):
    ``redirect_dir=on``, ``metacopy=on``, ``verity=require`` when asked;
    kernels without those keys get the classic ``lowerdir=a::b`` string with
    ``\\``-escaped separators;
-4. attach the overlay at the target (``move_mount``).
+4. attach the overlay onto the mount point's descriptor (``move_mount``), so
+   the place mounted is the place checked.
 
 The EROFS mount is never visible anywhere once this returns: the overlay
 holds the only reference, so ``umount TARGET`` releases everything, and the
