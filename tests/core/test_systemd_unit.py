@@ -160,3 +160,28 @@ def test_cli_prints_and_writes_the_unit(ours, tmp_path):
     # A basedir holding a comma cannot pass through mount(8): refused, nothing written.
     res = ours.run("mount.composefs", "--print-systemd-unit", "-o", "basedir=/o\\,x", img, where)
     assert res.returncode == 1 and b"escaped comma" in res.stderr
+
+
+def test_systemctl_helpers_run_through_the_given_runner():
+    """The module passes Ansible's run_command, the agent uses subprocess: one set of helpers."""
+    from composefs_fleet import systemd_unit
+
+    calls = []
+
+    def run(argv):
+        calls.append(argv)
+        if argv[1] == "show":
+            return 0, "loaded\n", ""
+        if argv[1] == "start":
+            return 1, "", "Job for srv-app.mount failed.\n"
+        return 0, "", ""
+
+    assert systemd_unit.unit_loaded("srv-app.mount", run, "/bin/systemctl")
+    systemd_unit.enable_unit("srv-app.mount", run)
+    systemd_unit.daemon_reload(run)
+    with pytest.raises(systemd_unit.SystemctlError, match=r"systemctl start -- srv-app.mount failed \(rc 1\): Job for"):
+        systemd_unit.start_unit("srv-app.mount", run)
+    assert calls == [["/bin/systemctl", "show", "--property=LoadState", "--value", "--", "srv-app.mount"],
+                     ["systemctl", "enable", "--", "srv-app.mount"], ["systemctl", "daemon-reload"],
+                     ["systemctl", "start", "--", "srv-app.mount"]]
+    assert not systemd_unit.unit_loaded("x.mount", lambda argv: (0, "not-found\n", ""))
