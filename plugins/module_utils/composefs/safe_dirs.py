@@ -23,11 +23,16 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Optional, Tuple, Union
 
 from .errors import ComposefsError
 
-PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+# typing costs ~20 ms of start-up and mount.composefs opens its image through
+# here: imported for type checkers only (annotations are strings).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Tuple, Union
+
+    PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Opening a FIFO or a device must never block or have side effects (a tape
