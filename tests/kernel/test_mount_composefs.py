@@ -943,6 +943,7 @@ def test_image_whose_root_inode_is_past_its_end_is_refused(tree, mounts):
 
 @pytest.mark.parametrize("kind", ["FIFO", "character device"])
 def test_fifo_or_device_as_image_is_refused_without_waiting(tree, tmp_path, ours, kind):
+    """Opening a FIFO for reading waits for a writer: the helper must refuse it at once."""
     src, image, store, target = tree
     if kind == "FIFO":
         bad = tmp_path / "fifo.cfs"
@@ -955,6 +956,19 @@ def test_fifo_or_device_as_image_is_refused_without_waiting(tree, tmp_path, ours
         pytest.fail("mount.composefs waited on a %s given as the image" % kind)
     assert res.returncode == 1
     assert "mount.composefs: image %s is not a regular file (%s)" % (bad, kind) in res.stderr.decode(), res.stderr
+    assert not mounts_at(target)
+
+
+def test_fifo_as_idmap_is_refused_without_waiting(tree, tmp_path, ours):
+    src, image, store, target = tree
+    fifo = tmp_path / "userns"
+    os.mkfifo(str(fifo))
+    try:
+        res = helper(ours, "-o", "basedir=%s,idmap=%s" % (store, fifo), image, target, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("mount.composefs waited on a FIFO given as idmap")
+    assert res.returncode == 1
+    assert "mount.composefs: idmap: cannot make an idmapped mount with that user namespace" in res.stderr.decode()
     assert not mounts_at(target)
 
 

@@ -499,7 +499,7 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
             verity_mode = "try" if all(verity_problem(d) is None for d in dirs) else ""
         if idmap is not None:
             try:
-                idmap_fd = os.open(idmap, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+                idmap_fd = os.open(idmap, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)  # never wait on a FIFO
             except OSError as exc:
                 raise ComposefsMountError("Failed to open userns %s: %s" % (_show(idmap), exc.strerror),
                                           exc.errno or 0) from exc
