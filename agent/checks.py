@@ -18,7 +18,7 @@ import struct
 import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from composefs_fleet import fsverity, mount_record
+from composefs_fleet import fsverity, mount_record, mountinfo
 from composefs_fleet.errors import ComposefsError, VerityError, VerityNotEnabled, VerityNotSupported
 from composefs_fleet.mount_state import LAYOUT, LiveMount, differences
 from composefs_fleet.store import DAMAGED, META_NAME, image_file_objects
@@ -136,7 +136,7 @@ class Checker:
         for store in config.stores:
             self._guard(lambda: self._check_store(store), store=store)
         try:
-            entries = mount_record.read_mountinfo()
+            entries = mountinfo.read_mountinfo()
         except OSError as exc:
             entries = []
             self._add("check-failed", "cannot read mountinfo: %s" % exc.strerror, {})
@@ -176,11 +176,11 @@ class Checker:
                       {"store": store, "path": os.fsdecode(exc.filename or store)})
 
     # -- mounts -------------------------------------------------------------------
-    def _check_mount(self, spec: MountSpec, entries: List[mount_record.MountInfo],
+    def _check_mount(self, spec: MountSpec, entries: List[mountinfo.MountInfo],
                      checked: Dict[str, Set[bytes]], used_images: Set[str]) -> None:
         fields = {"mount": spec.where, "image_digest": spec.digest}
         image_ok, image_verity = self._check_image(spec, fields)
-        top = mount_record.top_mount(spec.where, entries)
+        top = mountinfo.top_mount(spec.where, entries)
         if top is None or not top.is_composefs():
             missing = self._add("mount-missing", "%s is not mounted (expected image %s)" % (spec.where, spec.digest),
                                 fields)
@@ -195,8 +195,8 @@ class Checker:
             except (ComposefsError, OSError) as exc:
                 self._add("mount-remount-failed", "mounting %s again failed: %s" % (spec.where, exc), fields)
                 return
-            entries = mount_record.read_mountinfo()
-            top = mount_record.top_mount(spec.where, entries)
+            entries = mountinfo.read_mountinfo()
+            top = mountinfo.top_mount(spec.where, entries)
             if top is None or not top.is_composefs():
                 self._add("mount-remount-failed", "%s: %s reported success but nothing is mounted"
                           % (spec.where, how), fields)
@@ -244,7 +244,7 @@ class Checker:
             return False, measured
         return True, measured
 
-    def _check_live(self, spec: MountSpec, top: mount_record.MountInfo, entries: List[mount_record.MountInfo],
+    def _check_live(self, spec: MountSpec, top: mountinfo.MountInfo, entries: List[mountinfo.MountInfo],
                     fields: Dict[str, object]) -> Optional[str]:
         """Compare the live mount with the spec; the digest of the image it shows (None: unknown)."""
         record = mount_record.record_for(top, entries, self.record_dir)

@@ -237,7 +237,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.composefs import mount_record
+from ..module_utils.composefs import mount_record, mountinfo
 from ..module_utils.composefs.errors import ComposefsError
 from ..module_utils.composefs.mount import verity_problem
 from ..module_utils.composefs.store import Store, image_objects
@@ -295,8 +295,8 @@ def store_facts(location, mounted_at, check_objects):
 
 
 def mount_facts():
-    entries = mount_record.read_mountinfo()
-    return [mount_record.describe_mount(e, entries) for e in mount_record.composefs_mounts(entries)]
+    entries = mountinfo.read_mountinfo()
+    return [mount_record.describe_mount(e, entries) for e in mountinfo.composefs_mounts(entries)]
 
 
 def main():

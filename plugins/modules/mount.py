@@ -266,7 +266,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.composefs import mount_record
+from ..module_utils.composefs import mount_record, mountinfo
 from ..module_utils.composefs.errors import ComposefsError
 from ..module_utils.composefs.fsverity import digest_file
 from ..module_utils.composefs.mount import mount_composefs
@@ -474,7 +474,7 @@ def run(module):
     raw = params["path"]
     if not raw.startswith("/"):
         raise Fail("path must be an absolute path, got %r" % raw)
-    where = mount_record.canonical(raw)
+    where = mountinfo.canonical(raw)
     need_image = state in ("mounted", "present", "remounted")
     req = resolve(params, where, need_image)
     unit = Unit(params["unit_dir"], where)

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from composefs_fleet import mount_record
+from composefs_fleet import mount_record, mountinfo
 from composefs_fleet.mount import mount_composefs
 from composefs_fleet.store import Store
 
@@ -80,7 +80,7 @@ class Node:
     def unmount_all(self) -> None:
         for where in reversed(self.mounted):
             for _ in range(4):
-                top = mount_record.top_mount(where)
+                top = mountinfo.top_mount(where)
                 if top is None or not top.is_composefs():
                     break
                 mount_record.unmount(where)

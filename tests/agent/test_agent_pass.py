@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from agent_fixtures import Node, kinds, node, run_once  # noqa: F401  (node: a fixture)
 
-from composefs_fleet import mount_record
+from composefs_fleet import mount_record, mountinfo
 from composefs_fleet_agent.checks import Checker
 from composefs_fleet_agent.config import load
 
@@ -78,7 +78,7 @@ def test_unmounted_mount_comes_back_when_configured(node: Node):
     res = run_once(node.write_config())
     assert res.returncode == 0, res.stderr
     assert kinds(res.stderr) == ["config-loaded", "mount-missing", "mount-remounted", "pass-summary"]
-    top = mount_record.top_mount(where)
+    top = mountinfo.top_mount(where)
     assert top is not None and top.is_composefs()
     assert mount_record.live_record(where)["image_digest"] == digest
     assert node.metrics()['repairs{kind="mount-remounted"}'] == 1
@@ -91,7 +91,7 @@ def test_unmounted_mount_stays_down_without_remount(node: Node):
     mount_record.unmount(where)
     res = run_once(node.write_config())
     assert res.returncode == 1 and "mount-missing" in kinds(res.stderr)
-    assert mount_record.top_mount(where) is None or not mount_record.top_mount(where).is_composefs()
+    assert mountinfo.top_mount(where) is None or not mountinfo.top_mount(where).is_composefs()
 
 
 def test_replaced_image_is_reported_and_never_mounted(node: Node):
@@ -106,7 +106,7 @@ def test_replaced_image_is_reported_and_never_mounted(node: Node):
     found = kinds(res.stderr)
     assert "image-digest-mismatch" in found and "mount-remount-failed" in found and "mount-remounted" not in found
     assert other in res.stderr and "not mounting" in res.stderr
-    assert mount_record.top_mount(where) is None or not mount_record.top_mount(where).is_composefs()
+    assert mountinfo.top_mount(where) is None or not mountinfo.top_mount(where).is_composefs()
 
 
 def test_another_image_at_the_mount_point_is_found(node: Node):
@@ -157,13 +157,13 @@ def test_mount_vanishing_mid_pass_costs_nothing_but_that_mount(node: Node):
     logged = []
 
     def tick() -> None:
-        top = mount_record.top_mount(where)
+        top = mountinfo.top_mount(where)
         if top is not None and top.is_composefs():
             mount_record.unmount(where)
 
     checker = Checker(logged.append, tick)
     result = checker.run(cfg, 1, quarantine=False)
-    assert mount_record.top_mount(where) is None or not mount_record.top_mount(where).is_composefs()
+    assert mountinfo.top_mount(where) is None or not mountinfo.top_mount(where).is_composefs()
     assert result.objects == len(node.objects()) and result.healthy, [f.message for f in result.findings]
     again = checker.run(cfg, 2, quarantine=False)
     assert [f.kind for f in again.findings] == ["mount-missing", "mount-remounted"]
@@ -213,4 +213,4 @@ def test_remount_refuses_a_symlink_in_the_parents_of_where(node: Node):
     assert res.returncode == 1
     assert kinds(res.stderr) == ["config-loaded", "mount-missing", "mount-remount-failed", "pass-summary"], res.stderr
     assert "%s is a symbolic link: refused" % (node.base / "mnt") in res.stderr
-    assert mount_record.top_mount(real / "app") is None
+    assert mountinfo.top_mount(real / "app") is None

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from composefs_fleet import mount_record
+from composefs_fleet import mount_record, mountinfo
 from composefs_fleet.fsverity import _kernel_has_fsverity
 from composefs_fleet.mount import verity_problem
 from composefs_fleet.store import Store
@@ -41,7 +41,7 @@ def write_source(root, seed, shared=True):
 
 def composefs_mounts_under(base):
     prefix = os.path.realpath(str(base)) + "/"
-    return [e for e in mount_record.read_mountinfo() if e.where.startswith(prefix)]
+    return [e for e in mountinfo.read_mountinfo() if e.where.startswith(prefix)]
 
 
 class Env:
@@ -111,7 +111,7 @@ def warning_texts(res):
 
 
 def mounted_here(target):
-    top = mount_record.top_mount(target)
+    top = mountinfo.top_mount(target)
     return top is not None and top.is_composefs()
 
 
@@ -201,7 +201,7 @@ def test_mounted_then_absent(module_runner, env, name):
     assert info["basedirs"] == [str(env.store / "objects")]
     assert info["verity"] == ("off" if verity_problem(str(env.store / "objects")) else "require")
     # Real effects: mountinfo, reads, unit and wants link, record.
-    top = mount_record.top_mount(target)
+    top = mountinfo.top_mount(target)
     assert top.is_composefs() and top.layout()["basedirs"] == [str(env.store / "objects")]
     env.assert_reads(target, "one")
     with open(env.unit_file(target)) as f:
@@ -254,7 +254,7 @@ def test_remounted_always_changes(module_runner, env):
         assert not res.get("failed"), res.get("msg")
         assert res["changed"] is True
     assert res["actions"][:2] == ["unmounted", "mounted"]
-    assert len([e for e in mount_record.mounts_at(target)]) == 1  # replaced, not stacked
+    assert len([e for e in mountinfo.mounts_at(target)]) == 1  # replaced, not stacked
     env.assert_reads(target, "one")
     four(module_runner, env.args(target, "absent"))
 
@@ -296,7 +296,7 @@ def test_other_basedirs_are_a_difference(module_runner, env):
     res = module_runner("mount", env.args(target, "mounted", basedir=[str(env.store / "objects"), str(extra)]))
     assert [d.split(":")[0] for d in res["differences"]] == ["basedirs"]
     res = module_runner("mount", env.args(target, "remounted", basedir=[str(env.store / "objects"), str(extra)]))
-    assert res["changed"] and mount_record.top_mount(target).layout()["basedirs"] == [
+    assert res["changed"] and mountinfo.top_mount(target).layout()["basedirs"] == [
         str(env.store / "objects"), str(extra)]
     four(module_runner, env.args(target, "absent"))
 
@@ -327,7 +327,7 @@ def test_image_file_and_upperdir(module_runner, env):
                 upperdir=str(up), workdir=str(work), state="mounted", unit_dir=str(env.units))
     _, real, _, _ = four(module_runner, args)
     assert real["mount"]["image_digest"] == env.digest["two"]
-    layout = mount_record.top_mount(target).layout()
+    layout = mountinfo.top_mount(target).layout()
     assert (layout["upperdir"], layout["workdir"]) == (str(up), str(work))
     env.assert_reads(target, "two")
     with open(os.path.join(target, "written"), "wb") as f:
@@ -358,7 +358,7 @@ def test_foreign_mount_is_not_touched(module_runner, env):
         for state in ("mounted", "unmounted", "absent", "remounted"):
             res = module_runner("mount", env.args(target, state))
             assert res["failed"] and "something other than a composefs image is mounted" in res["msg"], state
-        assert mount_record.top_mount(target).fstype == "tmpfs"
+        assert mountinfo.top_mount(target).fstype == "tmpfs"
     finally:
         subprocess.run(["umount", target], check=True)
 

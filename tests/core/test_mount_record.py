@@ -1,4 +1,4 @@
-"""Mount records and mountinfo parsing (mount_record): which image is mounted where.
+"""Mount records (mount_record): which image is mounted where (mountinfo parsing: test_mountinfo.py).
 
 The parsing and naming tests run anywhere; those marked ``kernel`` mount for
 real and unmount in ``finally`` (also on failure).
@@ -15,66 +15,9 @@ import sys
 import pytest
 
 from composefs_fleet import mount_record as mr
+from composefs_fleet import mountinfo
 from composefs_fleet.fsverity import digest_file
 from composefs_fleet.mount import mount_composefs
-
-# -- mountinfo parsing ----------------------------------------------------------------
-
-LINE = (b"45 27 0:40 / /tmp/x/m\\0402,x:y=z\\012nl rw,relatime shared:12 master:3 - overlay composefs "
-        b"ro,lowerdir+=/,datadir+=/srv/ob\\040j\\054s:1,datadir+=/srv/two,redirect_dir=on,verity=require,metacopy=on")
-
-
-def test_unescape_mountinfo():
-    assert mr.unescape_mountinfo(b"a\\040b\\011c\\012d\\134e") == b"a b\tc\nd\\e"
-    assert mr.unescape_mountinfo(b"no escapes") == b"no escapes"
-    # Not an escape: fewer than three octal digits, or 8/9.
-    assert mr.unescape_mountinfo(b"x\\04") == b"x\\04"
-    assert mr.unescape_mountinfo(b"x\\089") == b"x\\089"
-    assert mr.unescape_mountinfo(b"\\") == b"\\"
-
-
-def test_mountinfo_line():
-    e = mr.MountInfo(LINE)
-    assert (e.mount_id, e.parent_id, e.dev) == (45, 27, "0:40")
-    assert e.where == "/tmp/x/m 2,x:y=z\nnl"
-    assert e.mount_options == ["rw", "relatime"]
-    assert e.is_composefs()
-    layout = e.layout()
-    assert layout["basedirs"] == ["/srv/ob j,s:1", "/srv/two"]
-    assert layout["verity"] == "require"
-    assert layout["readonly"] is True
-    assert layout["upperdir"] is None and layout["workdir"] is None
-
-
-def test_mountinfo_legacy_and_upper():
-    line = (b"50 27 0:41 / /mnt rw - overlay composefs rw,lowerdir=/run/.composefs.x::/srv/a\\:b::/srv/c,"
-            b"upperdir=/u,workdir=/w,redirect_dir=on,metacopy=on")
-    layout = mr.MountInfo(line).layout()
-    assert layout["basedirs"] == ["/srv/a:b", "/srv/c"]
-    assert (layout["upperdir"], layout["workdir"], layout["verity"]) == ("/u", "/w", "off")
-    assert layout["readonly"] is False
-    assert not mr.MountInfo(b"1 0 8:1 / / rw - ext4 /dev/sda1 rw").is_composefs()
-
-
-def test_malformed_lines_are_skipped(tmp_path):
-    path = tmp_path / "mountinfo"
-    path.write_bytes(b"garbage\n" + LINE + b"\n\n1 0 8:1 / / rw - ext4\n")
-    entries = mr.read_mountinfo(str(path))
-    assert [e.mount_id for e in entries] == [45]
-
-
-def _entry(mid, parent, where, fstype="overlay", source="composefs"):
-    return mr.MountInfo(("%d %d 0:%d / %s rw - %s %s rw" % (mid, parent, mid, where, fstype, source)).encode())
-
-
-def test_stacked_mounts_bottom_first():
-    entries = [_entry(30, 27, "/mnt/x", "tmpfs", "tmpfs"), _entry(10, 30, "/mnt/x"), _entry(5, 10, "/mnt/x"),
-               _entry(7, 27, "/mnt/y")]
-    assert [e.mount_id for e in mr.mounts_at("/mnt/x", entries)] == [30, 10, 5]
-    assert mr.top_mount("/mnt/x", entries).mount_id == 5
-    assert mr.top_mount("/mnt/z", entries) is None
-    assert [e.mount_id for e in mr.composefs_mounts(entries)] == [10, 5, 7]
-
 
 # -- record names ------------------------------------------------------------------
 
@@ -138,7 +81,7 @@ def test_stale_records_are_recognised_and_pruned(tmp_path):
     gone = _fake_record("/nonexistent/mount/point")
     other_boot = _fake_record("/nonexistent/other", boot_id="not-this-boot")
     # A mount that exists (/) but is not composefs: a record for it is stale too.
-    root = _fake_record("/", mount_id=mr.top_mount("/").mount_id, dev=mr.top_mount("/").dev)
+    root = _fake_record("/", mount_id=mountinfo.top_mount("/").mount_id, dev=mountinfo.top_mount("/").dev)
     for rec in (gone, other_boot, root):
         assert not mr.is_live(rec)
         with open(os.path.join(directory, mr.record_name(rec["where"])), "w") as f:
@@ -176,7 +119,7 @@ def image(tmp_path, ours):
 
 def _umount_all(*targets):
     for t in targets:
-        while mr.top_mount(t) is not None and mr.top_mount(t).is_composefs():
+        while mountinfo.top_mount(t) is not None and mountinfo.top_mount(t).is_composefs():
             if subprocess.run(["umount", str(t)], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", str(t)], capture_output=True)
                 break
@@ -197,13 +140,13 @@ def test_every_mount_is_recorded_and_unmount_forgets(tmp_path, image):
         assert rec["image"] == str(img) and rec["image_digest"] == digest_file(img).hex()
         assert rec["basedirs"] == [str(store)] and rec["where"] == str(target)
         assert rec["verity"] == "off" and rec["upperdir"] is None
-        top = mr.top_mount(target)
+        top = mountinfo.top_mount(target)
         assert (rec["mount_id"], rec["dev"]) == (top.mount_id, top.dev)
         info = mr.describe_mount(top, directory=records)
         assert info["recorded"] and info["image_digest"] == rec["image_digest"]
         assert (target / "small").read_bytes() == b"small\n"
         mr.unmount(target, records)
-        assert mr.top_mount(target) is None
+        assert mountinfo.top_mount(target) is None
         assert not os.path.exists(result.record_path)
     finally:
         _umount_all(target)
@@ -222,7 +165,7 @@ def test_replaced_mount_makes_the_old_record_stale(tmp_path, image):
         subprocess.run(["umount", str(target)], check=True)
         assert not mr.is_live(old)
         mount_composefs(img, target, [store], record_dir=None)  # no record of its own
-        top = mr.top_mount(target)
+        top = mountinfo.top_mount(target)
         if (old["mount_id"], old["dev"]) != (top.mount_id, top.dev):
             pytest.skip("the kernel gave the new mount another ID and device: reuse not exercised this time")
         if old["mount_id_unique"] is None:
@@ -319,7 +262,7 @@ def test_other_namespace_record_lives_with_its_namespace(tmp_path, image, ours):
         if b"not recorded" in res.stderr:
             pytest.skip("no record written: %s" % res.stderr.decode().strip())
         assert ("recorded in %s" % path) in res.stderr.decode()
-        assert mr.top_mount(target) is None  # not in our namespace
+        assert mountinfo.top_mount(target) is None  # not in our namespace
         rec = mr.load_record(path)
         assert rec["mnt_ns"] == ns and not mr.is_live(rec)  # not ours to see...
         mr.prune()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from composefs_fleet.mount_record import MountInfo
+from composefs_fleet.mountinfo import MountInfo
 from composefs_fleet.mount_state import LiveMount, MountRequest, differences, resolve_verity
 
 DIGEST = "ab" * 32

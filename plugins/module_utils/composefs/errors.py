@@ -40,3 +40,11 @@ class VerityNotSupported(VerityError):
 
 class VerityNotEnabled(VerityError):
     """The file has no fs-verity enabled (ENODATA on measure)."""
+
+
+class UnmountError(ComposefsError):
+    """A composefs mount could not be unmounted (nothing there, not ours, busy); ``errno`` says why."""
+
+    def __init__(self, message: str, err: int = 0) -> None:
+        super().__init__(message)
+        self.errno = err

@@ -19,6 +19,7 @@ at the same place is recognised as stale and never believed.
 
 Recording is best effort: a mount never fails because its record could not
 be written (``/run`` read-only, full...); the caller gets the reason.
+Reading mountinfo itself is :mod:`.mountinfo`'s job.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+
+from .errors import ComposefsError, UnmountError
+from .mountinfo import MountInfo, canonical, composefs_mounts, mounts_at, read_mountinfo, top_mount
+
 # typing itself costs start-up time on every mount: imported for type checkers only.
 TYPE_CHECKING = False
 
@@ -36,7 +41,6 @@ if TYPE_CHECKING:
 
 RECORD_DIR = "/run/composefs-fleet/mounts"
 RECORD_FORMAT = 1
-MOUNT_SOURCE = "composefs"
 _LOCK_NAME = ".lock"
 _SUFFIX = ".json"
 _NAME_MAX = 255
@@ -48,155 +52,7 @@ _STATX_MNT_ID_OFFSET = 144  # struct statx: stx_mnt_id follows stx_dev_minor
 _LIBC: Dict[str, Any] = {}  # libc's statx(), looked up once
 
 
-# -- /proc/self/mountinfo -----------------------------------------------------------
-
-def unescape_mountinfo(field: bytes) -> bytes:
-    """Undo the kernel's ``\\ooo`` escapes (space, tab, newline, backslash, ...)."""
-    if b"\\" not in field:
-        return field
-    out = bytearray()
-    i = 0
-    n = len(field)
-    while i < n:
-        c = field[i]
-        octal = field[i + 1:i + 4]
-        if c == 0x5C and len(octal) == 3 and all(0x30 <= b <= 0x37 for b in octal):
-            out.append(int(field[i + 1:i + 4], 8) & 0xFF)
-            i += 4
-        else:
-            out.append(c)
-            i += 1
-    return bytes(out)
-
-
-def _split_super_options(raw: bytes) -> List[Tuple[str, Optional[str]]]:
-    """Super-block options: commas inside values are octal-escaped by the kernel."""
-    items: List[Tuple[str, Optional[str]]] = []
-    for item in raw.split(b","):
-        if not item:
-            continue
-        key, sep, value = item.partition(b"=")
-        items.append((os.fsdecode(unescape_mountinfo(key)),
-                      os.fsdecode(unescape_mountinfo(value)) if sep else None))
-    return items
-
-
-class MountInfo:
-    """One line of ``/proc/self/mountinfo``; paths as str (surrogateescape)."""
-
-    def __init__(self, line: bytes) -> None:
-        left, sep, right = line.partition(b" - ")
-        lf = left.split(b" ")
-        rf = right.split(b" ")
-        if not sep or len(lf) < 6 or len(rf) < 3:
-            raise ValueError("malformed mountinfo line %r" % line[:200])
-        self.mount_id = int(lf[0])
-        self.parent_id = int(lf[1])
-        self.dev = lf[2].decode("ascii")
-        self.root = os.fsdecode(unescape_mountinfo(lf[3]))
-        self.where = os.fsdecode(unescape_mountinfo(lf[4]))
-        self.mount_options = lf[5].decode("ascii", "replace").split(",")
-        self.fstype = os.fsdecode(unescape_mountinfo(rf[0]))
-        self.source = os.fsdecode(unescape_mountinfo(rf[1]))
-        self.super_options = _split_super_options(rf[2])
-
-    def is_composefs(self) -> bool:
-        return self.fstype == "overlay" and self.source == MOUNT_SOURCE
-
-    def option(self, key: str) -> Optional[str]:
-        for k, v in self.super_options:
-            if k == key:
-                return v
-        return None
-
-    def has_flag(self, key: str) -> bool:
-        return any(k == key and v is None for k, v in self.super_options)
-
-    def layout(self) -> Dict[str, Any]:
-        """basedirs, upperdir, workdir, verity and read-only state as the kernel shows them."""
-        basedirs = [v for k, v in self.super_options if k == "datadir+" and v is not None]
-        lower = self.option("lowerdir")
-        if not basedirs and lower:
-            # Legacy option string: lowerdir=EROFS::DATA1::DATA2 (escaped "\:").
-            parts = _split_unescaped(lower, "::")
-            basedirs = parts[1:]
-        return {
-            "basedirs": basedirs,
-            "upperdir": self.option("upperdir"),
-            "workdir": self.option("workdir"),
-            "verity": self.option("verity") or "off",
-            "readonly": "ro" in self.mount_options or self.has_flag("ro"),
-        }
-
-    def as_dict(self) -> Dict[str, Any]:
-        return {
-            "mount_id": self.mount_id, "parent_id": self.parent_id, "dev": self.dev, "where": self.where,
-            "fstype": self.fstype, "source": self.source, "mount_options": list(self.mount_options),
-            "options": ",".join(k if v is None else "%s=%s" % (k, v) for k, v in self.super_options),
-        }
-
-
-def _split_unescaped(text: str, sep: str) -> List[str]:
-    parts: List[str] = []
-    cur: List[str] = []
-    i = 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text):
-            cur.append(text[i + 1])
-            i += 2
-        elif text.startswith(sep, i):
-            parts.append("".join(cur))
-            cur = []
-            i += len(sep)
-        else:
-            cur.append(text[i])
-            i += 1
-    parts.append("".join(cur))
-    return parts
-
-
-def read_mountinfo(path: str = "/proc/self/mountinfo") -> List[MountInfo]:
-    with open(path, "rb") as f:
-        raw = f.read()
-    out = []
-    for line in raw.split(b"\n"):
-        if line:
-            try:
-                out.append(MountInfo(line))
-            except ValueError:
-                continue
-    return out
-
-
-def canonical(where: PathArg) -> str:
-    """The mount point as mountinfo shows it (absolute, symlinks resolved)."""
-    return os.fsdecode(os.path.realpath(os.fsencode(os.fspath(where))))
-
-
-def mounts_at(where: PathArg, entries: Optional[Sequence[MountInfo]] = None) -> List[MountInfo]:
-    """Mounts stacked at ``where``, bottom first."""
-    target = canonical(where)
-    found = [e for e in (read_mountinfo() if entries is None else entries) if e.where == target]
-    ordered: List[MountInfo] = []
-    ids = {e.mount_id for e in found}
-    # The bottom one's parent is not at this place; each next one sits on the previous.
-    current = [e for e in found if e.parent_id not in ids]
-    while current:
-        ordered.append(current[0])
-        nxt = [e for e in found if e.parent_id == current[0].mount_id and e not in ordered]
-        current = nxt
-    ordered += [e for e in found if e not in ordered]  # anything odd: keep, on top
-    return ordered
-
-
-def top_mount(where: PathArg, entries: Optional[Sequence[MountInfo]] = None) -> Optional[MountInfo]:
-    stack = mounts_at(where, entries)
-    return stack[-1] if stack else None
-
-
-def composefs_mounts(entries: Optional[Sequence[MountInfo]] = None) -> List[MountInfo]:
-    return [e for e in (read_mountinfo() if entries is None else entries) if e.is_composefs()]
-
+# -- mount identity -----------------------------------------------------------------
 
 def unique_mount_id(where: PathArg) -> Optional[int]:
     """The boot-unique ID of the mount on top at ``where`` (None: kernel/libc cannot tell)."""
@@ -563,12 +419,6 @@ def describe_mount(entry: MountInfo, entries: Optional[Sequence[MountInfo]] = No
 
 # -- unmounting ---------------------------------------------------------------------
 
-class UnmountError(Exception):
-    def __init__(self, message: str, err: int = 0) -> None:
-        super().__init__(message)
-        self.errno = err
-
-
 def unmount(where: PathArg, directory: Optional[str] = RECORD_DIR) -> MountInfo:
     """Unmount the composefs mount on top at ``where`` and drop its record.
 
@@ -576,7 +426,6 @@ def unmount(where: PathArg, directory: Optional[str] = RECORD_DIR) -> MountInfo:
     detached lazily (it would linger invisibly) but reported.
     """
     from . import mount_api as api
-    from .errors import ComposefsError
 
     top = top_mount(where)
     if top is None:

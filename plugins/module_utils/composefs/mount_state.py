@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from . import mount_record
+from . import mount_record, mountinfo
 from .mount import verity_problem
 from .mount_options import format_options
 
@@ -114,11 +114,11 @@ NOT_MOUNTED: Dict[str, Any] = {"mounted": False, "image_digest": None, "basedirs
 class LiveMount:
     """The mounts at a mount point now (mountinfo) and the record of the composefs one on top."""
 
-    def __init__(self, where: str, entries: Sequence[mount_record.MountInfo],
+    def __init__(self, where: str, entries: Sequence[mountinfo.MountInfo],
                  record: Optional[Dict[str, Any]] = None) -> None:
         self.where = where
         self.entries = entries
-        self.stack = mount_record.mounts_at(where, entries)
+        self.stack = mountinfo.mounts_at(where, entries)
         self.top = self.stack[-1] if self.stack else None
         self.layers = 0  # composefs mounts stacked on top
         for entry in reversed(self.stack):
@@ -146,11 +146,11 @@ class LiveMount:
                 "upperdir": self.layout["upperdir"], "workdir": self.layout["workdir"]}
 
 
-def live_mount(where: str, entries: Optional[Sequence[mount_record.MountInfo]] = None,
+def live_mount(where: str, entries: Optional[Sequence[mountinfo.MountInfo]] = None,
                record_dir: str = mount_record.RECORD_DIR) -> LiveMount:
     """The live state at ``where``, with the record of this namespace's mount on top."""
     if entries is None:
-        entries = mount_record.read_mountinfo()
+        entries = mountinfo.read_mountinfo()
     return LiveMount(where, entries, mount_record.live_record(where, entries, record_dir))
 
 

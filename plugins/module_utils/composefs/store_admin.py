@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import stat
 from typing import Any, Dict, List, Optional, Union
 
 from .atomic_file import fsync_dir
+from .mountinfo import MOUNTINFO, read_mountinfo
 from .store import DIGEST_ALGORITHM, FORMAT_VERSION, META_NAME, Store, StoreError
 
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -40,8 +40,6 @@ NOT_A_DIRECTORY = "not-a-directory"
 
 # A freshly made filesystem mounted as the store directory has only this.
 _IGNORED_ENTRIES = frozenset([b"lost+found"])
-_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
-_OVERLAY_PATH_OPTIONS = ("lowerdir", "lowerdir+", "datadir+", "upperdir", "workdir")
 
 
 def path_state(path: PathLike) -> str:
@@ -124,48 +122,29 @@ def new_store_summary(path: PathLike) -> Dict[str, Any]:
 
 # -- who uses a store ------------------------------------------------------------
 
-def _unescape(field: str) -> str:
-    return _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
 def _inside(candidate: str, top: str) -> bool:
     return candidate == top or candidate.startswith(top.rstrip("/") + "/")
 
 
-def _mountinfo_users(top: str, mountinfo: str) -> List[str]:
+def _mountinfo_users(top: str, path: str) -> List[str]:
     """Mount points inside ``top`` and overlays with a layer inside it."""
-    users = []
+    users: List[str] = []
     try:
-        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
+        entries = read_mountinfo(path)
     except OSError:
         return users
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        if not sep:
+    for entry in entries:
+        if _inside(entry.where, top) and entry.where != top:
+            users.append("%s is a mount point inside the store" % entry.where)
             continue
-        lfields = left.split(" ")
-        rfields = right.split(" ")
-        if len(lfields) < 5:
-            continue
-        where = _unescape(lfields[4])
-        if _inside(where, top) and where != top:
-            users.append("%s is a mount point inside the store" % where)
-            continue
-        if rfields[0] != "overlay" or len(rfields) < 3:
-            continue
-        for option in rfields[2].split(","):
-            key, eq, value = option.partition("=")
-            if not eq or key not in _OVERLAY_PATH_OPTIONS:
-                continue
-            for layer in _unescape(value).split(":"):
-                if layer and _inside(layer, top):
-                    users.append("the overlay on %s uses %s" % (where, layer))
-                    break
+        for _key, layer in entry.layers():
+            if _inside(layer, top):
+                users.append("the overlay on %s uses %s" % (entry.where, layer))
+                break
     return users
 
 
-def store_users(store: Store, mountinfo: str = "/proc/self/mountinfo") -> List[str]:
+def store_users(store: Store, mountinfo: str = MOUNTINFO) -> List[str]:
     """Readable reasons why the store is in use right now (empty: it is not)."""
     from .store_gc import mounted_images
 
