@@ -98,6 +98,14 @@ def test_malformed_lines_are_skipped(tmp_path):
     assert [e.mount_id for e in entries] == [45]
 
 
+def test_erofs_sources_unescaped(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_bytes(b"36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - erofs /srv/img\\040x.cfs ro\n"
+                     b"37 35 98:0 / /mnt/c rw - ext4 /dev/vda rw\n")
+    assert [(e.source, e.where) for e in mountinfo.of_type("erofs", mountinfo.read_mountinfo(str(info)))] == [
+        ("/srv/img x.cfs", "/mnt/a b")]
+
+
 def _entry(mid, parent, where, fstype="overlay", source="composefs"):
     return mountinfo.MountInfo(("%d %d 0:%d / %s rw - %s %s rw" % (mid, parent, mid, where, fstype, source)).encode())
 

@@ -21,7 +21,7 @@ from composefs_fleet.scan import build_tree_from_directory
 from composefs_fleet.store import RefNotFound, Store, StoreError, check_digest_hex, image_objects, split_ref_name
 from composefs_fleet.store_stats import stats
 from composefs_fleet.store_fsck import check
-from composefs_fleet.store_gc import collect, erofs_mount_sources, objects_from_mounted_tree
+from composefs_fleet.store_gc import collect, objects_from_mounted_tree
 
 from store_fixtures import make_tree, store, store_cmd  # noqa: F401  (fixtures)
 
@@ -465,13 +465,6 @@ def test_objects_from_a_mounted_tree(store, tmp_path, make_tree, kernel_mount):
     r = store.add_image(src, "a")
     mnt = kernel_mount.mount_erofs(Path(os.fsdecode(store.image_path(r.digest))), tmp_path / "m")
     assert objects_from_mounted_tree(os.fsencode(mnt)) == set(image_objects(store.read_image(r.digest)).objects)
-
-
-def test_mountinfo_parsing_unescapes(tmp_path):
-    info = tmp_path / "mountinfo"
-    info.write_bytes(b"36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - erofs /srv/img\\040x.cfs ro\n"
-                     b"37 35 98:0 / /mnt/c rw - ext4 /dev/vda rw\n")
-    assert erofs_mount_sources(str(info)) == [(b"/srv/img x.cfs", b"/mnt/a b")]
 
 
 # -- stats -------------------------------------------------------------------------

@@ -4,15 +4,32 @@
 """Garbage collection of the object store.
 
 Roots are the images named by refs and every composefs image mounted right
-now.  Mounted images are found through every loop device's backing file
-(``/sys/block/loop*/loop/backing_file``: loop devices are global, so this
-also sees mounts of other mount namespaces) and the sources of erofs mounts
-in ``/proc/self/mountinfo`` (file-backed erofs, block devices).  An image
-inside ``images/`` is kept by name; any other composefs image (a copy
-elsewhere, a deleted file still attached to a loop device) is read through
-its device or file and the objects it uses are kept.  A mounted composefs
-source that cannot be read stops the collection: guessing could delete what
-a running system reads.
+now, found three ways, and none of them is a guess:
+
+* composefs mounts made by our mount code have a mount record
+  (:mod:`.mount_record`) naming the image's fs-verity digest: its
+  ``images/<digest>`` is kept by name, whatever has happened to the file at
+  the path it was mounted from since.  A mounted image that is not in the
+  store is listed from the file the record names only if that file still
+  has the recorded digest.
+* every loop device (``/sys/block/loop*``; loop devices are global, so
+  this also sees mounts of other mount namespaces): an ``images/<digest>``
+  of this store is kept by name, anything else is listed through the
+  device, which holds the file it was attached to even if that was
+  replaced or deleted since.
+* erofs mounts in ``/proc/self/mountinfo``: on a block device, listed
+  through the device; file-backed, kept by name if the file is an image of
+  this store, else listed from the mounted tree itself (its redirect
+  xattrs), as the file at the path may have been replaced since.
+
+Images are listed without reading them whole: mapped, and only the inodes,
+directories and xattrs that name external files are visited (a loop device
+or a partition may be far larger than the image it holds).
+
+A composefs mount that reads objects of this store and whose image cannot
+be established this way (no record, the recorded image is neither in the
+store nor the file at its path, something unreadable) stops the
+collection: guessing could delete what a running system reads.
 
 The locking protocol is in the docstring of :mod:`.store`: parse images
 without the lock, then mark again and sweep under the exclusive lock.
@@ -21,11 +38,11 @@ without the lock, then mark again and sweep under the exclusive lock.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
-import re
 import stat
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from .atomic_file import fsync_dir
 from .errors import ComposefsError
@@ -35,94 +52,108 @@ from .tree import Node
 #: Default age after which ``objects/.tmp*`` files count as crash debris.
 DEFAULT_TMP_GRACE = 3600.0
 
-_MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+_REFUSE = "; refusing to collect garbage"
 
 
 class MountedImage:
     def __init__(self, where: str, source: str) -> None:
         self.where = where  # human-readable: "/dev/loop3 (backing /x/y)", "erofs on /mnt"
-        self.source = source  # path read (file or device)
+        self.source = source  # what tells its objects (device, file or mounted tree)
         self.store_digest: Optional[str] = None  # if it is images/<digest> of this store
         self.objects: Set[str] = set()
 
 
-def _unescape_mountinfo(field: bytes) -> bytes:
-    return _MOUNTINFO_ESCAPE.sub(lambda m: bytes((int(m.group(1), 8),)), field)
-
-
-def _read_text(path: str) -> Optional[bytes]:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
+def _listed_objects(fd: int) -> Optional[Set[str]]:
+    """Objects of the composefs image open at ``fd`` (a file or a block
+    device, mapped, never read whole); None if it holds no composefs image."""
+    if not is_composefs_image(os.pread(fd, 4, 0)):
         return None
+    size = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for block devices
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
+        return set(image_data_objects(mm).objects)
 
 
-def loop_backing_files(sys_block: str = "/sys/block") -> List[Tuple[str, bytes]]:
-    """(device, backing file) of every attached loop device."""
-    out = []
+def _open_image(path: bytes) -> int:
+    """``path`` opened for listing: regular files and block devices only, never blocking on a FIFO."""
+    fd = os.open(path, _OPEN_FLAGS)
     try:
-        names = sorted(os.listdir(sys_block))
-    except OSError:
-        return out
-    for name in names:
-        if not name.startswith("loop"):
-            continue
-        raw = _read_text(os.path.join(sys_block, name, "loop", "backing_file"))
-        if raw:
-            out.append(("/dev/" + name, raw.rstrip(b"\n")))
-    return out
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise OSError(errno.EINVAL, "not a regular file or block device")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def erofs_mount_sources(mountinfo: str = "/proc/self/mountinfo") -> List[Tuple[bytes, bytes]]:
-    """(source, mount point) of every erofs mount."""
-    raw = _read_text(mountinfo) or b""
-    out = []
-    for line in raw.splitlines():
-        left, sep, right = line.partition(b" - ")
-        if not sep:
-            continue
-        fields = right.split(b" ")
-        lfields = left.split(b" ")
-        if len(fields) >= 2 and fields[0] == b"erofs" and len(lfields) >= 5:
-            out.append((_unescape_mountinfo(fields[1]), _unescape_mountinfo(lfields[4])))
-    return out
-
-
-def _read_whole(path: bytes) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _device_objects(device: bytes, where: str) -> Optional[Set[str]]:
+    """Objects of the composefs image a loop or block device holds (None: not one, or detached meanwhile)."""
     try:
-        chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if len(chunks) == 1 and not is_composefs_image(chunk[:4]):
-                return chunk[:4]
-        return b"".join(chunks)
+        fd = _open_image(device)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+            return None  # detached meanwhile
+        raise StoreError("cannot read mounted image %s: %s%s" % (where, exc.strerror or exc, _REFUSE)) from None
+    try:
+        return _listed_objects(fd)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return None  # a loop device with nothing attached (any more)
+        raise StoreError("cannot read mounted image %s: %s%s" % (where, exc.strerror or exc, _REFUSE)) from None
+    except (ComposefsError, ValueError) as exc:
+        raise StoreError("cannot parse mounted composefs image %s: %s%s" % (where, exc, _REFUSE)) from None
     finally:
         os.close(fd)
 
 
-def _same_file(a: bytes, b: bytes) -> bool:
+def _file_objects_if(path: str, digest: str, where: str, cache: Dict[str, Set[str]]) -> Set[str]:
+    """Objects of the image file at ``path`` if it (still) has fs-verity digest ``digest``, else StoreError.
+
+    ``cache`` (digest -> objects) spares listing the same image twice; the digest is checked every time."""
+    from .fsverity import digest_fd
+
     try:
-        sa, sb = os.stat(a), os.stat(b)
-    except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+        fd = _open_image(os.fsencode(path))
+    except OSError as exc:
+        gone = " (deleted or moved after mounting?)" if exc.errno == errno.ENOENT else ""
+        raise StoreError("%s: its image %s is not in the store and %s cannot be read: %s%s, so its objects "
+                         "are unknown%s" % (where, digest, path, exc.strerror or exc, gone, _REFUSE)) from None
+    try:
+        actual = digest_fd(fd).hex()
+        if actual != digest:
+            raise StoreError("%s: its image %s is not in the store and %s now has digest %s (replaced after "
+                             "mounting?), so its objects are unknown%s" % (where, digest, path, actual, _REFUSE))
+        objects = cache[digest] if digest in cache else _listed_objects(fd)
+    except OSError as exc:
+        raise StoreError("%s: cannot read its image %s: %s%s" % (where, path, exc.strerror or exc, _REFUSE)) from None
+    except (ComposefsError, ValueError) as exc:
+        if isinstance(exc, StoreError):
+            raise
+        raise StoreError("%s: cannot parse its image %s: %s%s" % (where, path, exc, _REFUSE)) from None
+    finally:
+        os.close(fd)
+    if objects is None:
+        raise StoreError("%s: its image %s is not a composefs image%s" % (where, path, _REFUSE))
+    cache[digest] = objects
+    return objects
 
 
 def objects_from_mounted_tree(mountpoint: bytes) -> Set[str]:
-    """Objects used by a mounted composefs erofs, from its overlay redirect xattrs.
+    """Objects used by a mounted composefs EROFS, from its overlay redirect xattrs.
 
-    For a mount whose image file is no longer reachable; needs the right to
-    read ``trusted.*`` xattrs (CAP_SYS_ADMIN), as gc does anyway.
+    Only for the EROFS mount of the image itself: an overlay hides these
+    xattrs.  Needs the right to read ``trusted.*`` xattrs (CAP_SYS_ADMIN),
+    as gc does anyway.
     """
     from .store import object_hex_from_payload
 
     found: Set[str] = set()
-    for dirpath, _dirnames, filenames in os.walk(mountpoint, followlinks=False):
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for dirpath, _dirnames, filenames in os.walk(mountpoint, onerror=fail, followlinks=False):
         for name in filenames:
             path = os.path.join(dirpath, name)
             try:
@@ -137,85 +168,143 @@ def objects_from_mounted_tree(mountpoint: bytes) -> Set[str]:
     return found
 
 
-def mounted_images(store: Store, cache: Dict[str, Set[str]]) -> List[MountedImage]:
-    """Every composefs image attached to a loop device or mounted as erofs.
+def _uses_store(store: Store, dirs: Sequence[str]) -> bool:
+    """Is one of ``dirs`` the store's objects directory or inside it (also through a bind mount)?"""
+    objects = os.path.realpath(store.objects_dir)
+    try:
+        objects_st: Optional[os.stat_result] = os.stat(objects)
+    except OSError:
+        objects_st = None
+    for d in dirs:
+        real = os.path.realpath(os.fsencode(d))
+        if real == objects or real.startswith(objects + b"/"):
+            return True
+        try:
+            if objects_st is not None and os.path.samestat(os.stat(real), objects_st):
+                return True
+        except OSError:
+            continue
+    return False
 
-    Images of this store are recognised by name (their objects come from
-    ``cache``/the store); others are parsed.  StoreError if one cannot be read.
-    """
-    found: List[MountedImage] = []
-    seen: Set[bytes] = set()
-    candidates: List[Tuple[str, bytes, Optional[bytes]]] = []
-    for device, backing in loop_backing_files():
-        deleted = backing.endswith(b" (deleted)")
-        candidates.append(("%s (backing file %s)" % (device, os.fsdecode(backing)), device.encode(),
-                           None if deleted else backing))
-    mountpoints: Dict[bytes, bytes] = {}
-    for source, target in erofs_mount_sources():
-        mountpoints.setdefault(source, target)
-        if source.startswith(b"/dev/loop"):
-            continue  # seen through /sys/block
-        candidates.append(("erofs %s on %s" % (os.fsdecode(source), os.fsdecode(target)), source,
-                           source if not source.startswith(b"/dev/") else None))
-    # Overlays given their EROFS layer as a detached mount fd show neither a
-    # loop device nor an erofs mount: their mount records say which image
-    # they show.  One that has no record but reads objects from this store
-    # cannot be identified: refuse rather than guess.
+
+def _store_image_name(store: Store, path: bytes, present: Set[str]) -> Optional[str]:
+    """The digest if ``path`` names ``images/<digest>`` of this store.
+
+    Store images are content-addressed: whatever file is there now (or was
+    when it was mounted) holds that very image."""
+    name = os.path.basename(path)
+    if not is_hex_name(name) or name.decode("ascii") not in present:
+        return None
+    if os.path.realpath(os.path.dirname(path)) != os.path.realpath(store.images_dir):
+        return None
+    return name.decode("ascii")
+
+
+def _recorded(store: Store, present: Set[str], cache: Dict[str, Set[str]]) -> List[MountedImage]:
+    """Images of composefs mounts our mount code recorded; StoreError for one of
+    this store's whose image cannot be established, or an unrecorded one."""
     from .mount_record import mounted_images as recorded_mounts
 
+    found: List[MountedImage] = []
     records, unknown = recorded_mounts()
-    for rec in records:
-        image_file = os.fsencode(rec["image"])
-        mountpoints.setdefault(image_file, os.fsencode(rec["where"]))
-        candidates.append(("composefs image %s on %s" % (rec["image"], rec["where"]), image_file, image_file))
-    objects = os.path.realpath(store.objects_dir)
     for entry in unknown:
-        for basedir in entry.layout()["basedirs"]:
-            real = os.path.realpath(os.fsencode(basedir))
-            if real == objects or real.startswith(objects + b"/"):
-                raise StoreError("the composefs mount on %s reads objects of this store but has no mount record, "
-                                 "so its image is unknown; refusing to collect garbage (remount it with "
-                                 "composefs-fleet's mount.composefs or the composefs.fleet.mount module)"
-                                 % entry.where)
-    images = store.images_dir
-    for where, readable, backing in candidates:
-        key = readable
-        if key in seen:
+        if _uses_store(store, entry.layout()["basedirs"]):
+            raise StoreError("the composefs mount on %s reads objects of this store but has no mount record, "
+                             "so its image is unknown%s (remount it with composefs-fleet's mount.composefs "
+                             "or the composefs.fleet.mount module)" % (entry.where, _REFUSE))
+    for rec in records:
+        where = "the composefs mount on %s" % rec.get("where")
+        digest = rec.get("image_digest")
+        image = MountedImage("composefs image %s on %s" % (rec.get("image"), rec.get("where")), str(rec.get("image")))
+        if isinstance(digest, str) and digest in present:
+            image.store_digest = digest
+            found.append(image)
             continue
-        seen.add(key)
-        image = MountedImage(where, os.fsdecode(readable))
-        if backing is not None:
-            name = os.path.basename(backing)
-            if is_hex_name(name) and _same_file(backing, os.path.join(images, name)):
-                image.store_digest = name.decode("ascii")
-                found.append(image)
-                continue
-        try:
-            data = _read_whole(readable)
-        except OSError as exc:
-            if backing is None and readable.startswith(b"/dev/loop") and not os.path.exists(readable):
-                continue  # detached meanwhile
-            mountpoint = mountpoints.get(readable)
-            if mountpoint is not None:
-                # The source is gone (an image replaced after mounting): read
-                # the mounted tree itself instead.
-                try:
-                    image.objects = objects_from_mounted_tree(mountpoint)
-                    found.append(image)
-                    continue
-                except OSError:
-                    pass
-            raise StoreError("cannot read mounted image %s: %s; refusing to collect garbage"
-                             % (where, exc.strerror or exc)) from None
-        if not is_composefs_image(data[:4]):
-            continue  # some other erofs or loop image: not ours to protect
-        try:
-            # Foreign images may be large: list their objects without building their trees.
-            image.objects = set(image_data_objects(data).objects)
-        except ComposefsError as exc:
-            raise StoreError("cannot parse mounted composefs image %s: %s; refusing to collect garbage"
-                             % (where, exc)) from None
+        basedirs = rec.get("basedirs")
+        if not isinstance(basedirs, list) or not _uses_store(store, [d for d in basedirs if isinstance(d, str)]):
+            continue  # reads no object of this store
+        if not isinstance(digest, str) or not is_hex_name(digest):
+            raise StoreError("%s: its mount record names no image digest, so its objects are unknown%s"
+                             % (where, _REFUSE))
+        if not isinstance(rec.get("image"), str):
+            raise StoreError("%s: its mount record names no image file%s" % (where, _REFUSE))
+        image.objects = _file_objects_if(rec["image"], digest, where, cache)
         found.append(image)
+    return found
+
+
+def _erofs_mounted(store: Store, present: Set[str]) -> List[MountedImage]:
+    """erofs mounts not on a loop device (those are read through /sys/block)."""
+    from .mountinfo import of_type, read_mountinfo, top_mount
+
+    found: List[MountedImage] = []
+    entries = read_mountinfo()
+    for entry in of_type("erofs", entries):
+        source = os.fsencode(entry.source)
+        where = "erofs %s on %s" % (entry.source, entry.where)
+        if source.startswith(b"/dev/loop"):
+            continue
+        image = MountedImage(where, entry.source)
+        if source.startswith(b"/dev/"):
+            objects = _device_objects(source, where)
+            if objects is not None:
+                image.objects = objects
+                found.append(image)
+            continue
+        image.store_digest = _store_image_name(store, source, present)
+        if image.store_digest is not None:
+            found.append(image)
+            continue
+        # The file at the path may not be the one mounted any more: read the mounted tree itself.
+        top = top_mount(entry.where, entries)
+        if top is None or top.mount_id != entry.mount_id:
+            raise StoreError("%s: the file may have changed since it was mounted and the mount is covered "
+                             "by another one, so its objects cannot be read%s" % (where, _REFUSE))
+        root = os.fsencode(entry.where)
+        try:
+            os.getxattr(root, b"trusted.overlay.opaque", follow_symlinks=False)
+            image.objects = objects_from_mounted_tree(root)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                continue  # not a composefs image (its root is always opaque)
+            if not _still_mounted(entry):
+                continue  # unmounted meanwhile (e.g. the short-lived EROFS of a mount being made)
+            raise StoreError("cannot read the mounted tree of %s: %s%s" % (where, exc.strerror or exc, _REFUSE)) from None
+        image.source = entry.where
+        found.append(image)
+    return found
+
+
+def _still_mounted(entry: Any) -> bool:
+    from .mountinfo import read_mountinfo
+
+    return any(e.mount_id == entry.mount_id and e.dev == entry.dev for e in read_mountinfo())
+
+
+def mounted_images(store: Store, cache: Dict[str, Set[str]]) -> List[MountedImage]:
+    """Every composefs image mounted now (see the module docstring).
+
+    Images of this store are recognised by name (their objects come from
+    ``cache``/the store); others are listed.  StoreError if the objects of a
+    mount using this store cannot be established.
+    """
+    present = set(store.list_images())
+    found = _recorded(store, present, cache)
+    from .loopdev import bound_devices
+
+    for device, shown in sorted(bound_devices().items()):
+        backing = os.fsencode(shown)
+        where = "%s (backing file %s)" % (device, os.fsdecode(backing))
+        image = MountedImage(where, device)
+        if not backing.endswith(b" (deleted)"):
+            image.store_digest = _store_image_name(store, backing, present)
+        if image.store_digest is None:
+            objects = _device_objects(device.encode(), where)
+            if objects is None:
+                continue  # not a composefs image: not ours to protect
+            image.objects = objects
+        found.append(image)
+    found.extend(_erofs_mounted(store, present))
     return found
 
 
