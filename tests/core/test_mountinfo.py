@@ -62,6 +62,9 @@ def test_mountinfo_legacy_and_upper():
     assert (layout["upperdir"], layout["workdir"], layout["verity"]) == ("/u", "/w", "off")
     assert layout["readonly"] is False
     assert not mountinfo.MountInfo(b"1 0 8:1 / / rw - ext4 /dev/sda1 rw").is_composefs()
+    # Before Linux 6.5 (no data-only layers) the objects are plain lower layers.
+    old = mountinfo.MountInfo(b"50 27 0:41 / /mnt rw - overlay composefs rw,lowerdir=/run/.composefs.x:/srv/a\\:b:/c")
+    assert old.layout()["basedirs"] == ["/srv/a:b", "/c"]
 
 
 @pytest.mark.parametrize("line", [UPPER_LINE, LEGACY_LINE], ids=["fsconfig", "legacy"])

@@ -163,8 +163,10 @@ class MountInfo:
         basedirs = [v for k, v in self.super_options if k == "datadir+" and v is not None]
         lower = self.option("lowerdir")
         if not basedirs and lower:
-            # Legacy option string: lowerdir=EROFS::DATA1::DATA2 (escaped "\:").
-            basedirs = split_overlay_escaped(lower, "::")[1:]
+            # Legacy option string: lowerdir=EROFS::DATA1::DATA2 (escaped "\:"), or
+            # EROFS:DATA1:DATA2 where the kernel has no data-only layers (before 6.5).
+            layers = split_overlay_escaped(lower, "::")
+            basedirs = layers[1:] if len(layers) > 1 else split_overlay_escaped(lower, ":")[1:]
         return {
             "basedirs": basedirs,
             "upperdir": self.path_option("upperdir"),

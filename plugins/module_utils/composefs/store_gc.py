@@ -208,7 +208,7 @@ def _recorded(store: Store, present: Set[str], cache: Dict[str, Set[str]]) -> Li
     found: List[MountedImage] = []
     records, unknown = recorded_mounts()
     for entry in unknown:
-        if _uses_store(store, entry.layout()["basedirs"]):
+        if _uses_store(store, [path for _key, path in entry.layers()]):
             raise StoreError("the composefs mount on %s reads objects of this store but has no mount record, "
                              "so its image is unknown%s (remount it with composefs-fleet's mount.composefs "
                              "or the composefs.fleet.mount module)" % (entry.where, _REFUSE))
