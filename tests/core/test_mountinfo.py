@@ -168,3 +168,42 @@ def test_backslash_workdir_is_no_difference(tmp_path, lower):
         assert "mount-options-differ" not in res.stderr, res.stderr
     finally:
         _umount(target)
+
+
+@pytest.mark.kernel
+def test_fd_given_workdir_with_backslash(tmp_path):
+    """Linux 6.13+ takes upperdir/workdir as file descriptors and then shows them unescaped:
+    the existing directory's reading is the one given."""
+    from composefs_fleet import mount_api as api
+
+    odd = "a\\b\\\\c"
+    dirs = {k: tmp_path / (k + odd) for k in ("lower", "upper", "work")}
+    for d in dirs.values():
+        d.mkdir()
+    target = tmp_path / "mnt"
+    target.mkdir()
+    with api.FsContext("overlay") as ctx:
+        ctx.set_string("source", "composefs")
+        ctx.set_string("lowerdir+", str(dirs["lower"]))
+        try:
+            for key in ("upper", "work"):
+                fd = os.open(dirs[key], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    ctx.set_fd(key + "dir", fd)
+                finally:
+                    os.close(fd)
+        except api.MountError as exc:
+            pytest.skip("this kernel takes no upperdir/workdir file descriptors (Linux 6.13+): %s" % exc)
+        ctx.create()
+        mnt_fd = ctx.mount()
+    try:
+        api.move_mount(mnt_fd, target)
+    finally:
+        os.close(mnt_fd)
+    try:
+        top = mountinfo.top_mount(target)
+        assert top.option("workdir") == str(dirs["work"])  # shown as is: one reading is the escaped one
+        assert top.layout()["upperdir"] == str(dirs["upper"]) and top.layout()["workdir"] == str(dirs["work"])
+        assert str(dirs["work"]) in top.path_readings("workdir")
+    finally:
+        api.umount(target)

@@ -17,8 +17,9 @@ Two layers of escaping are undone here, and nowhere else:
 
   One case mountinfo cannot tell apart: since Linux 6.13 ``upperdir`` and
   ``workdir`` can be given as file descriptors, and then their resolved path
-  is shown unescaped.  :meth:`MountInfo.path_readings` gives both readings
-  of a value for callers that must accept either.
+  is shown unescaped.  For a value holding a backslash, the reading that
+  names an existing directory wins (the unescaped one if both or neither
+  do); :meth:`MountInfo.path_readings` gives both.
 """
 
 from __future__ import annotations
@@ -129,10 +130,10 @@ class MountInfo:
 
     def path_option(self, key: str) -> Optional[str]:
         """The path an overlayfs path option names (overlayfs' escapes undone where it keeps them)."""
-        value = self.option(key)
-        if value is None or key not in _OVERLAY_ESCAPED or self.fstype != "overlay":
-            return value
-        return split_overlay_escaped(value, "")[0]
+        readings = self.path_readings(key)
+        if len(readings) > 1 and not os.path.isdir(readings[0]) and os.path.isdir(readings[1]):
+            return readings[1]  # given as a file descriptor: shown as resolved, unescaped
+        return readings[0] if readings else None
 
     def path_readings(self, key: str) -> List[str]:
         """Every path the value of ``key`` can stand for: as overlayfs unescapes
@@ -141,8 +142,10 @@ class MountInfo:
         value = self.option(key)
         if value is None:
             return []
-        path = self.path_option(key)
-        return [value] if path == value else [path, value]  # type: ignore[list-item]
+        if key not in _OVERLAY_ESCAPED or self.fstype != "overlay" or "\\" not in value:
+            return [value]
+        path = split_overlay_escaped(value, "")[0]
+        return [path, value] if key != "lowerdir" else [path]
 
     def layers(self) -> List[Tuple[str, str]]:
         """(option, path) of every directory an overlay uses, legacy lowerdir split into its layers."""
