@@ -75,6 +75,25 @@ def test_load_rejects_non_records(tmp_path):
     assert mr.load_record(str(tmp_path / "missing.json")) is None
 
 
+def test_load_rejects_hostile_records(tmp_path):
+    """Regression: deeply nested JSON raised RecursionError (through gc, the agent, the modules);
+    ``true`` passed as format 1 and as a mount ID; a FIFO blocked the reader."""
+    bad = tmp_path / "x.json"
+    bad.write_bytes(b"[" * 100000 + b"]" * 100000)
+    assert mr.load_record(str(bad)) is None
+    good = _fake_record("/mnt/x")
+    for field, value in (("format", True), ("mount_id", True), ("mount_id", "1"), ("dev", [0, 1]),
+                         ("mount_id_unique", True)):
+        bad.write_text(json.dumps(dict(good, **{field: value})))
+        assert mr.load_record(str(bad)) is None, field
+    bad.write_text(json.dumps(good))
+    assert mr.load_record(str(bad)) == good
+    os.mkfifo(str(tmp_path / "fifo.json"))
+    assert mr.load_record(str(tmp_path / "fifo.json")) is None
+    (tmp_path / "link.json").symlink_to(bad)
+    assert mr.load_record(str(tmp_path / "link.json")) is None
+
+
 def test_stale_records_are_recognised_and_pruned(tmp_path):
     directory = str(tmp_path / "records")
     os.makedirs(directory)

@@ -218,12 +218,26 @@ def record_mount(where: PathArg, directory: Optional[str] = RECORD_DIR, **fields
 
 def load_record(path: str) -> Optional[Dict[str, Any]]:
     """A record file's content (None if missing, unreadable or not a record)."""
+    import stat
+
+    from .json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
+
     try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read(1 << 20).decode("ascii"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
         return None
-    if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT or not isinstance(data.get("where"), str):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = load_json_object(os.read(fd, MAX_JSON_BYTES + 1), "mount record %s" % path)
+    except (OSError, JsonFileError):
+        return None
+    finally:
+        os.close(fd)
+    # Fields compared with what the kernel says: a "true" is no mount ID, a list no device.
+    if (not is_int(data.get("format")) or data["format"] != RECORD_FORMAT or not isinstance(data.get("where"), str)
+            or not is_int(data.get("mount_id")) or not isinstance(data.get("dev"), str)
+            or not (data.get("mount_id_unique") is None or is_int(data.get("mount_id_unique")))):
         return None
     return data
 
