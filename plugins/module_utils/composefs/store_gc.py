@@ -46,6 +46,9 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from .atomic_file import fsync_dir
 from .errors import ComposefsError
+from .loopdev import bound_devices
+from .mount_record import mounted_images as recorded_mounts
+from .mountinfo import MountInfo, of_type, read_mountinfo, top_mount
 from .store import RefNotFound, Store, StoreError, image_data_objects, image_objects, is_composefs_image, is_hex_name
 from .tree import Node
 
@@ -203,8 +206,6 @@ def _store_image_name(store: Store, path: bytes, present: Set[str]) -> Optional[
 def _recorded(store: Store, present: Set[str], cache: Dict[str, Set[str]]) -> List[MountedImage]:
     """Images of composefs mounts our mount code recorded; StoreError for one of
     this store's whose image cannot be established, or an unrecorded one."""
-    from .mount_record import mounted_images as recorded_mounts
-
     found: List[MountedImage] = []
     records, unknown = recorded_mounts()
     for entry in unknown:
@@ -235,8 +236,6 @@ def _recorded(store: Store, present: Set[str], cache: Dict[str, Set[str]]) -> Li
 
 def _erofs_mounted(store: Store, present: Set[str]) -> List[MountedImage]:
     """erofs mounts not on a loop device (those are read through /sys/block)."""
-    from .mountinfo import of_type, read_mountinfo, top_mount
-
     found: List[MountedImage] = []
     entries = read_mountinfo()
     for entry in of_type("erofs", entries):
@@ -258,6 +257,8 @@ def _erofs_mounted(store: Store, present: Set[str]) -> List[MountedImage]:
         # The file at the path may not be the one mounted any more: read the mounted tree itself.
         top = top_mount(entry.where, entries)
         if top is None or top.mount_id != entry.mount_id:
+            if not _may_be_composefs(source):
+                continue  # the file there is no composefs image: this mount is most likely none either
             raise StoreError("%s: the file may have changed since it was mounted and the mount is covered "
                              "by another one, so its objects cannot be read%s" % (where, _REFUSE))
         root = os.fsencode(entry.where)
@@ -275,9 +276,20 @@ def _erofs_mounted(store: Store, present: Set[str]) -> List[MountedImage]:
     return found
 
 
-def _still_mounted(entry: Any) -> bool:
-    from .mountinfo import read_mountinfo
+def _may_be_composefs(path: bytes) -> bool:
+    try:
+        fd = _open_image(path)
+    except OSError:
+        return True  # cannot tell
+    try:
+        return is_composefs_image(os.pread(fd, 4, 0))
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
+
+def _still_mounted(entry: MountInfo) -> bool:
     return any(e.mount_id == entry.mount_id and e.dev == entry.dev for e in read_mountinfo())
 
 
@@ -290,8 +302,6 @@ def mounted_images(store: Store, cache: Dict[str, Set[str]]) -> List[MountedImag
     """
     present = set(store.list_images())
     found = _recorded(store, present, cache)
-    from .loopdev import bound_devices
-
     for device, shown in sorted(bound_devices().items()):
         backing = os.fsencode(shown)
         where = "%s (backing file %s)" % (device, os.fsdecode(backing))
