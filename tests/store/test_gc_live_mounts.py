@@ -150,3 +150,41 @@ def test_gc_does_not_read_a_loop_device_whole(store, tmp_path, make_tree, kernel
     assert any("backing file %s" % big in m for m in out["mounted"]), out["mounted"]
     assert need <= _objects(store)
     assert out["maxrss_kib"] * 1024 < tail // 4, out
+
+
+def test_file_backed_erofs_replaced_after_mounting_is_read_from_its_tree(store, tmp_path, make_tree):
+    """Regression: for an erofs mount of a file (Linux 6.12+), gc listed whatever file was now at the
+    mount's source path; the mounted tree itself tells what it reads."""
+    from composefs_fleet import mount_api as api
+
+    make_tree(tmp_path / "a", 56)
+    make_tree(tmp_path / "b", 57)
+    a = store.add_image(tmp_path / "a", "a").digest
+    b = store.add_image(tmp_path / "b", "b").digest
+    need_a = _needs(store, a)
+    assert need_a - _needs(store, b)
+    app = tmp_path / "app.cfs"
+    shutil.copyfile(store.image_path(a), app)
+    target = tmp_path / "m"
+    target.mkdir()
+    try:
+        with api.FsContext("erofs") as ctx:
+            ctx.set_string("source", str(app))
+            ctx.set_flag("ro")
+            ctx.create()
+            mnt_fd = ctx.mount(api.MOUNT_ATTR_RDONLY)
+    except api.MountError as exc:
+        pytest.skip("no file-backed erofs on this kernel (Linux 6.12+): %s" % exc)
+    try:
+        api.move_mount(mnt_fd, target)
+    finally:
+        os.close(mnt_fd)
+    try:
+        shutil.copyfile(store.image_path(b), tmp_path / "new.cfs")
+        os.rename(tmp_path / "new.cfs", app)
+        store.remove_ref("a")
+        result = collect(store, tmp_grace=0)
+        assert any(str(target) in m for m in result.mounted), result.mounted
+        assert need_a <= _objects(store)
+    finally:
+        api.umount(target)
