@@ -54,6 +54,24 @@ def mounts():
                 mount_record.remove_record(where)
 
 
+def _two_images(store: Store, tmp_path: Path, make_tree, seed: int):
+    """Images a and b of the store (a with objects of its own), and app.cfs: a copy of a outside the store."""
+    make_tree(tmp_path / "a", seed)
+    make_tree(tmp_path / "b", seed + 1)
+    a = store.add_image(tmp_path / "a", "a").digest
+    b = store.add_image(tmp_path / "b", "b").digest
+    assert _needs(store, a) - _needs(store, b)
+    app = tmp_path / "app.cfs"
+    shutil.copyfile(store.image_path(a), app)
+    return a, b, app
+
+
+def _replace(app: Path, store: Store, digest: str) -> None:
+    """Replace ``app`` by a copy of image ``digest``, as an update does (rename over it)."""
+    shutil.copyfile(store.image_path(digest), app.with_name("new.cfs"))
+    os.rename(app.with_name("new.cfs"), app)
+
+
 def _mount(image, where: Path, store: Store, mounts, **kw):
     where.mkdir()
     mount_composefs(image, where, [store.objects_dir], record_dir="", **kw)
@@ -79,17 +97,10 @@ def test_store_image_deleted_after_mounting_makes_gc_refuse(store, tmp_path, mak
 def test_image_replaced_after_mounting_keeps_the_mounted_one(store, tmp_path, make_tree, mounts):
     """Regression: gc listed whatever file was now at the recorded path (image b), and deleted image a
     and its objects, which the mount still reads."""
-    make_tree(tmp_path / "a", 51)
-    make_tree(tmp_path / "b", 52)
-    a = store.add_image(tmp_path / "a", "a").digest
-    b = store.add_image(tmp_path / "b", "b").digest
+    a, b, app = _two_images(store, tmp_path, make_tree, 51)
     need_a = _needs(store, a)
-    assert need_a - _needs(store, b)
-    app = tmp_path / "app.cfs"
-    shutil.copyfile(store.image_path(a), app)
     _mount(app, tmp_path / "m", store, mounts)
-    shutil.copyfile(store.image_path(b), tmp_path / "new.cfs")
-    os.rename(tmp_path / "new.cfs", app)  # an update replaces the file under the live mount
+    _replace(app, store, b)
     store.remove_ref("a")
     result = collect(store, tmp_grace=0)
     assert a in store.list_images() and a in result.kept_images
@@ -111,8 +122,7 @@ def test_outside_image_replaced_after_mounting_makes_gc_refuse(store, tmp_path, 
     _mount(app, tmp_path / "m", store, mounts)
     result = collect(store, tmp_grace=0)  # the file is intact: its objects are kept
     assert need <= _objects(store) and not result.removed_objects
-    shutil.copyfile(store.image_path(other), tmp_path / "new.cfs")
-    os.rename(tmp_path / "new.cfs", app)
+    _replace(app, store, other)
     with pytest.raises(StoreError, match=r"now has digest %s \(replaced after mounting\?\), so its objects are "
                        r"unknown; refusing" % other):
         collect(store, tmp_grace=0)
@@ -157,14 +167,8 @@ def test_file_backed_erofs_replaced_after_mounting_is_read_from_its_tree(store, 
     mount's source path; the mounted tree itself tells what it reads."""
     from composefs_fleet import mount_api as api
 
-    make_tree(tmp_path / "a", 56)
-    make_tree(tmp_path / "b", 57)
-    a = store.add_image(tmp_path / "a", "a").digest
-    b = store.add_image(tmp_path / "b", "b").digest
+    a, b, app = _two_images(store, tmp_path, make_tree, 56)
     need_a = _needs(store, a)
-    assert need_a - _needs(store, b)
-    app = tmp_path / "app.cfs"
-    shutil.copyfile(store.image_path(a), app)
     target = tmp_path / "m"
     target.mkdir()
     try:
@@ -180,8 +184,7 @@ def test_file_backed_erofs_replaced_after_mounting_is_read_from_its_tree(store, 
     finally:
         os.close(mnt_fd)
     try:
-        shutil.copyfile(store.image_path(b), tmp_path / "new.cfs")
-        os.rename(tmp_path / "new.cfs", app)
+        _replace(app, store, b)
         store.remove_ref("a")
         result = collect(store, tmp_grace=0)
         assert any(str(target) in m for m in result.mounted), result.mounted
