@@ -180,7 +180,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from composefs_fleet.errors import ComposefsError
-    from composefs_fleet.store import Store, image_objects
+    from composefs_fleet.store import Store
 
     store = Store.open(args.repo)
     by_image: Dict[str, List[str]] = {}
@@ -190,8 +190,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     for hexd in store.list_images():
         row: Dict[str, Any] = {"digest": hexd, "refs": sorted(by_image.get(hexd, []))}
         try:
-            row["size"] = os.lstat(store.image_path(hexd)).st_size
-            needed = image_objects(store.read_image(hexd))
+            needed = store.image_objects(hexd)
+            row["size"] = needed.image_bytes
             row["objects"] = len(needed.objects)
             row["file_bytes"] = needed.logical_bytes
         except (OSError, ComposefsError) as exc:

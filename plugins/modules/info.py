@@ -240,7 +240,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ..module_utils.composefs import mount_record, mountinfo
 from ..module_utils.composefs.errors import ComposefsError
 from ..module_utils.composefs.mount import verity_problem
-from ..module_utils.composefs.store import Store, image_objects
+from ..module_utils.composefs.store import Store
 from ..module_utils.composefs.store_stats import stats
 
 MISSING_LIST_MAX = 100
@@ -258,11 +258,11 @@ def image_facts(store, hexd, refs, mounted_at, check_objects):
         "error": None,
     }
     try:
-        entry["size"] = os.lstat(store.image_path(hexd)).st_size
-        needed = image_objects(store.read_image(hexd))
+        needed = store.image_objects(hexd)
     except (OSError, ComposefsError) as exc:
         entry["error"] = "cannot read image %s: %s" % (hexd, getattr(exc, "strerror", None) or exc)
         return entry
+    entry["size"] = needed.image_bytes
     entry["objects"] = len(needed.objects)
     if check_objects:
         missing = []

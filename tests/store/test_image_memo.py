@@ -69,7 +69,7 @@ def test_entry_whose_image_is_gone_or_differs_means_a_rebuild(store, tmp_path, m
     src = tmp_path / "src"
     make_tree(src, 2)
     first = store.add_image(src, "r")
-    memo = store_image_memo.ImageMemo(bytes(memo_path(store)))
+    memo = store_image_memo.ImageMemo(store.cache_file(b"images"))
     (key,) = memo.entries
     # The recorded size no longer matches the file: not used.
     memo.entries[key] = (first.digest, memo.entries[key][1] + 4096)

@@ -85,3 +85,34 @@ def write_atomic(path: Union[str, bytes], data: bytes, mode: Optional[int] = Non
         unlink_quietly(tmp)
         raise
     fsync_dir(directory)
+
+
+def write_atomic_at(dir_fd: int, name: bytes, data: bytes, mode: int = 0o644) -> None:
+    """:func:`write_atomic` of ``name`` in the directory ``dir_fd`` (never follows a link there)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    for _attempt in range(100):
+        tmp = b".%s.%s.tmp" % (name, os.urandom(6).hex().encode())
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(errno.EEXIST, "no unused temporary name", os.fsdecode(name))
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    os.fsync(dir_fd)

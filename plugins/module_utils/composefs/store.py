@@ -68,10 +68,12 @@ import stat
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import fsverity
-from .atomic_file import fsync_dir, make_temp, unlink_quietly, write_atomic
+from .atomic_file import fsync_dir, make_temp, unlink_quietly, write_atomic_at
 from .erofs_format import COMPOSEFS_MAGIC
 from .errors import ComposefsError, ImageError, VerityError, VerityNotSupported
-from .store_lock import StoreLock, WaitNotice, _stderr_notice
+from .json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
+from .safe_dirs import DIR_FLAGS, UnsafePathError, check_owner, ensure_dir, open_dir, open_regular
+from .store_lock import StoreLock, WaitNotice, stderr_notice
 from .tree import DIGEST_SIZE, Node
 
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -87,9 +89,14 @@ CACHE = b"cache"
 TMP_PREFIX = b".tmp"
 REF_NAME_MAX = 1024
 
+#: Store directories: opened without following links, owner-checked.
+REQUIRED_DIRS = (OBJECTS, IMAGES, REFS)
+OPTIONAL_DIRS = (CACHE, DAMAGED)
+#: Mode of a new store and its directories; SHARED_MODE is the C tools' layout.
+PRIVATE_MODE = 0o700
+SHARED_MODE = 0o755
+
 _HEX = frozenset(b"0123456789abcdef")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_SRC_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
 
 
 class StoreError(ComposefsError):
@@ -98,6 +105,10 @@ class StoreError(ComposefsError):
 
 class RefNotFound(StoreError):
     pass
+
+
+class UnsafeStoreError(StoreError, UnsafePathError):
+    """A symbolic link or a foreign-owned (or group/other-writable) directory in the store."""
 
 
 # -- names ---------------------------------------------------------------------
@@ -165,6 +176,8 @@ class ImageObjects:
         self.files = 0
         self.logical_bytes = 0
         self.problems: List[str] = []
+        #: Size of the image file, where one was read (:meth:`Store.image_objects`).
+        self.image_bytes: Optional[int] = None
 
 
 def image_objects(root: Node) -> ImageObjects:
@@ -181,19 +194,26 @@ def image_file_objects(path: PathLike, progress: Optional[Callable[[], None]] = 
 
     ``progress`` is called every few thousand files (a long-running caller
     pings its watchdog there)."""
-    from .erofs_reader import iter_external_files
-
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            raise ImageError("image is empty")
-        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
-            files = (("inode %d" % nid, payload, digest, fsize)
-                     for nid, payload, digest, fsize in iter_external_files(mm))
-            return _collect_objects(_dropping_pages(mm, files, progress))
+        return image_fd_objects(fd, progress)
     finally:
         os.close(fd)
+
+
+def image_fd_objects(fd: int, progress: Optional[Callable[[], None]] = None) -> ImageObjects:
+    """:func:`image_file_objects` of an open image file."""
+    from .erofs_reader import iter_external_files
+
+    size = os.fstat(fd).st_size
+    if size == 0:
+        raise ImageError("image is empty")
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
+        files = (("inode %d" % nid, payload, digest, fsize)
+                 for nid, payload, digest, fsize in iter_external_files(mm))
+        out = _collect_objects(_dropping_pages(mm, files, progress))
+    out.image_bytes = size
+    return out
 
 
 def image_data_objects(data: bytes) -> ImageObjects:
@@ -271,69 +291,220 @@ class AddResult:
 
 # -- the store -----------------------------------------------------------------
 
-class Store:
-    """An opened store directory (see the module docstring)."""
+class CacheFile:
+    """A file in the store's ``cache/``, read and replaced through the directory's descriptor."""
 
-    def __init__(self, path: PathLike, notice: Optional[WaitNotice] = _stderr_notice) -> None:
+    def __init__(self, store: "Store", name: bytes) -> None:
+        self.store = store
+        self.name = name
+        self.path = os.path.join(store.path, CACHE, name)  # for messages
+
+    def read(self, limit: int) -> Optional[bytes]:
+        """At most ``limit`` bytes of the file; None if it is missing or not a regular file."""
+        try:
+            fd = open_regular(self.name, self.store.dir_fd(CACHE), os.fsdecode(self.path))
+        except UnsafeStoreError:
+            raise  # cache/ itself is unsafe: that is the store's problem, not a stale cache
+        except (OSError, UnsafePathError):
+            return None
+        try:
+            chunks = []
+            while limit > 0:
+                chunk = os.read(fd, min(limit, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                limit -= len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def write(self, data: bytes) -> None:
+        """Replace the file atomically (``cache/`` is created if needed)."""
+        write_atomic_at(self.store.dir_fd(CACHE, create=True), self.name, data, mode=0o644)
+
+
+class Store:
+    """A store directory (see the module docstring).
+
+    The store's root (a path the user gave: a symlink there is followed) and
+    its directories (``objects``, ``images``, ``refs``, ``cache``,
+    ``damaged``) are opened once, the directories with ``O_NOFOLLOW``, and
+    every operation works relative to those descriptors; a symbolic link
+    where a store directory belongs is refused.  Like sshd's StrictModes,
+    the root and its directories must belong to the invoking user or root
+    and must not be writable by group or others, unless ``allow_foreign``
+    says otherwise (:func:`.safe_dirs.check_owner`).  The ``*_dir`` and
+    ``*_path`` attributes remain for messages and for tools given paths
+    (a mount's ``basedir``).  :meth:`close` (or ``with``) releases the
+    descriptors; they are also closed when the object is collected.
+    """
+
+    def __init__(self, path: PathLike, notice: Optional[WaitNotice] = stderr_notice,
+                 allow_foreign: bool = False) -> None:
         self.path = os.fsencode(path)
         self.objects_dir = os.path.join(self.path, OBJECTS)
         self.images_dir = os.path.join(self.path, IMAGES)
         self.refs_dir = os.path.join(self.path, REFS)
         self.damaged_dir = os.path.join(self.path, DAMAGED)
         self.cache_path = os.path.join(self.path, CACHE, b"digests")
-        self.lock = StoreLock(self.path, notice)
+        self.allow_foreign = allow_foreign
+        self._fds: Dict[bytes, int] = {}
+        self.lock = StoreLock(self.path, notice, self.root_fd)
+
+    # ---- directory descriptors
+    def root_fd(self) -> int:
+        """The store directory (opened on first use; FileNotFoundError if there is none)."""
+        fd = self._fds.get(b"")
+        if fd is None:
+            fd = self._open_root()
+            self._check_owner(fd, self.path)
+        return fd
+
+    def _open_root(self) -> int:
+        fd = self._fds.get(b"")
+        if fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except NotADirectoryError:
+                raise StoreError("%s is not a directory" % os.fsdecode(self.path)) from None
+            self._fds[b""] = fd
+        return fd
+
+    def dir_fd(self, name: bytes, create: bool = False) -> int:
+        """The store directory ``name`` (OBJECTS, IMAGES, ...), opened without following a link.
+
+        FileNotFoundError if it is missing (unless ``create``: then it is made
+        with the mode of the store's root, at most 0755).  A symbolic link, a
+        non-directory or a foreign owner is :class:`UnsafeStoreError`.
+        """
+        fd = self._fds.get(name)
+        if fd is None:
+            root = self.root_fd()
+            full = os.path.join(self.path, name)
+            try:
+                if create:
+                    fd, created = ensure_dir(name, root, PRIVATE_MODE, os.fsdecode(full))
+                    if created:
+                        os.fchmod(fd, stat.S_IMODE(os.fstat(root).st_mode) & SHARED_MODE | PRIVATE_MODE)
+                else:
+                    fd = open_dir(name, root, os.fsdecode(full))
+            except UnsafePathError as exc:
+                raise UnsafeStoreError("%s (a store directory must be a real directory)" % exc) from None
+            self._fds[name] = fd
+            self._check_owner(fd, full)
+        return fd
+
+    def _check_owner(self, fd: int, path: bytes) -> None:
+        try:
+            check_owner(os.fstat(fd), os.fsdecode(path), self.allow_foreign)
+        except UnsafePathError as exc:
+            self.close()
+            raise UnsafeStoreError("%s (composefs-store --allow-foreign-owner, module option allow_foreign_owner)"
+                                   % exc) from None
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        fds = getattr(self, "_fds", None)
+        if fds:
+            self.close()
 
     # ---- creation and opening
     @classmethod
-    def init(cls, path: PathLike, notice: Optional[WaitNotice] = _stderr_notice) -> Tuple["Store", bool]:
-        """Create (or re-open) a store; returns (store, created)."""
-        store = cls(path, notice)
-        meta = os.path.join(store.path, META_NAME)
-        if os.path.lexists(meta):
+    def init(cls, path: PathLike, notice: Optional[WaitNotice] = stderr_notice, allow_foreign: bool = False,
+             mode: int = PRIVATE_MODE) -> Tuple["Store", bool]:
+        """Create (or re-open) a store; returns (store, created).
+
+        A new store root (when it is created here) and its directories get
+        ``mode``: PRIVATE_MODE (0700) by default, since objects are read
+        through mounts and nobody else needs to list them, or SHARED_MODE
+        (0755, the layout of the C tools).  An existing store keeps its modes.
+        """
+        if mode not in (PRIVATE_MODE, SHARED_MODE):
+            raise StoreError("store mode %04o: only %04o (private) or %04o (shared layout)"
+                             % (mode, PRIVATE_MODE, SHARED_MODE))
+        store = cls(path, notice, allow_foreign)
+        shown = os.fsdecode(store.path)
+        try:
+            parent = os.path.dirname(os.path.abspath(store.path).rstrip(b"/"))
+            os.makedirs(parent, mode=SHARED_MODE, exist_ok=True)
+            os.mkdir(store.path, mode)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreError("cannot create %s: %s" % (shown, exc.strerror or exc)) from None
+        root = store._open_root()
+        try:
+            os.stat(META_NAME, dir_fd=root, follow_symlinks=False)
             store.check()
             return store, False
-        try:
-            os.makedirs(store.path, mode=0o755, exist_ok=True)
-        except OSError as exc:
-            raise StoreError("cannot create %s: %s" % (os.fsdecode(store.path), exc.strerror or exc)) from None
-        for sub in (OBJECTS, IMAGES, REFS):
-            full = os.path.join(store.path, sub)
+        except FileNotFoundError:
+            pass
+        # The directory becomes a store now (new, or an empty one such as a
+        # fresh filesystem's root): it gets the store's mode, whatever the
+        # umask or the mode it had, unless it is someone else's.  A directory
+        # with other content keeps its mode (and must pass the owner check).
+        if (os.fstat(root).st_uid in (0, os.geteuid())
+                and all(name == "lost+found" for name in os.listdir(root))):
+            os.fchmod(root, mode)
+        root = store.root_fd()
+        for sub in REQUIRED_DIRS:
             try:
-                os.mkdir(full, 0o755)
+                os.mkdir(sub, mode, dir_fd=root)
+                created = True
             except FileExistsError:
-                if not stat.S_ISDIR(os.lstat(full).st_mode):
-                    raise StoreError("%s exists and is not a directory" % os.fsdecode(full)) from None
+                created = False
+            fd = store.dir_fd(sub)
+            if created:
+                os.fchmod(fd, mode)
         body = json.dumps({"format": FORMAT_VERSION, "digest": DIGEST_ALGORITHM}, sort_keys=True) + "\n"
-        write_atomic(meta, body.encode(), mode=0o644)
-        fsync_dir(store.path)
+        write_atomic_at(root, META_NAME, body.encode(), mode=0o644)
         return store, True
 
     @classmethod
-    def open(cls, path: PathLike, notice: Optional[WaitNotice] = _stderr_notice) -> "Store":
-        store = cls(path, notice)
+    def open(cls, path: PathLike, notice: Optional[WaitNotice] = stderr_notice,
+             allow_foreign: bool = False) -> "Store":
+        store = cls(path, notice, allow_foreign)
         store.check()
         return store
 
     def check(self) -> Dict[str, Any]:
         """Validate meta.json and the directories; StoreError saying what is wrong."""
-        meta_path = os.path.join(self.path, META_NAME)
         shown = os.fsdecode(self.path)
+        meta_shown = os.fsdecode(os.path.join(self.path, META_NAME))
         try:
-            fd = os.open(meta_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as f:
-                raw = f.read(65536)
+            fd = open_regular(META_NAME, self.root_fd(), meta_shown)
+            try:
+                raw = os.read(fd, MAX_JSON_BYTES + 1)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             raise StoreError("%s is not a composefs store (no meta.json); create one with "
                              "'composefs-store --repo %s init'" % (shown, shown)) from None
+        except UnsafePathError as exc:
+            raise StoreError("%s: the store is damaged" % exc) from None
         except OSError as exc:
-            raise StoreError("cannot read %s: %s" % (os.fsdecode(meta_path), exc.strerror or exc)) from None
+            raise StoreError("cannot read %s: %s" % (meta_shown, exc.strerror or exc)) from None
         try:
-            meta = json.loads(raw.decode("utf-8"))
-            version = meta["format"]
-            algorithm = meta["digest"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            raise StoreError("%s: meta.json is damaged (expected {\"format\": N, \"digest\": ...})" % shown) from None
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            meta = load_json_object(raw, "meta.json")
+        except JsonFileError as exc:
+            raise StoreError("%s: %s: meta.json is damaged (expected {\"format\": N, \"digest\": ...})"
+                             % (shown, exc)) from None
+        if "format" not in meta or "digest" not in meta:
+            raise StoreError("%s: meta.json is damaged (expected {\"format\": N, \"digest\": ...})" % shown)
+        version = meta["format"]
+        algorithm = meta["digest"]
+        if not is_int(version) or version < 1:
             raise StoreError("%s: invalid store format %r in meta.json" % (shown, version))
         if version > FORMAT_VERSION:
             raise StoreError("%s: store format %d is newer than this tool supports (%d); "
@@ -341,15 +512,26 @@ class Store:
         if algorithm != DIGEST_ALGORITHM:
             raise StoreError("%s: digest algorithm %r is not supported (only %s)"
                              % (shown, algorithm, DIGEST_ALGORITHM))
-        for sub in (OBJECTS, IMAGES, REFS):
-            full = os.path.join(self.path, sub)
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                raise StoreError("%s is missing: the store is damaged" % os.fsdecode(full)) from None
-            if not stat.S_ISDIR(st.st_mode):
-                raise StoreError("%s is not a directory (symbolic links are refused)" % os.fsdecode(full))
+        self.check_dirs()
         return meta
+
+    def check_dirs(self) -> None:
+        """Open every store directory: StoreError if a required one is missing or any is unsafe."""
+        for sub in REQUIRED_DIRS:
+            try:
+                self.dir_fd(sub)
+            except FileNotFoundError:
+                raise StoreError("%s is missing: the store is damaged"
+                                 % os.fsdecode(os.path.join(self.path, sub))) from None
+        for sub in OPTIONAL_DIRS:
+            try:
+                self.dir_fd(sub)
+            except FileNotFoundError:
+                pass
+
+    def cache_file(self, name: bytes) -> CacheFile:
+        """The file ``cache/<name>`` (the digest cache, the image memo)."""
+        return CacheFile(self, name)
 
     # ---- objects
     def object_path(self, hexdigest: str) -> bytes:
@@ -361,10 +543,20 @@ class Store:
         A present but wrong entry (not a regular file, other size) is damage:
         StoreError, because trusting it would publish a broken image.
         """
+        prefix, name = object_relpath(hexdigest).split(b"/")
         try:
-            st = os.lstat(self.object_path(hexdigest))
+            fd = open_dir(prefix, self.dir_fd(OBJECTS))
         except FileNotFoundError:
             return False
+        except UnsafePathError:
+            raise StoreError("objects/%s (for object %s) is not a directory: run 'fsck --repair'"
+                             % (os.fsdecode(prefix), hexdigest)) from None
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(fd)
         if not stat.S_ISREG(st.st_mode):
             raise StoreError("object %s is not a regular file: run 'fsck --repair'" % hexdigest)
         if size is not None and st.st_size != size:
@@ -372,42 +564,72 @@ class Store:
                              % (hexdigest, st.st_size, size))
         return True
 
+    def iter_object_dirs(self) -> Iterator[Tuple[bytes, int]]:
+        """(prefix, descriptor) of every ``objects/XX`` directory, each open while the caller is at it.
+
+        A symbolic link or non-directory named like one is skipped, never
+        entered (fsck reports it).
+        """
+        try:
+            objects = self.dir_fd(OBJECTS)
+        except FileNotFoundError:
+            return
+        for name in sorted(_listdir_fd(objects)):
+            if not is_hex_name(name, 2):
+                continue
+            try:
+                fd = open_dir(name, objects)
+            except (FileNotFoundError, UnsafePathError):
+                continue
+            try:
+                yield name, fd
+            finally:
+                os.close(fd)
+
     def iter_objects(self) -> Iterator[Tuple[str, bytes, os.stat_result]]:
         """(hex, path, lstat) of every entry that looks like an object (names checked)."""
-        for prefix, _full in self._object_dirs():
-            sub = os.path.join(self.objects_dir, prefix)
-            for name in _listdir(sub):
-                if not is_hex_name(name, 2 * DIGEST_SIZE - 2):
-                    continue
-                full = os.path.join(sub, name)
-                try:
-                    st = os.lstat(full)
-                except FileNotFoundError:
-                    continue
-                yield (prefix + name).decode("ascii"), full, st
-
-    def _object_dirs(self) -> List[Tuple[bytes, bytes]]:
-        out = []
-        for name in sorted(_listdir(self.objects_dir)):
-            full = os.path.join(self.objects_dir, name)
-            if is_hex_name(name, 2) and stat.S_ISDIR(_lstat_mode(full)):
-                out.append((name, full))
-        return out
+        for prefix, fd in self.iter_object_dirs():
+            for name, st in object_entries(fd):
+                yield (prefix + name).decode("ascii"), os.path.join(self.objects_dir, prefix, name), st
 
     # ---- images
     def image_path(self, hexdigest: str) -> bytes:
         return os.path.join(self.images_dir, check_digest_hex(hexdigest).encode("ascii"))
 
     def list_images(self) -> List[str]:
-        return sorted(n.decode("ascii") for n in _listdir(self.images_dir) if is_hex_name(n))
+        try:
+            names = _listdir_fd(self.dir_fd(IMAGES))
+        except FileNotFoundError:
+            return []
+        return sorted(n.decode("ascii") for n in names if is_hex_name(n))
+
+    def open_image(self, hexdigest: str) -> int:
+        """A read descriptor of ``images/<hexdigest>``: a regular file, never through a link."""
+        name = check_digest_hex(hexdigest).encode("ascii")
+        try:
+            return open_regular(name, self.dir_fd(IMAGES), "images/%s" % hexdigest)
+        except UnsafePathError as exc:
+            raise StoreError("%s: run 'fsck --repair'" % exc) from None
 
     def read_image(self, hexdigest: str) -> Node:
+        """The tree of an image (the whole image in memory; :meth:`image_objects` is leaner)."""
         from .erofs_reader import read_image_fd
 
-        path = self.image_path(hexdigest)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = self.open_image(hexdigest)
         try:
             return read_image_fd(fd)
+        finally:
+            os.close(fd)
+
+    def image_objects(self, hexdigest: str, progress: Optional[Callable[[], None]] = None) -> ImageObjects:
+        """The objects ``images/<hexdigest>`` uses (with its size in ``image_bytes``).
+
+        The one way fsck, gc, stats and the listings learn what an image
+        needs: the lean lister, which keeps no tree in memory.
+        """
+        fd = self.open_image(hexdigest)
+        try:
+            return image_fd_objects(fd, progress)
         finally:
             os.close(fd)
 
@@ -447,11 +669,11 @@ class Store:
     # ---- refs
     def _ref_dirs(self, parts: List[bytes], create: bool) -> List[int]:
         """Open fds of refs/ and each directory on the way to the ref's parent."""
-        fds = [os.open(self.refs_dir, _DIR_FLAGS)]
+        fds = [os.dup(self.dir_fd(REFS))]
         try:
             for i, part in enumerate(parts[:-1]):
                 try:
-                    fds.append(os.open(part, _DIR_FLAGS, dir_fd=fds[-1]))
+                    fds.append(os.open(part, DIR_FLAGS, dir_fd=fds[-1]))
                     continue
                 except FileNotFoundError:
                     if not create:
@@ -466,7 +688,7 @@ class Store:
                 except FileExistsError:
                     pass
                 try:
-                    fds.append(os.open(part, _DIR_FLAGS, dir_fd=fds[-1]))
+                    fds.append(os.open(part, DIR_FLAGS, dir_fd=fds[-1]))
                 except OSError as exc:
                     if exc.errno in (errno.ENOTDIR, errno.ELOOP):
                         raise _not_a_ref_dir(parts, i) from None
@@ -567,16 +789,21 @@ class Store:
     def list_refs(self) -> List[str]:
         """Names of all refs (regular files under refs/, temp files and symlinks skipped)."""
         out: List[str] = []
-        for dirpath, dirnames, filenames in os.walk(self.refs_dir, followlinks=False):
+        try:
+            refs = self.dir_fd(REFS)
+        except FileNotFoundError:
+            return out
+        for dirpath, dirnames, filenames, dir_fd in os.fwalk(b".", dir_fd=refs):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(b"."))
-            rel = os.path.relpath(dirpath, self.refs_dir)
             for fname in filenames:
                 if fname.startswith(b"."):
                     continue
-                full = os.path.join(dirpath, fname)
-                if not stat.S_ISREG(_lstat_mode(full)):
+                try:
+                    if not stat.S_ISREG(os.stat(fname, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                        continue
+                except FileNotFoundError:
                     continue
-                out.append(os.fsdecode(fname if rel == b"." else os.path.join(rel, fname)))
+                out.append(os.fsdecode(os.path.normpath(os.path.join(dirpath, fname))))
         return sorted(out)
 
     def ref_targets(self) -> Dict[str, str]:
@@ -620,21 +847,23 @@ def _try_verity(path: bytes, digest: bytes) -> None:
         os.close(fd)
 
 
-def _listdir(path: bytes) -> List[bytes]:
-    try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []
+def _listdir_fd(fd: int) -> List[bytes]:
+    # os.listdir of a descriptor gives str names: back to the bytes they were.
+    return [os.fsencode(name) for name in os.listdir(fd)]
 
 
-def _lstat_mode(path: bytes) -> int:
-    try:
-        return os.lstat(path).st_mode
-    except FileNotFoundError:
-        return 0
+def object_entries(dir_fd: int) -> Iterator[Tuple[bytes, os.stat_result]]:
+    """(name, lstat) of the entries of an ``objects/XX`` directory named like objects."""
+    for name in _listdir_fd(dir_fd):
+        if not is_hex_name(name, 2 * DIGEST_SIZE - 2):
+            continue
+        try:
+            yield name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
 
 
 __all__ = [
-    "AddResult", "ImageObjects", "RefNotFound", "Store", "StoreError", "check_digest_hex", "image_objects",
-    "is_hex_name", "object_hex_from_payload", "split_ref_name",
+    "AddResult", "ImageObjects", "RefNotFound", "Store", "StoreError", "UnsafeStoreError", "check_digest_hex",
+    "image_fd_objects", "image_objects", "is_hex_name", "object_entries", "object_hex_from_payload", "split_ref_name",
 ]

@@ -38,26 +38,24 @@ hashing), instead of copying while hashing.
 
 from __future__ import annotations
 
-import fcntl
 import io
 import os
 import stat
 import sys
 import time
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 from . import fsverity
 from .errors import FormatError, ImageError
 from .objects import ObjectBatch, store_object, sync_object_dirs
 from .scan import build_tree_from_directory, cpu_count
-from .store import (_SRC_FLAGS, CACHE, AddResult, ImageObjects, PathLike, Store, StoreError, check_digest_hex,
+from .safe_dirs import READ_FLAGS as _SRC_FLAGS
+from .store import (AddResult, ImageObjects, PathLike, Store, StoreError, check_digest_hex,
                     image_objects, is_composefs_image, object_relpath, split_ref_name)
 from .store_cache import DigestCache, Key, key_of
 from .store_image_memo import ImageMemo
 from .store_image_memo import memo_key as image_memo_key
-from .store_lock import GATE_NAME, LOCK_NAME, _flock
 from .tree import RECOMMENDED_INLINE_CONTENT_MAX, Node, apply_source_options, digest_to_path
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
@@ -108,7 +106,7 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
     plan = _Plan() if dry_run or expected is not None else None
     # Objects this run has seen present (or is copying): checked once, not again.
     known: Set[str] = set()
-    with (_lock_read_only(store) if dry_run else store.lock.shared()):
+    with (store.lock.shared_read_only() if dry_run else store.lock.shared()):
         kind, root, data = _load_source(store, source, result, use_epoch=use_epoch, skip_devices=skip_devices,
                                         skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
                                         threads=threads, use_cache=use_cache, stdin=stdin, plan=plan,
@@ -125,7 +123,7 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
         memo = memo_key = None
         image_present = False
         if data is None and use_cache:
-            memo = ImageMemo(os.path.join(store.path, CACHE, b"images"))
+            memo = ImageMemo(store.cache_file(b"images"))
             memo_key = image_memo_key(root, min_version, max_version)
             hit = memo.get(memo_key) if memo_key is not None else None
             if hit is not None and _image_present(store, hit[0], hit[1]):
@@ -186,36 +184,6 @@ def _image_present(store: Store, hexd: str, size: int) -> bool:
     if not stat.S_ISREG(st.st_mode):
         raise StoreError("images/%s is not a regular file: run 'fsck --repair'" % hexd)
     return st.st_size == size and fsverity.digest_file(path).hex() == hexd
-
-
-@contextmanager
-def _lock_read_only(store: Store) -> Iterator[None]:
-    """The store's shared lock as :meth:`StoreLock.shared` takes it, minus creating lock files.
-
-    Keeps a gc from removing objects the plan counts as present.  Lock files
-    that do not exist are not created: a plan writes nothing.
-    """
-    fds: List[Optional[int]] = []
-    try:
-        for name in (LOCK_NAME, GATE_NAME):
-            try:
-                fds.append(os.open(os.path.join(store.path, name),
-                                   os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY))
-            except FileNotFoundError:
-                fds.append(None)
-        lock, gate = fds
-        if gate is not None:
-            _flock(gate, fcntl.LOCK_EX, "a garbage collection is waiting or running", store.lock.notice)
-        if lock is not None:
-            _flock(lock, fcntl.LOCK_SH, "a garbage collection is running", store.lock.notice)
-        if gate is not None:
-            os.close(gate)  # releases the gate
-            fds[1] = None
-        yield
-    finally:
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
 
 
 def _load_source(store: Store, source: PathLike, result: AddResult, *, use_epoch: bool, skip_devices: bool,
@@ -337,7 +305,7 @@ def tree_from_directory(store: Store, src: bytes, result: AddResult, *, use_epoc
     root = build_tree_from_directory(src, use_epoch=use_epoch, skip_devices=skip_devices,
                                      skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
                                      compute_digest=False, threads=threads)
-    cache = DigestCache(store.cache_path) if use_cache else None
+    cache = DigestCache(store.cache_file(b"digests")) if use_cache else None
     base = src.rstrip(b"/") or b"/"
     todo: List[Tuple[Node, bytes, os.stat_result]] = []
     # Within one run, one inode is hashed once however many names it has.

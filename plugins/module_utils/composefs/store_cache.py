@@ -33,16 +33,19 @@ different filesystem mounted later under the same device number, holding a
 file with the same inode number, size, mtime and ctime to the nanosecond
 would match.  ``--no-cache`` (or deleting ``STORE/cache``) turns it off.
 Concurrent adds each rewrite the cache atomically, merging what is on disk;
-an entry lost in a race only costs a re-hash.
+an entry lost in a race only costs a re-hash.  The file is read and
+replaced through the store's ``cache/`` descriptor (:class:`.store.CacheFile`),
+so a symbolic link there can't send the write elsewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
-from .atomic_file import write_atomic
+if TYPE_CHECKING:
+    from .store import CacheFile
 
 Key = Tuple[int, int, int, int, int]
 
@@ -51,6 +54,8 @@ _HEADER = b"composefs-store digest cache 1 sha256\n"
 RACY_NS = 1000000000
 #: Upper bound of entries kept (about 100 bytes each on disk).
 MAX_ENTRIES = 500000
+#: A longer file is not ours (an entry is at most about 130 bytes).
+_MAX_BYTES = MAX_ENTRIES * 160
 
 
 def key_of(st: os.stat_result) -> Key:
@@ -58,8 +63,9 @@ def key_of(st: os.stat_result) -> Key:
 
 
 class DigestCache:
-    def __init__(self, path: bytes) -> None:
-        self.path = path
+    def __init__(self, file: "CacheFile") -> None:
+        self.file = file
+        self.path = file.path
         self.entries: Dict[Key, bytes] = {}
         self.new: Dict[Key, bytes] = {}
         self.used: Dict[Key, bytes] = {}
@@ -67,12 +73,8 @@ class DigestCache:
         self.entries = self._load()
 
     def _load(self) -> Dict[Key, bytes]:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except OSError:
-            return {}
-        return _parse(data)
+        data = self.file.read(_MAX_BYTES)
+        return _parse(data) if data is not None else {}
 
     def get(self, st: os.stat_result) -> Optional[bytes]:
         key = key_of(st)
@@ -104,9 +106,7 @@ class DigestCache:
                 keep.setdefault(key, value)
             merged = keep
         body = b"".join(b"%d %d %d %d %d %s\n" % (k + (v.hex().encode(),)) for k, v in merged.items())
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
-        write_atomic(self.path, _HEADER + body + b"sum " + hashlib.sha256(body).hexdigest().encode() + b"\n",
-                     mode=0o644)
+        self.file.write(_HEADER + body + b"sum " + hashlib.sha256(body).hexdigest().encode() + b"\n")
 
 
 def _parse(data: bytes) -> Dict[Key, bytes]:

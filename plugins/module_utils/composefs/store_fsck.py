@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import fsverity
 from .atomic_file import fsync_dir
 from .errors import ComposefsError, VerityError
-from .store import (DIGEST_SIZE, Store, StoreError, image_objects, is_hex_name, split_ref_name)
+from .store import (DIGEST_SIZE, Store, StoreError, is_hex_name, split_ref_name)
 
 # Above this many bytes of objects, hash in worker processes.
 _PARALLEL_MIN_BYTES = 64 << 20
@@ -231,7 +231,7 @@ def _check_image(store: Store, result: FsckResult, hexd: str, present: Dict[str,
         _damage(result, full, "%s: content has digest %s: damaged" % (shown, got))
         return False
     try:
-        needed = image_objects(store.read_image(hexd))
+        needed = store.image_objects(hexd)
     except (OSError, ComposefsError) as exc:
         _damage(result, full, "%s: cannot parse: %s" % (shown, exc))
         return False

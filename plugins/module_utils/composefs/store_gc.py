@@ -44,13 +44,12 @@ import stat
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from .atomic_file import fsync_dir
 from .errors import ComposefsError
 from .loopdev import bound_devices
 from .mount_record import mounted_images as recorded_mounts
 from .mountinfo import MountInfo, of_type, read_mountinfo, top_mount
-from .store import RefNotFound, Store, StoreError, image_data_objects, image_objects, is_composefs_image, is_hex_name
-from .tree import Node
+from .store import (CACHE, IMAGES, OBJECTS, REFS, RefNotFound, Store, StoreError, image_data_objects,
+                    is_composefs_image, is_hex_name, object_entries)
 
 #: Default age after which ``objects/.tmp*`` files count as crash debris.
 DEFAULT_TMP_GRACE = 3600.0
@@ -337,8 +336,7 @@ class GcResult:
 def _image_objects_cached(store: Store, hexd: str, cache: Dict[str, Set[str]]) -> Set[str]:
     objs = cache.get(hexd)
     if objs is None:
-        root: Node = store.read_image(hexd)
-        objs = set(image_objects(root).objects)
+        objs = set(store.image_objects(hexd).objects)
         cache[hexd] = objs
     return objs
 
@@ -375,10 +373,16 @@ def _mark(store: Store, cache: Dict[str, Set[str]], result: GcResult) -> Tuple[S
 
 
 def collect(store: Store, *, dry_run: bool = False, tmp_grace: float = DEFAULT_TMP_GRACE) -> GcResult:
-    """Remove images and objects unreachable from refs and mounts (see module docstring)."""
+    """Remove images and objects unreachable from refs and mounts (see module docstring).
+
+    Deletes only through the store's directory descriptors (unlinkat, never
+    following a link), and refuses to start when a store directory is a
+    symbolic link or not safely owned.
+    """
     result = GcResult()
     result.dry_run = dry_run
     cache: Dict[str, Set[str]] = {}
+    store.check_dirs()
     with store.lock.collector():
         # Unlocked preparation: parse what refs name now (images never change).
         try:
@@ -396,65 +400,64 @@ def _sweep(store: Store, keep_images: Set[str], keep_objects: Set[str], dry_run:
            result: GcResult) -> None:
     now = time.time()
     # Images first, made durable, then objects: never an image without its objects.
+    images = store.dir_fd(IMAGES)
     for hexd in store.list_images():
         if hexd in keep_images:
             continue
-        path = store.image_path(hexd)
-        try:
-            size = os.lstat(path).st_size
-            if not dry_run:
-                os.unlink(path)
-        except FileNotFoundError:
+        size = _remove_at(images, hexd.encode("ascii"), dry_run)
+        if size is None:
             continue
         result.removed_images.append(hexd)
         result.removed_image_bytes += size
     if result.removed_images and not dry_run:
-        fsync_dir(store.images_dir)
-    touched: Set[bytes] = set()
-    for hexd, path, st in store.iter_objects():
-        if hexd in keep_objects:
-            result.kept_objects += 1
-            continue
-        if not dry_run:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
+        os.fsync(images)
+    for prefix, dir_fd in store.iter_object_dirs():
+        removed = False
+        for name, st in object_entries(dir_fd):
+            hexd = (prefix + name).decode("ascii")
+            if hexd in keep_objects:
+                result.kept_objects += 1
                 continue
-            touched.add(os.path.dirname(path))
-        result.removed_objects.append(hexd)
-        result.removed_object_bytes += st.st_size
-    for directory in sorted(touched):
-        fsync_dir(directory)
+            if not dry_run:
+                try:
+                    os.unlink(name, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    continue
+                removed = True
+            result.removed_objects.append(hexd)
+            result.removed_object_bytes += st.st_size
+        if removed:
+            os.fsync(dir_fd)
     # Temp files: no add of ours runs now, so ours are all debris; objects/
     # may also hold the C mkcomposefs' temp files, hence the grace period.
-    debris: List[bytes] = []
-    for directory, grace in ((store.objects_dir, tmp_grace), (store.images_dir, 0.0),
-                             (os.path.dirname(store.cache_path), 0.0)):
-        for name in _listdir(directory):
-            if not name.startswith(b"."):
+    for sub, grace in ((OBJECTS, tmp_grace), (IMAGES, 0.0), (CACHE, 0.0)):
+        try:
+            dir_fd = store.dir_fd(sub)
+        except FileNotFoundError:
+            continue
+        for name in os.listdir(dir_fd):
+            if not name.startswith("."):
                 continue
-            full = os.path.join(directory, name)
             try:
-                st = os.lstat(full)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= grace:
-                debris.append(full)
-    for dirpath, dirnames, filenames in os.walk(store.refs_dir, followlinks=False):
+                if _remove_at(dir_fd, os.fsencode(name), dry_run) is not None:
+                    result.removed_temp_files.append(os.fsdecode(os.path.join(store.path, sub, os.fsencode(name))))
+    for dirpath, _dirnames, filenames, dir_fd in os.fwalk(b".", dir_fd=store.dir_fd(REFS)):
         for name in filenames:
-            if name.startswith(b".tmp-ref-"):
-                debris.append(os.path.join(dirpath, name))
-    for full in debris:
-        if not dry_run:
-            try:
-                os.unlink(full)
-            except FileNotFoundError:
-                continue
-        result.removed_temp_files.append(os.fsdecode(full))
+            if name.startswith(b".tmp-ref-") and _remove_at(dir_fd, name, dry_run) is not None:
+                result.removed_temp_files.append(os.fsdecode(os.path.normpath(os.path.join(store.refs_dir, dirpath,
+                                                                                           name))))
 
 
-def _listdir(path: bytes) -> List[bytes]:
+def _remove_at(dir_fd: int, name: bytes, dry_run: bool) -> Optional[int]:
+    """Unlink ``name`` in ``dir_fd`` (a link is removed, never followed); its size, None if it was gone."""
     try:
-        return os.listdir(path)
+        size = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
+        if not dry_run:
+            os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
-        return []
+        return None
+    return size

@@ -21,18 +21,20 @@ and its fs-verity digest is the recorded one (:func:`.store_add._image_present`)
 an entry whose image was collected costs a rebuild.  Like the digest cache
 and the refs, the memo is trusted store state: whoever can write the store
 can point a ref anywhere anyway.  The file is written atomically with a
-sha256 of its entries; a damaged file is ignored as a whole.  A writer
+sha256 of its entries (through the store's ``cache/`` descriptor, like the
+digest cache); a damaged file is ignored as a whole.  A writer
 whose source cannot be read (an unusual loader) turns the memo off.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
-from .atomic_file import write_atomic
 from .tree import Node
+
+if TYPE_CHECKING:
+    from .store import CacheFile
 
 _HEADER = b"composefs-store image memo 1 sha256\n"
 #: Entries kept (most recently used first); about 140 bytes each.
@@ -91,18 +93,15 @@ def memo_key(root: Node, min_version: int, max_version: int) -> Optional[str]:
 
 
 class ImageMemo:
-    def __init__(self, path: bytes) -> None:
-        self.path = path
+    def __init__(self, file: "CacheFile") -> None:
+        self.file = file
+        self.path = file.path
         self.entries: Dict[str, Tuple[str, int]] = self._load()
         self.dirty = False
 
     def _load(self) -> Dict[str, Tuple[str, int]]:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read(MAX_ENTRIES * 256)
-        except OSError:
-            return {}
-        return _parse(data)
+        data = self.file.read(MAX_ENTRIES * 256)
+        return _parse(data) if data is not None else {}
 
     def get(self, key: str) -> Optional[Tuple[str, int]]:
         return self.entries.get(key)
@@ -121,9 +120,7 @@ class ImageMemo:
         order = [used] + [k for k in merged if k != used]
         body = b"".join(b"%s %s %d\n" % (k.encode(), merged[k][0].encode(), merged[k][1])
                         for k in order[:MAX_ENTRIES] if k in merged)
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
-        write_atomic(self.path, _HEADER + body + b"sum " + hashlib.sha256(body).hexdigest().encode() + b"\n",
-                     mode=0o644)
+        self.file.write(_HEADER + body + b"sum " + hashlib.sha256(body).hexdigest().encode() + b"\n")
         self.dirty = False
 
 

@@ -10,12 +10,11 @@ included) minus the bytes of the distinct objects they use.
 
 from __future__ import annotations
 
-import os
 import stat
 from typing import Any, Dict
 
 from .errors import ComposefsError
-from .store import Store, image_objects
+from .store import Store
 
 
 def stats(store: Store) -> Dict[str, Any]:
@@ -33,11 +32,11 @@ def stats(store: Store) -> Dict[str, Any]:
     image_bytes = 0
     for hexd in images:
         try:
-            image_bytes += os.lstat(store.image_path(hexd)).st_size
-            needed = image_objects(store.read_image(hexd))
+            needed = store.image_objects(hexd)
         except (OSError, ComposefsError):
             unreadable.append(hexd)
             continue
+        image_bytes += needed.image_bytes or 0
         logical += needed.logical_bytes
         for obj in needed.objects:
             users[obj] = users.get(obj, 0) + 1
