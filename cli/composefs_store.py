@@ -28,6 +28,11 @@ Layout of the store (--repo DIR):
   DIR/refs/NAME           names of images (NAME may contain '/')
   DIR/meta.json           store format version and digest algorithm
 
+The store and its directories must belong to you or root and must not be
+writable by group or others (as sshd's StrictModes); symbolic links inside
+the store are refused, never followed.  New stores are private (mode 0700:
+mounts read the objects, nobody needs to list them); see init --shared-layout.
+
 Everything is written to a temporary file, fsync-ed and renamed: a crash
 leaves complete files or debris that gc removes, never a broken object.
 Adds may run while gc runs: a lock keeps gc from removing anything an add
@@ -62,15 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repo", metavar="DIR", default=os.environ.get("COMPOSEFS_STORE"),
                         help="the store directory (default: $COMPOSEFS_STORE)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
-    # --repo and --json are also accepted after the command.
+    parser.add_argument("--allow-foreign-owner", action="store_true",
+                        help="accept a store (or a directory of it) that belongs to another user or is writable by "
+                             "group or others; by default it is refused, since whoever can write there can swap "
+                             "its contents under you")
+    # --repo, --json and --allow-foreign-owner are also accepted after the command.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--repo", metavar="DIR", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--allow-foreign-owner", action="store_true", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    sub.add_parser("init", parents=[common], help="create the store (no-op if it exists)",
-                   description="Create DIR with meta.json, objects/, images/ and refs/. "
-                               "An existing store is left as it is.")
+    init = sub.add_parser("init", parents=[common], help="create the store (no-op if it exists)",
+                          description="Create DIR with meta.json, objects/, images/ and refs/, mode 0700 "
+                                      "(an empty existing DIR gets that mode too).  An existing store is left "
+                                      "as it is, modes included.")
+    init.add_argument("--shared-layout", action="store_true",
+                      help="create the directories mode 0755, the layout of the C composefs tools (anyone may "
+                           "list the objects and read the images) instead of 0700")
 
     add = sub.add_parser("add-image", parents=[common],
                          help="add an image from a directory, a dump file or an image",
@@ -140,10 +155,17 @@ def _emit(args: argparse.Namespace, data: Any, lines: List[str]) -> None:
             sys.stdout.write(line + "\n")
 
 
-def _cmd_init(args: argparse.Namespace) -> int:
+def _open(args: argparse.Namespace) -> Any:
     from composefs_fleet.store import Store
 
-    store, created = Store.init(args.repo)
+    return Store.open(args.repo, allow_foreign=args.allow_foreign_owner)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from composefs_fleet.store import PRIVATE_MODE, SHARED_MODE, Store
+
+    store, created = Store.init(args.repo, allow_foreign=args.allow_foreign_owner,
+                                mode=SHARED_MODE if args.shared_layout else PRIVATE_MODE)
     where = os.fsdecode(store.path)
     _emit(args, {"path": where, "created": created},
           ["initialized composefs store in %s" % where if created else "%s is already a composefs store" % where])
@@ -151,7 +173,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
-    from composefs_fleet.store import Store
+    from composefs_fleet.store_add import add_image
 
     if args.skip_xattrs and args.user_xattrs:
         raise _Fail("--skip-xattrs and --user-xattrs exclude each other")
@@ -159,13 +181,13 @@ def _cmd_add(args: argparse.Namespace) -> int:
         raise _Fail("--threads must be at least 1")
     if args.min_version > args.max_version:
         raise _Fail("--min-version is larger than --max-version")
-    store = Store.open(args.repo)
-    result = store.add_image(args.source, args.ref, use_epoch=args.use_epoch, skip_devices=args.skip_devices,
-                             skip_xattrs=args.skip_xattrs, user_xattrs=args.user_xattrs,
-                             hardlinks=args.hardlinks, threads=args.threads, use_cache=not args.no_cache,
-                             objects_from=args.objects_from, min_version=args.min_version,
-                             max_version=args.max_version, expected_digest=args.expected_digest,
-                             dry_run=args.dry_run)
+    store = _open(args)
+    result = add_image(store, args.source, args.ref, use_epoch=args.use_epoch, skip_devices=args.skip_devices,
+                       skip_xattrs=args.skip_xattrs, user_xattrs=args.user_xattrs,
+                       hardlinks=args.hardlinks, threads=args.threads, use_cache=not args.no_cache,
+                       objects_from=args.objects_from, min_version=args.min_version,
+                       max_version=args.max_version, expected_digest=args.expected_digest,
+                       dry_run=args.dry_run)
     moved = "" if result.previous in (None, result.digest) else " (was %s)" % result.previous
     lines = [
         "%s%s %s%s" % ("would add " if args.dry_run else "", result.digest, result.ref, moved),
@@ -180,9 +202,8 @@ def _cmd_add(args: argparse.Namespace) -> int:
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from composefs_fleet.errors import ComposefsError
-    from composefs_fleet.store import Store
 
-    store = Store.open(args.repo)
+    store = _open(args)
     by_image: Dict[str, List[str]] = {}
     for ref, target in store.ref_targets().items():
         by_image.setdefault(target, []).append(ref)
@@ -210,9 +231,9 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_refs(args: argparse.Namespace) -> int:
-    from composefs_fleet.store import Store, StoreError
+    from composefs_fleet.store import StoreError
 
-    store = Store.open(args.repo)
+    store = _open(args)
     rows = []
     for name in store.list_refs():
         try:
@@ -224,9 +245,9 @@ def _cmd_refs(args: argparse.Namespace) -> int:
 
 
 def _cmd_rm_ref(args: argparse.Namespace) -> int:
-    from composefs_fleet.store import Store, StoreError
+    from composefs_fleet.store import StoreError
 
-    store = Store.open(args.repo)
+    store = _open(args)
     removed = []
     failed = []
     with store.lock.shared():
@@ -243,10 +264,9 @@ def _cmd_rm_ref(args: argparse.Namespace) -> int:
 
 
 def _cmd_fsck(args: argparse.Namespace) -> int:
-    from composefs_fleet.store import Store
     from composefs_fleet.store_fsck import check
 
-    store = Store.open(args.repo)
+    store = _open(args)
     result = check(store, repair=args.repair, threads=args.threads)
     lines = ["error: " + e for e in result.errors] + ["note: " + n for n in result.notes]
     lines += ["moved aside: " + m for m in result.moved]
@@ -258,12 +278,11 @@ def _cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    from composefs_fleet.store import Store
     from composefs_fleet.store_gc import collect
 
     if args.tmp_grace < 0:
         raise _Fail("--tmp-grace cannot be negative")
-    store = Store.open(args.repo)
+    store = _open(args)
     result = collect(store, dry_run=args.dry_run, tmp_grace=args.tmp_grace)
     verb = "would remove" if args.dry_run else "removed"
     lines = ["%s %d images (%s), %d objects (%s), %d temporary files; kept %d images, %d objects"
@@ -281,10 +300,9 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from composefs_fleet.store import Store
     from composefs_fleet.store_stats import stats
 
-    data = stats(Store.open(args.repo))
+    data = stats(_open(args))
     lines = [
         "objects:          %d (%s; %s on disk)"
         % (data["objects"], _human(data["object_bytes"]), _human(data["object_disk_bytes"])),

@@ -252,6 +252,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.composefs.errors import ComposefsError
 from ..module_utils.composefs.store import RefNotFound, Store, StoreError, is_hex_name, split_ref_name
+from ..module_utils.composefs.store_add import add_image
 
 _RESULT_KEYS = ("digest", "ref", "source_kind", "image_written", "objects", "objects_written", "bytes_written",
                 "files_hashed", "bytes_hashed", "cache_hits")
@@ -274,8 +275,8 @@ def _present(module, params):
         module.warn("store %s does not exist yet; the check assumes an empty store" % location)
     else:
         store = Store.open(location, notice=None)
-    result = store.add_image(
-        params["src"], params["ref"],
+    result = add_image(
+        store, params["src"], params["ref"],
         use_epoch=params["use_epoch"], skip_devices=params["skip_devices"], skip_xattrs=params["skip_xattrs"],
         user_xattrs=params["user_xattrs"], use_cache=params["use_cache"], objects_from=params["objects_from"],
         min_version=params["format_version"], max_version=1, expected_digest=params["expected_digest"],

@@ -38,6 +38,14 @@ options:
       - Costs one C(lstat) per object of each image.
     type: bool
     default: true
+  allow_foreign_owner:
+    description:
+      - Accept stores whose directory or store subdirectories belong to another user (not the one running the
+        module, not root) or are writable by group or others.
+      - By default such a store is refused (the task fails naming it), as sshd's C(StrictModes) refuses such
+        files; a symbolic link where a store directory belongs is always refused.
+    type: bool
+    default: false
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 attributes:
@@ -278,20 +286,20 @@ def image_facts(store, hexd, refs, mounted_at, check_objects):
     return entry
 
 
-def store_facts(location, mounted_at, check_objects):
-    store = Store(location, notice=None)
-    meta = store.check()
-    refs = store.ref_targets()
-    problem = verity_problem(store.objects_dir)
-    return {
-        "location": location,
-        "format": meta.get("format"),
-        "verity_supported": problem is None,
-        "verity_problem": problem,
-        "refs": refs,
-        "images": [image_facts(store, hexd, refs, mounted_at, check_objects) for hexd in store.list_images()],
-        "stats": stats(store),
-    }
+def store_facts(location, mounted_at, check_objects, allow_foreign=False):
+    with Store(location, notice=None, allow_foreign=allow_foreign) as store:  # closed: it would keep a mount busy
+        meta = store.check()
+        refs = store.ref_targets()
+        problem = verity_problem(store.objects_dir)
+        return {
+            "location": location,
+            "format": meta.get("format"),
+            "verity_supported": problem is None,
+            "verity_problem": problem,
+            "refs": refs,
+            "images": [image_facts(store, hexd, refs, mounted_at, check_objects) for hexd in store.list_images()],
+            "stats": stats(store),
+        }
 
 
 def mount_facts():
@@ -305,6 +313,7 @@ def main():
             stores=dict(type="list", elements="path", default=[]),
             mounts=dict(type="bool", default=True),
             check_objects=dict(type="bool", default=True),
+            allow_foreign_owner=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )
@@ -319,7 +328,8 @@ def main():
             result["mounts"] = mounts
         for location in module.params["stores"]:
             try:
-                result["stores"].append(store_facts(location, mounted_at, module.params["check_objects"]))
+                result["stores"].append(store_facts(location, mounted_at, module.params["check_objects"],
+                                                    module.params["allow_foreign_owner"]))
             except ComposefsError as exc:
                 module.fail_json(msg="store %s: %s" % (location, exc))
     except OSError as exc:

@@ -18,6 +18,10 @@ description:
     typo never adopts or deletes an unrelated directory.
   - Reports whether the filesystem of the store supports fs-verity (the objects of a store on such a filesystem
     get fs-verity when they are written, and mounts can then require it).
+  - Like sshd's C(StrictModes), a store whose directory (or C(objects/), C(images/), C(refs/), C(cache/),
+    C(damaged/)) belongs to another user than the one running the module or root, or is writable by group or
+    others, is refused unless O(allow_foreign_owner=true). A symbolic link where a store directory belongs is
+    always refused.
 author:
   - composefs-fleet contributors (@composefs-fleet)
 options:
@@ -45,6 +49,22 @@ options:
         directories fail the store check). Without it such a store is not removed and the task fails, saying how
         many refs it has.
       - Has no effect with O(state=present).
+    type: bool
+    default: false
+  shared_layout:
+    description:
+      - With O(state=present), create the store directories with mode C(0755), the layout of the C composefs tools
+        (anyone may list the objects and read the images).
+      - By default a new store (and an empty directory that becomes the store) gets mode C(0700) and its
+        directories too; the objects are read through mounts, nobody else needs to list them.
+      - An existing store keeps its modes; this option does not change them.
+    type: bool
+    default: false
+  allow_foreign_owner:
+    description:
+      - Accept a store whose directory or store subdirectories belong to another user (not the one running the
+        module, not root) or are writable by group or others.
+      - By default such a store is refused, since whoever can write there could swap its contents under the module.
     type: bool
     default: false
 extends_documentation_fragment:
@@ -160,7 +180,7 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.composefs.errors import ComposefsError
-from ..module_utils.composefs.store import Store, StoreError
+from ..module_utils.composefs.store import PRIVATE_MODE, SHARED_MODE, Store, StoreError
 from ..module_utils.composefs import store_admin
 
 
@@ -191,6 +211,10 @@ def _diff_state(summary):
     }
 
 
+def _store(module, location):
+    return Store(location, notice=None, allow_foreign=module.params["allow_foreign_owner"])
+
+
 def _present(module, location):
     state = store_admin.path_state(location)
     if state == store_admin.NOT_A_DIRECTORY:
@@ -199,15 +223,17 @@ def _present(module, location):
         module.fail_json(msg="%s is a non-empty directory that is not a composefs store (no meta.json): "
                              "refusing to turn it into one; use an empty or new directory" % location)
     if state == store_admin.STORE:
-        store = Store(location, notice=None)
-        meta = store.check()  # a damaged store fails here, with the reason
-        before = store_admin.summary(store, meta)
+        with _store(module, location) as store:  # closed: an open directory keeps a mount busy
+            meta = store.check()  # a damaged store fails here, with the reason
+            before = store_admin.summary(store, meta)
         return False, before, before
     before = _absent_summary(location)
     if module.check_mode:
         return True, before, store_admin.new_store_summary(location)
-    store, _created = Store.init(location, notice=None)
-    return True, before, store_admin.summary(store)
+    mode = SHARED_MODE if module.params["shared_layout"] else PRIVATE_MODE
+    store, _created = Store.init(location, notice=None, allow_foreign=module.params["allow_foreign_owner"], mode=mode)
+    with store:
+        return True, before, store_admin.summary(store)
 
 
 def _absent(module, location, force):
@@ -219,18 +245,18 @@ def _absent(module, location, force):
         if state in (store_admin.NOT_A_STORE, store_admin.NOT_A_DIRECTORY):
             module.warn("%s is not a composefs store (no meta.json); left alone" % location)
         return False, after, after
-    store = Store(location, notice=None)
-    plan = store_admin.plan_removal(store)
-    why = store_admin.refusal(plan, force)
-    if why is not None:
-        module.fail_json(msg="refusing to remove the store %s: %s" % (location, why), refs=len(plan.refs))
-    if plan.damage is None:
-        before = store_admin.summary(store)
-    else:
-        before = _absent_summary(location)
-        before.update(exists=True, refs=len(plan.refs))
-    if not module.check_mode:
-        store_admin.remove_store(store, force=force)
+    with _store(module, location) as store:
+        plan = store_admin.plan_removal(store)
+        why = store_admin.refusal(plan, force)
+        if why is not None:
+            module.fail_json(msg="refusing to remove the store %s: %s" % (location, why), refs=len(plan.refs))
+        if plan.damage is None:
+            before = store_admin.summary(store)
+        else:
+            before = _absent_summary(location)
+            before.update(exists=True, refs=len(plan.refs))
+        if not module.check_mode:
+            store_admin.remove_store(store, force=force)
     return True, before, after
 
 
@@ -240,6 +266,8 @@ def main():
             path=dict(type="path", required=True),
             state=dict(type="str", default="present", choices=["present", "absent"]),
             force=dict(type="bool", default=False),
+            shared_layout=dict(type="bool", default=False),
+            allow_foreign_owner=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )

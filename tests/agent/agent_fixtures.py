@@ -17,6 +17,7 @@ import pytest
 from composefs_fleet import mount_record, mountinfo
 from composefs_fleet.mount import mount_composefs
 from composefs_fleet.store import Store
+from composefs_fleet.store_add import add_image
 
 
 def write_tree(root: Path, seed: int, files: int = 6) -> None:
@@ -41,7 +42,7 @@ class Node:
     def image(self, name: str, seed: int) -> str:
         tree = self.base / ("tree-" + name)
         write_tree(tree, seed)
-        return self.store.add_image(tree, name).digest
+        return add_image(self.store, tree, name).digest
 
     def image_path(self, digest: str) -> str:
         return os.fsdecode(self.store.image_path(digest))

@@ -12,6 +12,7 @@ import pytest
 from composefs_fleet import mount_record
 from composefs_fleet.mount import mount_composefs, verity_problem
 from composefs_fleet.store import Store
+from composefs_fleet.store_add import add_image
 from composefs_fleet.store_stats import stats
 
 
@@ -40,7 +41,7 @@ def store(tmp_path):
         (src / "common").write_bytes(random.Random(0).randbytes(30000))
         (src / "sub" / "own").write_bytes(random.Random(i + 1).randbytes(20000))
         (src / "tiny").write_bytes(b"inline")
-        s.add_image(src, "app/" + ref)
+        add_image(s, src, "app/" + ref)
     s.write_ref("alias", s.read_ref("app/one"))
     return s
 
@@ -99,7 +100,7 @@ def test_missing_list_is_capped(module_runner, tmp_path):
     rng = random.Random(5)
     for i in range(130):
         (src / ("f%03d" % i)).write_bytes(rng.randbytes(100))
-    s.add_image(src, "many")
+    add_image(s, src, "many")
     for hexd, path, _st in list(s.iter_objects()):
         os.unlink(path)
     res = run_info(module_runner, {"stores": [str(tmp_path / "store")], "mounts": False})

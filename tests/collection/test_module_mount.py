@@ -19,6 +19,7 @@ from composefs_fleet import mount_record, mountinfo
 from composefs_fleet.fsverity import _kernel_has_fsverity
 from composefs_fleet.mount import verity_problem
 from composefs_fleet.store import Store
+from composefs_fleet.store_add import add_image
 from composefs_fleet.systemd_unit import unit_name
 
 AWKWARD = ["plain", "with space", "comma,name", "colon:name", "eq=name", "all of, them:=x"]
@@ -56,7 +57,7 @@ class Env:
             src = base / ("src-" + name)
             self.files[name] = write_source(src, i + 1)
             self.src[name] = src
-            store.add_image(src, "app/" + name)
+            add_image(store, src, "app/" + name)
         self.digest = {n: store.read_ref("app/" + n) for n in ("one", "two")}
         self.image_file = {n: os.fsdecode(store.image_path(d)) for n, d in self.digest.items()}
 

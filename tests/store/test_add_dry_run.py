@@ -18,7 +18,7 @@ from composefs_fleet.erofs_reader import read_image_file
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.scan import build_tree_from_directory
 from composefs_fleet.store import Store, StoreError
-from composefs_fleet.store_add import DigestMismatch
+from composefs_fleet.store_add import DigestMismatch, add_image
 from composefs_fleet.store_fsck import check
 
 from store_fixtures import make_tree, store  # noqa: F401  (fixtures)
@@ -59,9 +59,9 @@ def dry_then_real(store: Store, source, ref: str, **options):
     """Dry run (asserting it writes nothing), then the real add; both results."""
     top = Path(os.fsdecode(store.path))
     before = snapshot(top)
-    dry = store.add_image(source, ref, dry_run=True, **options)
+    dry = add_image(store, source, ref, dry_run=True, **options)
     assert snapshot(top) == before, "the dry run wrote into the store"
-    real = store.add_image(source, ref, **options)
+    real = add_image(store, source, ref, **options)
     return dry, real
 
 
@@ -87,7 +87,7 @@ def test_directory_dry_run_uses_the_cache_and_sees_one_change(store, tmp_path, m
     src = tmp_path / "src"
     make_tree(src, 22)
     quiet(src)
-    first = store.add_image(src, "app")
+    first = add_image(store, src, "app")
     cache = Path(os.fsdecode(store.cache_path))
     assert cache.is_file()  # a cache, lock files, objects, an image and a ref exist now
     dry, real = dry_then_real(store, src, "app")
@@ -107,7 +107,7 @@ def test_directory_dry_run_uses_the_cache_and_sees_one_change(store, tmp_path, m
 def test_dump_and_image_sources_dry_run(store, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 23)
-    first = store.add_image(src, "dir")
+    first = add_image(store, src, "dir")
     out = io.BytesIO()
     write_dump(read_image_file(os.fsdecode(store.image_path(first.digest))), out)
     dump = tmp_path / "tree.dump"
@@ -136,7 +136,7 @@ def test_image_with_objects_from_dry_run_counts_the_imports(tmp_path, make_tree)
     top = Path(os.fsdecode(store.path))
     before = snapshot(top)
     with pytest.raises(StoreError, match="not in the store"):
-        store.add_image(image, "x", dry_run=True)
+        add_image(store, image, "x", dry_run=True)
     assert snapshot(top) == before
     dry, real = dry_then_real(store, image, "x", objects_from=digest_store)
     assert dry.objects_written == dry.objects > 0 and dry.bytes_written > 0
@@ -148,17 +148,17 @@ def test_dry_run_of_a_store_that_does_not_exist_yet(tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 25)
     where = tmp_path / "not-yet"
-    dry = Store(where, notice=None).add_image(src, "app", dry_run=True)
+    dry = add_image(Store(where, notice=None), src, "app", dry_run=True)
     assert not where.exists()
     store, _ = Store.init(where, notice=None)
-    real = store.add_image(src, "app")
+    real = add_image(store, src, "app")
     assert planned(dry) == planned(real)
 
 
 def test_expected_digest_mismatch_publishes_nothing(store, tmp_path, make_tree):
     other = tmp_path / "other"
     make_tree(other, 26)
-    store.add_image(other, "other")  # lock files and a cache exist: the snapshot sees any write
+    add_image(store, other, "other")  # lock files and a cache exist: the snapshot sees any write
     src = tmp_path / "src"
     make_tree(src, 27)
     right = build_tree_digest(src)
@@ -167,13 +167,13 @@ def test_expected_digest_mismatch_publishes_nothing(store, tmp_path, make_tree):
     before = snapshot(top)
     for dry_run in (True, False):
         with pytest.raises(DigestMismatch, match="nothing was stored") as info:
-            store.add_image(src, "app", expected_digest=wrong, dry_run=dry_run)
+            add_image(store, src, "app", expected_digest=wrong, dry_run=dry_run)
         assert info.value.actual == right and info.value.expected == wrong
         assert snapshot(top) == before
     with pytest.raises(StoreError, match="invalid digest"):
-        store.add_image(src, "app", expected_digest="xyz")
+        add_image(store, src, "app", expected_digest="xyz")
     # The right digest (any case) goes through, with the objects copied after the check.
-    result = store.add_image(src, "app", expected_digest=right.upper())
+    result = add_image(store, src, "app", expected_digest=right.upper())
     assert result.digest == right and result.objects_written > 0
     assert store.read_ref("app") == right
     assert check(store).clean
@@ -184,8 +184,8 @@ def test_expected_digest_matches_the_pipelined_add(tmp_path, make_tree):
     make_tree(src, 28)
     a, _ = Store.init(tmp_path / "a", notice=None)
     b, _ = Store.init(tmp_path / "b", notice=None)
-    plain = a.add_image(src, "x", use_cache=False)
-    checked = b.add_image(src, "x", use_cache=False, expected_digest=plain.digest)
+    plain = add_image(a, src, "x", use_cache=False)
+    checked = add_image(b, src, "x", use_cache=False, expected_digest=plain.digest)
     assert planned(plain) == planned(checked)
     assert sorted(h for h, _p, _s in a.iter_objects()) == sorted(h for h, _p, _s in b.iter_objects())
     assert check(b).clean
@@ -194,10 +194,10 @@ def test_expected_digest_matches_the_pipelined_add(tmp_path, make_tree):
 def test_unchanged_ref_is_not_rewritten(store, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 29)
-    store.add_image(src, "app")
+    add_image(store, src, "app")
     ref = Path(os.fsdecode(store.refs_dir)) / "app"
     st = ref.stat()
-    again = store.add_image(src, "app")
+    again = add_image(store, src, "app")
     assert again.previous == again.digest
     assert ref.stat().st_ino == st.st_ino and ref.stat().st_mtime_ns == st.st_mtime_ns
 
@@ -206,10 +206,10 @@ def test_no_change_add_writes_nothing(store, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 30)
     quiet(src)
-    first = store.add_image(src, "app")
+    first = add_image(store, src, "app")
     top = Path(os.fsdecode(store.path))
     before = snapshot(top)
-    again = store.add_image(src, "app")
+    again = add_image(store, src, "app")
     assert again.digest == first.digest and again.files_hashed == 0
     assert snapshot(top) == before  # no object, image, ref or cache rewritten
 
@@ -222,10 +222,10 @@ def test_dry_run_waits_for_a_running_gc(tmp_path, make_tree):
     make_tree(src, 31)
     waiting = threading.Event()
     store, _ = Store.init(tmp_path / "s", notice=lambda message: waiting.set())
-    store.add_image(src, "app")  # creates the lock files
+    add_image(store, src, "app")  # creates the lock files
     results = []
     with store.lock.exclusive():
-        worker = threading.Thread(target=lambda: results.append(store.add_image(src, "app", dry_run=True)))
+        worker = threading.Thread(target=lambda: results.append(add_image(store, src, "app", dry_run=True)))
         worker.start()
         assert waiting.wait(30), "the dry run did not wait for the exclusive lock"
         assert worker.is_alive() and results == []

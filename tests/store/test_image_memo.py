@@ -14,6 +14,7 @@ import pytest
 from composefs_fleet import erofs_writer, store_image_memo
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.scan import build_tree_from_directory
+from composefs_fleet.store_add import add_image
 from composefs_fleet.store_fsck import check
 
 from store_fixtures import make_tree, store  # noqa: F401  (fixtures)
@@ -47,20 +48,20 @@ def test_unchanged_tree_is_not_built_again(store, tmp_path, make_tree, count_bui
     src = tmp_path / "src"
     make_tree(src, 1)
     time.sleep(1.1)  # files younger than a second are never cached
-    first = store.add_image(src, "r")
+    first = add_image(store, src, "r")
     assert len(count_builds) == 1 and memo_path(store).is_file()
-    again = store.add_image(src, "r")
+    again = add_image(store, src, "r")
     assert len(count_builds) == 1, "the unchanged tree was built again"
     assert again.digest == first.digest == expected_digest(src)
     assert not again.image_written and again.objects_written == 0
-    plan = store.add_image(src, "r", dry_run=True)
+    plan = add_image(store, src, "r", dry_run=True)
     assert len(count_builds) == 1 and plan.digest == first.digest and not plan.image_written
     # Other options are another key.
-    v1 = store.add_image(src, "r1", min_version=1)
+    v1 = add_image(store, src, "r1", min_version=1)
     assert len(count_builds) == 2 and v1.digest == expected_digest(src, min_version=1)
     # A changed file is another tree.
     (src / "tiny").write_bytes(b"y")
-    changed = store.add_image(src, "r")
+    changed = add_image(store, src, "r")
     assert len(count_builds) == 3 and changed.digest == expected_digest(src) != first.digest
     assert check(store).clean
 
@@ -68,7 +69,7 @@ def test_unchanged_tree_is_not_built_again(store, tmp_path, make_tree, count_bui
 def test_entry_whose_image_is_gone_or_differs_means_a_rebuild(store, tmp_path, make_tree, count_builds):
     src = tmp_path / "src"
     make_tree(src, 2)
-    first = store.add_image(src, "r")
+    first = add_image(store, src, "r")
     memo = store_image_memo.ImageMemo(store.cache_file(b"images"))
     (key,) = memo.entries
     # The recorded size no longer matches the file: not used.
@@ -76,13 +77,13 @@ def test_entry_whose_image_is_gone_or_differs_means_a_rebuild(store, tmp_path, m
     memo.dirty = True
     memo.save(key)
     builds = len(count_builds)
-    again = store.add_image(src, "r")
+    again = add_image(store, src, "r")
     assert len(count_builds) == builds + 1 and again.digest == first.digest
     # The image itself removed (as gc does after an rm-ref): rebuilt, stored again.
     store.remove_ref("r")
     os.unlink(store.image_path(first.digest))
     builds = len(count_builds)
-    back = store.add_image(src, "r")
+    back = add_image(store, src, "r")
     assert len(count_builds) == builds + 1
     assert back.digest == first.digest and back.image_written
     assert check(store).clean
@@ -91,13 +92,13 @@ def test_entry_whose_image_is_gone_or_differs_means_a_rebuild(store, tmp_path, m
 def test_damaged_memo_is_ignored(store, tmp_path, make_tree, count_builds):
     src = tmp_path / "src"
     make_tree(src, 4)
-    first = store.add_image(src, "r")
+    first = add_image(store, src, "r")
     path = memo_path(store)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     builds = len(count_builds)
-    again = store.add_image(src, "r")
+    again = add_image(store, src, "r")
     assert len(count_builds) == builds + 1 and again.digest == first.digest
     assert store_image_memo._parse(path.read_bytes()), "the memo was not rewritten after the rebuild"
 
@@ -105,8 +106,8 @@ def test_damaged_memo_is_ignored(store, tmp_path, make_tree, count_builds):
 def test_no_cache_turns_the_memo_off(store, tmp_path, make_tree, count_builds):
     src = tmp_path / "src"
     make_tree(src, 5)
-    store.add_image(src, "r", use_cache=False)
-    store.add_image(src, "r", use_cache=False)
+    add_image(store, src, "r", use_cache=False)
+    add_image(store, src, "r", use_cache=False)
     assert len(count_builds) == 2 and not memo_path(store).exists()
 
 

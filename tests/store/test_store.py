@@ -19,6 +19,7 @@ from composefs_fleet.erofs_reader import read_image_file
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.scan import build_tree_from_directory
 from composefs_fleet.store import RefNotFound, Store, StoreError, check_digest_hex, image_objects, split_ref_name
+from composefs_fleet.store_add import add_image
 from composefs_fleet.store_stats import stats
 from composefs_fleet.store_fsck import check
 from composefs_fleet.store_gc import collect, objects_from_mounted_tree
@@ -142,7 +143,7 @@ def test_ref_prefix_conflicts(store):
 def test_add_directory_matches_mkcomposefs_and_fsck_clean(store, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 1)
-    result = store.add_image(src, "app/v1")
+    result = add_image(store, src, "app/v1")
     assert result.digest == expected_digest(src)
     assert store.read_ref("app/v1") == result.digest
     image = Path(os.fsdecode(store.image_path(result.digest)))
@@ -160,9 +161,9 @@ def test_same_content_twice_is_stored_once(store, tmp_path, make_tree):
     a, b = tmp_path / "a", tmp_path / "b"
     make_tree(a, 7)
     make_tree(b, 7)  # same content, other inodes
-    r1 = store.add_image(a, "one", use_epoch=True)  # mtimes differ, contents do not
+    r1 = add_image(store, a, "one", use_epoch=True)  # mtimes differ, contents do not
     objects = all_objects(store)
-    r2 = store.add_image(b, "two", use_epoch=True)
+    r2 = add_image(store, b, "two", use_epoch=True)
     assert r1.digest == r2.digest and r2.objects_written == 0 and not r2.image_written
     assert all_objects(store) == objects
     assert store.list_images() == [r1.digest]
@@ -172,29 +173,29 @@ def test_ref_moves_to_new_image(store, tmp_path, make_tree):
     a, b = tmp_path / "a", tmp_path / "b"
     make_tree(a, 1)
     make_tree(b, 2)
-    r1 = store.add_image(a, "app")
-    r2 = store.add_image(b, "app")
+    r1 = add_image(store, a, "app")
+    r2 = add_image(store, b, "app")
     assert r2.previous == r1.digest and store.read_ref("app") == r2.digest
 
 
 def test_add_dump_and_image_sources(store, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 3)
-    first = store.add_image(src, "dir")
+    first = add_image(store, src, "dir")
     # A dump of the same tree builds the same image; its objects are already here.
     out = io.BytesIO()
     write_dump(read_image_file(os.fsdecode(store.image_path(first.digest))), out)
     dump = tmp_path / "tree.dump"
     dump.write_bytes(out.getvalue())
-    r = store.add_image(dump, "dump")
+    r = add_image(store, dump, "dump")
     assert r.digest == first.digest and r.source_kind == "dump"
     # An existing image file is stored as it is.
     image = tmp_path / "copy.cfs"
     image.write_bytes(Path(os.fsdecode(store.image_path(first.digest))).read_bytes())
-    r = store.add_image(image, "image")
+    r = add_image(store, image, "image")
     assert r.digest == first.digest and r.source_kind == "image"
     # stdin dump
-    r = store.add_image("-", "stdin", stdin=io.BytesIO(out.getvalue()))
+    r = add_image(store, "-", "stdin", stdin=io.BytesIO(out.getvalue()))
     assert r.digest == first.digest
 
 
@@ -207,9 +208,9 @@ def test_dump_with_missing_objects_needs_objects_from(tmp_path, make_tree):
     image.write_bytes(build_image(root))
     store, _ = Store.init(tmp_path / "s", notice=None)
     with pytest.raises(StoreError, match="not in the store.*--objects-from"):
-        store.add_image(image, "x")
+        add_image(store, image, "x")
     assert store.list_images() == [] and store.list_refs() == []
-    r = store.add_image(image, "x", objects_from=digest_store)
+    r = add_image(store, image, "x", objects_from=digest_store)
     assert r.objects_written == r.objects > 0
     assert check(store).clean
     # A foreign object with the wrong content is refused, never stored.
@@ -217,22 +218,22 @@ def test_dump_with_missing_objects_needs_objects_from(tmp_path, make_tree):
     victim = next(p for p in digest_store.rglob("*") if p.is_file())
     victim.write_bytes(b"evil" * 100)
     with pytest.raises(StoreError, match="does not hold the content its name says"):
-        store2.add_image(image, "x", objects_from=digest_store)
+        add_image(store2, image, "x", objects_from=digest_store)
     assert all_objects(store2) == [] or victim.parent.name + victim.name not in all_objects(store2)
 
 
 def test_add_refuses_bad_sources(store, tmp_path):
     with pytest.raises(StoreError, match="no such file"):
-        store.add_image(tmp_path / "missing", "x")
+        add_image(store, tmp_path / "missing", "x")
     (tmp_path / "d").mkdir()
     os.symlink(tmp_path / "d", tmp_path / "dlink")
     with pytest.raises(StoreError, match="symbolic link to a directory"):
-        store.add_image(tmp_path / "dlink", "x")
+        add_image(store, tmp_path / "dlink", "x")
     (tmp_path / "garbage").write_bytes(b"not a dump\n")
     with pytest.raises(Exception):
-        store.add_image(tmp_path / "garbage", "x")
+        add_image(store, tmp_path / "garbage", "x")
     with pytest.raises(StoreError):
-        store.add_image(tmp_path / "d", "../x")
+        add_image(store, tmp_path / "d", "../x")
     assert store.list_refs() == [] and store.list_images() == []
 
 
@@ -242,9 +243,9 @@ def test_digest_cache_skips_quiet_files_and_sees_changes(store, tmp_path, make_t
     src = tmp_path / "src"
     make_tree(src, 5)
     time.sleep(1.1)  # older than the racy window: cacheable
-    first = store.add_image(src, "v1")
+    first = add_image(store, src, "v1")
     assert first.files_hashed > 0 and first.cache_hits == 0
-    second = store.add_image(src, "v1")
+    second = add_image(store, src, "v1")
     assert second.files_hashed == 0 and second.cache_hits == first.files_hashed
     assert second.digest == first.digest
     # Same size, mtime restored: only ctime tells -- and it must.
@@ -254,7 +255,7 @@ def test_digest_cache_skips_quiet_files_and_sees_changes(store, tmp_path, make_t
     data[0] ^= 0xFF
     victim.write_bytes(bytes(data))
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
-    third = store.add_image(src, "v1")
+    third = add_image(store, src, "v1")
     assert third.files_hashed == 1
     assert third.digest == expected_digest(src) != first.digest
     assert check(store).clean
@@ -263,8 +264,8 @@ def test_digest_cache_skips_quiet_files_and_sees_changes(store, tmp_path, make_t
 def test_racy_files_are_not_cached(store, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 6)
-    store.add_image(src, "v1")  # files were just written: not recorded
-    again = store.add_image(src, "v1")
+    add_image(store, src, "v1")  # files were just written: not recorded
+    again = add_image(store, src, "v1")
     assert again.cache_hits == 0 and again.files_hashed > 0
 
 
@@ -272,13 +273,13 @@ def test_damaged_cache_is_ignored(store, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 8)
     time.sleep(1.1)
-    first = store.add_image(src, "v1")
+    first = add_image(store, src, "v1")
     cache = Path(os.fsdecode(store.cache_path))
     raw = cache.read_bytes()
     # Flip a digest character: the checksum no longer matches, nothing is trusted.
     pos = raw.index(b"\n", 40) - 3
     cache.write_bytes(raw[:pos] + (b"0" if raw[pos:pos + 1] != b"0" else b"1") + raw[pos + 1:])
-    again = store.add_image(src, "v1")
+    again = add_image(store, src, "v1")
     assert again.cache_hits == 0 and again.digest == first.digest
 
 
@@ -286,11 +287,11 @@ def test_cache_hit_needs_the_object(store, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 9)
     time.sleep(1.1)
-    first = store.add_image(src, "v1")
+    first = add_image(store, src, "v1")
     store.remove_ref("v1")
     collect(store, tmp_grace=0)
     assert all_objects(store) == []
-    again = store.add_image(src, "v1")
+    again = add_image(store, src, "v1")
     assert again.cache_hits == 0 and again.digest == first.digest
     assert check(store).clean
 
@@ -305,7 +306,7 @@ def _one_object(store):
 def test_fsck_finds_and_repairs_a_damaged_object(store, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 10)
-    r = store.add_image(src, "v1")
+    r = add_image(store, src, "v1")
     hexd, path = _one_object(store)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 1
@@ -317,7 +318,7 @@ def test_fsck_finds_and_repairs_a_damaged_object(store, tmp_path, make_tree):
     assert repaired.moved and not path.exists()
     assert len(list(Path(os.fsdecode(store.damaged_dir)).iterdir())) == 1
     assert any("missing" in e for e in repaired.errors)  # the image now misses it
-    again = store.add_image(src, "v1")
+    again = add_image(store, src, "v1")
     assert again.digest == r.digest and again.objects_written == 1
     assert check(store).clean
 
@@ -325,7 +326,7 @@ def test_fsck_finds_and_repairs_a_damaged_object(store, tmp_path, make_tree):
 def test_fsck_reports_strays_symlinks_missing_and_dangling(store, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 11)
-    store.add_image(src, "v1")
+    add_image(store, src, "v1")
     hexd, path = _one_object(store)
     path.unlink()
     (Path(os.fsdecode(store.objects_dir)) / "zz").mkdir()
@@ -346,14 +347,14 @@ def test_fsck_reports_strays_symlinks_missing_and_dangling(store, tmp_path, make
 def test_fsck_damaged_image(store, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 12)
-    r = store.add_image(src, "v1")
+    r = add_image(store, src, "v1")
     image = Path(os.fsdecode(store.image_path(r.digest)))
     image.write_bytes(image.read_bytes()[:-1] + b"\x01")
     report = check(store)
     assert not report.clean and any("images/" + r.digest in e for e in report.errors)
     assert any("ref v1" in e for e in report.errors)
     # Adding the source again replaces the damaged image with a good one.
-    again = store.add_image(src, "v1")
+    again = add_image(store, src, "v1")
     assert again.digest == r.digest and again.image_written
     assert check(store).clean
 
@@ -364,8 +365,8 @@ def test_gc_keeps_reachable_removes_the_rest(store, tmp_path, make_tree):
     a, b = tmp_path / "a", tmp_path / "b"
     make_tree(a, 20, shared_from=1)
     make_tree(b, 21, shared_from=1)
-    ra = store.add_image(a, "a")
-    rb = store.add_image(b, "b")
+    ra = add_image(store, a, "a")
+    rb = add_image(store, b, "b")
     need_a = set(image_objects(store.read_image(ra.digest)).objects)
     need_b = set(image_objects(store.read_image(rb.digest)).objects)
     assert need_a & need_b
@@ -386,7 +387,7 @@ def test_gc_keeps_reachable_removes_the_rest(store, tmp_path, make_tree):
 def test_gc_refuses_with_a_damaged_ref(store, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 22)
-    r = store.add_image(src, "good")
+    r = add_image(store, src, "good")
     store.write_ref("bad", r.digest)
     store.remove_ref("good")
     (Path(os.fsdecode(store.refs_dir)) / "bad").write_text("garbage\n")
@@ -437,8 +438,8 @@ def test_gc_keeps_mounted_images(store, tmp_path, make_tree, kernel_mount):
     a, b = tmp_path / "a", tmp_path / "b"
     make_tree(a, 30)
     make_tree(b, 31)
-    ra = store.add_image(a, "a")
-    rb = store.add_image(b, "b")
+    ra = add_image(store, a, "a")
+    rb = add_image(store, b, "b")
     need_a = set(image_objects(store.read_image(ra.digest)).objects)
     need_b = set(image_objects(store.read_image(rb.digest)).objects)
     # a: mounted from the store itself; b: from a copy outside the store.
@@ -462,7 +463,7 @@ def test_gc_keeps_mounted_images(store, tmp_path, make_tree, kernel_mount):
 def test_objects_from_a_mounted_tree(store, tmp_path, make_tree, kernel_mount):
     src = tmp_path / "src"
     make_tree(src, 32)
-    r = store.add_image(src, "a")
+    r = add_image(store, src, "a")
     mnt = kernel_mount.mount_erofs(Path(os.fsdecode(store.image_path(r.digest))), tmp_path / "m")
     assert objects_from_mounted_tree(os.fsencode(mnt)) == set(image_objects(store.read_image(r.digest)).objects)
 
@@ -473,8 +474,8 @@ def test_stats_sharing(store, tmp_path, make_tree):
     a, b = tmp_path / "a", tmp_path / "b"
     make_tree(a, 40, shared_from=2)
     make_tree(b, 41, shared_from=2)
-    ra = store.add_image(a, "a")
-    rb = store.add_image(b, "b")
+    ra = add_image(store, a, "a")
+    rb = add_image(store, b, "b")
     na = image_objects(store.read_image(ra.digest))
     nb = image_objects(store.read_image(rb.digest))
     shared = set(na.objects) & set(nb.objects)
@@ -497,8 +498,8 @@ def test_gc_keeps_images_mounted_by_fd_and_refuses_unknown_mounts(store, tmp_pat
     a, b = tmp_path / "a", tmp_path / "b"
     make_tree(a, 40)
     make_tree(b, 41)
-    ra = store.add_image(a, "a")
-    rb = store.add_image(b, "b")
+    ra = add_image(store, a, "a")
+    rb = add_image(store, b, "b")
     need_a = set(image_objects(store.read_image(ra.digest)).objects)
     ma, mb = tmp_path / "ma", tmp_path / "mb"
     ma.mkdir()

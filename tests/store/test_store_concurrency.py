@@ -35,6 +35,7 @@ SOURCES = 5
 WORKER = r"""
 import json, os, random, sys, time
 from composefs_fleet.store import Store, RefNotFound
+from composefs_fleet.store_add import add_image
 from composefs_fleet.store_gc import collect
 
 role, repo, seconds, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
@@ -50,7 +51,7 @@ done = 0
 while time.monotonic() < deadline:
     if role == "add":
         i = rng.randrange(len(sources))
-        store.add_image(sources[i], "r/%d" % i, use_cache=rng.random() < 0.5)
+        add_image(store, sources[i], "r/%d" % i, use_cache=rng.random() < 0.5)
     elif role == "rm":
         try:
             store.remove_ref("r/%d" % rng.randrange(len(sources)))
@@ -87,7 +88,7 @@ def stressed(tmp_path_factory, make_tree):
     # Make sure there is at least one ref to check, whatever the last remover did.
     store = Store.open(repo, notice=None)
     if not store.list_refs():
-        store.add_image(sources[0], "r/0")
+        add_image(store, sources[0], "r/0")
     return store, expected, results
 
 

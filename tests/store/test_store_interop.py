@@ -11,6 +11,7 @@ import pytest
 
 from composefs_fleet import fsverity
 from composefs_fleet.store import Store
+from composefs_fleet.store_add import add_image
 from composefs_fleet.store_fsck import check
 
 from store_fixtures import make_tree, store_cmd  # noqa: F401  (fixtures)
@@ -26,14 +27,14 @@ def test_c_mkcomposefs_into_our_objects_passes_fsck(oracle, tmp_path, make_tree)
     res = oracle.run("mkcomposefs", "--digest-store=" + os.fsdecode(store.objects_dir), src, image)
     assert res.returncode == 0, res.stderr
     # The C tool's objects are already where the store keeps them: nothing to copy.
-    result = store.add_image(image, "from-c")
+    result = add_image(store, image, "from-c")
     assert result.objects_written == 0 and result.objects > 0
     assert result.digest == fsverity.digest_file(str(image)).hex()
     report = check(store)
     assert report.clean, report.errors
     assert report.objects == result.objects
     # Our directory add of the same tree is the same image (byte-identical writer).
-    ours = store.add_image(src, "from-ours")
+    ours = add_image(store, src, "from-ours")
     assert ours.digest == result.digest and ours.objects_written == 0
     assert store.list_images() == [result.digest]
 
@@ -42,7 +43,7 @@ def test_our_objects_satisfy_the_c_tools(oracle, tmp_path, make_tree):
     src = tmp_path / "src"
     make_tree(src, 62, files=30)
     store, _ = Store.init(tmp_path / "store", notice=None)
-    result = store.add_image(src, "app")
+    result = add_image(store, src, "app")
     image = os.fsdecode(store.image_path(result.digest))
     basedir = "--basedir=" + os.fsdecode(store.objects_dir)
     missing = oracle.run("composefs-info", basedir, "missing-objects", image)

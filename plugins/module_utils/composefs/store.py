@@ -48,7 +48,8 @@ Concurrency (the "never loses data" part):
   writing it.
 
 Modules: this one (layout, names, refs, images), store_add (add-image and the
-directory pipeline), store_cache (digest cache), store_lock, store_gc,
+directory pipeline: ``store_add.add_image(store, source, ref)``; it builds on
+this module, never the other way round), store_cache (digest cache), store_lock, store_gc,
 store_fsck, store_stats.
 
 Names are validated before any path is built: object and image names must be
@@ -65,6 +66,7 @@ import json
 import os
 import mmap
 import stat
+import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import fsverity
@@ -350,7 +352,10 @@ class Store:
         self.cache_path = os.path.join(self.path, CACHE, b"digests")
         self.allow_foreign = allow_foreign
         self._fds: Dict[bytes, int] = {}
-        self.lock = StoreLock(self.path, notice, self.root_fd)
+        # Through a weak reference: a cycle would keep the descriptors open
+        # until the cyclic garbage collector runs, not until the last use.
+        this = weakref.ref(self)
+        self.lock = StoreLock(self.path, notice, lambda: _root_fd_of(this))
 
     # ---- directory descriptors
     def root_fd(self) -> int:
@@ -816,15 +821,12 @@ class Store:
                 continue
         return out
 
-    # ---- adding
-    def add_image(self, source: PathLike, ref: str, **options: Any) -> AddResult:
-        """Build (or take) an image from ``source``, store it and its objects, point ``ref`` at it.
 
-        See :func:`.store_add.add_image` for the options.
-        """
-        from .store_add import add_image
-
-        return add_image(self, source, ref, **options)
+def _root_fd_of(ref: "weakref.ReferenceType[Store]") -> int:
+    store = ref()
+    if store is None:
+        raise StoreError("the store of this lock was closed")
+    return store.root_fd()
 
 
 def _not_a_ref_dir(parts: List[bytes], i: int) -> StoreError:

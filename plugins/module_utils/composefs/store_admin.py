@@ -219,6 +219,7 @@ def remove_store(store: Store, force: bool = False) -> None:
         why = refusal(plan_removal(store), force)
         if why is not None:
             raise StoreError("refusing to remove %s: %s" % (os.fsdecode(store.path), why))
+        store.close()  # its open directories would keep a store that is a mount point busy
         _delete_tree(store.path)
 
 

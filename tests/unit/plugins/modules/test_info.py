@@ -14,6 +14,7 @@ import pytest
 from ansible_collections.composefs.fleet.plugins.modules import info
 from ansible_collections.composefs.fleet.tests.unit.plugins.modules.module_runner import run_module
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.store import Store
+from ansible_collections.composefs.fleet.plugins.module_utils.composefs.store_add import add_image
 
 
 def _rand(seed, size):
@@ -32,7 +33,7 @@ def store(tmp_path):
     src.mkdir()
     (src / "a").write_bytes(_rand(1, 5000))
     (src / "b").write_bytes(_rand(2, 5000))
-    s.add_image(str(src), "one")
+    add_image(s, str(src), "one")
     return s
 
 

@@ -15,6 +15,7 @@ from ansible_collections.composefs.fleet.plugins.modules import mount
 from ansible_collections.composefs.fleet.tests.unit.plugins.modules.module_runner import run_module
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.mount import verity_problem
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.store import Store
+from ansible_collections.composefs.fleet.plugins.module_utils.composefs.store_add import add_image
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.systemd_unit import unit_name
 
 
@@ -34,9 +35,9 @@ def env(tmp_path):
     (src / "sub").mkdir(parents=True)
     (src / "sub" / "big").write_bytes(_rand(1, 20000))
     (src / "small").write_bytes(b"small\n")
-    store.add_image(str(src), "app/one")
+    add_image(store, str(src), "app/one")
     (src / "small").write_bytes(b"other\n")
-    store.add_image(str(src), "app/two")
+    add_image(store, str(src), "app/two")
     return {
         "tmp": tmp_path,
         "store": str(tmp_path / "store"),
