@@ -65,6 +65,7 @@ options:
       - Accept a store whose directory or store subdirectories belong to another user (not the one running the
         module, not root) or are writable by group or others.
       - By default such a store is refused, since whoever can write there could swap its contents under the module.
+        O(force) does not override this.
     type: bool
     default: false
 extends_documentation_fragment:

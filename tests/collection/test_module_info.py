@@ -113,6 +113,22 @@ def test_not_a_store_fails_clearly(module_runner, tmp_path):
     assert res["failed"] and "is not a composefs store" in res["msg"]
 
 
+def test_foreign_owned_store_needs_allow_foreign_owner(module_runner, store, tmp_path):
+    os.chown(tmp_path / "store" / "images", 4242, 4242)
+    res = module_runner("info", {"stores": [str(tmp_path / "store")], "mounts": False})
+    assert res["failed"] and "belongs to uid 4242" in res["msg"], res
+    res = run_info(module_runner, {"stores": [str(tmp_path / "store")], "mounts": False, "allow_foreign_owner": True})
+    assert len(res["stores"][0]["images"]) == 2
+
+
+def test_symlinked_store_directory_is_refused(module_runner, store, tmp_path):
+    os.rename(tmp_path / "store" / "refs", tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "store" / "refs")
+    for allow in (False, True):
+        res = module_runner("info", {"stores": [str(tmp_path / "store")], "mounts": False, "allow_foreign_owner": allow})
+        assert res["failed"] and "refs is a symbolic link" in res["msg"], res
+
+
 def test_damaged_image_is_reported_not_fatal(module_runner, store, tmp_path):
     two = store.read_ref("app/two")
     with open(store.image_path(two), "r+b") as f:

@@ -169,6 +169,38 @@ def test_missing_subdirectory_is_reported(tmp_path, module_runner):
     assert res["failed"] is True and "refs is missing" in res["msg"]
 
 
+def _mode(path: Path) -> int:
+    return os.lstat(path).st_mode & 0o7777
+
+
+def test_new_store_is_private_unless_shared_layout(tmp_path, module_runner):
+    res = module_runner("store", {"path": str(tmp_path / "private")})
+    assert res["changed"] is True, res
+    assert _mode(tmp_path / "private") == _mode(tmp_path / "private" / "objects") == 0o700
+    res = module_runner("store", {"path": str(tmp_path / "shared"), "shared_layout": True})
+    assert res["changed"] is True, res
+    assert _mode(tmp_path / "shared") == _mode(tmp_path / "shared" / "images") == 0o755
+    res = module_runner("store", {"path": str(tmp_path / "shared")})
+    assert res["changed"] is False and not res.get("failed"), res  # 0755 passes the ownership check
+
+
+def test_foreign_or_writable_store_needs_allow_foreign_owner(tmp_path, module_runner):
+    location = tmp_path / "store"
+    Store.init(location, notice=None)
+    os.chmod(location / "objects", 0o777)
+    res = module_runner("store", {"path": str(location)})
+    assert res["failed"] is True and "writable by group and others" in res["msg"], res
+    res = module_runner("store", {"path": str(location), "allow_foreign_owner": True})
+    assert not res.get("failed") and res["changed"] is False, res
+    os.chmod(location / "objects", 0o700)
+    os.chown(location, 4242, 4242)
+    for force in (False, True):  # force overrides damage, not ownership
+        res = module_runner("store", {"path": str(location), "state": "absent", "force": force})
+        assert res["failed"] is True and "belongs to uid 4242" in res["msg"] and location.exists(), res
+    res = module_runner("store", {"path": str(location), "state": "absent", "allow_foreign_owner": True})
+    assert res["changed"] is True and not location.exists(), res
+
+
 def test_bad_arguments_fail(tmp_path, module_runner):
     res = module_runner("store", {"path": str(tmp_path), "state": "gone"})
     assert res["failed"] is True and "state" in res["msg"]

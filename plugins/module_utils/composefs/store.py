@@ -113,6 +113,10 @@ class UnsafeStoreError(StoreError, UnsafePathError):
     """A symbolic link or a foreign-owned (or group/other-writable) directory in the store."""
 
 
+class ForeignOwnerError(UnsafeStoreError):
+    """The store or a directory of it belongs to someone else or is group/other-writable (see allow_foreign)."""
+
+
 # -- names ---------------------------------------------------------------------
 
 def is_hex_name(name: Union[str, bytes], length: int = 2 * DIGEST_SIZE) -> bool:
@@ -352,6 +356,7 @@ class Store:
         self.cache_path = os.path.join(self.path, CACHE, b"digests")
         self.allow_foreign = allow_foreign
         self._fds: Dict[bytes, int] = {}
+        self._root_checked = False
         # Through a weak reference: a cycle would keep the descriptors open
         # until the cyclic garbage collector runs, not until the last use.
         this = weakref.ref(self)
@@ -361,9 +366,10 @@ class Store:
     def root_fd(self) -> int:
         """The store directory (opened on first use; FileNotFoundError if there is none)."""
         fd = self._fds.get(b"")
-        if fd is None:
+        if fd is None or not self._root_checked:
             fd = self._open_root()
             self._check_owner(fd, self.path)
+            self._root_checked = True
         return fd
 
     def _open_root(self) -> int:
@@ -405,11 +411,12 @@ class Store:
             check_owner(os.fstat(fd), os.fsdecode(path), self.allow_foreign)
         except UnsafePathError as exc:
             self.close()
-            raise UnsafeStoreError("%s (composefs-store --allow-foreign-owner, module option allow_foreign_owner)"
-                                   % exc) from None
+            raise ForeignOwnerError("%s (composefs-store --allow-foreign-owner, module option allow_foreign_owner)"
+                                    % exc) from None
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}
+        self._root_checked = False
         for fd in fds.values():
             os.close(fd)
 
@@ -866,6 +873,6 @@ def object_entries(dir_fd: int) -> Iterator[Tuple[bytes, os.stat_result]]:
 
 
 __all__ = [
-    "AddResult", "ImageObjects", "RefNotFound", "Store", "StoreError", "UnsafeStoreError", "check_digest_hex",
+    "AddResult", "ForeignOwnerError", "ImageObjects", "RefNotFound", "Store", "StoreError", "UnsafeStoreError", "check_digest_hex",
     "image_fd_objects", "image_objects", "is_hex_name", "object_entries", "object_hex_from_payload", "split_ref_name",
 ]

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from .atomic_file import fsync_dir
 from .mountinfo import MOUNTINFO, read_mountinfo
-from .store import DIGEST_ALGORITHM, FORMAT_VERSION, META_NAME, Store, StoreError
+from .store import DIGEST_ALGORITHM, FORMAT_VERSION, META_NAME, ForeignOwnerError, Store, StoreError
 
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
@@ -185,6 +185,8 @@ def plan_removal(store: Store) -> RemovePlan:
     plan = RemovePlan()
     try:
         store.check()
+    except ForeignOwnerError:
+        raise  # not damage that force may override: only allow_foreign does
     except StoreError as exc:
         plan.damage = str(exc)
     plan.refs = store.list_refs()
