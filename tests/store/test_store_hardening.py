@@ -267,3 +267,14 @@ def test_shared_read_only_lock_creates_nothing(tmp_path):
         with store.lock.shared_read_only():  # shared with a running add
             pass
     assert (tmp_path / "s" / "lock").exists()
+
+
+def test_force_does_not_override_the_owner_check(tmp_path):
+    from composefs_fleet import store_admin
+
+    Store.init(tmp_path / "s", notice=None)
+    os.chown(tmp_path / "s", 4242, 4242)
+    with pytest.raises(StoreError, match="belongs to uid 4242"):
+        store_admin.plan_removal(Store(tmp_path / "s", notice=None))
+    with pytest.raises(StoreError, match="not a composefs store"):
+        Store.open(tmp_path / "missing", notice=None)

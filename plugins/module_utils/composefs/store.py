@@ -16,6 +16,16 @@ Layout of ``STORE``::
     damaged/              where ``fsck --repair`` moves damaged objects and images
     lock, gate.lock, gc.lock   flock files (see store_lock)
 
+Symbolic links inside the store are never followed: the root (given by the
+user) and the directories above are opened once as directory descriptors
+(the directories with ``O_NOFOLLOW``; a link there is refused) and every
+read, write, rename and unlink works relative to them.  As with sshd's
+StrictModes, the root and those directories must belong to the invoking
+user or root and must not be group- or other-writable, unless the caller
+allows it (``allow_foreign``).  New stores are mode 0700 (mounts read the
+objects; nobody else needs to list them) unless created with the C tools'
+0755 layout (``Store.init(mode=SHARED_MODE)``).
+
 Nothing appears half-written: objects and images are written to a temp name
 (``.tmp*``) in their directory, fsync-ed, given fs-verity where the
 filesystem supports it, renamed into place and the directory fsync-ed.  An
@@ -494,15 +504,20 @@ class Store:
         """Validate meta.json and the directories; StoreError saying what is wrong."""
         shown = os.fsdecode(self.path)
         meta_shown = os.fsdecode(os.path.join(self.path, META_NAME))
+        not_a_store = StoreError("%s is not a composefs store (no meta.json); create one with "
+                                 "'composefs-store --repo %s init'" % (shown, shown))
         try:
-            fd = open_regular(META_NAME, self.root_fd(), meta_shown)
+            root = self.root_fd()  # a foreign owner is ForeignOwnerError, not damage
+        except FileNotFoundError:
+            raise not_a_store from None
+        try:
+            fd = open_regular(META_NAME, root, meta_shown)
             try:
                 raw = os.read(fd, MAX_JSON_BYTES + 1)
             finally:
                 os.close(fd)
         except FileNotFoundError:
-            raise StoreError("%s is not a composefs store (no meta.json); create one with "
-                             "'composefs-store --repo %s init'" % (shown, shown)) from None
+            raise not_a_store from None
         except UnsafePathError as exc:
             raise StoreError("%s: the store is damaged" % exc) from None
         except OSError as exc:

@@ -46,6 +46,9 @@ GC_LOCK_NAME = b"gc.lock"
 #: Called with a message when a lock is busy and the caller has to wait.
 WaitNotice = Callable[[str], None]
 
+#: What a shared taker waits for at the gate, then at the lock.
+_SHARED_WAITS = ("a garbage collection is waiting or running", "a garbage collection is running")
+
 
 def stderr_notice(message: str) -> None:
     """The default :data:`WaitNotice` of the command-line tools."""
@@ -154,8 +157,7 @@ class StoreLock:
     @contextmanager
     def shared(self) -> Iterator[None]:
         """Held by writers of new content for their whole run."""
-        yield from self._take(fcntl.LOCK_SH, "a garbage collection is waiting or running",
-                              "a garbage collection is running")
+        yield from self._take(fcntl.LOCK_SH, *_SHARED_WAITS)
 
     @contextmanager
     def shared_read_only(self) -> Iterator[None]:
@@ -165,8 +167,7 @@ class StoreLock:
         files that do not exist are not created, and a store that does not
         exist yet is not locked at all (there is nothing to collect).
         """
-        yield from self._take(fcntl.LOCK_SH, "a garbage collection is waiting or running",
-                              "a garbage collection is running", create=False)
+        yield from self._take(fcntl.LOCK_SH, *_SHARED_WAITS, create=False)
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
