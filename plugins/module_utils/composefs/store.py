@@ -421,8 +421,8 @@ class Store:
             check_owner(os.fstat(fd), os.fsdecode(path), self.allow_foreign)
         except UnsafePathError as exc:
             self.close()
-            raise ForeignOwnerError("%s (composefs-store --allow-foreign-owner, module option allow_foreign_owner)"
-                                    % exc) from None
+            raise ForeignOwnerError("%s: composefs-store --allow-foreign-owner or the module option "
+                                    "allow_foreign_owner" % exc) from None
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}
@@ -525,8 +525,7 @@ class Store:
         try:
             meta = load_json_object(raw, "meta.json")
         except JsonFileError as exc:
-            raise StoreError("%s: %s: meta.json is damaged (expected {\"format\": N, \"digest\": ...})"
-                             % (shown, exc)) from None
+            raise StoreError("%s: the store is damaged: %s" % (shown, exc)) from None
         if "format" not in meta or "digest" not in meta:
             raise StoreError("%s: meta.json is damaged (expected {\"format\": N, \"digest\": ...})" % shown)
         version = meta["format"]
