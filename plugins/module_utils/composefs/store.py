@@ -465,7 +465,10 @@ class Store:
             pass
         except OSError as exc:
             raise StoreError("cannot create %s: %s" % (shown, exc.strerror or exc)) from None
-        root = store._open_root()
+        try:
+            root = store._open_root()
+        except FileNotFoundError:
+            raise StoreError("cannot create %s: it is a dangling symbolic link" % shown) from None
         try:
             os.stat(META_NAME, dir_fd=root, follow_symlinks=False)
             store.check()
