@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from composefs_fleet.errors import ComposefsError
 from composefs_fleet.store import Store, StoreError, image_objects
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_gc import collect
@@ -278,3 +279,27 @@ def test_force_does_not_override_the_owner_check(tmp_path):
         store_admin.plan_removal(Store(tmp_path / "s", notice=None))
     with pytest.raises(StoreError, match="not a composefs store"):
         Store.open(tmp_path / "missing", notice=None)
+
+
+@pytest.mark.parametrize("name", ["lock", "gate.lock", "gc.lock"])
+def test_lock_files_are_never_opened_through_a_link(tmp_path, name):
+    store, _ = Store.init(tmp_path / "s", notice=None)
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"keep")
+    os.symlink(target, tmp_path / "s" / name)
+    with pytest.raises(ComposefsError, match="%s of the store is a symbolic link" % name):
+        with store.lock.collector():
+            with store.lock.exclusive():
+                pass
+    assert target.read_bytes() == b"keep"
+
+
+def test_dropped_stores_keep_no_descriptors(tmp_path, make_tree):
+    new_store(tmp_path, make_tree)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        store = Store.open(tmp_path / "s", notice=None)
+        with store.lock.shared():
+            store.list_refs()
+        del store
+    assert len(os.listdir("/proc/self/fd")) == before
