@@ -17,6 +17,7 @@ import pytest
 from composefs_fleet import mountinfo
 from composefs_fleet.mount import mount_composefs
 from composefs_fleet.store import Store
+from composefs_fleet.store_add import add_image
 
 LINE = (b"45 27 0:40 / /tmp/x/m\\0402,x:y=z\\012nl rw,relatime shared:12 master:3 - overlay composefs "
         b"ro,lowerdir+=/,datadir+=/srv/ob\\040j\\054s:1,datadir+=/srv/two,redirect_dir=on,verity=require,metacopy=on")
@@ -142,7 +143,7 @@ def test_backslash_workdir_is_no_difference(tmp_path, lower):
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "data").write_bytes(random.Random(5).randbytes(20000))
-    digest = store.add_image(tree, "app").digest
+    digest = add_image(store, tree, "app").digest
     image = os.fsdecode(store.image_path(digest))
     odd = "a\\b,c=d e:f"
     upper, work, target = tmp_path / ("up" + odd), tmp_path / ("wk" + odd), tmp_path / "mnt"

@@ -21,6 +21,7 @@ from composefs_fleet import mount_record, mountinfo
 from composefs_fleet.errors import UnmountError
 from composefs_fleet.mount import mount_composefs
 from composefs_fleet.store import Store, StoreError, image_objects
+from composefs_fleet.store_add import add_image
 from composefs_fleet.store_gc import collect
 
 from store_fixtures import make_tree, store  # noqa: F401  (fixtures)
@@ -58,8 +59,8 @@ def _two_images(store: Store, tmp_path: Path, make_tree, seed: int):
     """Images a and b of the store (a with objects of its own), and app.cfs: a copy of a outside the store."""
     make_tree(tmp_path / "a", seed)
     make_tree(tmp_path / "b", seed + 1)
-    a = store.add_image(tmp_path / "a", "a").digest
-    b = store.add_image(tmp_path / "b", "b").digest
+    a = add_image(store, tmp_path / "a", "a").digest
+    b = add_image(store, tmp_path / "b", "b").digest
     assert _needs(store, a) - _needs(store, b)
     app = tmp_path / "app.cfs"
     shutil.copyfile(store.image_path(a), app)
@@ -82,7 +83,7 @@ def test_store_image_deleted_after_mounting_makes_gc_refuse(store, tmp_path, mak
     """Regression: the image file of a live mount gone, gc walked the overlay (redirects hidden), found
     nothing and deleted every object the mount reads."""
     make_tree(tmp_path / "a", 50)
-    digest = store.add_image(tmp_path / "a", "a").digest
+    digest = add_image(store, tmp_path / "a", "a").digest
     need = _needs(store, digest)
     _mount(store.image_path(digest), tmp_path / "m", store, mounts)
     store.remove_ref("a")
@@ -113,7 +114,7 @@ def test_outside_image_replaced_after_mounting_makes_gc_refuse(store, tmp_path, 
     has the recorded digest; once replaced, its objects are unknown: refuse."""
     make_tree(tmp_path / "src", 53)
     make_tree(tmp_path / "b", 54)
-    other = store.add_image(tmp_path / "b", "b").digest
+    other = add_image(store, tmp_path / "b", "b").digest
     app = tmp_path / "app.cfs"
     res = ours.run("mkcomposefs", "--digest-store=%s" % os.fsdecode(store.objects_dir), tmp_path / "src", app)
     assert res.returncode == 0, res.stderr
@@ -144,7 +145,7 @@ def test_gc_does_not_read_a_loop_device_whole(store, tmp_path, make_tree, kernel
     """Regression: gc read every loop device into memory; an image with a 1 GiB tail (a partition, a
     loop device larger than its image) must cost only its metadata."""
     make_tree(tmp_path / "a", 55)
-    digest = store.add_image(tmp_path / "a", "a").digest
+    digest = add_image(store, tmp_path / "a", "a").digest
     need = _needs(store, digest)
     big = tmp_path / "big.cfs"
     shutil.copyfile(store.image_path(digest), big)
