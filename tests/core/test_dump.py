@@ -541,6 +541,9 @@ def test_hostile_shapes_are_handled():
     with pytest.raises(DumpParseError):
         parse(ROOT + "/f " + "9" * 5000000 + "x 100644 1 0 0 0 0.0 - - -\n")
     with pytest.raises(DumpParseError, match="Can't add child"):
+        parse(ROOT + "/" + "\\x41" * 200000 + " 0 100644 1 0 0 0 0.0 - - -\n")
+    # Past LINE_MAX a line is refused before it is parsed (C would read on).
+    with pytest.raises(DumpParseError, match="line 2: Line too long"):
         parse(ROOT + "/" + "\\x41" * 2000000 + " 0 100644 1 0 0 0 0.0 - - -\n")
 
 

@@ -78,6 +78,9 @@ _XATTR_TEXT_MAX = 0xFFFF
 # Largest external file: the C writer allows 1024 chunks of at most 2**43 bytes.
 _EXTERNAL_SIZE_MAX = EROFS_CHUNKS_MAX << EROFS_CHUNK_BITS_MAX
 
+# Longest xattr value worth sharing between inodes (labels, flags).
+_SHARED_VALUE_MAX = 256
+
 _VALID_TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFBLK, stat.S_IFCHR,
      stat.S_IFSOCK, stat.S_IFIFO)
@@ -239,35 +242,31 @@ def _parse_digest(field: bytes) -> Optional[bytes]:
 # -- reading ----------------------------------------------------------------
 
 
-def _c_reads_unterminated_line(data: bytes) -> bool:
-    """Whether C mkcomposefs in strict mode accepts a final line without "\\n".
+# Longest line accepted.  A valid line is far shorter (two 4 KiB paths and
+# 5000 bytes of content, escaped, and 64 KiB of xattrs); the C tool grows its
+# buffer without bound, so junk without newlines would be held whole.
+LINE_MAX = 1 << 20
+_READ_START = 64 * 1024
 
-    C quirk: tree_from_dump() reads with fread() into a buffer that starts at
-    64 KiB and doubles when one line fills it.  When a read ends exactly at
-    the end of the file, EOF is not yet flagged, the next read returns 0
-    bytes and that "short read" path parses the unterminated line instead of
-    reporting "Missing trailing newline".  Both regular files and pipes give
-    full reads from fread(), so this is deterministic.
-    """
-    total = len(data)
-    capacity = 0
-    pos = 0
-    carry_start = 0
-    while True:
-        size = pos - carry_start
-        if capacity < size + 1:
-            capacity = 64 * 1024 if capacity == 0 else capacity * 2
-            capacity = max(capacity, size + 1)
-        want = capacity - size
-        got = min(want, total - pos)
-        pos += got
-        if got == 0:
-            return True
-        if pos == total:
-            return got == want
-        newline = data.rfind(b"\n", carry_start, pos)
-        if newline >= 0:
-            carry_start = newline + 1
+
+def _read_full(stream: BinaryIO, size: int) -> bytes:
+    """``size`` bytes, fewer only at end of file, as fread() gives them."""
+    data = stream.read(size)
+    if not isinstance(data, bytes):
+        if data is None:
+            raise DumpParseError("input would block: not readable without waiting")
+        raise TypeError("parse_dump() needs a binary stream")
+    if 0 < len(data) < size:
+        parts = [data]
+        missing = size - len(data)
+        while missing:
+            more = stream.read(missing)
+            if not more:
+                break
+            parts.append(more)
+            missing -= len(more)
+        data = b"".join(parts)
+    return data
 
 
 class _Fixup:
@@ -289,6 +288,10 @@ class _Parser:
         self.parents: Dict[bytes, Node] = {}
         # Errors the C tool only reports when writing, after the whole parse.
         self.deferred: Optional[DumpParseError] = None
+        # One object for each repeated value (owners, mtimes, xattr names and
+        # short values such as SELinux labels): a large tree repeats them on
+        # every inode, and the image writer's copy shares them too.
+        self.shared: Dict[object, object] = {}
 
     def defer(self, message: str, lineno: int) -> None:
         if self.deferred is None:
@@ -374,14 +377,15 @@ class _Parser:
             raise _FieldError("Invalid content size %d, must match size %d" % (len(content), size))
         digest_text = _unescape_optional(f_digest)
 
+        shared = self.shared
         node.nlink = nlink & _U32
-        node.uid = uid & _U32
-        node.gid = gid & _U32
+        node.uid = shared.setdefault(uid & _U32, uid & _U32)
+        node.gid = shared.setdefault(gid & _U32, gid & _U32)
         if ftype in (stat.S_IFCHR, stat.S_IFBLK):
             node.rdev = rdev & _U32
         elif self.strict and rdev != 0:
             raise _FieldError("Non-zero devnum on non-device")
-        node.mtime_sec = mtime_sec
+        node.mtime_sec = shared.setdefault(mtime_sec, mtime_sec)
         node.mtime_nsec = mtime_nsec
 
         if ftype == stat.S_IFLNK:
@@ -477,6 +481,7 @@ class _Parser:
 
     def _xattrs(self, node: Node, items: List[bytes]) -> None:
         xattrs = node.xattrs
+        shared = self.shared
         used = 0
         for item in items:
             key_s, eq, value_s = item.partition(b"=")
@@ -500,6 +505,9 @@ class _Parser:
             if used + cost > INODE_EXTERNAL_XATTR_MAX:
                 raise _FieldError("Can't set xattr %s: the inode's xattrs exceed %d bytes"
                                   % (_show(key), INODE_EXTERNAL_XATTR_MAX))
+            key = shared.setdefault(key, key)
+            if len(value) <= _SHARED_VALUE_MAX:
+                value = shared.setdefault(value, value)
             xattrs[key] = value
             used += cost
 
@@ -563,22 +571,55 @@ def parse_dump(stream: BinaryIO, strict: bool = False) -> Node:
     ``strict`` is the C tool's CFS_PARSE_STRICT mode: a trailing newline is
     required, RDEV must be 0 on non-devices, and a symlink's SIZE must equal
     its target length and it may have no CONTENT.
+
+    The input is read as it is parsed, one buffer at a time, so junk fails
+    at its first bad line without being read whole; a line longer than
+    ``LINE_MAX`` bytes is refused.
     """
-    data = stream.read()
-    if not isinstance(data, bytes):
-        raise TypeError("parse_dump() needs a binary stream")
     parser = _Parser(strict)
-    lines = data.split(b"\n")
-    last = lines.pop()
     line = parser.line
+    lineno = 0
+    # C quirk: tree_from_dump() reads with fread() into a buffer that starts
+    # at 64 KiB and doubles when one line fills it, keeping the unfinished
+    # line in front.  When a read ends exactly at the end of the file, EOF is
+    # not yet flagged, the next read returns 0 bytes and that "short read"
+    # path parses the unterminated line instead of reporting "Missing
+    # trailing newline" in strict mode.  The reads below have the same sizes.
+    capacity = 0
+    carry = b""
     with gc_paused():
-        for lineno, text in enumerate(lines, 1):
-            line(text, lineno)
-        if last:
-            lineno = len(lines) + 1
-            if strict and not _c_reads_unterminated_line(data):
-                raise DumpParseError("Missing trailing newline", lineno)
-            line(last, lineno)
+        while True:
+            size = len(carry)
+            if size > LINE_MAX:
+                raise DumpParseError("Line too long: more than %d bytes without a newline" % LINE_MAX,
+                                     lineno + 1)
+            if capacity < size + 1:
+                capacity = _READ_START if capacity == 0 else capacity * 2
+                capacity = max(capacity, size + 1)
+            want = capacity - size
+            data = _read_full(stream, want)
+            got = len(data)
+            if got == 0:
+                if carry:
+                    lineno += 1
+                    line(carry, lineno)
+                break
+            end = data.rfind(b"\n")
+            if end < 0:
+                carry += data
+            else:
+                lines = (carry + data[:end]).split(b"\n") if carry else data[:end].split(b"\n")
+                carry = data[end + 1:]
+                for text in lines:
+                    lineno += 1
+                    line(text, lineno)
+            if got < want:
+                if carry:
+                    lineno += 1
+                    if strict:
+                        raise DumpParseError("Missing trailing newline", lineno)
+                    line(carry, lineno)
+                break
         return parser.finish()
 
 
