@@ -19,10 +19,11 @@ import sys
 from typing import BinaryIO, Iterable, List, Optional, Set, Tuple
 
 from composefs_fleet.errors import ComposefsError, ImageError
-from composefs_fleet.erofs_reader import read_image_fd
+from composefs_fleet.erofs_reader import open_image, read_image_fd
 from composefs_fleet.tree import Node
 
 from .getopt_long import OptionError, parse
+from .sigpipe import die_of_sigpipe
 
 PROG = "composefs-info"
 # Long options and whether each takes a value.
@@ -262,7 +263,7 @@ def _run_images(command: str, images: List[str], filters: List[str], basedir_fd:
 
     for image in images:
         try:
-            fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_image(image)
         except OSError as e:
             err.write(_err("Failed to open '%s': %s" % (image, os.strerror(e.errno or errno.EIO))))
             return 1
@@ -292,18 +293,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     err = sys.stderr.buffer
     sys.stdout.flush()
     try:
-        code = _run(list(argv), prog, out, err)
-    except _Exit as e:
-        code = e.code
-    except BrokenPipeError:
-        # Like the C tool killed by SIGPIPE: stop quietly.
         try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except OSError:
-            pass
-        return 1
-    out.flush()
+            code = _run(list(argv), prog, out, err)
+        except _Exit as e:
+            code = e.code
+        out.flush()
+    except BrokenPipeError:
+        return die_of_sigpipe()
     err.flush()
     return code
 

@@ -18,11 +18,13 @@ from typing import BinaryIO, List, Optional, Sequence
 
 from composefs_fleet import fsverity
 from composefs_fleet.atomic_file import write_atomic
+from composefs_fleet.erofs_format import COMPOSEFS_MAGIC
 from composefs_fleet.erofs_writer import build_image
-from composefs_fleet.errors import ComposefsError
+from composefs_fleet.errors import ComposefsError, DumpParseError
 from composefs_fleet.tree import apply_source_options
 
 from .getopt_long import OptionError, parse, parse_long
+from .sigpipe import die_of_sigpipe
 
 PROG = "mkcomposefs"
 
@@ -83,10 +85,6 @@ Extensions over the C tool:
 """
 
 
-class UsageError(Exception):
-    pass
-
-
 def _fail(message: str) -> int:
     sys.stderr.write("%s: %s\n" % (PROG, message))
     return 1
@@ -124,7 +122,27 @@ def _read_dump(src: str, stdin: BinaryIO):
         return parse_dump(stream, strict=strict)
 
 
+def _dump_error(src: str, exc: DumpParseError) -> str:
+    # A composefs image given as the dump file fails at line 1: say what it is.
+    if exc.lineno <= 1 and src != "-":
+        try:
+            with open(src, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            head = b""
+        if len(head) == 4 and int.from_bytes(head, "little") == COMPOSEFS_MAGIC:
+            return "this is a composefs image, not a composefs-dump file (%s)" % exc
+    return str(exc)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return die_of_sigpipe()
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
     prog = os.path.basename(sys.argv[0]) if argv is None and sys.argv[0] else PROG
     try:
@@ -197,6 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 root = _read_dump(src, sys.stdin.buffer)
             except OSError as exc:
                 return _fail("open `%s`: %s" % (src, exc.strerror or exc))
+            except DumpParseError as exc:
+                return _fail("%s: %s" % ("standard input" if src == "-" else src, _dump_error(src, exc)))
             if digest_store is not None:
                 sys.stderr.write("%s: warning: --digest-store is ignored with --from-file: "
                                  "a dump file carries no file content\n" % PROG)
@@ -237,6 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif out is not None:
             write_atomic(out, image)
     except OSError as exc:
+        if isinstance(exc, BrokenPipeError) and out == "-":
+            raise  # the reader went away: main() ends as the C tool would
         return _fail("failed to write output file %s: %s" % (out, exc.strerror or exc))
     if print_digest:
         sys.stdout.write(fsverity.digest_bytes(image).hex() + "\n")

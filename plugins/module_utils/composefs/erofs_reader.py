@@ -160,9 +160,10 @@ class _Reader:
 
     # -- superblock ------------------------------------------------------
     def _parse_super(self) -> None:
+        # The header first: a short text file is "not an image", not "too small".
+        _check_header(self.data)
         if self.length < fmt.BLOCK_SIZE:
             raise ImageError("image too small (%d bytes, a composefs image has at least %d)" % (self.length, fmt.BLOCK_SIZE))
-        _check_header(self.data)
         sb = fmt.EROFS_SUPER.unpack_from(self.data, fmt.EROFS_SUPER_OFFSET)
         (magic, _checksum, _compat, blkszbits, _extslots, root_nid, _inos, build_time, build_time_nsec,
          _blocks, meta_blkaddr, xattr_blkaddr) = sb[:12]
@@ -501,6 +502,10 @@ class _Reader:
 
 
 def _check_header(data: ImageData) -> Tuple[int, int, int, int]:
+    if bytes(data[:1]) == b"/":
+        # What a composefs-dump(5) file starts with (the root's line), never an image.
+        raise ImageError("not a composefs image: it starts like a composefs-dump text file "
+                         "(mkcomposefs --from-file makes an image of one)")
     if len(data) < fmt.COMPOSEFS_HEADER.size:
         raise ImageError("image too small for a composefs header (%d bytes)" % len(data))
     magic, version, flags, composefs_version = fmt.COMPOSEFS_HEADER.unpack_from(data, 0)
@@ -603,17 +608,40 @@ def iter_external_files(data: ImageData) -> Iterator[Tuple[int, Optional[bytes],
 
 
 def read_image_fd(fd: int, toplevel_filter: Optional[Collection[bytes]] = None) -> Node:
-    """Decode the composefs image open at ``fd`` (mapped read-only; ``fd`` stays open)."""
-    size = os.fstat(fd).st_size
+    """Decode the composefs image open at ``fd`` (mapped read-only; ``fd`` stays open).
+
+    Only a regular file is an image: a directory would fail to map with
+    "No such device", a FIFO or device would be read without end.
+    """
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError("is a directory, not a composefs image")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file (%s), so not a composefs image" % _file_kind(st.st_mode))
+    size = st.st_size
     if size == 0:
         raise ImageError("image is empty")
     with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
         return read_image(mm, toplevel_filter)
 
 
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "file type 0o%o" % stat.S_IFMT(mode)
+
+
+def open_image(path: Union[str, bytes, "os.PathLike[str]"]) -> int:
+    """An fd for reading the image at ``path``; never blocks on a FIFO
+    (O_NONBLOCK: read_image_fd then refuses anything but a regular file)."""
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+
+
 def read_image_file(path: Union[str, bytes, "os.PathLike[str]"], toplevel_filter: Optional[Collection[bytes]] = None) -> Node:
     """Decode the composefs image at ``path`` (mapped read-only)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = open_image(path)
     try:
         return read_image_fd(fd, toplevel_filter)
     finally:

@@ -47,7 +47,7 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoo
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 from . import fsverity
-from .errors import FormatError, ImageError
+from .errors import DumpParseError, FormatError, ImageError
 from .objects import ObjectBatch, store_object, sync_object_dirs
 from .scan import build_tree_from_directory, cpu_count
 from .safe_dirs import READ_FLAGS as _SRC_FLAGS
@@ -233,7 +233,11 @@ def _load_source(store: Store, source: PathLike, result: AddResult, *, use_epoch
         return "image", root, data
     from .dump import parse_dump
 
-    root = parse_dump(io.BytesIO(data))
+    try:
+        root = parse_dump(io.BytesIO(data))
+    except DumpParseError as exc:
+        what = "is neither a composefs image nor a composefs-dump file" if exc.lineno <= 1 else "is not a valid dump"
+        raise StoreError("%s %s (%s)" % (os.fsdecode(src), what, exc)) from None
     apply_source_options(root, use_epoch=use_epoch, skip_devices=skip_devices,
                          skip_xattrs=skip_xattrs, user_xattrs=user_xattrs)
     return "dump", root, None
