@@ -10,13 +10,15 @@ Validation collects every problem before refusing, so one run of
 
 from __future__ import annotations
 
-import json
 import os
+import reprlib
 from typing import Any, Dict, List, Optional
+
+from composefs_fleet.json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
 
 DEFAULT_PATH = "/etc/composefs-fleet/agent.json"
 FORMAT_VERSION = 1
-MAX_CONFIG_BYTES = 4 << 20
+MAX_CONFIG_BYTES = MAX_JSON_BYTES
 VERITY_MODES = ("require", "on", "auto", "off")
 
 
@@ -55,6 +57,18 @@ class Config:
         self.mounts = mounts
 
 
+# Values quoted in problems: short, and shallow (a deeply nested value must
+# not make the message itself fail with RecursionError).
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel = 2
+_SHOW.maxstring = 80
+_SHOW.maxother = 80
+
+
+def _show(value: Any) -> str:
+    return _SHOW.repr(value)
+
+
 _TOP = {"version", "interval", "quarantine", "textfile", "stores", "mounts"}
 _STORE = {"path"}
 _MOUNT = {"where", "image", "digest", "basedirs", "verity", "remount", "upperdir", "workdir"}
@@ -64,7 +78,7 @@ def _abs_path(value: Any, what: str, problems: List[str], optional: bool = False
     if value is None and optional:
         return None
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
-        problems.append("%s must be an absolute path, got %r" % (what, value))
+        problems.append("%s must be an absolute path, got %s" % (what, _show(value)))
         return None
     return os.path.normpath(value)
 
@@ -72,40 +86,41 @@ def _abs_path(value: Any, what: str, problems: List[str], optional: bool = False
 def _hex64(value: Any, what: str, problems: List[str]) -> Optional[str]:
     if (not isinstance(value, str) or len(value) != 64
             or any(c not in "0123456789abcdef" for c in value.lower())):
-        problems.append("%s must be 64 hex digits (an fs-verity sha256 digest), got %r" % (what, value))
+        problems.append("%s must be 64 hex digits (an fs-verity sha256 digest), got %s" % (what, _show(value)))
         return None
     return value.lower()
 
 
 def _unknown(obj: Dict[str, Any], allowed: set, what: str, problems: List[str]) -> None:
     for key in sorted(set(obj) - allowed):
-        problems.append("%s: unknown key %r (known: %s)" % (what, key, ", ".join(sorted(allowed))))
+        problems.append("%s: unknown key %s (known: %s)" % (what, _show(key), ", ".join(sorted(allowed))))
 
 
 def parse(data: bytes, path: str = "<config>") -> Config:
     """The config in ``data``; raises :class:`ConfigError` listing every problem."""
     problems: List[str] = []
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        doc = load_json_object(data, "the file")
+    except JsonFileError as exc:
+        if "must hold a JSON object" in str(exc):
+            raise ConfigError(path, ["the top level must be a JSON object (%s)" % exc]) from None
         raise ConfigError(path, ["not valid JSON: %s" % exc]) from None
-    if not isinstance(doc, dict):
-        raise ConfigError(path, ["the top level must be a JSON object"])
     _unknown(doc, _TOP, "top level", problems)
-    if doc.get("version", FORMAT_VERSION) != FORMAT_VERSION:
-        problems.append("version must be %d, got %r" % (FORMAT_VERSION, doc.get("version")))
+    version = doc.get("version", FORMAT_VERSION)
+    if not is_int(version) or version != FORMAT_VERSION:
+        problems.append("version must be %d, got %s" % (FORMAT_VERSION, _show(version)))
     interval = doc.get("interval", 300)
     if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 1 <= interval <= 86400:
-        problems.append("interval must be a number of seconds from 1 to 86400, got %r" % (interval,))
+        problems.append("interval must be a number of seconds from 1 to 86400, got %s" % _show(interval))
         interval = 300
     quarantine = doc.get("quarantine", False)
     if not isinstance(quarantine, bool):
-        problems.append("quarantine must be true or false, got %r" % (quarantine,))
+        problems.append("quarantine must be true or false, got %s" % _show(quarantine))
     textfile = doc.get("textfile") or ""
     if textfile:
         textfile = _abs_path(textfile, "textfile", problems) or ""
         if textfile and not textfile.endswith(".prom"):
-            problems.append("textfile must end in .prom (node_exporter reads only those), got %r" % textfile)
+            problems.append("textfile must end in .prom (node_exporter reads only those), got %s" % _show(textfile))
     stores: List[str] = []
     raw_stores = doc.get("stores", [])
     if not isinstance(raw_stores, list):
@@ -153,10 +168,10 @@ def _mounts(raw: Any, problems: List[str]) -> List[MountSpec]:
                     basedirs.append(path)
         verity = item.get("verity", "auto")
         if verity not in VERITY_MODES:
-            problems.append("%s.verity must be one of %s, got %r" % (what, ", ".join(VERITY_MODES), verity))
+            problems.append("%s.verity must be one of %s, got %s" % (what, ", ".join(VERITY_MODES), _show(verity)))
         remount = item.get("remount", False)
         if not isinstance(remount, bool):
-            problems.append("%s.remount must be true or false, got %r" % (what, remount))
+            problems.append("%s.remount must be true or false, got %s" % (what, _show(remount)))
         upperdir = _abs_path(item.get("upperdir"), what + ".upperdir", problems, optional=True)
         workdir = _abs_path(item.get("workdir"), what + ".workdir", problems, optional=True)
         if (upperdir is None) != (workdir is None) and len(problems) == n:

@@ -65,7 +65,7 @@ class Agent:
     # -- configuration --------------------------------------------------------------
     def load_config(self) -> bool:
         try:
-            config = config_mod.load(self.args.config)
+            config = _load(self.args.config)
         except config_mod.ConfigError as exc:
             self.config_valid = False
             kept = " (keeping the configuration loaded before)" if self.config is not None else ""
@@ -180,11 +180,26 @@ def _drain(fd: int) -> None:
         pass
 
 
+def _load(path: str) -> config_mod.Config:
+    """config.load(), with any failure a ConfigError.
+
+    A reload must keep the running configuration whatever is wrong with the
+    new file, and --check-config must exit 2, never with a traceback: an
+    error that validation did not foresee is still an invalid configuration.
+    """
+    try:
+        return config_mod.load(path)
+    except config_mod.ConfigError:
+        raise
+    except Exception as exc:  # any failure: see above
+        raise config_mod.ConfigError(path, ["cannot validate it: %s: %s" % (type(exc).__name__, exc)]) from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.check_config:
         try:
-            config = config_mod.load(args.config)
+            config = _load(args.config)
         except config_mod.ConfigError as exc:
             print("composefs-fleet-agent: invalid configuration %s:" % exc.path, file=sys.stderr)
             for problem in exc.problems:
