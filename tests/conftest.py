@@ -7,11 +7,20 @@ Tiers (markers):
   kernel  real mounts (root, CAP_SYS_ADMIN, erofs + overlay, loop devices)
   oracle  runs the C composefs 1.0.8 tools fetched by scripts/fetch-oracle
   guest   runs in the QEMU guest (tests/guest/guest_vm.py, scripts/build-guest)
-  fuzz    bounded-time fuzzing of the reader and the dump parser
+  fuzz    fuzzing of the reader and the dump parser: a fixed, derandomized set
+          of examples in every run; open-ended (random, time-budgeted) by
+          scripts/fuzz
 
 A test that cannot run skips with a reason naming exactly what is missing.
 Under CI=true a missing oracle (or a missing CLI of ours) is an error instead:
 CI must have them.
+
+Hypothesis runs under a settings profile chosen here, before any test module
+is imported (so each test's own @settings inherits it): "deterministic" by
+default (derandomize=True: the same examples on every run and machine, no
+example database, no deadline or too_slow check, which measure time), or
+"explore" when COMPOSEFS_FLEET_HYPOTHESIS=explore (scripts/fuzz): fresh random
+examples, failures kept in a database under the cache directory.
 """
 from __future__ import annotations
 
@@ -26,6 +35,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 ORACLE_VERSION = "1.0.8"
 ORACLE_TOOLS = ("mkcomposefs", "composefs-info", "mount.composefs")
@@ -39,7 +50,7 @@ MARKERS = {
     "oracle": "needs the C composefs 1.0.8 tools (scripts/fetch-oracle)",
     "guest": "runs in the QEMU trixie guest (fs-verity, systemd, journald): qemu-system-x86_64 with TCG, "
              "ssh, and the image from scripts/build-guest (built on first use when possible)",
-    "fuzz": "bounded-time fuzzing of the image reader and the dump parser",
+    "fuzz": "fuzzing of the image reader and the dump parser (deterministic here; open-ended in scripts/fuzz)",
 }
 
 # tests/unit is the collection's ansible-test unit suite: it imports the
@@ -73,6 +84,16 @@ def cache_dir() -> Path:
 
 def oracle_dir() -> Path:
     return cache_dir() / "oracle" / ORACLE_VERSION
+
+
+# -------------------------------------------------------------- hypothesis --
+
+HYPOTHESIS_PROFILE_ENV = "COMPOSEFS_FLEET_HYPOTHESIS"
+_UNTIMED = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("deterministic", derandomize=True, database=None, max_examples=100, **_UNTIMED)
+settings.register_profile("explore", derandomize=False, max_examples=100,
+                          database=DirectoryBasedExampleDatabase(str(cache_dir() / "hypothesis")), **_UNTIMED)
+settings.load_profile(os.environ.get(HYPOTHESIS_PROFILE_ENV) or "deterministic")
 
 
 # ---------------------------------------------------------------- C oracle --
@@ -185,6 +206,37 @@ class Ours:
 @pytest.fixture(scope="session")
 def ours() -> Ours:
     return Ours()
+
+
+# ------------------------------------------------------------ peak memory --
+
+class PeakRss:
+    """Peak resident memory of a command, measured by GNU time(1).
+
+    Not by wait4() here: a child's ru_maxrss also counts the memory of the
+    process it was forked from until its exec(), so any child of pytest
+    would report at least pytest's own size; time(1) is about 2 MiB.
+    """
+
+    def __init__(self, time_bin: str) -> None:
+        self.time_bin = time_bin
+
+    def run(self, argv: Sequence[object], workdir: Path) -> "tuple[int, int]":
+        """(exit status, peak RSS in bytes); output goes to files in workdir."""
+        report = workdir / "peak-rss"
+        with open(str(workdir / "stdout"), "wb") as out, open(str(workdir / "stderr"), "wb") as err:
+            proc = subprocess.run([self.time_bin, "-q", "-f", "%M", "-o", str(report)] + [_arg(a) for a in argv],
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        return proc.returncode, int(report.read_text().split()[-1]) * 1024
+
+
+@pytest.fixture(scope="session")
+def peak_rss() -> PeakRss:
+    time_bin = shutil.which("time", path="/usr/bin:/bin")
+    if time_bin is None:
+        unavailable("GNU time (/usr/bin/time, Debian package time) is needed to measure peak memory")
+    assert time_bin is not None
+    return PeakRss(time_bin)
 
 
 # ---------------------------------------------------------- kernel mounts --

@@ -171,3 +171,24 @@ def test_oracle_copy_runs_as_an_unprivileged_user(oracle):
         assert res.returncode == 1 and b"Usage: mkcomposefs" in res.stderr
     finally:
         shutil.rmtree(str(top))
+
+
+def test_hypothesis_runs_derandomized_without_a_database():
+    # The test command must never fail on a draw (scripts/fuzz explores).
+    from hypothesis import settings
+
+    if os.environ.get(_conftest.HYPOTHESIS_PROFILE_ENV):
+        pytest.skip("hypothesis profile chosen by %s" % _conftest.HYPOTHESIS_PROFILE_ENV)
+    current = settings.default
+    assert current.derandomize is True and current.database is None and current.deadline is None
+
+
+def test_fuzz_script_explores_within_its_budget(tmp_path):
+    # A zero budget runs no round: the loop, its arguments and its exit status.
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fuzz"
+    res = subprocess.run(["bash", str(script), "0", "-k", "nothing"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHON="false"), timeout=60)
+    assert res.returncode == 0 and "0 rounds in 0 s, no failure" in res.stdout, res.stderr
+    res = subprocess.run(["bash", str(script), "5", "-k", "nothing"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHON="false"), timeout=60)
+    assert res.returncode == 1 and "round 1 failed" in res.stderr

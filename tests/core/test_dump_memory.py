@@ -1,20 +1,15 @@
 """Peak memory of ``mkcomposefs --from-file``: ours against the C tool's.
 
 The parser streams its input, so memory follows what the input builds (the
-tree), not the size of the file.  Figures are the maximum resident set size
-of each child process (``os.wait4``), a measurement, not a timing.
+tree), not the size of the file.  Figures are the peak resident set size of
+each run (the peak_rss fixture), a measurement, not a timing.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
-from typing import List
 
 import pytest
-
-from conftest import unavailable
 
 MIB = 1024 * 1024
 JUNK_BYTES = 30 * MIB
@@ -22,27 +17,10 @@ PAYLOAD = b"ab/cdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
 DIGEST = b"abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
 
 
-def max_rss(argv: List[str], tmp_path: Path) -> "tuple[int, int]":
-    """(exit status, peak RSS in bytes) of one run; output goes to files.
-
-    Measured by GNU time: a child's ru_maxrss also counts the memory of the
-    process it was forked from, up to its exec(), so a child of pytest
-    reports at least pytest's size; time(1) itself is about 2 MiB.
-    """
-    time_bin = shutil.which("time", path="/usr/bin:/bin")
-    if time_bin is None:
-        unavailable("GNU time (/usr/bin/time, Debian package time) is needed to measure a child's peak memory")
-    report = tmp_path / "maxrss"
-    with open(str(tmp_path / "stdout"), "wb") as out, open(str(tmp_path / "stderr"), "wb") as err:
-        proc = subprocess.run([time_bin, "-q", "-f", "%M", "-o", str(report)] + argv,
-                              stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-    return proc.returncode, int(report.read_text().split()[-1]) * 1024
-
-
-def both(oracle, ours, tmp_path: Path, src: Path) -> "tuple[int, int]":
-    c_rc, c_rss = max_rss(oracle.argv("mkcomposefs") + ["--from-file", str(src), str(tmp_path / "c.img")], tmp_path)
-    our_rc, our_rss = max_rss(ours.argv("mkcomposefs") + ["--from-file", str(src), str(tmp_path / "our.img")],
-                              tmp_path)
+def both(oracle, ours, peak_rss, tmp_path: Path, src: Path) -> "tuple[int, int]":
+    """Peak RSS of C's and our mkcomposefs --from-file src (same exit status)."""
+    c_rc, c_rss = peak_rss.run(oracle.argv("mkcomposefs") + ["--from-file", src, tmp_path / "c.img"], tmp_path)
+    our_rc, our_rss = peak_rss.run(ours.argv("mkcomposefs") + ["--from-file", src, tmp_path / "our.img"], tmp_path)
     assert our_rc == c_rc
     return c_rss, our_rss
 
@@ -60,16 +38,16 @@ def valid_dump(entries: int) -> bytes:
 
 
 @pytest.mark.oracle
-def test_junk_without_newlines_within_twice_c(oracle, ours, tmp_path):
+def test_junk_without_newlines_within_twice_c(oracle, ours, peak_rss, tmp_path):
     # C grows its line buffer to hold the whole file; we stop at LINE_MAX.
     src = tmp_path / "junk"
     src.write_bytes(b"x" * JUNK_BYTES)
-    c_rss, our_rss = both(oracle, ours, tmp_path, src)
+    c_rss, our_rss = both(oracle, ours, peak_rss, tmp_path, src)
     assert our_rss <= 2 * c_rss, "ours %d MiB, C %d MiB" % (our_rss // MIB, c_rss // MIB)
 
 
 @pytest.mark.oracle
-def test_junk_lines_cost_what_a_tiny_input_costs(oracle, ours, tmp_path):
+def test_junk_lines_cost_what_a_tiny_input_costs(oracle, ours, peak_rss, tmp_path):
     # C stops at line 1 after a 64 KiB read (about 4 MiB in all, less than a
     # Python interpreter alone), so the ratio that can be compared is the
     # memory each tool spends on the input beyond a one-line input.
@@ -77,8 +55,8 @@ def test_junk_lines_cost_what_a_tiny_input_costs(oracle, ours, tmp_path):
     tiny.write_bytes(b"y\n")
     junk = tmp_path / "junk"
     junk.write_bytes(b"y\n" * (JUNK_BYTES // 2))
-    c_base, our_base = both(oracle, ours, tmp_path, tiny)
-    c_rss, our_rss = both(oracle, ours, tmp_path, junk)
+    c_base, our_base = both(oracle, ours, peak_rss, tmp_path, tiny)
+    c_rss, our_rss = both(oracle, ours, peak_rss, tmp_path, junk)
     # The slack covers one read buffer and allocator rounding.
     assert our_rss - our_base <= 2 * max(c_rss - c_base, 0) + 2 * MIB, (
         "ours %d KiB over %d KiB, C %d KiB over %d KiB" % (our_rss // 1024, our_base // 1024,
@@ -86,9 +64,9 @@ def test_junk_lines_cost_what_a_tiny_input_costs(oracle, ours, tmp_path):
 
 
 @pytest.mark.oracle
-def test_large_valid_dump_within_twice_c(oracle, ours, tmp_path):
+def test_large_valid_dump_within_twice_c(oracle, ours, peak_rss, tmp_path):
     src = tmp_path / "valid.dump"
     src.write_bytes(valid_dump(50000))
-    c_rss, our_rss = both(oracle, ours, tmp_path, src)
+    c_rss, our_rss = both(oracle, ours, peak_rss, tmp_path, src)
     assert (tmp_path / "our.img").read_bytes() == (tmp_path / "c.img").read_bytes()
     assert our_rss <= 2 * c_rss, "ours %d MiB, C %d MiB" % (our_rss // MIB, c_rss // MIB)
