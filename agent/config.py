@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import reprlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from composefs_fleet.json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
 
@@ -96,6 +96,21 @@ def _unknown(obj: Dict[str, Any], allowed: set, what: str, problems: List[str]) 
         problems.append("%s: unknown key %s (known: %s)" % (what, _show(key), ", ".join(sorted(allowed))))
 
 
+def _objects(raw: Any, name: str, needs: str, allowed: set,
+             problems: List[str]) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """(``name[i]``, item) for each object in the list ``raw``; a problem for anything else."""
+    if not isinstance(raw, list):
+        problems.append("%s must be a list" % name)
+        return
+    for i, item in enumerate(raw):
+        what = "%s[%d]" % (name, i)
+        if not isinstance(item, dict):
+            problems.append("%s must be an object%s" % (what, needs))
+            continue
+        _unknown(item, allowed, what, problems)
+        yield what, item
+
+
 def parse(data: bytes, path: str = "<config>") -> Config:
     """The config in ``data``; raises :class:`ConfigError` listing every problem."""
     problems: List[str] = []
@@ -122,16 +137,7 @@ def parse(data: bytes, path: str = "<config>") -> Config:
         if textfile and not textfile.endswith(".prom"):
             problems.append("textfile must end in .prom (node_exporter reads only those), got %s" % _show(textfile))
     stores: List[str] = []
-    raw_stores = doc.get("stores", [])
-    if not isinstance(raw_stores, list):
-        problems.append("stores must be a list")
-        raw_stores = []
-    for i, item in enumerate(raw_stores):
-        what = "stores[%d]" % i
-        if not isinstance(item, dict):
-            problems.append("%s must be an object with a path" % what)
-            continue
-        _unknown(item, _STORE, what, problems)
+    for what, item in _objects(doc.get("stores", []), "stores", " with a path", _STORE, problems):
         store = _abs_path(item.get("path"), what + ".path", problems)
         if store:
             stores.append(store)
@@ -143,16 +149,8 @@ def parse(data: bytes, path: str = "<config>") -> Config:
 
 def _mounts(raw: Any, problems: List[str]) -> List[MountSpec]:
     mounts: List[MountSpec] = []
-    if not isinstance(raw, list):
-        problems.append("mounts must be a list")
-        return mounts
     seen = set()
-    for i, item in enumerate(raw):
-        what = "mounts[%d]" % i
-        if not isinstance(item, dict):
-            problems.append("%s must be an object" % what)
-            continue
-        _unknown(item, _MOUNT, what, problems)
+    for what, item in _objects(raw, "mounts", "", _MOUNT, problems):
         n = len(problems)
         where = _abs_path(item.get("where"), what + ".where", problems)
         image = _abs_path(item.get("image"), what + ".image", problems)

@@ -343,3 +343,36 @@ def dump_texts(draw, max_entries: int = 25, strict: bool = False,
     # hypothesis would exhaust its entropy budget on large values.
     rng = random.Random(draw(st.integers(0, _U32)))
     return _render(entries, rng, strict, variations)
+
+
+# -- fixed texts shared by the reader and composefs-info tests ------------------
+
+DIGEST = "35d02f81325122d77ec1d11baba655bc9bf8a891ab26119a41c50fa03ddfb408"
+PAYLOAD = DIGEST[:2] + "/" + DIGEST[2:]
+
+# One of each kind of inode, overlay xattrs and a hard link.
+SAMPLE = (
+    "/ 0 40755 2 0 0 0 1000.5 - - - user.foo=bar trusted.overlay.x=y security.selinux=ctx\n"
+    "/file 100 100644 2 1 2 0 1000.5 {p} - {d} user.a=1\n"
+    "/hl 0 @100644 0 0 0 0 0.0 /file - -\n"
+    "/inl 5 100644 1 0 0 0 1000.5 - hello -\n"
+    "/wh 0 20644 1 0 0 0 1000.5 - - -\n"
+    "/d 0 40755 2 0 0 0 1000.5 - - - trusted.overlay.overlay.z=q\n"
+    "/d/sym 3 120777 1 0 0 0 2000.0 foo - -\n"
+    "/d/old 0 100600 1 70000 70000 0 -5.7 - - -\n"
+    "/00 0 20644 1 0 0 0 1000.5 - - -\n"
+    "/dev 0 20600 1 0 0 259 1000.5 - - -\n"
+    "/blk 0 60600 1 0 0 2049 1000.5 - - -\n"
+    "/fifo 0 10644 1 0 0 0 1000.5 - - -\n"
+    "/sock 0 140644 1 0 0 0 1000.5 - - -\n"
+).format(p=PAYLOAD, d=DIGEST)
+
+
+def nested_dirs(depth: int, name: str, attrs: str) -> List[str]:
+    """Dump lines of a directory chain /name/name/... ``depth`` deep."""
+    lines = []
+    path = ""
+    for _ in range(depth):
+        path += "/" + name
+        lines.append("%s %s\n" % (path, attrs))
+    return lines

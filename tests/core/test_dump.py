@@ -24,7 +24,7 @@ from composefs_fleet.dump import escape, parse_dump, unescape, write_dump
 from composefs_fleet.errors import DumpParseError, FormatError
 from composefs_fleet.tree import Node
 
-from dump_strategies import dump_texts
+from dump_strategies import dump_texts, nested_dirs
 
 DIGEST = "35d02f81325122d77ec1d11baba655bc9bf8a891ab26119a41c50fa03ddfb408"
 PAYLOAD = DIGEST[:2] + "/" + DIGEST[2:]
@@ -135,110 +135,111 @@ ACCEPTED: List[Tuple[str, str, bool]] = [
 CASE = {name: text for name, text, _strict in ACCEPTED}
 
 # (id, text, strict, our message, the C tool's message)
-REFUSED: List[Tuple[str, str, bool, str, str]] = [
-    ("empty file", "", False, "No files in dump file", "No files in dump file"),
-    ("empty line", ROOT + "\n", False, "Invalid empty path", "Invalid empty path"),
+# (name, text, strict, our message[, C's message when it differs])
+REFUSED: List[Tuple[object, ...]] = [
+    ("empty file", "", False, "No files in dump file"),
+    ("empty line", ROOT + "\n", False, "Invalid empty path"),
     ("nul byte", ROOT + "/f\0 0 100644 1 0 0 0 0.0 - - -\n", False,
-     "Invalid embedded NUL", "Invalid embedded NUL"),
+     "Invalid embedded NUL"),
     ("no root first", "/f 0 100644 1 0 0 0 0.0 - - -\n" + ROOT, False,
-     "Root node not present", "Root node not present"),
+     "Root node not present"),
     ("root not dir", "/ 0 100644 1 0 0 0 0.0 - - -\n", False,
-     "Root must be a directory", "Root must be a directory"),
-    ("two roots", ROOT + ROOT, False, "Can't have multiple roots", "Can't have multiple roots"),
+     "Root must be a directory"),
+    ("two roots", ROOT + ROOT, False, "Can't have multiple roots"),
     ("root hardlink", "/ 0 @40755 2 0 0 0 0.0 - - -\n", False,
-     "Directories can't be hardlinked", "Directories can't be hardlinked"),
+     "Directories can't be hardlinked"),
     ("dir hardlink", ROOT + "/d 0 40755 2 0 0 0 0.0 - - -\n/h 0 @40755 2 0 0 0 0.0 /d - -\n",
-     False, "Directories can't be hardlinked", "Directories can't be hardlinked"),
-    ("dot name", ROOT + "/. 0 40755 2 0 0 0 0.0 - - -\n", False, "Invalid . or ..", "Invalid . or .."),
+     False, "Directories can't be hardlinked"),
+    ("dot name", ROOT + "/. 0 40755 2 0 0 0 0.0 - - -\n", False, "Invalid . or .."),
     ("dotdot name", ROOT + "/d 0 40755 2 0 0 0 0.0 - - -\n/d/.. 0 40755 2 0 0 0 0.0 - - -\n",
-     False, "Invalid . or ..", "Invalid . or .."),
-    ("empty name", ROOT + "// 0 40755 2 0 0 0 0.0 - - -\n", False, "Can't add child", "Can't add child"),
+     False, "Invalid . or .."),
+    ("empty name", ROOT + "// 0 40755 2 0 0 0 0.0 - - -\n", False, "Can't add child"),
     ("trailing slash", ROOT + "/d 0 40755 2 0 0 0 0.0 - - -\n/d/ 0 100644 1 0 0 0 0.0 - - -\n",
-     False, "Can't add child", "Can't add child"),
+     False, "Can't add child"),
     ("long name", ROOT + "/" + "n" * 256 + " 0 100644 1 0 0 0 0.0 - - -\n", False,
-     "Can't add child", "Can't add child"),
+     "Can't add child"),
     ("duplicate path", ROOT + "/f 0 100644 1 0 0 0 0.0 - - -\n/f 0 100644 1 0 0 0 0.0 - - -\n",
      False, "already exists", "Can't add child"),
     ("parent missing", ROOT + "/d/f 0 100644 1 0 0 0 0.0 - - -\n", False,
-     "Parent directory missing", "Parent directory missing"),
+     "Parent directory missing"),
     ("parent not dir", ROOT + "/f 0 100644 1 0 0 0 0.0 - - -\n/f/g 0 100644 1 0 0 0 0.0 - - -\n",
-     False, "Parent must be a directory", "Parent must be a directory"),
+     False, "Parent must be a directory"),
     ("under a hardlink", ROOT + "/f 0 100644 1 0 0 0 0.0 - - -\n/h 0 @100644 1 0 0 0 0.0 /f - -\n"
      "/h/x 0 100644 1 0 0 0 0.0 - - -\n", False,
-     "Parent must be a directory", "Parent must be a directory"),
-    ("no file type", ROOT + "/f 3 0 1 0 0 0 0.0 foo - -\n", False, "Invalid mode 0", "Invalid mode 0"),
-    ("bad type", ROOT + "/f 0 170644 1 0 0 0 0.0 - - -\n", False, "Invalid mode", "Invalid mode"),
+     "Parent must be a directory"),
+    ("no file type", ROOT + "/f 3 0 1 0 0 0 0.0 foo - -\n", False, "Invalid mode 0"),
+    ("bad type", ROOT + "/f 0 170644 1 0 0 0 0.0 - - -\n", False, "Invalid mode"),
     ("mode not octal", ROOT + "/f 0 100648 1 0 0 0 0.0 - - -\n", False,
-     "Invalid integer", "Invalid integer"),
+     "Invalid integer"),
     ("size not a number", ROOT + "/f 1k 100644 1 0 0 0 0.0 - - -\n", False,
-     "Invalid integer", "Invalid integer"),
+     "Invalid integer"),
     ("gid with uid 0", ROOT + "/f 0 100644 1 0 x 0 0.0 - - -\n", False,
-     "Invalid integer", "Invalid integer"),
+     "Invalid integer"),
     ("rdev with uid 0", ROOT + "/f 0 100644 1 0 0 x 0.0 - - -\n", False,
-     "Invalid integer", "Invalid integer"),
+     "Invalid integer"),
     ("mtime without dot", ROOT + "/f 0 100644 1 0 0 0 5 - - -\n", False,
-     "Invalid integer", "Invalid integer"),
+     "Invalid integer"),
     ("mtime two dots", ROOT + "/f 0 100644 1 0 0 0 5.1.2 - - -\n", False,
-     "Invalid integer", "Invalid integer"),
+     "Invalid integer"),
     ("empty number", ROOT + "/f  100644 1 0 0 0 0.0 - - -\n", False,
-     "Invalid integer", "Invalid integer"),
-    ("too few fields", ROOT + "/f 0 100644\n", False, "Invalid integer", "Invalid integer"),
+     "Invalid integer"),
+    ("too few fields", ROOT + "/f 0 100644\n", False, "Invalid integer"),
     ("double space", ROOT + "/f 0  100644 1 0 0 0 0.0 - - -\n", False,
-     "Invalid integer", "Invalid integer"),
+     "Invalid integer"),
     ("bad escape", ROOT + "/f\\q 0 100644 1 0 0 0 0.0 - - -\n", False,
-     "Unsupported escape", "Unsupported escape"),
+     "Unsupported escape"),
     ("escape at end", ROOT + "/f 0 100644 1 0 0 0 0.0 - - - user.a=b\\\n", False,
-     "No character after escape", "No character after escape"),
+     "No character after escape"),
     ("short hex escape", ROOT + "/f 0 100644 1 0 0 0 0.0 - - - user.a=\\x4\n", False,
-     "No hex characters", "No hex characters"),
+     "No hex characters"),
     ("bad hex escape", ROOT + "/f 0 100644 1 0 0 0 0.0 - - - user.a=\\xg0\n", False,
-     "Invalid hex characters", "Invalid hex characters"),
+     "Invalid hex characters"),
     ("content size", ROOT + "/f 4 100644 1 0 0 0 0.0 - abc -\n", False,
-     "Invalid content size", "Invalid content size"),
+     "Invalid content size"),
     ("symlink content size", ROOT + "/l 1 120777 1 0 0 0 0.0 t abc -\n", False,
-     "Invalid content size", "Invalid content size"),
+     "Invalid content size"),
     ("big inline", ROOT + "/f 5001 100644 1 0 0 0 0.0 - " + "c" * 5001 + " -\n", False,
-     "exceeds maximum", "exceeds maximum"),
+     "exceeds maximum"),
     ("empty symlink", ROOT + "/l 0 120777 1 0 0 0 0.0 - - -\n", False,
-     "Invalid symlink", "Invalid symlink"),
+     "Invalid symlink"),
     ("symlink to nul", ROOT + "/l 0 120777 1 0 0 0 0.0 \\x00 - -\n", False,
-     "Invalid symlink", "Invalid symlink"),
+     "Invalid symlink"),
     ("long symlink", ROOT + "/l 4096 120777 1 0 0 0 0.0 " + "t" * 4096 + " - -\n", False,
-     "Invalid symlink", "Invalid symlink"),
+     "Invalid symlink"),
     ("long payload", ROOT + "/f 1 100644 1 0 0 0 0.0 " + "p" * 4096 + " - -\n", False,
-     "Invalid payload", "Invalid payload"),
+     "Invalid payload"),
     ("too many xattrs", ROOT + "/f 0 100644 1 0 0 0 0.0 - - - user.a=" + "v" * 65529 + "\n",
-     False, "Too many xattrs", "Too many xattrs"),
+     False, "Too many xattrs"),
     ("xattr without =", ROOT + "/f 0 100644 1 0 0 0 0.0 - - - user.a\n", False,
-     "Missing = in xattr", "Missing = in xattr"),
+     "Missing = in xattr"),
     ("two trailing spaces", ROOT + "/f 0 100644 1 0 0 0 0.0 - - -  \n", False,
-     "Missing = in xattr", "Missing = in xattr"),
+     "Missing = in xattr"),
     ("empty xattr key", ROOT + "/f 0 100644 1 0 0 0 0.0 - - - =v\n", False,
-     "Can't set xattr", "Can't set xattr"),
+     "Can't set xattr"),
     ("nul xattr key", ROOT + "/f 0 100644 1 0 0 0 0.0 - - - \\x00a=v\n", False,
-     "Can't set xattr", "Can't set xattr"),
+     "Can't set xattr"),
     ("long xattr key", ROOT + "/f 0 100644 1 0 0 0 0.0 - - - user." + "k" * 251 + "=v\n", False,
-     "Can't set xattr", "Can't set xattr"),
+     "Can't set xattr"),
     ("xattr budget", ROOT + "/f 0 100644 1 0 0 0 0.0 - - - user.a=" + "v" * 20000
-     + " user.b=" + "v" * 12740 + "\n", False, "Can't set xattr", "Can't set xattr"),
+     + " user.b=" + "v" * 12740 + "\n", False, "Can't set xattr"),
     ("hardlink without target", ROOT + "/h 0 @100644 1 0 0 0 0.0 - - -\n", False,
-     "No target path", "No target path"),
+     "No target path"),
     ("hardlink target missing", ROOT + "/h 0 @100644 1 0 0 0 0.0 /nope - -\n", False,
-     "No target at /nope", "No target at /nope"),
+     "No target at /nope"),
     ("self hardlink", ROOT + "/h 0 @100644 1 0 0 0 0.0 /h - -\n", False,
-     "Self-referential hardlink", "Self-referential hardlink"),
+     "Self-referential hardlink"),
     ("hardlink loop", ROOT + "/a 0 @100644 1 0 0 0 0.0 /b - -\n/b 0 @100644 1 0 0 0 0.0 /a - -\n",
      False, "Hardlink loop", "Too many levels of symbolic links"),
     ("file too large", ROOT + "/f 9007199254740993 100644 1 0 0 0 0.0 %s - %s\n"
-     % (PAYLOAD, DIGEST), False, "File too large", "File too large"),
+     % (PAYLOAD, DIGEST), False, "File too large"),
     ("strict: no trailing newline", ROOT + "/f 0 100644 1 0 0 0 0.0 - - -", True,
-     "Missing trailing newline", "Missing trailing newline"),
+     "Missing trailing newline"),
     ("strict: rdev on a file", ROOT + "/f 0 100644 1 0 0 1 0.0 - - -\n", True,
-     "Non-zero devnum on non-device", "Non-zero devnum on non-device"),
+     "Non-zero devnum on non-device"),
     ("strict: symlink size", ROOT + "/l 2 120777 1 0 0 0 0.0 t - -\n", True,
-     "Invalid symlink size", "Invalid symlink size"),
+     "Invalid symlink size"),
     ("strict: symlink content", ROOT + "/l 1 120777 1 0 0 0 0.0 t x -\n", True,
-     "Symlink cannot have content", "Symlink cannot have content"),
+     "Symlink cannot have content"),
 ]
 
 # The C tool accepts these but writes a broken or non-reproducible image.
@@ -421,7 +422,7 @@ def test_accepted(case):
 
 @pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
 def test_refused(case):
-    _name, text, strict, message, _c_message = case
+    _name, text, strict, message = case[:4]
     with pytest.raises(DumpParseError, match=message.replace(".", r"\.")):
         parse(text, strict=strict)
     if strict:
@@ -521,12 +522,7 @@ def test_parse_and_print_100k_lines():
 def test_hostile_shapes_are_handled():
     # A 3000-deep directory chain (no recursion anywhere).
     depth = 3000
-    lines = [ROOT]
-    path = ""
-    for _ in range(depth):
-        path += "/d"
-        lines.append(path + " 0 40755 2 0 0 0 0.0 - - -\n")
-    root = parse("".join(lines))
+    root = parse("".join([ROOT] + nested_dirs(depth, "d", "0 40755 2 0 0 0 0.0 - - -")))
     assert dump(root).count(b"\n") == depth + 1
     # A 20000-long hard-link chain, written target-last.
     lines = [ROOT]
@@ -730,7 +726,8 @@ def test_accepted_like_c(oracle, tmp_path, case):
 @pytest.mark.oracle
 @pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
 def test_refused_like_c(oracle, tmp_path, case):
-    _name, text, strict, message, c_message = case
+    _name, text, strict, message = case[:4]
+    c_message = case[4] if len(case) > 4 else message
     rc, err, _ = run_c(oracle, tmp_path, text.encode(), strict)
     assert rc != 0 and c_message in err, err
     with pytest.raises(DumpParseError, match=message.replace(".", r"\.")):

@@ -18,6 +18,7 @@ import struct
 from typing import Dict, List, Tuple
 
 import pytest
+from dump_strategies import DIGEST, PAYLOAD, SAMPLE, nested_dirs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,25 +27,6 @@ from composefs_fleet.dump import parse_dump, write_dump
 from composefs_fleet.erofs_reader import image_version, read_image, read_image_file
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.errors import ImageError
-
-DIGEST = "35d02f81325122d77ec1d11baba655bc9bf8a891ab26119a41c50fa03ddfb408"
-PAYLOAD = DIGEST[:2] + "/" + DIGEST[2:]
-
-SAMPLE = (
-    "/ 0 40755 2 0 0 0 1000.5 - - - user.foo=bar trusted.overlay.x=y security.selinux=ctx\n"
-    "/file 100 100644 2 1 2 0 1000.5 {p} - {d} user.a=1\n"
-    "/hl 0 @100644 0 0 0 0 0.0 /file - -\n"
-    "/inl 5 100644 1 0 0 0 1000.5 - hello -\n"
-    "/wh 0 20644 1 0 0 0 1000.5 - - -\n"
-    "/d 0 40755 2 0 0 0 1000.5 - - - trusted.overlay.overlay.z=q\n"
-    "/d/sym 3 120777 1 0 0 0 2000.0 foo - -\n"
-    "/d/old 0 100600 1 70000 70000 0 -5.7 - - -\n"
-    "/00 0 20644 1 0 0 0 1000.5 - - -\n"
-    "/dev 0 20600 1 0 0 259 1000.5 - - -\n"
-    "/blk 0 60600 1 0 0 2049 1000.5 - - -\n"
-    "/fifo 0 10644 1 0 0 0 1000.5 - - -\n"
-    "/sock 0 140644 1 0 0 0 1000.5 - - -\n"
-).format(p=PAYLOAD, d=DIGEST)
 
 # C composefs-info 1.0.8 `dump` of SAMPLE's image.
 SAMPLE_DUMP = (
@@ -242,11 +224,7 @@ def test_input_types_and_files(tmp_path):
 
 def test_deep_nesting_and_big_directory():
     depth = 1500
-    lines = [ROOT]
-    path = ""
-    for _ in range(depth):
-        path += "/a"
-        lines.append("%s 0 40755 2 0 0 0 1000.0 - - -\n" % path)
+    lines = [ROOT] + nested_dirs(depth, "a", "0 40755 2 0 0 0 1000.0 - - -")
     lines.append("/big 0 40755 2 0 0 0 1000.0 - - -\n")
     lines.append(files(3000, "/big/entry-with-a-longish-name-"))
     root = read_image(make_image("".join(lines)))
