@@ -19,7 +19,7 @@ from typing import BinaryIO, List, Optional, Sequence
 from composefs_fleet import fsverity
 from composefs_fleet.atomic_file import write_atomic
 from composefs_fleet.erofs_format import COMPOSEFS_MAGIC
-from composefs_fleet.erofs_writer import build_image
+from composefs_fleet.erofs_writer import build_image_buffer
 from composefs_fleet.errors import ComposefsError, DumpParseError
 from composefs_fleet.tree import apply_source_options
 
@@ -244,7 +244,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             except OSError as exc:
                 where = exc.filename if exc.filename is not None else src
                 return _fail("error accessing %s: %s" % (where, exc.strerror or exc))
-        image = build_image(root, min_version=min_version, max_version=max_version)
+        image = build_image_buffer(root, min_version=min_version, max_version=max_version)
     except ComposefsError as exc:
         return _fail(str(exc))
     except MemoryError:

@@ -710,12 +710,18 @@ def effective_version(root: Node, min_version: int = 0, max_version: int = 1) ->
     return version
 
 
-def build_image(root: Node, min_version: int = 0, max_version: int = 1) -> bytes:
-    """The complete image for *root*, as ``mkcomposefs`` would write it."""
+def build_image_buffer(root: Node, min_version: int = 0, max_version: int = 1) -> bytearray:
+    """build_image() as the buffer it is written into: a caller that only
+    writes or hashes the image need not hold a second copy of it."""
     version = effective_version(root, min_version, max_version)
     with gc_paused():
         work = _prepare(root, version)
         layout = _compute_tree(work)
         shared, shared_size = _compute_shared_xattrs(layout.order)
         inodes_end = _place_inodes(layout)
-        return bytes(_write(layout, version, inodes_end, shared, shared_size))
+        return _write(layout, version, inodes_end, shared, shared_size)
+
+
+def build_image(root: Node, min_version: int = 0, max_version: int = 1) -> bytes:
+    """The complete image for *root*, as ``mkcomposefs`` would write it."""
+    return bytes(build_image_buffer(root, min_version, max_version))
