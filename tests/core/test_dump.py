@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from composefs_fleet.dump import escape, parse_dump, unescape, write_dump
+from composefs_fleet.dump import LINE_MAX, escape, parse_dump, unescape, write_dump
 from composefs_fleet.errors import DumpParseError, FormatError
 from composefs_fleet.tree import Node
 
@@ -538,9 +538,17 @@ def test_hostile_shapes_are_handled():
         parse(ROOT + "/f " + "9" * 5000000 + "x 100644 1 0 0 0 0.0 - - -\n")
     with pytest.raises(DumpParseError, match="Can't add child"):
         parse(ROOT + "/" + "\\x41" * 200000 + " 0 100644 1 0 0 0 0.0 - - -\n")
-    # Past LINE_MAX a line is refused before it is parsed (C would read on).
+    # Past LINE_MAX a line is refused before it is parsed (C would read on),
+    # after the lines before it; ending at a newline or not.
+    long_path = "/" + "\\x41" * (LINE_MAX // 4)
     with pytest.raises(DumpParseError, match="line 2: Line too long"):
-        parse(ROOT + "/" + "\\x41" * 2000000 + " 0 100644 1 0 0 0 0.0 - - -\n")
+        parse(ROOT + long_path + " 0 100644 1 0 0 0 0.0 - - -\n")
+    with pytest.raises(DumpParseError, match="line 2: Line too long"):
+        parse(ROOT + long_path + " 0 100644 1 0 0 0 0.0 - - -")
+    with pytest.raises(DumpParseError, match="line 2: Root node not present|line 2: Can't have multiple roots"):
+        parse(ROOT + ROOT + long_path + "\n")
+    with pytest.raises(DumpParseError, match="line 3: Line too long"):
+        parse(ROOT + "/a 0 100644 1 0 0 0 0.0 - - -\n" + "x" * (LINE_MAX + 1) + "\n" + ROOT)
 
 
 # -- fuzz -------------------------------------------------------------------------------

@@ -247,6 +247,7 @@ def _parse_digest(field: bytes) -> Optional[bytes]:
 # buffer without bound, so junk without newlines would be held whole.
 LINE_MAX = 1 << 20
 _READ_START = 64 * 1024
+_TOO_LONG = "Line too long: more than %d bytes" % LINE_MAX
 
 
 def _read_full(stream: BinaryIO, size: int) -> bytes:
@@ -590,9 +591,6 @@ def parse_dump(stream: BinaryIO, strict: bool = False) -> Node:
     with gc_paused():
         while True:
             size = len(carry)
-            if size > LINE_MAX:
-                raise DumpParseError("Line too long: more than %d bytes without a newline" % LINE_MAX,
-                                     lineno + 1)
             if capacity < size + 1:
                 capacity = _READ_START if capacity == 0 else capacity * 2
                 capacity = max(capacity, size + 1)
@@ -612,7 +610,12 @@ def parse_dump(stream: BinaryIO, strict: bool = False) -> Node:
                 carry = data[end + 1:]
                 for text in lines:
                     lineno += 1
+                    if len(text) > LINE_MAX:
+                        raise DumpParseError(_TOO_LONG, lineno)
                     line(text, lineno)
+            if len(carry) > LINE_MAX:
+                # Refused before the rest of it is read: junk need not have newlines.
+                raise DumpParseError(_TOO_LONG, lineno + 1)
             if got < want:
                 if carry:
                     lineno += 1
