@@ -82,6 +82,8 @@ Extensions over the C tool:
   never leaves a partial image.  --use-epoch, --skip-devices, --skip-xattrs and
   --user-xattrs also apply to --from-file input (the C tool ignores them there).
   CFS_PARSE_STRICT set in the environment enables strict dump parsing.
+  A dump line longer than 1 MiB is refused (the C tool buffers it whole,
+  however long: endless junk without newlines exhausts its memory).
 """
 
 

@@ -143,3 +143,18 @@ def test_store_add_of_a_text_file_names_it(tmp_path):
     res = run(cli, "add-image", "--ref", "x", bad_dump)
     assert res.stderr == (b"composefs-store: %s is not a valid dump (line 3: Can't add child: /f already exists)\n"
                           % bytes(bad_dump))
+
+
+def _limit_memory():
+    # Reading endless input whole must end in MemoryError, not exhaust the machine.
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def test_endless_dump_without_newlines_is_refused_early(ours, tmp_path):
+    res = run(ours.argv("mkcomposefs"), "--from-file", "/dev/zero", tmp_path / "o.img", timeout=120,
+              preexec_fn=_limit_memory)
+    assert res.returncode == 1
+    assert res.stderr == b"mkcomposefs: /dev/zero: line 1: Line too long: more than 1048576 bytes\n"
+    assert not (tmp_path / "o.img").exists()
