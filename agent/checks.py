@@ -18,7 +18,7 @@ import struct
 import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from composefs_fleet import fsverity, mount_record, mountinfo
+from composefs_fleet import fsverity_digest, fsverity_ioctl, mount_record, mountinfo
 from composefs_fleet.errors import ComposefsError, VerityError, VerityNotEnabled, VerityNotSupported
 from composefs_fleet.mount_state import LAYOUT, LiveMount, differences
 from composefs_fleet.store import DAMAGED, META_NAME, image_file_objects
@@ -97,7 +97,7 @@ class DigestCache:
     def _hash(self, fd: int) -> bytes:
         # In chunks, ticking between them: a multi-gigabyte object must not
         # starve systemd's watchdog (or delay a stop request) while it is hashed.
-        hasher = fsverity.FsVerityHasher()
+        hasher = fsverity_digest.FsVerityHasher()
         offset = 0
         while True:
             chunk = os.pread(fd, self.CHUNK, offset)
@@ -303,7 +303,7 @@ class Checker:
         want_verity = spec.verity != "off"
         require = spec.verity == "require"
         no_verity = self._no_verity_devs
-        measure = fsverity.measure_verity
+        measure = fsverity_ioctl.measure_verity
         done_sets = [checked.setdefault(b, set()) for b in spec.basedirs]
         result = self.result
         for i, raw in enumerate(objects):
@@ -388,8 +388,8 @@ class Checker:
             # The content was just hashed from this very descriptor: the file
             # cannot change between check and enable without a writer, and
             # FS_IOC_ENABLE_VERITY refuses files open for writing (ETXTBSY).
-            fsverity.enable_verity(fd)
-            alg, measured = fsverity.measure_verity(fd)
+            fsverity_ioctl.enable_verity(fd)
+            alg, measured = fsverity_ioctl.measure_verity(fd)
         except VerityNotSupported as exc:
             self._no_verity_devs.add(st.st_dev)
             problem.message += " and its filesystem has none (%s)" % exc
@@ -428,7 +428,7 @@ class Checker:
         """(hex digest, measured by the kernel) of an open regular file."""
         if st.st_dev not in self._no_verity_devs:
             try:
-                alg, digest = fsverity.measure_verity(fd)
+                alg, digest = fsverity_ioctl.measure_verity(fd)
                 if alg == "sha256":
                     return digest.hex(), True
             except VerityNotEnabled:

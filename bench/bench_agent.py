@@ -65,7 +65,7 @@ print(time.perf_counter() - t)
 PREPARE = r"""
 import json, os, subprocess, sys, time
 sys.path.insert(0, LIB)
-from composefs_fleet import fsverity
+from composefs_fleet import fsverity_ioctl
 store, where, config = sys.argv[1:4]
 t = time.monotonic()
 objects = os.path.join(store, "objects")
@@ -82,7 +82,7 @@ for w in range(os.cpu_count() or 1):
                 for name in os.listdir(d):
                     fd = os.open(os.path.join(d, name), os.O_RDONLY)
                     try:
-                        fsverity.enable_verity(fd)
+                        fsverity_ioctl.enable_verity(fd)
                     finally:
                         os.close(fd)
             code = 0
@@ -97,8 +97,8 @@ images = os.path.join(store, "images")
 (image,) = [os.path.join(images, x) for x in os.listdir(images)]
 fd = os.open(image, os.O_RDONLY)
 try:
-    fsverity.enable_verity(fd)
-    digest = fsverity.measure_verity(fd)[1].hex()
+    fsverity_ioctl.enable_verity(fd)
+    digest = fsverity_ioctl.measure_verity(fd)[1].hex()
 finally:
     os.close(fd)
 os.sync()

@@ -6,7 +6,7 @@
 
 Writes a --size file (default 1 GiB) under $TMPDIR or /var/tmp, reads it once
 so both sides hash from the page cache, then times the C tool (as a command)
-and ``composefs_fleet.fsverity.digest_file`` (in process), best of --repeat
+and ``composefs_fleet.fsverity_digest.digest_file`` (in process), best of --repeat
 each, alternating.  Prints MB/s of both and the throughput ratio ours/C
 (higher is better; the project's target is >= 0.8).  Exits non-zero only if the
 digests differ, the tool is missing, or the ratio is below --min-ratio.
@@ -23,7 +23,7 @@ import tempfile
 import time
 
 try:
-    from composefs_fleet import fsverity
+    from composefs_fleet import fsverity_digest
 except ImportError:  # pragma: no cover - run outside the venv
     sys.exit("composefs_fleet is not importable: run with .venv/bin/python")
 
@@ -62,7 +62,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per side, best counts (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="digest_file threads (default: its own)")
     parser.add_argument("--block-size", type=int, default=4096)
-    parser.add_argument("--hash-alg", default="sha256", choices=sorted(fsverity.ALGORITHMS))
+    parser.add_argument("--hash-alg", default="sha256", choices=sorted(fsverity_digest.ALGORITHMS))
     parser.add_argument("--dir", default=os.environ.get("TMPDIR") or "/var/tmp")
     parser.add_argument("--min-ratio", type=float, default=None, help="fail below this ours/C ratio")
     args = parser.parse_args()
@@ -85,7 +85,7 @@ def main() -> int:
             c_digest = out.split()[0].partition(":")[2]
 
             start = time.perf_counter()
-            digest = fsverity.digest_file(path, args.hash_alg, args.block_size, threads=args.threads)
+            digest = fsverity_digest.digest_file(path, args.hash_alg, args.block_size, threads=args.threads)
             ours_best = min(ours_best, time.perf_counter() - start)
             ours_digest = digest.hex()
     finally:
@@ -94,7 +94,7 @@ def main() -> int:
     c_rate = size / c_best / 1e6
     ours_rate = size / ours_best / 1e6
     ratio = ours_rate / c_rate
-    threads = args.threads if args.threads is not None else fsverity._default_threads()
+    threads = args.threads if args.threads is not None else fsverity_digest._default_threads()
     print("file: %d bytes (%.2f GiB), %s, block size %d, best of %d"
           % (size, size / (1 << 30), args.hash_alg, args.block_size, args.repeat))
     print("fsverity digest (C):  %8.3f s  %8.1f MB/s" % (c_best, c_rate))

@@ -5,7 +5,7 @@ A source tree of --files files (--total-mb MB together) is added to a fresh
 store; then, --repeat times, --changed (10%) of its files get new content of
 the same size and the tree is added again.  Each second add is compared with
 hashing only the new bytes (fs-verity digests of the changed files with
-fsverity.digest_file, same page-cache state): the goal is a ratio of at most
+fsverity_digest.digest_file, same page-cache state): the goal is a ratio of at most
 --max-ratio (1.5).  The median of the per-round ratios is reported.
 
 Also printed: the add against hashing *and storing* only the new files
@@ -36,13 +36,13 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "plugins", "module_utils"))
 
 try:
-    from composefs_fleet import fsverity
+    from composefs_fleet import fsverity_digest
     from composefs_fleet.store import Store
 except ImportError:  # not installed: use the source tree
     import importlib
 
     sys.path.insert(0, REPO)
-    fsverity = importlib.import_module("composefs.fsverity")  # type: ignore
+    fsverity_digest = importlib.import_module("composefs.fsverity_digest")  # type: ignore
     Store = importlib.import_module("composefs.store").Store  # type: ignore
 
 
@@ -73,7 +73,7 @@ def rewrite(paths: list) -> int:
 def hash_only(paths: list) -> float:
     start = time.perf_counter()
     for path in paths:
-        fsverity.digest_file(path)
+        fsverity_digest.digest_file(path)
     return time.perf_counter() - start
 
 
@@ -83,7 +83,7 @@ def hash_and_store(paths: list, dest: str) -> float:
 
     start = time.perf_counter()
     for path in paths:
-        objects.store_object(path, fsverity.digest_file(path), dest, sync_dir=False)
+        objects.store_object(path, fsverity_digest.digest_file(path), dest, sync_dir=False)
     elapsed = time.perf_counter() - start
     shutil.rmtree(dest)
     return elapsed

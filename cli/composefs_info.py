@@ -164,7 +164,7 @@ def _parse_args(args: List[str], prog: str, out: BinaryIO, err: BinaryIO) -> Tup
 
 
 def _measure_files(files: List[str], prog: str, out: BinaryIO, err: BinaryIO) -> int:
-    from composefs_fleet import fsverity
+    from composefs_fleet import fsverity_digest, fsverity_ioctl
     from composefs_fleet.errors import VerityNotEnabled, VerityNotSupported
 
     if not files:
@@ -179,12 +179,12 @@ def _measure_files(files: List[str], prog: str, out: BinaryIO, err: BinaryIO) ->
             return 1
         try:
             try:
-                _alg, digest = fsverity.measure_verity(fd)
+                _alg, digest = fsverity_ioctl.measure_verity(fd)
                 if len(digest) != 32:
                     raise ComposefsError("fs-verity digest is not sha256")
             except (VerityNotEnabled, VerityNotSupported):
                 # As lcfs_fd_get_fsverity(): compute it from the same fd.
-                digest = fsverity.digest_fd(fd)
+                digest = fsverity_digest.digest_fd(fd)
         except OSError as e:
             message = os.strerror(e.errno) if e.errno else str(e)
             err.write(("failed to measure '%s': %s" % (path, message)).encode("utf-8", "surrogateescape"))

@@ -268,7 +268,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.composefs import mount_record, mountinfo
 from ..module_utils.composefs.errors import ComposefsError
-from ..module_utils.composefs.fsverity import digest_file
+from ..module_utils.composefs.fsverity_digest import digest_file
 from ..module_utils.composefs.mount import mount_composefs
 from ..module_utils.composefs.mount_state import NOT_MOUNTED, MountRequest, differences, live_mount, resolve_verity
 from ..module_utils.composefs.store import Store, is_hex_name

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from composefs_fleet import fsverity
+from composefs_fleet import fsverity_digest
 from composefs_fleet_agent.checks import DigestCache
 
 
@@ -27,6 +27,6 @@ def test_chunked_digest_matches_the_core(tmp_path: Path, size: int):
         again = cache.digest(fd, os.fstat(fd))
     finally:
         os.close(fd)
-    assert got == again == fsverity.digest_bytes(data).hex()
+    assert got == again == fsverity_digest.digest_bytes(data).hex()
     assert len(ticks) == size // (64 * DigestCache.CHUNK)
     assert len(cache.entries) == 1

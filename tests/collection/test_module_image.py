@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from composefs_fleet import fsverity
+from composefs_fleet import fsverity_digest
 from composefs_fleet.dump import write_dump
 from composefs_fleet.erofs_reader import image_version, read_image_file
 from composefs_fleet.erofs_writer import build_image
@@ -59,7 +59,7 @@ def store(tmp_path):
 
 
 def tree_digest(src: Path, **options) -> str:
-    return fsverity.digest_bytes(build_image(build_tree_from_directory(str(src)), **options)).hex()
+    return fsverity_digest.digest_bytes(build_image(build_tree_from_directory(str(src)), **options)).hex()
 
 
 def four_steps(module_runner, args, expect_changed=True):
@@ -95,7 +95,7 @@ def test_present_directory_four_steps(module_runner, store, src):
         assert r["image"]["previous_digest"] == want
     # The real effect on disk.
     assert store.read_ref("app/v1") == want
-    assert fsverity.digest_file(store.image_path(want)).hex() == want
+    assert fsverity_digest.digest_file(store.image_path(want)).hex() == want
     assert check_store(store)
     assert "path" not in real  # exit_json would have added stat info
     assert before != snapshot(top)
@@ -141,7 +141,7 @@ def test_option_change_moves_the_ref(module_runner, store, src):
     assert results[1]["digest"] != first["digest"]
     assert results[1]["image"]["files_hashed"] == 0 and results[1]["image"]["objects_written"] == 0
     root = build_tree_from_directory(str(src), use_epoch=True, skip_xattrs=True)
-    assert results[1]["digest"] == fsverity.digest_bytes(build_image(root)).hex()
+    assert results[1]["digest"] == fsverity_digest.digest_bytes(build_image(root)).hex()
 
 
 def test_expected_digest(module_runner, store, src, tmp_path):
@@ -169,7 +169,7 @@ def test_format_version_matches_c_mkcomposefs(module_runner, oracle, store, src,
     res = oracle.run("mkcomposefs", "--digest-store=%s" % (tmp_path / "ds"), "--min-version=%d" % version,
                      src, out)
     assert res.returncode == 0, res.stderr
-    want = fsverity.digest_file(str(out)).hex()
+    want = fsverity_digest.digest_file(str(out)).hex()
     r = module_runner("image", dict(store=os.fsdecode(store.path), ref="v", src=str(src), format_version=version))
     assert not r.get("failed"), r.get("msg")
     assert r["digest"] == want

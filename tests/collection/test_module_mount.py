@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from composefs_fleet import mount_record, mountinfo
-from composefs_fleet.fsverity import _kernel_has_fsverity
+from composefs_fleet.fsverity_ioctl import _kernel_has_fsverity
 from composefs_fleet.mount import verity_problem
 from composefs_fleet.store import Store
 from composefs_fleet.store_add import add_image

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from composefs_fleet import fsverity
+from composefs_fleet import fsverity_digest, fsverity_ioctl
 from composefs_fleet.errors import VerityNotSupported
 
 SIZES = [0, 1, 4095, 4096, 4097, 3 * 4096 * 128 + 5]
@@ -23,7 +23,7 @@ def _fs_has_no_verity(path: Path) -> str:
     """The kernel's answer for a file at ``path`` (these tests need the unsupported case)."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
-        fsverity.measure_verity(fd)
+        fsverity_ioctl.measure_verity(fd)
     except VerityNotSupported as exc:
         return str(exc)
     except Exception:
@@ -52,7 +52,7 @@ def files(tmp_path):
 def has_verity(path) -> bool:
     fd = os.open(str(path), os.O_RDONLY)
     try:
-        return fsverity.verity_enabled(fd)
+        return fsverity_ioctl.verity_enabled(fd)
     finally:
         os.close(fd)
 
@@ -86,7 +86,7 @@ def test_unsupported_skip_reports_digests_and_changes_nothing(files, module_runn
         assert res["verity_supported"] is False and "fs-verity is not supported" in res["verity_problem"]
         assert [f["file"] for f in res["files"]] == paths
         assert [f["digest"] for f in res["files"]] == want
-        assert [f["digest"] for f in res["files"]] == [fsverity.digest_file(p).hex() for p in paths]
+        assert [f["digest"] for f in res["files"]] == [fsverity_digest.digest_file(p).hex() for p in paths]
         for f in res["files"]:
             assert (f["verity_before"], f["verity_after"], f["verity_supported"]) == (False, False, False)
         assert res["diff"] == {"before": {"fsverity_enabled": []}, "after": {"fsverity_enabled": []}}
@@ -109,7 +109,7 @@ def test_digests_equal_the_c_composefs_info(files, module_runner, oracle):
 
 def test_expected_digest_match_and_spellings(files, module_runner):
     target = str(files[4097])
-    digest = fsverity.digest_file(target).hex()
+    digest = fsverity_digest.digest_file(target).hex()
     for spelling in (digest, digest.upper(), "sha256:" + digest, " %s\n" % digest):
         res = module_runner("verity", {"paths": [target], "expected_digest": spelling, "unsupported": "skip"})
         assert not res.get("failed"), (spelling, res)
@@ -119,8 +119,8 @@ def test_expected_digest_match_and_spellings(files, module_runner):
 @pytest.mark.parametrize("unsupported", ["fail", "skip"])
 def test_expected_digest_mismatch_fails_first(files, module_runner, unsupported):
     target = str(files[4096])
-    digest = fsverity.digest_file(target).hex()
-    wrong = fsverity.digest_file(str(files[4097])).hex()
+    digest = fsverity_digest.digest_file(target).hex()
+    wrong = fsverity_digest.digest_file(str(files[4097])).hex()
     for check in (True, False):
         res = module_runner("verity", {"paths": [target], "expected_digest": wrong, "unsupported": unsupported},
                             check=check)
@@ -136,7 +136,7 @@ def test_expected_digest_must_be_a_digest(files, module_runner, value):
 
 
 def test_expected_digest_needs_exactly_one_file(files, module_runner):
-    digest = fsverity.digest_file(str(files[1])).hex()
+    digest = fsverity_digest.digest_file(str(files[1])).hex()
     res = module_runner("verity", {"paths": [str(files[1]), str(files[0])], "expected_digest": digest})
     assert res["failed"] is True and "exactly one regular file" in res["msg"] and "name 2" in res["msg"]
     res = module_runner("verity", {"paths": [str(files[1].parent)], "recurse": True, "expected_digest": digest})
@@ -183,7 +183,7 @@ def test_top_level_symlink_to_a_file_is_followed(files, module_runner):
     link.symlink_to(files[4097])
     res = module_runner("verity", {"paths": [str(link)], "unsupported": "skip"})
     assert res["files"][0]["file"] == str(link)
-    assert res["files"][0]["digest"] == fsverity.digest_file(str(files[4097])).hex()
+    assert res["files"][0]["digest"] == fsverity_digest.digest_file(str(files[4097])).hex()
 
 
 @pytest.mark.parametrize("kind", ["missing", "dangling", "fifo"])

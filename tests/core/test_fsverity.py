@@ -20,7 +20,7 @@ import tempfile
 
 import pytest
 
-from composefs_fleet import fsverity, tree
+from composefs_fleet import fsverity_digest, fsverity_ioctl, tree
 from composefs_fleet.errors import VerityError, VerityNotEnabled, VerityNotSupported
 
 # Data blocks per sha256 tree block with 4 KiB blocks, and the size just over
@@ -68,8 +68,8 @@ def test_matches_fsverity_tool(fsverity_tool, tmp_path, size, algorithm, salt):
     data = random.Random(size).randbytes(size)
     path = write(tmp_path, data)
     expected = tool_digest(fsverity_tool, path, algorithm, 4096, salt)
-    assert fsverity.digest_bytes(data, algorithm, 4096, salt) == expected
-    assert fsverity.digest_file(path, algorithm, 4096, salt) == expected
+    assert fsverity_digest.digest_bytes(data, algorithm, 4096, salt) == expected
+    assert fsverity_digest.digest_file(path, algorithm, 4096, salt) == expected
 
 
 @pytest.mark.parametrize("block_size", [1024, 2048, 65536])
@@ -79,7 +79,7 @@ def test_other_block_sizes(fsverity_tool, tmp_path, block_size, algorithm, salt)
     rnd = random.Random(block_size)
     # Sizes around the block and the first tree-level boundary (where that
     # stays small: 64 KiB blocks would need 64 MiB or more of random data).
-    per_block = block_size // fsverity.ALGORITHMS[algorithm][1]
+    per_block = block_size // fsverity_digest.ALGORITHMS[algorithm][1]
     sizes = [block_size - 1, block_size + 1, 3 * block_size + 5]
     if per_block * block_size <= 1 << 20:
         sizes.append(per_block * block_size + 7)
@@ -87,7 +87,7 @@ def test_other_block_sizes(fsverity_tool, tmp_path, block_size, algorithm, salt)
         data = rnd.randbytes(size)
         path = write(tmp_path, data)
         expected = tool_digest(fsverity_tool, path, algorithm, block_size, salt)
-        assert fsverity.digest_bytes(data, algorithm, block_size, salt) == expected, size
+        assert fsverity_digest.digest_bytes(data, algorithm, block_size, salt) == expected, size
 
 
 @pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
@@ -108,26 +108,26 @@ def test_three_level_tree(fsverity_tool, tmp_path, algorithm):
     if algorithm == "sha256":
         # 16385 data blocks -> 129 + 2 + 1 tree blocks: three levels indeed.
         assert tree_file.stat().st_size == (129 + 2 + 1) * 4096
-    assert fsverity.digest_file(path, algorithm, threads=1) == expected
-    assert fsverity.digest_file(path, algorithm, threads=2) == expected
+    assert fsverity_digest.digest_file(path, algorithm, threads=1) == expected
+    assert fsverity_digest.digest_file(path, algorithm, threads=2) == expected
 
 
 def test_known_digests_without_tool():
     # From fsverity-utils 1.5, so these run where the tool is missing.
-    assert fsverity.digest_bytes(b"").hex() == (
+    assert fsverity_digest.digest_bytes(b"").hex() == (
         "3d248ca542a24fc62d1c43b916eae5016878e2533c88238480b26128a1f1af95"
     )
-    assert fsverity.digest_bytes(b"a").hex() == (
+    assert fsverity_digest.digest_bytes(b"a").hex() == (
         "bce75948b9e7510293f8f2720412af9697c1479281323f3f220623fb8e94b557"
     )
-    assert fsverity.digest_bytes(b"a", "sha512", 1024, b"\x00\xff").hex() == (
+    assert fsverity_digest.digest_bytes(b"a", "sha512", 1024, b"\x00\xff").hex() == (
         "69df7b5f72a65e9496adaac91d0976d899351d48daad1ffa405d4a1e27481454"
         "a106b1027232b4f4ab9e5961bf4d4ed6c95872fa61c53f0b67b3a03cce66bd82"
     )
 
 
 def test_empty_root_hash_is_zero():
-    hasher = fsverity.FsVerityHasher("sha512")
+    hasher = fsverity_digest.FsVerityHasher("sha512")
     assert hasher.root_hash() == bytes(64)
     descriptor = hasher.descriptor()
     assert len(descriptor) == 256
@@ -138,8 +138,8 @@ def test_empty_root_hash_is_zero():
 def test_streaming_odd_chunks(salt):
     rnd = random.Random(7)
     data = rnd.randbytes(1024 * 1024 + 12345)
-    expected = fsverity.digest_bytes(data, salt=salt)
-    hasher = fsverity.FsVerityHasher(salt=salt)
+    expected = fsverity_digest.digest_bytes(data, salt=salt)
+    hasher = fsverity_digest.FsVerityHasher(salt=salt)
     pos = 0
     while pos < len(data):
         step = rnd.choice([1, 3, 4095, 4096, 4097, 65537, 200000])
@@ -150,7 +150,7 @@ def test_streaming_odd_chunks(salt):
     assert hasher.digest() == expected
     assert hasher.hexdigest() == expected.hex()
     hasher.update(b"more")
-    assert hasher.digest() == fsverity.digest_bytes(data + b"more", salt=salt)
+    assert hasher.digest() == fsverity_digest.digest_bytes(data + b"more", salt=salt)
     assert hasher.size == len(data) + 4
 
 
@@ -158,26 +158,26 @@ def test_update_accepts_non_byte_buffers():
     import array
 
     words = array.array("I", range(3000))
-    assert fsverity.digest_bytes(words) == fsverity.digest_bytes(words.tobytes())
+    assert fsverity_digest.digest_bytes(words) == fsverity_digest.digest_bytes(words.tobytes())
 
 
 @pytest.mark.parametrize("block_size", [4096, 65536])  # read-ahead path, parallel-hash path
 def test_threads_equal_single_thread_and_offset_untouched(tmp_path, block_size):
-    data = random.Random(block_size).randbytes(2 * fsverity.READ_CHUNK + 4096 * 3 + 123)
+    data = random.Random(block_size).randbytes(2 * fsverity_digest.READ_CHUNK + 4096 * 3 + 123)
     path = write(tmp_path, data)
-    expected = fsverity.digest_bytes(data, block_size=block_size)
+    expected = fsverity_digest.digest_bytes(data, block_size=block_size)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.lseek(fd, 777, os.SEEK_SET)
         for threads in (1, 2, 3):
-            assert fsverity.digest_fd(fd, block_size=block_size, threads=threads) == expected, threads
+            assert fsverity_digest.digest_fd(fd, block_size=block_size, threads=threads) == expected, threads
         assert os.lseek(fd, 0, os.SEEK_CUR) == 777
     finally:
         os.close(fd)
     # An exact multiple of the read chunk ends with an empty read.
-    path = write(tmp_path, data[: 2 * fsverity.READ_CHUNK], "exact")
-    assert fsverity.digest_file(path, block_size=block_size, threads=2) == fsverity.digest_bytes(
-        data[: 2 * fsverity.READ_CHUNK], block_size=block_size
+    path = write(tmp_path, data[: 2 * fsverity_digest.READ_CHUNK], "exact")
+    assert fsverity_digest.digest_file(path, block_size=block_size, threads=2) == fsverity_digest.digest_bytes(
+        data[: 2 * fsverity_digest.READ_CHUNK], block_size=block_size
     )
 
 
@@ -193,28 +193,27 @@ def test_threads_equal_single_thread_and_offset_untouched(tmp_path, block_size):
 )
 def test_invalid_parameters(kwargs, words):
     with pytest.raises(VerityError, match=words):
-        fsverity.FsVerityHasher(**kwargs)
+        fsverity_digest.FsVerityHasher(**kwargs)
 
 
 def test_hex_and_path_helpers():
     digest = bytes(range(32))
-    assert fsverity.digest_to_hex(digest) == digest.hex()
-    assert fsverity.digest_to_path is tree.digest_to_path
-    assert fsverity.digest_to_path(digest) == b"00/" + digest[1:].hex().encode()
+    assert fsverity_digest.digest_to_hex(digest) == digest.hex()
+    assert tree.digest_to_path(digest) == b"00/" + digest[1:].hex().encode()
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="reference values are for x86_64")
 def test_ioctl_numbers():
     # linux/fsverity.h and linux/fs.h as compiled on x86_64.
-    assert fsverity.FS_IOC_ENABLE_VERITY == 0x40806685
-    assert fsverity.FS_IOC_MEASURE_VERITY == 0xC0046686
-    assert fsverity.FS_IOC_GETFLAGS == 0x80086601
+    assert fsverity_ioctl.FS_IOC_ENABLE_VERITY == 0x40806685
+    assert fsverity_ioctl.FS_IOC_MEASURE_VERITY == 0xC0046686
+    assert fsverity_ioctl.FS_IOC_GETFLAGS == 0x80086601
 
 
 # --- ioctls on real filesystems --------------------------------------------
 
 def _kernel_without_verity():
-    if fsverity._kernel_has_fsverity() is not False:
+    if fsverity_ioctl._kernel_has_fsverity() is not False:
         pytest.skip("needs a kernel known to lack CONFIG_FS_VERITY (/proc/config.gz or /boot/config-*)")
 
 
@@ -226,11 +225,11 @@ def _open_probe(directory):
 
 
 def _assert_not_supported(fd):
-    assert fsverity.verity_enabled(fd) is False
+    assert fsverity_ioctl.verity_enabled(fd) is False
     with pytest.raises(VerityNotSupported, match="not supported") as measured:
-        fsverity.measure_verity(fd)
+        fsverity_ioctl.measure_verity(fd)
     with pytest.raises(VerityNotSupported, match="not supported") as enabled:
-        fsverity.enable_verity(fd)
+        fsverity_ioctl.enable_verity(fd)
     for exc in (measured.value, enabled.value):
         assert "errno" in str(exc)
         assert not isinstance(exc, VerityNotEnabled)
@@ -266,8 +265,8 @@ def test_enable_rejects_non_regular(tmp_path):
     fd = os.open(str(tmp_path), os.O_RDONLY)
     try:
         with pytest.raises(VerityError, match="regular files"):
-            fsverity.enable_verity(fd)
-        assert fsverity.verity_enabled(fd) is False
+            fsverity_ioctl.enable_verity(fd)
+        assert fsverity_ioctl.verity_enabled(fd) is False
     finally:
         os.close(fd)
 
@@ -306,17 +305,18 @@ def test_ext4_with_verity_feature(ext4_verity_mount):
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     try:
-        if fsverity._kernel_has_fsverity() is False:
+        if fsverity_ioctl._kernel_has_fsverity() is False:
             message = _assert_not_supported(fd)
             assert "CONFIG_FS_VERITY" in message and "errno %d" % errno.EOPNOTSUPP in message
             return
         # A kernel with fs-verity: the real thing.
-        assert fsverity.verity_enabled(fd) is False
+        assert fsverity_ioctl.verity_enabled(fd) is False
         with pytest.raises(VerityNotEnabled):
-            fsverity.measure_verity(fd)
-        assert fsverity.enable_verity(fd) is True
-        assert fsverity.verity_enabled(fd) is True
-        assert fsverity.measure_verity(fd) == ("sha256", fsverity.digest_bytes(data))
-        assert fsverity.enable_verity(fd) is False  # EEXIST: already enabled
+            fsverity_ioctl.measure_verity(fd)
+        assert fsverity_ioctl.enable_verity(fd) is True
+        assert fsverity_ioctl.verity_enabled(fd) is True
+        assert fsverity_ioctl.measure_verity(fd) == ("sha256", fsverity_digest.digest_bytes(data))
+        assert fsverity_ioctl.enable_verity(fd) is False  # EEXIST: already enabled
     finally:
         os.close(fd)
+

@@ -16,7 +16,7 @@ import pytest
 
 from composefs_fleet import mount_record as mr
 from composefs_fleet import mountinfo
-from composefs_fleet.fsverity import digest_file
+from composefs_fleet.fsverity_digest import digest_file
 from composefs_fleet.mount import mount_composefs
 
 # -- record names ------------------------------------------------------------------

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from composefs_fleet import fsverity, objects
+from composefs_fleet import fsverity_digest, fsverity_ioctl, objects
 from composefs_fleet.errors import FormatError, VerityError, VerityNotSupported
 from composefs_fleet.objects import object_path, store_object
 from composefs_fleet.scan import build_tree_from_directory
@@ -86,7 +86,7 @@ def test_store_equals_c_digest_store(oracle, tmp_path, umask022):
     assert len(got) == 6  # >64 bytes, deduplicated; inline and empty files are not stored
     for rel, (mode, content) in got.items():
         assert mode == 0o644
-        assert rel == digest_to_path(fsverity.digest_bytes(content)).decode()
+        assert rel == digest_to_path(fsverity_digest.digest_bytes(content)).decode()
     payloads = {n.payload.decode() for _p, n in tree.walk() if n.is_reg() and n.payload}
     assert payloads == set(got)
     assert stat.S_IMODE(os.stat(tmp_path / "o").st_mode) == 0o755
@@ -110,7 +110,7 @@ def test_store_object_from_path_and_fd(tmp_path):
     data = _data(10000, 5)
     src = tmp_path / "f"
     _write(src, data)
-    digest = fsverity.digest_bytes(data)
+    digest = fsverity_digest.digest_bytes(data)
     store = tmp_path / "store"
     assert store_object(src, digest, store) is True
     target = object_path(store, digest)
@@ -137,7 +137,7 @@ def test_bad_digest_and_size(tmp_path):
     store = tmp_path / "store"
     with pytest.raises(FormatError):
         store_object(src, b"\0" * 31, store)
-    digest = fsverity.digest_bytes(b"x" * 100)
+    digest = fsverity_digest.digest_bytes(b"x" * 100)
     with pytest.raises(FormatError, match="expected 99"):
         store_object(src, digest, store, size=99)
     assert not os.path.exists(object_path(store, digest))
@@ -146,7 +146,7 @@ def test_bad_digest_and_size(tmp_path):
 
 def test_store_subdir_that_is_a_file(tmp_path):
     data = b"y" * 100
-    digest = fsverity.digest_bytes(data)
+    digest = fsverity_digest.digest_bytes(data)
     store = tmp_path / "store"
     store.mkdir()
     _write(store / digest.hex()[:2], b"not a dir")
@@ -158,7 +158,7 @@ def test_store_subdir_that_is_a_file(tmp_path):
 def test_failure_mid_copy_leaves_nothing(tmp_path, monkeypatch):
     data = _data(50000, 8)
     _write(tmp_path / "f", data)
-    digest = fsverity.digest_bytes(data)
+    digest = fsverity_digest.digest_bytes(data)
     store = tmp_path / "store"
 
     def half_then_fail(src, dst, size=None):
@@ -184,7 +184,7 @@ def test_failure_mid_copy_leaves_nothing(tmp_path, monkeypatch):
 
 def test_interrupt_during_fsync_removes_temp(tmp_path, monkeypatch):
     _write(tmp_path / "f", b"q" * 100)
-    digest = fsverity.digest_bytes(b"q" * 100)
+    digest = fsverity_digest.digest_bytes(b"q" * 100)
 
     def boom(fd):
         raise KeyboardInterrupt
@@ -200,7 +200,7 @@ def test_interrupt_during_fsync_removes_temp(tmp_path, monkeypatch):
 def test_copy_strategies(tmp_path, monkeypatch, path):
     data = _data(3 * 1024 * 1024 + 17, 11)
     _write(tmp_path / "f", data)
-    digest = fsverity.digest_bytes(data)
+    digest = fsverity_digest.digest_bytes(data)
     used = []
     real_ioctl = objects.fcntl.ioctl
     real_cfr = os.copy_file_range
@@ -243,13 +243,13 @@ def test_verity_not_supported_is_ignored(tmp_path, monkeypatch):
         calls.append(fd)
         raise VerityNotSupported("no fs-verity here")
 
-    monkeypatch.setattr(fsverity, "enable_verity", enable)
+    monkeypatch.setattr(fsverity_ioctl, "enable_verity", enable)
     _write(tmp_path / "f", b"v" * 100)
-    assert store_object(tmp_path / "f", fsverity.digest_bytes(b"v" * 100), tmp_path / "s")
+    assert store_object(tmp_path / "f", fsverity_digest.digest_bytes(b"v" * 100), tmp_path / "s")
     assert len(calls) == 1
     # Asked once per filesystem, not once per object.
     _write(tmp_path / "g", b"w" * 100)
-    assert store_object(tmp_path / "g", fsverity.digest_bytes(b"w" * 100), tmp_path / "s")
+    assert store_object(tmp_path / "g", fsverity_digest.digest_bytes(b"w" * 100), tmp_path / "s")
     assert len(calls) == 1
 
 
@@ -257,9 +257,9 @@ def test_verity_other_error_warns(tmp_path, monkeypatch):
     def enable(fd, *a, **kw):
         raise VerityError("FS_IOC_ENABLE_VERITY failed: no space")
 
-    monkeypatch.setattr(fsverity, "enable_verity", enable)
+    monkeypatch.setattr(fsverity_ioctl, "enable_verity", enable)
     _write(tmp_path / "f", b"v" * 100)
-    digest = fsverity.digest_bytes(b"v" * 100)
+    digest = fsverity_digest.digest_bytes(b"v" * 100)
     with pytest.warns(RuntimeWarning, match="cannot enable fs-verity"):
         assert store_object(tmp_path / "f", digest, tmp_path / "s")
     assert os.path.exists(object_path(tmp_path / "s", digest))
@@ -271,21 +271,21 @@ def test_verity_enabled_with_wrong_digest_is_refused(tmp_path, monkeypatch):
         assert os.fstat(fd).st_mode & 0o777 == 0o644
         return True
 
-    monkeypatch.setattr(fsverity, "enable_verity", enable)
-    monkeypatch.setattr(fsverity, "measure_verity", lambda fd: ("sha256", b"\1" * 32))
+    monkeypatch.setattr(fsverity_ioctl, "enable_verity", enable)
+    monkeypatch.setattr(fsverity_ioctl, "measure_verity", lambda fd: ("sha256", b"\1" * 32))
     _write(tmp_path / "f", b"v" * 100)
-    digest = fsverity.digest_bytes(b"v" * 100)
+    digest = fsverity_digest.digest_bytes(b"v" * 100)
     with pytest.raises(VerityError, match="does not match"):
         store_object(tmp_path / "f", digest, tmp_path / "s")
     assert not any(files for _d, _s, files in os.walk(tmp_path / "s"))
-    monkeypatch.setattr(fsverity, "measure_verity", lambda fd: ("sha256", digest))
+    monkeypatch.setattr(fsverity_ioctl, "measure_verity", lambda fd: ("sha256", digest))
     assert store_object(tmp_path / "f", digest, tmp_path / "s")
 
 
 def test_concurrent_writers_of_one_object(tmp_path, monkeypatch):
     data = _data(200000, 4)
     _write(tmp_path / "f", data)
-    digest = fsverity.digest_bytes(data)
+    digest = fsverity_digest.digest_bytes(data)
     store = tmp_path / "store"
     # Make every writer pass the existence check before any renames.
     barrier = threading.Barrier(8)
@@ -318,7 +318,7 @@ def test_directories_are_synced(tmp_path, monkeypatch):
     real = objects._fsync_dir
     monkeypatch.setattr(objects, "_fsync_dir", lambda p: (synced.append(p), real(p)))
     _write(tmp_path / "f", b"s" * 100)
-    digest = fsverity.digest_bytes(b"s" * 100)
+    digest = fsverity_digest.digest_bytes(b"s" * 100)
     store = os.fsencode(tmp_path / "store")
     store_object(tmp_path / "f", digest, store)
     # The object's directory, then the store that got a new XX entry.
@@ -339,7 +339,7 @@ def test_directories_are_synced(tmp_path, monkeypatch):
         synced.clear()
         synced_fs.clear()
         build_tree_from_directory(src, digest_store=store, threads=2)
-        prefixes = {fsverity.digest_bytes(d).hex()[:2].encode() for d in contents}
+        prefixes = {fsverity_digest.digest_bytes(d).hex()[:2].encode() for d in contents}
         # The first syncfs() makes the staged data durable before any rename.
         if len(prefixes) > objects._SYNCFS_THRESHOLD:
             assert synced_fs == [store, store] and synced == []
@@ -355,7 +355,7 @@ def _temps(store) -> list:
 def test_batch_stages_then_publishes(tmp_path):
     store = tmp_path / "store"
     contents = [_data(5000 + i, i) for i in range(5)]
-    digests = [fsverity.digest_bytes(d) for d in contents]
+    digests = [fsverity_digest.digest_bytes(d) for d in contents]
     for i, data in enumerate(contents):
         _write(tmp_path / ("f%d" % i), data)
     # One object is in the store already: the batch must not stage it again.
@@ -384,7 +384,7 @@ def test_batch_stages_then_publishes(tmp_path):
 def test_batch_abort_and_failed_commit_leave_no_temps(tmp_path, monkeypatch):
     store = tmp_path / "store"
     contents = [_data(3000 + i, 40 + i) for i in range(4)]
-    digests = [fsverity.digest_bytes(d) for d in contents]
+    digests = [fsverity_digest.digest_bytes(d) for d in contents]
     paths = []
     for i, data in enumerate(contents):
         paths.append(tmp_path / ("f%d" % i))
@@ -424,7 +424,7 @@ def test_batch_abort_and_failed_commit_leave_no_temps(tmp_path, monkeypatch):
     files = store_files(store)
     assert len(files) == 2
     for rel, (mode, data) in files.items():
-        assert fsverity.digest_bytes(data).hex() == rel.replace("/", "")
+        assert fsverity_digest.digest_bytes(data).hex() == rel.replace("/", "")
 
 
 def test_batch_without_syncfs_fsyncs_each_file(tmp_path, monkeypatch):
@@ -439,7 +439,7 @@ def test_batch_without_syncfs_fsyncs_each_file(tmp_path, monkeypatch):
         _write(tmp_path / "f", data)
         fd = os.open(tmp_path / "f", os.O_RDONLY)
         try:
-            batch.add(fd, fsverity.digest_bytes(data))
+            batch.add(fd, fsverity_digest.digest_bytes(data))
         finally:
             os.close(fd)
     staged = [os.path.join(os.fsencode(store), n.encode()) for n in _temps(store)]
@@ -497,7 +497,7 @@ def test_killed_mkcomposefs_leaves_only_correct_objects(ours, tmp_path):
         for rel, (_mode, data) in store_files(store).items():
             if os.path.basename(rel).startswith(".tmp"):
                 continue
-            assert fsverity.digest_bytes(data).hex() == rel.replace("/", ""), rel
+            assert fsverity_digest.digest_bytes(data).hex() == rel.replace("/", ""), rel
     # A run after the kills completes the store and yields the same image.
     subprocess.run(ours.argv("mkcomposefs") + ["--digest-store=%s" % store, str(src), str(tmp_path / "k.img")],
                    check=True)

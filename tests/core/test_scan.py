@@ -24,7 +24,7 @@ import tempfile
 
 import pytest
 
-from composefs_fleet import fsverity, scan
+from composefs_fleet import fsverity_digest, scan
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.errors import FormatError
 from composefs_fleet.scan import build_tree_from_directory
@@ -408,7 +408,7 @@ def test_records_metadata_without_following(tmp_path):
     assert root.mode == st.st_mode and (root.mtime_sec, root.mtime_nsec) == divmod(st.st_mtime_ns, NS)
     f65 = nodes[b"/f65"]
     assert (f65.mtime_sec, f65.mtime_nsec) == (1600000000, 42)
-    assert f65.digest == fsverity.digest_bytes(_data(65, 65))
+    assert f65.digest == fsverity_digest.digest_bytes(_data(65, 65))
     assert f65.payload == digest_to_path(f65.digest) and f65.content is None
     assert nodes[b"/f64"].content == _data(64, 64) and nodes[b"/f64"].digest is None
     assert nodes[b"/f0"].content is None and nodes[b"/f0"].payload is None
@@ -426,7 +426,7 @@ def test_inline_max_and_compute_digest(tmp_path):
     nodes = dict(build_tree_from_directory(src, inline_max=100).walk())
     assert nodes[b"/a"].content == _data(100, 1) and nodes[b"/a"].payload is None
     nodes = dict(build_tree_from_directory(src, inline_max=0).walk())
-    assert nodes[b"/b"].content is None and nodes[b"/b"].digest == fsverity.digest_bytes(_data(10, 2))
+    assert nodes[b"/b"].content is None and nodes[b"/b"].digest == fsverity_digest.digest_bytes(_data(10, 2))
     nodes = dict(build_tree_from_directory(src, compute_digest=False).walk())
     assert nodes[b"/a"].digest is None and nodes[b"/a"].payload is None
     assert nodes[b"/b"].content == _data(10, 2)
@@ -506,7 +506,7 @@ def test_deep_tree_needs_no_recursion(tmp_path):
     while node.children:
         node = next(iter(node.children.values()))
         levels += 1
-    assert levels == depth + 1 and node.digest == fsverity.digest_bytes(_data(100, 7))
+    assert levels == depth + 1 and node.digest == fsverity_digest.digest_bytes(_data(100, 7))
 
 
 def test_file_changed_during_scan(tmp_path):

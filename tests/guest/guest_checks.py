@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from composefs_fleet import fsverity
+from composefs_fleet import fsverity_digest, fsverity_ioctl
 from composefs_fleet.errors import VerityNotEnabled
 
 FS_IOC_GETFLAGS = 0x80086601
@@ -84,20 +84,20 @@ def check_verity(workdir):
         path = os.path.join(workdir, "f%d" % i)
         write(path, os.urandom(size))
         case = {"path": path, "size": size, "block_size": block_size, "salt": salt.hex()}
-        case["userspace"] = fsverity.digest_file(path, block_size=block_size, salt=salt).hex()
+        case["userspace"] = fsverity_digest.digest_file(path, block_size=block_size, salt=salt).hex()
         fd = os.open(path, os.O_RDONLY)
         try:
-            case["flag_before"] = fsverity.verity_enabled(fd)
+            case["flag_before"] = fsverity_ioctl.verity_enabled(fd)
             try:
-                fsverity.measure_verity(fd)
+                fsverity_ioctl.measure_verity(fd)
                 case["measure_before"] = "no error"
             except VerityNotEnabled as exc:
                 case["measure_before"] = type(exc).__name__
-            case["enabled_now"] = fsverity.enable_verity(fd, block_size=block_size, salt=salt)
-            case["enabled_again"] = fsverity.enable_verity(fd, block_size=block_size, salt=salt)
-            alg, digest = fsverity.measure_verity(fd)
+            case["enabled_now"] = fsverity_ioctl.enable_verity(fd, block_size=block_size, salt=salt)
+            case["enabled_again"] = fsverity_ioctl.enable_verity(fd, block_size=block_size, salt=salt)
+            alg, digest = fsverity_ioctl.measure_verity(fd)
             case["kernel"] = "%s:%s" % (alg, digest.hex())
-            case["flag_after"] = fsverity.verity_enabled(fd)
+            case["flag_after"] = fsverity_ioctl.verity_enabled(fd)
         finally:
             os.close(fd)
         case["getflags_verity"] = bool(getflags(path) & FS_VERITY_FL)
@@ -153,7 +153,7 @@ def check_digest_store(workdir):
     out = {"mkcomposefs": res, "objects": []}
     if res["rc"] != 0:
         return out
-    expected = sorted({fsverity.digest_bytes(d).hex() for d in files.values() if len(d) > 64})
+    expected = sorted({fsverity_digest.digest_bytes(d).hex() for d in files.values() if len(d) > 64})
     out["expected_digests"] = expected
     objects = store_objects(store)
     measured = cli_measure(objects)
@@ -220,8 +220,8 @@ def check_mount(workdir):
     shutil.copyfile(image, plain)  # same bytes, no fs-verity
     fd = os.open(image, os.O_RDONLY)
     try:
-        fsverity.enable_verity(fd)
-        kernel_digest = fsverity.measure_verity(fd)[1].hex()
+        fsverity_ioctl.enable_verity(fd)
+        kernel_digest = fsverity_ioctl.measure_verity(fd)[1].hex()
     finally:
         os.close(fd)
     out = {"print_digest": digest, "kernel_digest": kernel_digest}
@@ -249,7 +249,7 @@ def check_tamper(workdir):
     files, store, image, digest = build_image(workdir)
     fd = os.open(image, os.O_RDONLY)
     try:
-        fsverity.enable_verity(fd)
+        fsverity_ioctl.enable_verity(fd)
     finally:
         os.close(fd)
     mnt = os.path.join(workdir, "mnt")
@@ -267,8 +267,8 @@ def check_tamper(workdir):
         f.write("3\n")
 
     def obj(rel):
-        return os.path.join(store, fsverity.digest_to_hex(fsverity.digest_bytes(files[rel]))[:2],
-                            fsverity.digest_to_hex(fsverity.digest_bytes(files[rel]))[2:])
+        return os.path.join(store, fsverity_digest.digest_to_hex(fsverity_digest.digest_bytes(files[rel]))[:2],
+                            fsverity_digest.digest_to_hex(fsverity_digest.digest_bytes(files[rel]))[2:])
 
     # 1. One byte flipped: a verity file cannot be written, so copy it (the
     #    copy has no verity), flip the byte, rename the copy over the object.
@@ -286,7 +286,7 @@ def check_tamper(workdir):
     write(victim2 + ".tmp", os.urandom(len(files["sub/deeper/d.bin"])))
     fd = os.open(victim2 + ".tmp", os.O_RDONLY)
     try:
-        fsverity.enable_verity(fd)
+        fsverity_ioctl.enable_verity(fd)
     finally:
         os.close(fd)
     os.rename(victim2 + ".tmp", victim2)

@@ -31,7 +31,7 @@ from typing import Dict, List
 import pytest
 from guest_ansible import playbook_exe, run_playbook
 
-from composefs_fleet import fsverity
+from composefs_fleet import fsverity_digest
 
 pytestmark = pytest.mark.guest
 
@@ -53,7 +53,7 @@ def _content(name: str, size: int) -> bytes:
 
 # Both files are larger than composefs inlines, so each becomes an object.
 FILES = {"a.txt": 50000, "sub/b.bin": 70001}
-DIGESTS = {name: fsverity.digest_bytes(_content(name, size)).hex() for name, size in FILES.items()}
+DIGESTS = {name: fsverity_digest.digest_bytes(_content(name, size)).hex() for name, size in FILES.items()}
 SHA256 = {name: hashlib.sha256(_content(name, size)).hexdigest() for name, size in FILES.items()}
 OBJECTS = {name: "%s/objects/%s/%s" % (STORE, d[:2], d[2:]) for name, d in DIGESTS.items()}
 

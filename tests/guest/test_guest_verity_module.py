@@ -18,7 +18,7 @@ from typing import Dict, List
 import pytest
 from guest_ansible import playbook_exe, run_playbook
 
-from composefs_fleet import fsverity
+from composefs_fleet import fsverity_digest
 
 pytestmark = pytest.mark.guest
 
@@ -39,7 +39,7 @@ FILES = {
     "tree/sub/empty": 0,
     "outside": 4096,
 }
-DIGESTS = {name: fsverity.digest_bytes(_content(name, size)).hex() for name, size in FILES.items()}
+DIGESTS = {name: fsverity_digest.digest_bytes(_content(name, size)).hex() for name, size in FILES.items()}
 
 SETUP = r"""
 import json, os, shutil, sys
@@ -183,7 +183,7 @@ def test_unsupported_filesystem_in_a_kernel_with_fs_verity(results):
     assert res["failed"] is True and "tmpfs" in res["msg"] and "nothing was enabled" in res["msg"], res
     res = results["tmpfs: skip"]
     assert not res.get("failed") and res["changed"] is False and res["verity_supported"] is False, res
-    assert res["files"][0]["digest"] == fsverity.digest_bytes(b"on tmpfs").hex()
+    assert res["files"][0]["digest"] == fsverity_digest.digest_bytes(b"on tmpfs").hex()
 
 
 def test_store_reports_fs_verity_support(results):

@@ -31,7 +31,8 @@ from composefs_fleet import mount_api as api
 from composefs_fleet.dump import parse_dump
 from composefs_fleet.erofs_reader import read_image_file
 from composefs_fleet.erofs_writer import build_image
-from composefs_fleet.fsverity import _kernel_has_fsverity, digest_bytes
+from composefs_fleet.fsverity_digest import digest_bytes
+from composefs_fleet.fsverity_ioctl import _kernel_has_fsverity
 from composefs_fleet.loopdev import bound_devices
 from composefs_fleet.mount import (
     ComposefsMountError,

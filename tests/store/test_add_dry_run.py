@@ -78,9 +78,9 @@ def test_directory_dry_run_on_a_fresh_store_predicts_the_add(store, tmp_path, ma
 
 
 def build_tree_digest(src: Path) -> str:
-    from composefs_fleet import fsverity
+    from composefs_fleet import fsverity_digest
 
-    return fsverity.digest_bytes(build_image(build_tree_from_directory(str(src)))).hex()
+    return fsverity_digest.digest_bytes(build_image(build_tree_from_directory(str(src)))).hex()
 
 
 def test_directory_dry_run_uses_the_cache_and_sees_one_change(store, tmp_path, make_tree):

@@ -38,10 +38,10 @@ def count_builds(monkeypatch):
 
 
 def expected_digest(src: Path, **options) -> str:
-    from composefs_fleet import fsverity
+    from composefs_fleet import fsverity_digest
 
     root = build_tree_from_directory(os.fsencode(src), compute_digest=True)
-    return fsverity.digest_bytes(build_image(root, **options)).hex()
+    return fsverity_digest.digest_bytes(build_image(root, **options)).hex()
 
 
 def test_unchanged_tree_is_not_built_again(store, tmp_path, make_tree, count_builds):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from composefs_fleet import fsverity
+from composefs_fleet import fsverity_digest
 from composefs_fleet.dump import write_dump
 from composefs_fleet.erofs_reader import read_image_file
 from composefs_fleet.erofs_writer import build_image
@@ -28,7 +28,7 @@ from store_fixtures import make_tree, store, store_cmd  # noqa: F401  (fixtures)
 
 
 def expected_digest(src: Path) -> str:
-    return fsverity.digest_bytes(build_image(build_tree_from_directory(str(src)))).hex()
+    return fsverity_digest.digest_bytes(build_image(build_tree_from_directory(str(src)))).hex()
 
 
 def all_objects(store: Store):
@@ -147,11 +147,11 @@ def test_add_directory_matches_mkcomposefs_and_fsck_clean(store, tmp_path, make_
     assert result.digest == expected_digest(src)
     assert store.read_ref("app/v1") == result.digest
     image = Path(os.fsdecode(store.image_path(result.digest)))
-    assert fsverity.digest_file(str(image)).hex() == result.digest
+    assert fsverity_digest.digest_file(str(image)).hex() == result.digest
     needed = image_objects(read_image_file(str(image)))
     assert needed.objects and sorted(needed.objects) == all_objects(store)
     for hexd in needed.objects:
-        assert fsverity.digest_file(store.object_path(hexd)).hex() == hexd
+        assert fsverity_digest.digest_file(store.object_path(hexd)).hex() == hexd
     report = check(store)
     assert report.clean, report.errors
     assert report.objects == len(needed.objects) and report.images == 1 and report.refs == 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from composefs_fleet import fsverity
+from composefs_fleet import fsverity_digest
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.scan import build_tree_from_directory
 from composefs_fleet.store import Store
@@ -73,7 +73,7 @@ def stressed(tmp_path_factory, make_tree):
         src = base / ("src%d" % i)
         make_tree(src, 500 + i, files=25, shared_from=i % 2, big=300000)
         sources.append(str(src))
-    expected = {fsverity.digest_bytes(build_image(build_tree_from_directory(s))).hex(): s for s in sources}
+    expected = {fsverity_digest.digest_bytes(build_image(build_tree_from_directory(s))).hex(): s for s in sources}
     repo = base / "store"
     Store.init(repo, notice=None)
     roles = ["add", "add", "add", "rm", "gc"]
@@ -137,7 +137,7 @@ def test_two_adds_of_the_same_content_at_once(tmp_path, make_tree, store_cmd):
     assert [p.returncode for p in procs] == [0, 0, 0], [err for _out, err in outs]
     digests = {out.split()[0] for out, _err in outs}
     assert len(digests) == 1 and store.list_images() == sorted(digests)
-    expected = fsverity.digest_bytes(build_image(build_tree_from_directory(str(src)))).hex()
+    expected = fsverity_digest.digest_bytes(build_image(build_tree_from_directory(str(src)))).hex()
     assert digests == {expected}
     from composefs_fleet.store import image_objects
 

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import time
 
-from composefs_fleet import fsverity
+from composefs_fleet import fsverity_digest
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.scan import build_tree_from_directory
 from composefs_fleet.store import RefNotFound, Store
@@ -54,7 +54,7 @@ def test_sigkill_at_random_points(tmp_path, make_tree, store_cmd):
         src = tmp_path / ("src%d" % i)
         make_tree(src, 100 + i, files=30, shared_from=0, big=400000)
         sources.append(src)
-    expected = {str(s): fsverity.digest_bytes(build_image(build_tree_from_directory(str(s)))).hex()
+    expected = {str(s): fsverity_digest.digest_bytes(build_image(build_tree_from_directory(str(s)))).hex()
                 for s in sources}
     repo = tmp_path / "store"
     store, _ = Store.init(repo, notice=None)

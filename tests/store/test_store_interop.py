@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from composefs_fleet import fsverity
+from composefs_fleet import fsverity_digest
 from composefs_fleet.store import Store
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_fsck import check
@@ -29,7 +29,7 @@ def test_c_mkcomposefs_into_our_objects_passes_fsck(oracle, tmp_path, make_tree)
     # The C tool's objects are already where the store keeps them: nothing to copy.
     result = add_image(store, image, "from-c")
     assert result.objects_written == 0 and result.objects > 0
-    assert result.digest == fsverity.digest_file(str(image)).hex()
+    assert result.digest == fsverity_digest.digest_file(str(image)).hex()
     report = check(store)
     assert report.clean, report.errors
     assert report.objects == result.objects

@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # typing costs import time on every mount; annotations are st
 
     PathArg = Union[str, bytes, "os.PathLike[str]"]
 
-# fsverity (hashlib, threading) and tempfile are imported where needed: a
+# fsverity_digest (hashlib, threading) and tempfile are imported where needed: a
 # plain mount uses neither, and mount.composefs start-up time is mount time.
 
 CAP_SYS_ADMIN = 21
@@ -196,7 +196,7 @@ def check_digest(fd: int, path: PathArg, digest: str) -> None:
     if not digest or len(digest) % 2 or len(digest) > 128 or not set(digest) <= _HEX_DIGITS:
         raise ComposefsMountError("invalid digest %r: expected hex, e.g. 64 digits for sha256" % digest,
                                   errno.EINVAL)
-    from .fsverity import measure_verity
+    from .fsverity_ioctl import measure_verity
 
     name = _show(path)
     try:
@@ -216,7 +216,7 @@ def check_digest(fd: int, path: PathArg, digest: str) -> None:
 
 def verity_problem(basedir: PathArg) -> Optional[str]:
     """Why objects under ``basedir`` can not have fs-verity (None: they can)."""
-    from .fsverity import measure_verity
+    from .fsverity_ioctl import measure_verity
 
     try:
         fd = os.open(basedir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -549,7 +549,7 @@ def _record(image_fd: int, image: PathArg, target: PathArg, dirs: List[str], dig
         if digest is not None:
             image_digest = digest.lower()  # checked by the kernel's fs-verity above
         else:
-            from .fsverity import digest_fd
+            from .fsverity_digest import digest_fd
 
             image_digest = digest_fd(image_fd).hex()
     except (OSError, ComposefsError) as exc:

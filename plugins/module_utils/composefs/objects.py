@@ -29,7 +29,7 @@ import threading
 import warnings
 from typing import Iterable, List, Optional, Set, Tuple, Union
 
-from . import fsverity
+from . import fsverity_ioctl
 from .atomic_file import fsync_dir as _fsync_dir
 from .atomic_file import make_temp
 from .atomic_file import unlink_quietly
@@ -397,7 +397,7 @@ def _try_enable_verity(path: bytes, digest: bytes) -> None:
         if not stat.S_ISREG(st.st_mode) or st.st_dev in _no_verity_devs:
             return
         try:
-            fsverity.enable_verity(fd)
+            fsverity_ioctl.enable_verity(fd)
         except VerityNotSupported:
             _no_verity_devs.add(st.st_dev)
             return
@@ -407,7 +407,7 @@ def _try_enable_verity(path: bytes, digest: bytes) -> None:
             warnings.warn("cannot enable fs-verity on %s: %s" % (os.fsdecode(path), exc),
                           RuntimeWarning, stacklevel=4)
             return
-        algorithm, measured = fsverity.measure_verity(fd)
+        algorithm, measured = fsverity_ioctl.measure_verity(fd)
         if algorithm != "sha256" or measured != digest:
             raise VerityError("%s: fs-verity %s digest %s does not match the object name %s"
                               % (os.fsdecode(path), algorithm, measured.hex(), digest.hex()))

@@ -45,7 +45,7 @@ from concurrent.futures import (ALL_COMPLETED, FIRST_COMPLETED, Future,
                                 ThreadPoolExecutor, wait)
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from . import fsverity
+from . import fsverity_digest
 from .errors import FormatError
 from .gc_pause import gc_paused
 from .objects import ObjectBatch
@@ -501,7 +501,7 @@ def _hash_path(args: Tuple[bytes, int, int, int]) -> Tuple[bytes, int]:
 
 def _digest_fd(fd: int) -> Tuple[bytes, int]:
     """fs-verity sha256 digest of ``fd`` and the number of bytes hashed."""
-    hasher = fsverity.hash_fd(fd)
+    hasher = fsverity_digest.hash_fd(fd)
     return hasher.digest(), hasher.size
 
 

@@ -79,7 +79,7 @@ import stat
 import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-from . import fsverity
+from . import fsverity_digest, fsverity_ioctl
 from .atomic_file import fsync_dir, make_temp, unlink_quietly, write_atomic_at
 from .erofs_format import COMPOSEFS_MAGIC
 from .errors import ComposefsError, ImageError, VerityError, VerityNotSupported
@@ -664,13 +664,13 @@ class Store:
 
     def write_image(self, data: bytes) -> Tuple[str, bool]:
         """Store image bytes under their fs-verity digest; (hex, written)."""
-        hexd = fsverity.digest_bytes(data).hex()
+        hexd = fsverity_digest.digest_bytes(data).hex()
         final = self.image_path(hexd)
         try:
             st = os.lstat(final)
             if stat.S_ISREG(st.st_mode) and st.st_size == len(data):
                 # Images are small: check it rather than publish a damaged one.
-                if fsverity.digest_file(final).hex() == hexd:
+                if fsverity_digest.digest_file(final).hex() == hexd:
                     return hexd, False
             elif not stat.S_ISREG(st.st_mode):
                 raise StoreError("images/%s is not a regular file: run 'fsck --repair'" % hexd)
@@ -862,10 +862,10 @@ def _try_verity(path: bytes, digest: bytes) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
-            fsverity.enable_verity(fd)
+            fsverity_ioctl.enable_verity(fd)
         except VerityNotSupported:
             return
-        alg, measured = fsverity.measure_verity(fd)
+        alg, measured = fsverity_ioctl.measure_verity(fd)
         if alg != "sha256" or measured != digest:
             raise VerityError("%s: kernel fs-verity digest %s differs from %s"
                               % (os.fsdecode(path), measured.hex(), digest.hex()))

@@ -46,7 +46,7 @@ import time
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
-from . import fsverity
+from . import fsverity_digest
 from .errors import DumpParseError, FormatError, ImageError
 from .objects import ObjectBatch, store_object, sync_object_dirs
 from .scan import build_tree_from_directory, cpu_count
@@ -133,7 +133,7 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
                 from .erofs_writer import build_image
 
                 data = build_image(root, min_version=min_version, max_version=max_version)
-            result.digest = fsverity.digest_bytes(data).hex()
+            result.digest = fsverity_digest.digest_bytes(data).hex()
         if expected is not None and result.digest != expected:
             raise DigestMismatch(expected, result.digest)
         if dry_run:
@@ -183,7 +183,7 @@ def _image_present(store: Store, hexd: str, size: int) -> bool:
         return False
     if not stat.S_ISREG(st.st_mode):
         raise StoreError("images/%s is not a regular file: run 'fsck --repair'" % hexd)
-    return st.st_size == size and fsverity.digest_file(path).hex() == hexd
+    return st.st_size == size and fsverity_digest.digest_file(path).hex() == hexd
 
 
 def _load_source(store: Store, source: PathLike, result: AddResult, *, use_epoch: bool, skip_devices: bool,
@@ -265,7 +265,7 @@ def _ensure_objects(store: Store, needed: ImageObjects, kind: str, objects_from:
                 still.append(hexd)
                 continue
             try:
-                hasher = fsverity.hash_fd(fd)
+                hasher = fsverity_digest.hash_fd(fd)
                 if hasher.digest().hex() != hexd or hasher.size != needed.objects[hexd]:
                     raise StoreError("%s does not hold the content its name says (digest %s, %d bytes)"
                                      % (os.fsdecode(path), hasher.digest().hex(), hasher.size))
@@ -391,7 +391,7 @@ def _hash_one(job: HashJob) -> HashResult:
         if key_of(before)[:4] != expect:
             raise _changed(path)
         started = time.time_ns()
-        hasher = fsverity.hash_fd(fd)
+        hasher = fsverity_digest.hash_fd(fd)
         after = os.fstat(fd)
         if hasher.size != expect[2] or key_of(after) != key_of(before):
             raise _changed(path)

@@ -25,7 +25,7 @@ import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import fsverity
+from . import fsverity_digest, fsverity_ioctl
 from .atomic_file import fsync_dir
 from .errors import ComposefsError, VerityError
 from .store import (DIGEST_SIZE, Store, StoreError, is_hex_name, split_ref_name)
@@ -67,14 +67,14 @@ def file_digest(path: bytes) -> Tuple[str, bool, os.stat_result]:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         st = os.fstat(fd)
-        if fsverity.verity_enabled(fd):
+        if fsverity_ioctl.verity_enabled(fd):
             try:
-                alg, digest = fsverity.measure_verity(fd)
+                alg, digest = fsverity_ioctl.measure_verity(fd)
                 if alg == "sha256":
                     return digest.hex(), True, st
             except VerityError:
                 pass
-        return fsverity.digest_fd(fd).hex(), False, st
+        return fsverity_digest.digest_fd(fd).hex(), False, st
     finally:
         os.close(fd)
 

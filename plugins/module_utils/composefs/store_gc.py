@@ -113,7 +113,7 @@ def _file_objects_if(path: str, digest: str, where: str, cache: Dict[str, Set[st
     """Objects of the image file at ``path`` if it (still) has fs-verity digest ``digest``, else StoreError.
 
     ``cache`` (digest -> objects) spares listing the same image twice; the digest is checked every time."""
-    from .fsverity import digest_fd
+    from .fsverity_digest import digest_fd
 
     try:
         fd = _open_image(os.fsencode(path))

@@ -24,7 +24,7 @@ import os
 import stat
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
-from . import fsverity
+from . import fsverity_digest, fsverity_ioctl
 from .errors import VerityError, VerityNotEnabled, VerityNotSupported
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -188,7 +188,7 @@ def examine(vf: VerityFile, threads: int = 1) -> None:
     fd = _open(vf)
     try:
         try:
-            algorithm, measured = fsverity.measure_verity(fd)
+            algorithm, measured = fsverity_ioctl.measure_verity(fd)
         except VerityNotEnabled:
             pass
         except VerityNotSupported as exc:
@@ -201,7 +201,7 @@ def examine(vf: VerityFile, threads: int = 1) -> None:
             vf.algorithm = algorithm
             vf.digest = measured.hex()
             return
-        vf.digest = fsverity.digest_fd(fd, threads=threads).hex()
+        vf.digest = fsverity_digest.digest_fd(fd, threads=threads).hex()
     except OSError as exc:
         raise VerityError("cannot read %s: %s" % (vf.name, exc.strerror or exc)) from None
     finally:
@@ -257,8 +257,8 @@ def enable(planned: VerityPlan, skip_unsupported: bool = False) -> List[VerityFi
             raise EnableError(str(exc), done) from None
         try:
             try:
-                fsverity.enable_verity(fd)
-                algorithm, measured = fsverity.measure_verity(fd)
+                fsverity_ioctl.enable_verity(fd)
+                algorithm, measured = fsverity_ioctl.measure_verity(fd)
             except VerityNotSupported as exc:
                 if skip_unsupported:
                     vf.supported = False

@@ -16,7 +16,7 @@ import pytest
 
 from ansible_collections.composefs.fleet.plugins.modules import verity
 from ansible_collections.composefs.fleet.tests.unit.plugins.modules.module_runner import run_module
-from ansible_collections.composefs.fleet.plugins.module_utils.composefs import fsverity, verity_files
+from ansible_collections.composefs.fleet.plugins.module_utils.composefs import fsverity_digest, fsverity_ioctl, verity_files
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.errors import (
     VerityError, VerityNotSupported)
 
@@ -31,7 +31,7 @@ def run(capsys, args, check=False, diff=False):
 def has_verity(path):
     fd = os.open(str(path), os.O_RDONLY)
     try:
-        return fsverity.verity_enabled(fd)
+        return fsverity_ioctl.verity_enabled(fd)
     finally:
         os.close(fd)
 
@@ -39,7 +39,7 @@ def has_verity(path):
 def fs_supports_verity(path):
     fd = os.open(str(path), os.O_RDONLY)
     try:
-        fsverity.measure_verity(fd)
+        fsverity_ioctl.measure_verity(fd)
     except VerityNotSupported:
         return False
     except VerityError:
@@ -72,7 +72,7 @@ def tmpfs_file():
         pytest.skip("no writable /dev/shm (tmpfs) for a filesystem without fs-verity")
     fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fsverity.measure_verity(fd)
+        fsverity_ioctl.measure_verity(fd)
     except VerityNotSupported:
         pass
     except VerityError:
@@ -153,7 +153,7 @@ def test_check_mode_digests_and_prediction(capsys, tree):
     res = run(capsys, {"paths": [str(tree)], "recurse": True, "unsupported": "skip"}, check=True, diff=True)
     assert not res.get("failed"), res
     files = res["files"]
-    assert [f["digest"] for f in files] == [fsverity.digest_file(f["file"]).hex() for f in files]
+    assert [f["digest"] for f in files] == [fsverity_digest.digest_file(f["file"]).hex() for f in files]
     assert files[0]["digest"] == EMPTY_DIGEST
     supported = fs_supports_verity(tree / "a")
     assert res["verity_supported"] is supported
@@ -173,7 +173,7 @@ def test_expected_digest_mismatch_fails(capsys, tree, check):
     target = tree / "b" / "one"
     res = run(capsys, {"paths": [str(target)], "expected_digest": EMPTY_DIGEST}, check=check)
     assert res["failed"] is True
-    assert EMPTY_DIGEST in res["msg"] and fsverity.digest_file(str(target)).hex() in res["msg"]
+    assert EMPTY_DIGEST in res["msg"] and fsverity_digest.digest_file(str(target)).hex() in res["msg"]
     assert "not enabled" in res["msg"]
     assert not has_verity(target)
 
@@ -191,12 +191,12 @@ def test_unsupported_fail(capsys, tmpfs_file, check):
     assert res["failed"] is True
     assert "fs-verity is not supported" in res["msg"] and "nothing was enabled" in res["msg"]
     assert res["verity_supported"] is False and res["enabled"] == 0
-    assert res["files"][0]["digest"] == fsverity.digest_bytes(b"on tmpfs").hex()
+    assert res["files"][0]["digest"] == fsverity_digest.digest_bytes(b"on tmpfs").hex()
 
 
 @pytest.mark.parametrize("check", [True, False])
 def test_unsupported_skip(capsys, tmpfs_file, check):
-    digest = fsverity.digest_bytes(b"on tmpfs").hex()
+    digest = fsverity_digest.digest_bytes(b"on tmpfs").hex()
     res = run(capsys, {"paths": [tmpfs_file], "unsupported": "skip", "expected_digest": digest}, check=check,
               diff=True)
     assert not res.get("failed"), res

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: composefs-fleet contributors
 # SPDX-License-Identifier: Apache-2.0
-"""fs-verity: userspace digests and the kernel ioctls.
+"""fs-verity digests computed in userspace (the kernel's side is :mod:`.fsverity_ioctl`).
 
 The digest is the one the kernel reports from ``FS_IOC_MEASURE_VERITY`` and
 ``fsverity digest`` (fsverity-utils) prints: a Merkle tree over fixed-size
@@ -22,19 +22,14 @@ ahead (``preadv`` also runs without the GIL) while the caller's thread hashes.
 
 from __future__ import annotations
 
-import array
-import errno
-import fcntl
 import hashlib
 import os
-import stat
 import struct
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple, TypeVar, Union
 
-from .errors import VerityError, VerityNotEnabled, VerityNotSupported
-from .tree import digest_to_path
+from .errors import VerityError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -42,14 +37,12 @@ if TYPE_CHECKING:
 __all__ = [
     "ALGORITHMS",
     "FsVerityHasher",
+    "check_params",
     "digest_bytes",
     "digest_fd",
     "digest_file",
     "digest_to_hex",
-    "digest_to_path",
-    "enable_verity",
-    "measure_verity",
-    "verity_enabled",
+    "hash_fd",
 ]
 
 # name -> (FS_VERITY_HASH_ALG_* id, digest size, compression-function input size).
@@ -59,7 +52,6 @@ ALGORITHMS: Dict[str, Tuple[int, int, int]] = {
     "sha256": (1, 32, 64),
     "sha512": (2, 64, 128),
 }
-_ALGORITHM_NAMES = {alg_id: name for name, (alg_id, _size, _hexlen) in ALGORITHMS.items()}
 
 MIN_BLOCK_SIZE = 1024
 MAX_BLOCK_SIZE = 65536
@@ -82,7 +74,8 @@ READ_CHUNK = 4 << 20
 PARALLEL_HASH_MIN_BLOCK = 16384
 
 
-def _check_params(algorithm: str, block_size: int, salt: bytes) -> None:
+def check_params(algorithm: str, block_size: int, salt: bytes) -> None:
+    """VerityError unless the kernel could take these fs-verity parameters."""
     if algorithm not in ALGORITHMS:
         raise VerityError(
             "unsupported fs-verity hash algorithm %r (supported: %s)"
@@ -141,7 +134,7 @@ class FsVerityHasher:
 
     def __init__(self, algorithm: str = "sha256", block_size: int = 4096, salt: bytes = b"") -> None:
         salt = bytes(salt)
-        _check_params(algorithm, block_size, salt)
+        check_params(algorithm, block_size, salt)
         self.algorithm = algorithm
         self.block_size = block_size
         self.salt = salt
@@ -324,13 +317,7 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
 _HAVE_PREADV = hasattr(os, "preadv")
 
 
-def digest_fd(
-    fd: int,
-    algorithm: str = "sha256",
-    block_size: int = 4096,
-    salt: bytes = b"",
-    threads: int = 1,
-) -> bytes:
+def digest_fd(fd: int, algorithm: str = "sha256", block_size: int = 4096, salt: bytes = b"", threads: int = 1) -> bytes:
     """fs-verity digest of everything an fd holds, from offset 0 to EOF.
 
     Uses ``pread``, so the fd's file offset is left alone.  ``threads > 1``
@@ -340,13 +327,8 @@ def digest_fd(
     return hash_fd(fd, algorithm, block_size, salt, threads).digest()
 
 
-def hash_fd(
-    fd: int,
-    algorithm: str = "sha256",
-    block_size: int = 4096,
-    salt: bytes = b"",
-    threads: int = 1,
-) -> FsVerityHasher:
+def hash_fd(fd: int, algorithm: str = "sha256", block_size: int = 4096, salt: bytes = b"",
+            threads: int = 1) -> FsVerityHasher:
     """Like :func:`digest_fd`, but the hasher itself: ``.size`` tells how many
     bytes were hashed (callers check it against what they expected)."""
     hasher = FsVerityHasher(algorithm, block_size, salt)
@@ -372,6 +354,33 @@ def hash_fd(
     return hasher
 
 
+_Chunk = TypeVar("_Chunk")
+
+
+def _chunks_in_order(job: Callable[[int], _Chunk], consume: Callable[[_Chunk], bool], workers: int,
+                     inflight: int) -> None:
+    """``job(offset)`` for every ``READ_CHUNK`` of a file on ``workers`` threads,
+    ``inflight`` chunks ahead; ``consume`` gets the results in file order and
+    returns False at the end of the file."""
+    from concurrent.futures import ThreadPoolExecutor  # costs ~10 ms to import
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        queue: Deque["Future[_Chunk]"] = deque()
+        next_offset = 0
+        for _slot in range(inflight):
+            queue.append(pool.submit(job, next_offset))
+            next_offset += READ_CHUNK
+        try:
+            while queue:
+                if not consume(queue.popleft().result()):
+                    break
+                queue.append(pool.submit(job, next_offset))
+                next_offset += READ_CHUNK
+        finally:
+            for fut in queue:
+                fut.cancel()
+
+
 def _digest_read_ahead(fd: int, hasher: FsVerityHasher, threads: int) -> None:
     """Worker threads read ahead; this thread hashes (see module docstring)."""
     inflight = max(1, threads - 1) + 1
@@ -381,37 +390,23 @@ def _digest_read_ahead(fd: int, hasher: FsVerityHasher, threads: int) -> None:
         buf = reader.take()
         return buf, reader.read(buf, offset)
 
-    from concurrent.futures import ThreadPoolExecutor  # costs ~10 ms to import
-
-    with ThreadPoolExecutor(max_workers=max(1, threads - 1)) as pool:
-        queue: Deque["Future[Tuple[bytearray, int]]"] = deque()
-        next_offset = 0
-        for _slot in range(inflight):
-            queue.append(pool.submit(job, next_offset))
-            next_offset += READ_CHUNK
+    def consume(chunk: Tuple[bytearray, int]) -> bool:
+        buf, n = chunk
         try:
-            while queue:
-                buf, n = queue.popleft().result()
-                try:
-                    if n:
-                        hasher.update(memoryview(buf)[:n])
-                finally:
-                    reader.give(buf)
-                if n < READ_CHUNK:
-                    break
-                queue.append(pool.submit(job, next_offset))
-                next_offset += READ_CHUNK
+            if n:
+                hasher.update(memoryview(buf)[:n])
         finally:
-            for fut in queue:
-                fut.cancel()
+            reader.give(buf)
+        return n == READ_CHUNK
+
+    _chunks_in_order(job, consume, max(1, threads - 1), inflight)
 
 
 def _digest_parallel_hash(fd: int, hasher: FsVerityHasher, threads: int) -> None:
     """Worker threads read and hash whole chunks; results are fed in order."""
     bs = hasher.block_size
     new = hasher._new
-    inflight = threads + 1
-    reader = _ChunkReader(fd, inflight)
+    reader = _ChunkReader(fd, threads + 1)
 
     def job(offset: int) -> Tuple[bytes, bytes, int]:
         buf = reader.take()
@@ -428,27 +423,16 @@ def _digest_parallel_hash(fd: int, hasher: FsVerityHasher, threads: int) -> None
         finally:
             reader.give(buf)
 
-    from concurrent.futures import ThreadPoolExecutor  # costs ~10 ms to import
+    def consume(chunk: Tuple[bytes, bytes, int]) -> bool:
+        hashes, tail, n = chunk
+        hasher._add_block_hashes(hashes, n - len(tail))
+        if n < READ_CHUNK:
+            # Only end of file gives a short chunk (and so a tail).
+            hasher.update(tail)
+            return False
+        return True
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        queue: Deque["Future[Tuple[bytes, bytes, int]]"] = deque()
-        next_offset = 0
-        for _slot in range(inflight):
-            queue.append(pool.submit(job, next_offset))
-            next_offset += READ_CHUNK
-        try:
-            while queue:
-                hashes, tail, n = queue.popleft().result()
-                hasher._add_block_hashes(hashes, n - len(tail))
-                if n < READ_CHUNK:
-                    # Only end of file gives a short chunk (and so a tail).
-                    hasher.update(tail)
-                    break
-                queue.append(pool.submit(job, next_offset))
-                next_offset += READ_CHUNK
-        finally:
-            for fut in queue:
-                fut.cancel()
+    _chunks_in_order(job, consume, threads, threads + 1)
 
 
 def _default_threads() -> int:
@@ -468,206 +452,3 @@ def digest_file(
         return digest_fd(fd, algorithm, block_size, salt, _default_threads() if threads is None else threads)
     finally:
         os.close(fd)
-
-
-# --- ioctls ---------------------------------------------------------------
-
-def _ioc_layout() -> Tuple[int, int, int, int]:
-    """(size bits, _IOC_NONE, _IOC_READ, _IOC_WRITE) of this architecture."""
-    machine = os.uname().machine.lower()
-    # These use 13 size bits and 3 direction bits (arch/*/include/uapi/asm/ioctl.h);
-    # everything else uses asm-generic/ioctl.h.
-    if machine.startswith(("ppc", "powerpc", "mips", "sparc", "alpha")):
-        return 13, 1, 2, 4
-    return 14, 0, 2, 1
-
-
-def _ioc(direction: int, kind: str, nr: int, size: int) -> int:
-    size_bits = _ioc_layout()[0]
-    # nr: bits 0-7, type: 8-15, size: 16 up, direction above the size.
-    return (direction << (16 + size_bits)) | (size << 16) | (ord(kind) << 8) | nr
-
-
-def _iow(kind: str, nr: int, size: int) -> int:
-    return _ioc(_ioc_layout()[3], kind, nr, size)
-
-
-def _ior(kind: str, nr: int, size: int) -> int:
-    return _ioc(_ioc_layout()[2], kind, nr, size)
-
-
-def _iowr(kind: str, nr: int, size: int) -> int:
-    layout = _ioc_layout()
-    return _ioc(layout[2] | layout[3], kind, nr, size)
-
-
-# struct fsverity_enable_arg: version, hash_algorithm, block_size, salt_size,
-# salt_ptr, sig_size, reserved, sig_ptr, reserved[11] (all native order).
-_ENABLE_ARG = struct.Struct("=IIIIQIIQ88x")
-if _ENABLE_ARG.size != 128:
-    raise AssertionError("_ENABLE_ARG.size == 128")
-# struct fsverity_digest: digest_algorithm u16, digest_size u16, digest[].
-_DIGEST_HEADER = struct.Struct("=HH")
-
-FS_IOC_ENABLE_VERITY = _iow("f", 133, _ENABLE_ARG.size)  # 0x40806685 on x86
-FS_IOC_MEASURE_VERITY = _iowr("f", 134, _DIGEST_HEADER.size)  # 0xc0046686 on x86
-# Declared with sizeof(long) although the kernel reads and writes an int.
-FS_IOC_GETFLAGS = _ior("f", 1, struct.calcsize("l"))  # 0x80086601 on x86_64
-FS_VERITY_FL = 0x00100000
-
-
-def _errno_text(err: int) -> str:
-    # errorcode maps 95 to the alias ENOTSUP; the ioctl docs say EOPNOTSUPP.
-    name = "EOPNOTSUPP" if err == errno.EOPNOTSUPP else errno.errorcode.get(err, "?")
-    return "errno %d, %s" % (err, name)
-
-
-_kernel_config_cache: List[Optional[bool]] = []
-
-
-def _kernel_has_fsverity() -> Optional[bool]:
-    """CONFIG_FS_VERITY of the running kernel, None when the config is not readable."""
-    if _kernel_config_cache:
-        return _kernel_config_cache[0]
-    result: Optional[bool] = None
-    candidates = [("/proc/config.gz", True), ("/boot/config-" + os.uname().release, False)]
-    for path, compressed in candidates:
-        try:
-            import gzip  # rarely needed; kept out of every CLI start
-
-            opener = gzip.open if compressed else open
-            with opener(path, "rt", errors="replace") as config:  # type: ignore[operator]
-                for line in config:
-                    if line.startswith("CONFIG_FS_VERITY="):
-                        result = True
-                        break
-                    if line.startswith("# CONFIG_FS_VERITY is not set"):
-                        result = False
-                        break
-        except OSError:
-            continue
-        if result is not None:
-            break
-    _kernel_config_cache.append(result)
-    return result
-
-
-def _fs_type(fd: int) -> Optional[str]:
-    """Filesystem type holding ``fd`` (from /proc/self/mountinfo), if found."""
-    try:
-        st = os.fstat(fd)
-        wanted = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mountinfo:
-            for line in mountinfo:
-                fields = line.split()
-                if len(fields) > 2 and fields[2] == wanted and "-" in fields:
-                    rest = fields[fields.index("-") + 1 :]
-                    if rest:
-                        return rest[0]
-    except OSError:
-        pass
-    return None
-
-
-def _not_supported(fd: int, err: int, operation: str) -> VerityNotSupported:
-    fstype = _fs_type(fd) or "unknown"
-    if _kernel_has_fsverity() is False:
-        reason = "the running kernel is built without CONFIG_FS_VERITY"
-    elif err == errno.ENOTTY:
-        reason = "the filesystem (%s) does not implement fs-verity, or the kernel lacks it" % fstype
-    else:
-        reason = (
-            "the filesystem (%s) has no fs-verity support enabled (ext4/f2fs need the "
-            "'verity' feature, e.g. tune2fs -O verity), or the kernel lacks it" % fstype
-        )
-    return VerityNotSupported(
-        "fs-verity is not supported: %s on %s: %s (%s)" % (operation, fstype, reason, _errno_text(err))
-    )
-
-
-def verity_enabled(fd: int) -> bool:
-    """Whether the file has fs-verity; False wherever the question cannot be asked."""
-    buf = bytearray(struct.calcsize("l"))
-    try:
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
-    except OSError:
-        # No FS_IOC_GETFLAGS on this filesystem: it cannot have verity files.
-        return False
-    return bool(struct.unpack_from("=I", buf)[0] & FS_VERITY_FL)
-
-
-def measure_verity(fd: int) -> Tuple[str, bytes]:
-    """Kernel-reported (algorithm name, digest) of a verity file."""
-    buf = bytearray(_DIGEST_HEADER.pack(0, MAX_DIGEST_SIZE) + bytes(MAX_DIGEST_SIZE))
-    try:
-        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf, True)
-    except OSError as exc:
-        err = exc.errno or 0
-        if err == errno.ENODATA:
-            raise VerityNotEnabled(
-                "fs-verity is not enabled on this file (%s)" % _errno_text(err)
-            ) from exc
-        if err in (errno.ENOTTY, errno.EOPNOTSUPP):
-            raise _not_supported(fd, err, "measure") from exc
-        raise VerityError("FS_IOC_MEASURE_VERITY failed: %s (%s)" % (exc.strerror, _errno_text(err))) from exc
-    alg_id, size = _DIGEST_HEADER.unpack_from(buf)
-    name = _ALGORITHM_NAMES.get(alg_id, "unknown-%d" % alg_id)
-    return name, bytes(buf[_DIGEST_HEADER.size : _DIGEST_HEADER.size + size])
-
-
-_ENABLE_ERRORS = {
-    errno.ETXTBSY: "file is open for writing (close all writable descriptors first)",
-    errno.EPERM: "not permitted (append-only or immutable file, or missing capability)",
-    errno.EACCES: "no write permission on the file",
-    errno.EROFS: "read-only filesystem",
-    errno.EFBIG: "file too large for fs-verity on this filesystem",
-    errno.ENOSPC: "no space left for the Merkle tree",
-    errno.EMSGSIZE: "salt or signature too large",
-    errno.EINTR: "interrupted",
-}
-
-
-def enable_verity(fd: int, algorithm: str = "sha256", block_size: int = 4096, salt: bytes = b"") -> bool:
-    """Enable fs-verity on a regular file opened read-only.
-
-    Returns True when verity was enabled now and False when the file already
-    had it (EEXIST) -- callers storing content-addressed objects treat both as
-    success, but the existing parameters are not compared here; use
-    :func:`measure_verity` for that.
-    """
-    salt = bytes(salt)
-    _check_params(algorithm, block_size, salt)
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        raise VerityError("fs-verity can only be enabled on regular files")
-    # The kernel reads the salt through a user pointer: array.buffer_info()
-    # gives the address of a buffer we keep alive across the call.
-    salt_buf = array.array("B", salt or b"\0")
-    arg = _ENABLE_ARG.pack(
-        1,
-        ALGORITHMS[algorithm][0],
-        block_size,
-        len(salt),
-        salt_buf.buffer_info()[0] if salt else 0,
-        0,
-        0,
-        0,
-    )
-    try:
-        fcntl.ioctl(fd, FS_IOC_ENABLE_VERITY, arg)
-    except OSError as exc:
-        err = exc.errno or 0
-        if err == errno.EEXIST:
-            return False
-        if err in (errno.ENOTTY, errno.EOPNOTSUPP):
-            raise _not_supported(fd, err, "enable") from exc
-        if err == errno.EINVAL:
-            # Parameters were validated above, so the filesystem refuses them
-            # (ext4 before Linux 6.3: block size must equal the page size).
-            raise VerityNotSupported(
-                "fs-verity is not supported with block size %d and %s on this filesystem (%s) (%s)"
-                % (block_size, algorithm, _fs_type(fd) or "unknown", _errno_text(err))
-            ) from exc
-        reason = _ENABLE_ERRORS.get(err, exc.strerror or "failed")
-        raise VerityError("FS_IOC_ENABLE_VERITY failed: %s (%s)" % (reason, _errno_text(err))) from exc
-    return True
