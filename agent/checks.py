@@ -19,7 +19,7 @@ import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from composefs_fleet import fsverity_digest, fsverity_ioctl, mount_record, mountinfo
-from composefs_fleet.errors import ComposefsError, VerityError, VerityNotEnabled, VerityNotSupported
+from composefs_fleet.errors import ComposefsError, VerityError, VerityMismatch
 from composefs_fleet.mount_state import LAYOUT, LiveMount, differences
 from composefs_fleet.store import DAMAGED, META_NAME, image_file_objects
 
@@ -126,12 +126,15 @@ class Checker:
         self._stores: Dict[str, Optional[str]] = {}  # basedir -> the store it belongs to
         # where -> (record identity, mount ID in our namespace) of the last pass.
         self.seen_mounts: Dict[str, Tuple[Tuple[object, ...], int]] = {}
-        self._no_verity_devs: Set[int] = set()
+        # st_dev -> why that filesystem has no fs-verity, for fsverity_ioctl's helpers.  Emptied every
+        # pass: the device number of a filesystem unmounted meanwhile may now be another's.
+        self._no_verity_devs: Dict[int, str] = {}
 
     # -- the pass -----------------------------------------------------------------
     def run(self, config: Config, number: int, quarantine: bool) -> PassResult:
         result = PassResult(number)
         self.result = result
+        self._no_verity_devs.clear()
         self.quarantine = quarantine
         for store in config.stores:
             self._guard(lambda: self._check_store(store), store=store)
@@ -303,7 +306,7 @@ class Checker:
         want_verity = spec.verity != "off"
         require = spec.verity == "require"
         no_verity = self._no_verity_devs
-        measure = fsverity_ioctl.measure_verity
+        measure = fsverity_ioctl.measure_or_none
         done_sets = [checked.setdefault(b, set()) for b in spec.basedirs]
         result = self.result
         for i, raw in enumerate(objects):
@@ -341,10 +344,9 @@ class Checker:
             done_sets[where].add(raw)
             try:
                 st = os.fstat(fd)
-                if stat.S_ISREG(st.st_mode) and st.st_dev not in no_verity:
+                if stat.S_ISREG(st.st_mode):
                     try:
-                        alg, digest = measure(fd)
-                        if alg == "sha256" and digest == raw:
+                        if measure(fd, st, no_verity) == ("sha256", raw):
                             continue  # healthy: sealed by the kernel with the right digest
                     except (VerityError, OSError):
                         pass  # the slow path tells why
@@ -388,24 +390,23 @@ class Checker:
             # The content was just hashed from this very descriptor: the file
             # cannot change between check and enable without a writer, and
             # FS_IOC_ENABLE_VERITY refuses files open for writing (ETXTBSY).
-            fsverity_ioctl.enable_verity(fd)
-            alg, measured = fsverity_ioctl.measure_verity(fd)
-        except VerityNotSupported as exc:
-            self._no_verity_devs.add(st.st_dev)
-            problem.message += " and its filesystem has none (%s)" % exc
-            problem.resolved = not require
+            unsupported = fsverity_ioctl.enable_then_check(fd, bytes.fromhex(str(fields["object"])), path, st,
+                                                          self._no_verity_devs)
+        except VerityMismatch as exc:
+            # Changed between hash and enable: now sealed with other content.
+            self._add("object-digest-mismatch", "object %s changed while being sealed: measured %s"
+                      % (path, exc.measured.hex()), dict(fields, actual=exc.measured.hex()))
             return
         except (OSError, VerityError) as exc:
             problem.message += "; enabling it failed: %s" % _why(exc)
             return
-        if measured.hex() != fields.get("object"):
-            # Changed between hash and enable: now sealed with other content.
-            self._add("object-digest-mismatch", "object %s changed while being sealed: measured %s"
-                      % (path, measured.hex()), dict(fields, actual=measured.hex()))
+        if unsupported is not None:
+            problem.message += " and its filesystem has none (%s)" % unsupported
+            problem.resolved = not require
             return
         self.digests.forget(st)
         problem.resolved = True
-        self._add("object-verity-enabled", "fs-verity enabled on %s (%s digest matches its name)" % (path, alg),
+        self._add("object-verity-enabled", "fs-verity enabled on %s (sha256 digest matches its name)" % path,
                   dict(fields, action="verity-enabled"))
 
     def _mismatch(self, path: str, basedir: str, hexd: str, digest: str, measured: bool, st: os.stat_result,
@@ -426,16 +427,9 @@ class Checker:
 
     def _file_digest(self, fd: int, st: os.stat_result) -> Tuple[str, bool]:
         """(hex digest, measured by the kernel) of an open regular file."""
-        if st.st_dev not in self._no_verity_devs:
-            try:
-                alg, digest = fsverity_ioctl.measure_verity(fd)
-                if alg == "sha256":
-                    return digest.hex(), True
-            except VerityNotEnabled:
-                pass
-            except VerityNotSupported:
-                self._no_verity_devs.add(st.st_dev)
-        return self.digests.digest(fd, st), False
+        digest, measured = fsverity_ioctl.digest_measured_or_computed(
+            fd, st, self._no_verity_devs, lambda f: bytes.fromhex(self.digests.digest(f, st)))
+        return digest.hex(), measured
 
 
 def quarantine(path: str, basedir: str, hexd: str, st: os.stat_result) -> Optional[str]:

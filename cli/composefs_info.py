@@ -165,7 +165,6 @@ def _parse_args(args: List[str], prog: str, out: BinaryIO, err: BinaryIO) -> Tup
 
 def _measure_files(files: List[str], prog: str, out: BinaryIO, err: BinaryIO) -> int:
     from composefs_fleet import fsverity_digest, fsverity_ioctl
-    from composefs_fleet.errors import VerityNotEnabled, VerityNotSupported
 
     if not files:
         err.write(b"No files specified\n")
@@ -178,13 +177,14 @@ def _measure_files(files: List[str], prog: str, out: BinaryIO, err: BinaryIO) ->
             err.write(_err("Failed to open '%s': %s" % (path, os.strerror(e.errno or errno.EIO))))
             return 1
         try:
-            try:
-                _alg, digest = fsverity_ioctl.measure_verity(fd)
-                if len(digest) != 32:
-                    raise ComposefsError("fs-verity digest is not sha256")
-            except (VerityNotEnabled, VerityNotSupported):
+            found = fsverity_ioctl.measure_or_none(fd)
+            if found is None:
                 # As lcfs_fd_get_fsverity(): compute it from the same fd.
                 digest = fsverity_digest.digest_fd(fd)
+            elif len(found[1]) != 32:
+                raise ComposefsError("fs-verity digest is not sha256")
+            else:
+                digest = found[1]
         except OSError as e:
             message = os.strerror(e.errno) if e.errno else str(e)
             err.write(("failed to measure '%s': %s" % (path, message)).encode("utf-8", "surrogateescape"))

@@ -21,7 +21,7 @@ import tempfile
 import pytest
 
 from composefs_fleet import fsverity_digest, fsverity_ioctl, tree
-from composefs_fleet.errors import VerityError, VerityNotEnabled, VerityNotSupported
+from composefs_fleet.errors import VerityError, VerityMismatch, VerityNotEnabled, VerityNotSupported
 
 # Data blocks per sha256 tree block with 4 KiB blocks, and the size just over
 # the point where the tree needs a third level: up to 128 data blocks one
@@ -320,3 +320,226 @@ def test_ext4_with_verity_feature(ext4_verity_mount):
     finally:
         os.close(fd)
 
+
+# --- the helpers every caller uses (measure or none, enable then check, digest measured or computed) ---
+# The host kernel has no fs-verity: the unsupported answers are real, the
+# supported ones are the kernel's replies stood in for (the guest tests run them for real).
+
+@pytest.fixture
+def devs(monkeypatch):
+    """A fresh shared "no fs-verity on this filesystem" cache."""
+    cache = {}
+    monkeypatch.setattr(fsverity_ioctl, "unsupported_devs", cache)
+    return cache
+
+
+class Kernel:
+    """Stands in for FS_IOC_ENABLE_VERITY / FS_IOC_MEASURE_VERITY, counting the calls."""
+
+    def __init__(self, monkeypatch, measured=None, enable_error=None, measure_error=None):
+        self.measured = measured  # (algorithm, digest) once enabled, or None: no fs-verity yet
+        self.enable_error = enable_error
+        self.measure_error = measure_error
+        self.calls = []
+        monkeypatch.setattr(fsverity_ioctl, "enable_verity", self.enable)
+        monkeypatch.setattr(fsverity_ioctl, "measure_verity", self.measure)
+
+    def enable(self, fd, *args, **kwargs):
+        self.calls.append("enable")
+        if self.enable_error is not None:
+            raise self.enable_error
+        if self.measured is not None:
+            return False  # EEXIST
+        self.measured = ("sha256", fsverity_digest.digest_fd(fd))
+        return True
+
+    def measure(self, fd):
+        self.calls.append("measure")
+        if self.measure_error is not None:
+            raise self.measure_error
+        if self.measured is None:
+            raise VerityNotEnabled("fs-verity is not enabled on this file (errno 61, ENODATA)")
+        return self.measured
+
+
+def _ro(path):
+    return os.open(path, os.O_RDONLY)
+
+
+def test_measure_or_none_unsupported_filesystem_is_none_and_asked_once(tmp_path, devs):
+    # Real kernel: this filesystem (or kernel) has no fs-verity.
+    paths = [write(tmp_path, b"a" * 100, "a"), write(tmp_path, b"b" * 100, "b")]
+    fd = _ro(paths[0])
+    try:
+        st = os.fstat(fd)
+        if fsverity_ioctl.verity_enabled(fd) or fsverity_ioctl._kernel_has_fsverity() is not False:
+            pytest.skip("needs a kernel without fs-verity")
+        assert fsverity_ioctl.measure_or_none(fd) is None
+    finally:
+        os.close(fd)
+    assert "not supported" in devs[st.st_dev]
+    # Asked once per filesystem: the second file is not measured at all.
+    calls = []
+    real = fsverity_ioctl.measure_verity
+    fsverity_ioctl.measure_verity = lambda fd: calls.append(fd) or real(fd)
+    try:
+        fd = _ro(paths[1])
+        try:
+            assert fsverity_ioctl.measure_or_none(fd) is None
+        finally:
+            os.close(fd)
+    finally:
+        fsverity_ioctl.measure_verity = real
+    assert calls == []
+
+
+def test_measure_or_none_not_enabled_is_none_and_not_cached(tmp_path, devs, monkeypatch):
+    kernel = Kernel(monkeypatch)
+    fd = _ro(write(tmp_path, b"x" * 100))
+    try:
+        assert fsverity_ioctl.measure_or_none(fd) is None
+        assert devs == {}
+        kernel.measured = ("sha256", b"\1" * 32)
+        assert fsverity_ioctl.measure_or_none(fd) == ("sha256", b"\1" * 32)
+    finally:
+        os.close(fd)
+
+
+def test_measure_or_none_other_errors_raise(tmp_path, devs, monkeypatch):
+    Kernel(monkeypatch, measure_error=VerityError("FS_IOC_MEASURE_VERITY failed: Bad address (errno 14, EFAULT)"))
+    fd = _ro(write(tmp_path, b"x" * 100))
+    try:
+        with pytest.raises(VerityError, match="EFAULT"):
+            fsverity_ioctl.measure_or_none(fd)
+        with pytest.raises(VerityError, match="EFAULT"):
+            fsverity_ioctl.digest_measured_or_computed(fd)
+    finally:
+        os.close(fd)
+    assert devs == {}
+
+
+def test_measure_or_none_device_answers_for_itself_not_its_filesystem(devs):
+    # /dev/null says ENOTTY for its driver; /dev's other files may well have fs-verity.
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        assert fsverity_ioctl.measure_or_none(fd) is None
+    finally:
+        os.close(fd)
+    assert devs == {}
+
+
+def test_measure_or_none_uses_the_callers_cache(tmp_path, devs, monkeypatch):
+    kernel = Kernel(monkeypatch, measure_error=VerityNotSupported("fs-verity is not supported: measure on x"))
+    mine = {}
+    fd = _ro(write(tmp_path, b"x" * 100))
+    try:
+        st = os.fstat(fd)
+        assert fsverity_ioctl.measure_or_none(fd, st, mine) is None
+        assert fsverity_ioctl.measure_or_none(fd, st, mine) is None
+    finally:
+        os.close(fd)
+    assert kernel.calls == ["measure"] and mine == {st.st_dev: "fs-verity is not supported: measure on x"}
+    assert devs == {}
+
+
+def test_enable_then_check_unsupported_filesystem_is_reported_once(tmp_path, devs):
+    # Real kernel, no fs-verity: a reason comes back, nothing is raised, and the
+    # next file of the same filesystem does not ask the kernel again.
+    if fsverity_ioctl._kernel_has_fsverity() is not False:
+        pytest.skip("needs a kernel without fs-verity")
+    data = b"x" * 100
+    first = fsverity_ioctl.enable_then_check_path(bytes(write(tmp_path, data, "a")), fsverity_digest.digest_bytes(data))
+    assert first is not None and "not supported" in first and "CONFIG_FS_VERITY" in first
+    calls = []
+    real = fsverity_ioctl.enable_verity
+    fsverity_ioctl.enable_verity = lambda fd, *a: calls.append(fd) or real(fd, *a)
+    try:
+        again = fsverity_ioctl.enable_then_check_path(str(write(tmp_path, data, "b")), fsverity_digest.digest_bytes(data))
+    finally:
+        fsverity_ioctl.enable_verity = real
+    assert again == first and calls == []
+
+
+def test_enable_then_check_enables_and_checks(tmp_path, devs, monkeypatch):
+    data = b"sealed" * 1000
+    kernel = Kernel(monkeypatch)
+    fd = _ro(write(tmp_path, data))
+    try:
+        assert fsverity_ioctl.enable_then_check(fd, fsverity_digest.digest_bytes(data), "f") is None
+        # Re-measured after enabling, not trusted.
+        assert kernel.calls == ["enable", "measure"]
+        # Already enabled with the right digest: fine.
+        assert fsverity_ioctl.enable_then_check(fd, fsverity_digest.digest_bytes(data), "f") is None
+        assert fsverity_ioctl.digest_measured_or_computed(fd) == (fsverity_digest.digest_bytes(data), True)
+    finally:
+        os.close(fd)
+    assert devs == {}
+
+
+@pytest.mark.parametrize("measured", [("sha256", b"\1" * 32), ("sha512", b"\2" * 64)], ids=["other", "sha512"])
+def test_enable_then_check_mismatch_names_the_file(tmp_path, devs, monkeypatch, measured):
+    # Also a file that already had fs-verity with other content or another algorithm.
+    Kernel(monkeypatch, measured=measured)
+    data = b"x" * 100
+    path = write(tmp_path, data)
+    fd = _ro(path)
+    try:
+        with pytest.raises(VerityMismatch, match="does not match") as raised:
+            fsverity_ioctl.enable_then_check(fd, fsverity_digest.digest_bytes(data), str(path))
+    finally:
+        os.close(fd)
+    assert str(path) in str(raised.value) and measured[1].hex() in str(raised.value)
+    assert (raised.value.algorithm, raised.value.measured) == measured
+
+
+def test_enable_then_check_other_failure_raises_naming_the_file(tmp_path, devs, monkeypatch):
+    Kernel(monkeypatch, enable_error=VerityError("FS_IOC_ENABLE_VERITY failed: no space left for the Merkle tree"))
+    path = write(tmp_path, b"x" * 100)
+    with pytest.raises(VerityError, match="no space") as raised:
+        fsverity_ioctl.enable_then_check_path(str(path), b"\0" * 32)
+    assert str(path) in str(raised.value) and not isinstance(raised.value, VerityMismatch)
+    assert devs == {}  # not a property of the filesystem
+
+
+def test_enable_then_check_refuses_what_is_not_a_regular_file(tmp_path, devs):
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with pytest.raises(VerityError, match="regular file"):
+            fsverity_ioctl.enable_then_check(fd, b"\0" * 32, str(tmp_path))
+    finally:
+        os.close(fd)
+    os.symlink(write(tmp_path, b"x"), tmp_path / "link")
+    with pytest.raises(OSError) as raised:
+        fsverity_ioctl.enable_then_check_path(str(tmp_path / "link"), b"\0" * 32)
+    assert raised.value.errno == errno.ELOOP
+
+
+def test_enable_then_check_path_relative_to_a_directory(tmp_path, devs, monkeypatch):
+    data = b"y" * 5000
+    write(tmp_path, data, "obj")
+    kernel = Kernel(monkeypatch)
+    dirfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert fsverity_ioctl.enable_then_check_path(b"obj", fsverity_digest.digest_bytes(data), dir_fd=dirfd) is None
+    finally:
+        os.close(dirfd)
+    assert kernel.measured == ("sha256", fsverity_digest.digest_bytes(data))
+
+
+def test_digest_measured_or_computed(tmp_path, devs, monkeypatch):
+    data = b"z" * 9000
+    want = fsverity_digest.digest_bytes(data)
+    fd = _ro(write(tmp_path, data))
+    try:
+        # No fs-verity here (real kernel, or no fs-verity on this file): computed from the fd.
+        assert fsverity_ioctl.digest_measured_or_computed(fd) == (want, False)
+        assert fsverity_ioctl.digest_measured_or_computed(fd, compute=lambda f: b"c" * 32) == (b"c" * 32, False)
+        devs.clear()  # the real kernel's "not supported" for this filesystem
+        kernel = Kernel(monkeypatch, measured=("sha256", b"\3" * 32))
+        # The kernel's word is taken (that it matches the content is the kernel's business).
+        assert fsverity_ioctl.digest_measured_or_computed(fd) == (b"\3" * 32, True)
+        # Not sha256: the sha256 digest is computed instead.
+        kernel.measured = ("sha512", b"\4" * 64)
+        assert fsverity_ioctl.digest_measured_or_computed(fd, os.fstat(fd), {}) == (want, False)
+    finally:
+        os.close(fd)

@@ -110,7 +110,50 @@ def check_verity(workdir):
     measured = cli_measure([c["path"] for c in cases])
     for c in cases:
         c["cli"] = measured[c["path"]]
-    return {"cases": cases}
+    return {"cases": cases, "helpers": verity_helpers(workdir)}
+
+
+def verity_helpers(workdir):
+    """measure_or_none / enable_then_check / digest_measured_or_computed for real."""
+    from composefs_fleet.errors import VerityError
+
+    out = {}
+    path = os.path.join(workdir, "helpers")
+    data = os.urandom(70000)
+    write(path, data)
+    want = fsverity_digest.digest_bytes(data)
+    out["want"] = want.hex()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out["measure_before"] = fsverity_ioctl.measure_or_none(fd)
+        digest, measured = fsverity_ioctl.digest_measured_or_computed(fd)
+        out["before"] = [digest.hex(), measured]
+        out["enable"] = fsverity_ioctl.enable_then_check(fd, want, path)
+        out["enable_again"] = fsverity_ioctl.enable_then_check(fd, want, path)
+        alg, digest = fsverity_ioctl.measure_or_none(fd)
+        out["measure_after"] = "%s:%s" % (alg, digest.hex())
+        digest, measured = fsverity_ioctl.digest_measured_or_computed(fd)
+        out["after"] = [digest.hex(), measured]
+        try:
+            fsverity_ioctl.enable_then_check(fd, bytes(32), path)
+            out["wrong"] = "no error"
+        except VerityError as exc:
+            out["wrong"] = [type(exc).__name__, str(exc)]
+    finally:
+        os.close(fd)
+    # Objects whose filesystem has none: a reason, asked once per filesystem.
+    shm = os.path.join("/dev/shm", "cfverity-helpers")
+    shutil.rmtree(shm, ignore_errors=True)
+    os.makedirs(shm)
+    try:
+        out["tmpfs"] = []
+        for name in ("a", "b"):
+            write(os.path.join(shm, name), data)
+            out["tmpfs"].append(fsverity_ioctl.enable_then_check_path(os.path.join(shm, name), want))
+        out["tmpfs_devs"] = len(fsverity_ioctl.unsupported_devs)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    return out
 
 
 # --------------------------------------------------------- digest store --

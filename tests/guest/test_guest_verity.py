@@ -26,6 +26,16 @@ def test_enable_and_measure_agree_with_userspace_digest_and_fsverity_tool(guest)
     assert len({c["userspace"] for c in cases}) == len(cases)
 
 
+def test_verity_helpers_for_real(guest):
+    h = guest.check("verity")["helpers"]
+    assert h["measure_before"] is None and h["before"] == [h["want"], False], h
+    assert h["enable"] is None and h["enable_again"] is None, h  # enabled now, then already enabled
+    assert h["measure_after"] == "sha256:" + h["want"] and h["after"] == [h["want"], True], h
+    assert h["wrong"][0] == "VerityMismatch" and "helpers" in h["wrong"][1], h
+    assert "not supported" in h["tmpfs"][0] and "tmpfs" in h["tmpfs"][0] and h["tmpfs"][1] == h["tmpfs"][0], h
+    assert h["tmpfs_devs"] == 1, h
+
+
 def test_mkcomposefs_digest_store_enables_verity_on_every_object(guest):
     res = guest.check("digest-store")
     assert res["mkcomposefs"]["rc"] == 0, res["mkcomposefs"]

@@ -42,6 +42,15 @@ class VerityNotEnabled(VerityError):
     """The file has no fs-verity enabled (ENODATA on measure)."""
 
 
+class VerityMismatch(VerityError):
+    """The kernel measures another fs-verity digest than the one expected."""
+
+    def __init__(self, message: str, algorithm: str, measured: bytes) -> None:
+        super().__init__(message)
+        self.algorithm = algorithm
+        self.measured = measured
+
+
 class UnmountError(ComposefsError):
     """A composefs mount could not be unmounted (nothing there, not ours, busy); ``errno`` says why."""
 

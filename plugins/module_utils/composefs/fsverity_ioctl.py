@@ -1,12 +1,23 @@
 # -*- coding: utf-8 -*-
 # Copyright: composefs-fleet contributors
 # SPDX-License-Identifier: Apache-2.0
-"""fs-verity in the kernel: the ioctls and what their errors mean (the
-userspace digest is :mod:`.fsverity_digest`).
+"""fs-verity in the kernel: the ioctls, what their errors mean, and the one way
+the project measures and enables fs-verity on a file.
 
-:func:`enable_verity`, :func:`measure_verity` and :func:`verity_enabled`
-raise :class:`VerityNotEnabled` / :class:`VerityNotSupported` with a reason
-(kernel config, filesystem type, errno).
+The raw calls (:func:`enable_verity`, :func:`measure_verity`,
+:func:`verity_enabled`) raise :class:`VerityNotEnabled` / :class:`VerityNotSupported`
+with a reason (kernel config, filesystem type, errno).  On top of them, every
+caller (store, objects, verity_files, fsck, the agent) uses the same three
+helpers, so that they agree on what "no fs-verity" means and on what a
+mismatch is:
+
+- :func:`measure_or_none`: the kernel's digest, or None when the file has no
+  fs-verity or its filesystem cannot have it;
+- :func:`enable_then_check`: enable, then check the kernel measures the
+  expected digest (an unsupported filesystem is returned as a reason, asked
+  once per filesystem);
+- :func:`digest_measured_or_computed`: the kernel's digest where there is one,
+  else the userspace one from the same descriptor.
 """
 
 from __future__ import annotations
@@ -17,17 +28,22 @@ import fcntl
 import os
 import stat
 import struct
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from .errors import VerityError, VerityNotEnabled, VerityNotSupported
-from .fsverity_digest import ALGORITHMS, MAX_DIGEST_SIZE, check_params
+from .errors import VerityError, VerityMismatch, VerityNotEnabled, VerityNotSupported
+from .fsverity_digest import ALGORITHMS, MAX_DIGEST_SIZE, check_params, digest_fd
 
 __all__ = [
     "FS_IOC_ENABLE_VERITY",
     "FS_IOC_GETFLAGS",
     "FS_IOC_MEASURE_VERITY",
+    "digest_measured_or_computed",
+    "enable_then_check",
+    "enable_then_check_path",
     "enable_verity",
+    "measure_or_none",
     "measure_verity",
+    "unsupported_devs",
     "verity_enabled",
 ]
 
@@ -234,3 +250,101 @@ def enable_verity(fd: int, algorithm: str = "sha256", block_size: int = 4096, sa
         raise VerityError("FS_IOC_ENABLE_VERITY failed: %s (%s)" % (reason, _errno_text(err))) from exc
     return True
 
+
+# --- the helpers every caller uses -------------------------------------------
+
+# st_dev -> why that filesystem has no fs-verity.  Asking again for every
+# object of a store would only repeat the answer.  Long-running callers pass
+# their own dict and empty it now and then: an unmounted filesystem's device
+# number is given to the next one mounted.
+unsupported_devs: Dict[int, str] = {}
+
+PathArg = Union[str, bytes]
+
+
+def measure_or_none(fd: int, st: Optional[os.stat_result] = None,
+                    unsupported: Optional[Dict[int, str]] = None) -> Optional[Tuple[str, bytes]]:
+    """The kernel's (algorithm, digest) of the open file ``fd``; None when it
+    has no fs-verity or its filesystem cannot have it (remembered per
+    filesystem in ``unsupported``).  Other failures raise :class:`VerityError`.
+
+    ``st`` is ``fd``'s fstat when the caller has it already.
+    """
+    devs = unsupported_devs if unsupported is None else unsupported
+    if st is None:
+        st = os.fstat(fd)
+    if st.st_dev in devs:
+        return None
+    try:
+        return measure_verity(fd)
+    except VerityNotEnabled:
+        return None
+    except VerityNotSupported as exc:
+        # A device node or FIFO answers for its driver, not for the filesystem.
+        if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            devs[st.st_dev] = str(exc)
+        return None
+
+
+def enable_then_check(fd: int, digest: bytes, name: str, st: Optional[os.stat_result] = None,
+                      unsupported: Optional[Dict[int, str]] = None) -> Optional[str]:
+    """Enable fs-verity (sha256, 4096-byte blocks, no salt) on ``fd`` and check
+    that the kernel then measures ``digest``.
+
+    ``fd`` must be a regular file opened read-only with no writer left (the
+    kernel refuses otherwise).  Returns None when the file has fs-verity with
+    ``digest`` -- enabled now or already before.  Returns the reason when its
+    filesystem cannot have fs-verity (not an error: the content is still what
+    was asked for; remembered per filesystem in ``unsupported``, so a store's
+    objects ask once).  Raises :class:`VerityMismatch` naming ``name`` when the
+    kernel measures anything else (fs-verity is then on, for that content), and
+    :class:`VerityError` naming ``name`` when enabling fails otherwise.
+    """
+    devs = unsupported_devs if unsupported is None else unsupported
+    if st is None:
+        st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise VerityError("%s: fs-verity can only be enabled on regular files" % name)
+    problem = devs.get(st.st_dev)
+    if problem is not None:
+        return problem
+    try:
+        enable_verity(fd)
+        algorithm, measured = measure_verity(fd)
+    except VerityNotSupported as exc:
+        devs[st.st_dev] = str(exc)
+        return str(exc)
+    except VerityError as exc:
+        raise VerityError("%s: %s" % (name, exc)) from exc
+    if algorithm != "sha256" or measured != digest:
+        raise VerityMismatch("%s: fs-verity %s digest %s (measured by the kernel) does not match %s"
+                             % (name, algorithm, measured.hex(), digest.hex()), algorithm, measured)
+    return None
+
+
+def enable_then_check_path(path: PathArg, digest: bytes, dir_fd: Optional[int] = None,
+                           unsupported: Optional[Dict[int, str]] = None) -> Optional[str]:
+    """:func:`enable_then_check` of the file at ``path`` (relative to ``dir_fd``),
+    opened read-only without following a symlink or blocking."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    fd = os.open(path, flags) if dir_fd is None else os.open(path, flags, dir_fd=dir_fd)
+    try:
+        return enable_then_check(fd, digest, os.fsdecode(path), unsupported=unsupported)
+    finally:
+        os.close(fd)
+
+
+def digest_measured_or_computed(fd: int, st: Optional[os.stat_result] = None,
+                                unsupported: Optional[Dict[int, str]] = None,
+                                compute: Optional[Callable[[int], bytes]] = None) -> Tuple[bytes, bool]:
+    """(sha256 fs-verity digest, measured by the kernel) of an open regular file.
+
+    The kernel's digest when the file has sha256 fs-verity, else the one
+    computed in userspace from the same ``fd`` by ``compute`` (default
+    :func:`.fsverity_digest.digest_fd`).  Errors other than "no fs-verity
+    here" raise, as in :func:`measure_or_none`.
+    """
+    found = measure_or_none(fd, st, unsupported)
+    if found is not None and found[0] == "sha256":
+        return found[1], True
+    return (digest_fd(fd) if compute is None else compute(fd)), False

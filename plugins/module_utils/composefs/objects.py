@@ -24,16 +24,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 import threading
-import warnings
 from typing import Iterable, List, Optional, Set, Tuple, Union
 
 from . import fsverity_ioctl
 from .atomic_file import fsync_dir as _fsync_dir
 from .atomic_file import make_temp
 from .atomic_file import unlink_quietly
-from .errors import FormatError, VerityError, VerityNotSupported
+from .errors import FormatError
 from .tree import DIGEST_SIZE, digest_to_path
 
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -47,9 +45,6 @@ _CFR_FALLBACK = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EINVAL, err
 # ... and the ones that will not change for the rest of the run.
 _CFR_DISABLE = (errno.ENOSYS, errno.EXDEV)
 _use_copy_file_range = hasattr(os, "copy_file_range")
-# Filesystems (st_dev) that said "no fs-verity here": asking again for every
-# object would only repeat the same answer.
-_no_verity_devs: Set[int] = set()
 
 
 def object_path(store_dir: PathLike, digest: bytes) -> bytes:
@@ -218,8 +213,8 @@ def _write_temp(src: int, store: bytes, subdir: bytes, final: bytes, size: Optio
 
 def _publish(tmp: bytes, digest: bytes, dev: int, subdir: bytes, final: bytes) -> bool:
     """fs-verity (where possible) and rename of a complete, durable temp file."""
-    if dev not in _no_verity_devs:
-        _try_enable_verity(tmp, digest)
+    if dev not in fsverity_ioctl.unsupported_devs:
+        fsverity_ioctl.enable_then_check_path(tmp, digest)
     try:
         os.rename(tmp, final)
     except FileNotFoundError:
@@ -387,29 +382,3 @@ def _copy_data(src: int, dst: int, size: Optional[int] = None) -> None:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             offset += written
             view = view[written:]
-
-
-def _try_enable_verity(path: bytes, digest: bytes) -> None:
-    # FS_IOC_ENABLE_VERITY needs a read-only fd and no writer left open.
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_dev in _no_verity_devs:
-            return
-        try:
-            fsverity_ioctl.enable_verity(fd)
-        except VerityNotSupported:
-            _no_verity_devs.add(st.st_dev)
-            return
-        except VerityError as exc:
-            # C ignores every failure here; the object is still correct, but a
-            # later verity=require mount of it would fail, so say so.
-            warnings.warn("cannot enable fs-verity on %s: %s" % (os.fsdecode(path), exc),
-                          RuntimeWarning, stacklevel=4)
-            return
-        algorithm, measured = fsverity_ioctl.measure_verity(fd)
-        if algorithm != "sha256" or measured != digest:
-            raise VerityError("%s: fs-verity %s digest %s does not match the object name %s"
-                              % (os.fsdecode(path), algorithm, measured.hex(), digest.hex()))
-    finally:
-        os.close(fd)

@@ -79,10 +79,11 @@ import stat
 import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-from . import fsverity_digest, fsverity_ioctl
+from . import fsverity_digest
 from .atomic_file import fsync_dir, make_temp, unlink_quietly, write_atomic_at
 from .erofs_format import COMPOSEFS_MAGIC
-from .errors import ComposefsError, ImageError, VerityError, VerityNotSupported
+from .errors import ComposefsError, ImageError
+from .fsverity_ioctl import enable_then_check_path
 from .json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
 from .safe_dirs import DIR_FLAGS, UnsafePathError, check_owner, ensure_dir, open_dir, open_regular
 from .store_lock import StoreLock, WaitNotice, stderr_notice
@@ -687,7 +688,7 @@ class Store:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _try_verity(tmp, bytes.fromhex(hexd))
+            enable_then_check_path(tmp, bytes.fromhex(hexd))
             os.rename(tmp, final)
         except BaseException:
             unlink_quietly(tmp)
@@ -856,21 +857,6 @@ def _root_fd_of(ref: "weakref.ReferenceType[Store]") -> int:
 def _not_a_ref_dir(parts: List[bytes], i: int) -> StoreError:
     return StoreError("ref %s: %s is not a directory under refs/ (a ref or a symbolic link)"
                       % (os.fsdecode(b"/".join(parts)), os.fsdecode(b"/".join(parts[:i + 1]))))
-
-
-def _try_verity(path: bytes, digest: bytes) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            fsverity_ioctl.enable_verity(fd)
-        except VerityNotSupported:
-            return
-        alg, measured = fsverity_ioctl.measure_verity(fd)
-        if alg != "sha256" or measured != digest:
-            raise VerityError("%s: kernel fs-verity digest %s differs from %s"
-                              % (os.fsdecode(path), measured.hex(), digest.hex()))
-    finally:
-        os.close(fd)
 
 
 def _listdir_fd(fd: int) -> List[bytes]:

@@ -20,12 +20,13 @@ their source added again.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import fsverity_digest, fsverity_ioctl
+from . import fsverity_ioctl
 from .atomic_file import fsync_dir
 from .errors import ComposefsError, VerityError
 from .store import (DIGEST_SIZE, Store, StoreError, is_hex_name, split_ref_name)
@@ -67,14 +68,11 @@ def file_digest(path: bytes) -> Tuple[str, bool, os.stat_result]:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         st = os.fstat(fd)
-        if fsverity_ioctl.verity_enabled(fd):
-            try:
-                alg, digest = fsverity_ioctl.measure_verity(fd)
-                if alg == "sha256":
-                    return digest.hex(), True, st
-            except VerityError:
-                pass
-        return fsverity_digest.digest_fd(fd).hex(), False, st
+        digest, measured = fsverity_ioctl.digest_measured_or_computed(fd, st)
+        return digest.hex(), measured, st
+    except VerityError as exc:
+        # The kernel failed to answer for this file: callers report it as unreadable.
+        raise OSError(errno.EIO, str(exc)) from exc
     finally:
         os.close(fd)
 

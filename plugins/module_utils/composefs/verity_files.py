@@ -25,7 +25,7 @@ import stat
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from . import fsverity_digest, fsverity_ioctl
-from .errors import VerityError, VerityNotEnabled, VerityNotSupported
+from .errors import VerityError, VerityMismatch, VerityNotSupported
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -188,19 +188,18 @@ def examine(vf: VerityFile, threads: int = 1) -> None:
     fd = _open(vf)
     try:
         try:
-            algorithm, measured = fsverity_ioctl.measure_verity(fd)
-        except VerityNotEnabled:
-            pass
-        except VerityNotSupported as exc:
-            vf.supported = False
-            vf.problem = str(exc)
+            found = fsverity_ioctl.measure_or_none(fd)
         except VerityError as exc:
             raise VerityError("%s: %s" % (vf.name, exc)) from None
-        else:
+        if found is not None:
             vf.verity_before = vf.verity_after = True
-            vf.algorithm = algorithm
+            vf.algorithm, measured = found
             vf.digest = measured.hex()
             return
+        problem = fsverity_ioctl.unsupported_devs.get(vf.dev)
+        if problem is not None:
+            vf.supported = False
+            vf.problem = problem
         vf.digest = fsverity_digest.digest_fd(fd, threads=threads).hex()
     except OSError as exc:
         raise VerityError("cannot read %s: %s" % (vf.name, exc.strerror or exc)) from None
@@ -256,25 +255,28 @@ def enable(planned: VerityPlan, skip_unsupported: bool = False) -> List[VerityFi
         except VerityError as exc:
             raise EnableError(str(exc), done) from None
         try:
-            try:
-                fsverity_ioctl.enable_verity(fd)
-                algorithm, measured = fsverity_ioctl.measure_verity(fd)
-            except VerityNotSupported as exc:
-                if skip_unsupported:
-                    vf.supported = False
-                    vf.problem = str(exc)
-                    continue
-                raise EnableError("%s: %s" % (vf.name, exc), done) from None
-            except VerityError as exc:
-                raise EnableError("%s: %s" % (vf.name, exc), done) from None
-        finally:
-            os.close(fd)
-        vf.verity_after = True
-        done.append(vf)
-        if algorithm != "sha256" or measured.hex() != vf.digest:
+            problem = fsverity_ioctl.enable_then_check(fd, bytes.fromhex(vf.digest), vf.name)
+        except VerityMismatch as exc:
+            # Changed between examine and enable: fs-verity is on now, for the new content.
+            vf.verity_after = True
+            done.append(vf)
             raise EnableError("%s changed while fs-verity was being enabled: the kernel measured %s:%s, "
                               "the file had %s before; fs-verity is now on for the new content"
-                              % (vf.name, algorithm, measured.hex(), vf.digest), done)
+                              % (vf.name, exc.algorithm, exc.measured.hex(), vf.digest), done) from None
+        except VerityError as exc:
+            raise EnableError(str(exc), done) from None
+        except OSError as exc:
+            raise EnableError("%s: %s" % (vf.name, exc.strerror or exc), done) from None
+        finally:
+            os.close(fd)
+        if problem is not None:
+            if not skip_unsupported:
+                raise EnableError("%s: %s" % (vf.name, problem), done)
+            vf.supported = False
+            vf.problem = problem
+            continue
+        vf.verity_after = True
+        done.append(vf)
     return done
 
 
