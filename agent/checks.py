@@ -418,7 +418,7 @@ class Checker:
             return
         try:
             dest = quarantine(path, basedir, hexd, st)
-        except OSError as exc:
+        except (OSError, ComposefsError) as exc:
             self._add("check-failed", "cannot move %s aside: %s" % (path, _why(exc)), fields)
             return
         if dest:
@@ -434,21 +434,13 @@ class Checker:
 
 def quarantine(path: str, basedir: str, hexd: str, st: os.stat_result) -> Optional[str]:
     """Move the object at ``path`` aside (a store's ``damaged/``, else ``.quarantine/`` in its basedir),
-    unless it was replaced meanwhile; returns where it went."""
-    from composefs_fleet.atomic_file import fsync_dir
+    unless it was replaced meanwhile; returns where it went.  Never through a symbolic link."""
+    from composefs_fleet.objects import quarantine_object
 
-    now = os.lstat(path)
-    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-        return None
     store = _store_of(basedir)
-    target_dir = os.path.join(store, os.fsdecode(DAMAGED)) if store else os.path.join(basedir, ".quarantine")
-    os.makedirs(target_dir, mode=0o700, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    dest = os.path.join(target_dir, "%s.%s.%s" % (hexd, stamp, os.urandom(3).hex()))
-    os.rename(path, dest)
-    fsync_dir(os.path.dirname(path))
-    fsync_dir(target_dir)
-    return dest
+    dest = quarantine_object(basedir, hexd, (st.st_dev, st.st_ino), store or basedir,
+                             DAMAGED if store else b".quarantine")
+    return None if dest is None else os.fsdecode(dest)
 
 
 def _store_of(basedir: str) -> Optional[str]:

@@ -19,6 +19,7 @@ import pytest
 from composefs_fleet import fsverity_digest, fsverity_ioctl, objects
 from composefs_fleet.errors import FormatError, VerityError, VerityNotSupported
 from composefs_fleet.objects import object_path, store_object
+from composefs_fleet.safe_dirs import UnsafePathError
 from composefs_fleet.scan import build_tree_from_directory
 from composefs_fleet.tree import digest_to_path
 
@@ -141,7 +142,8 @@ def test_bad_digest_and_size(tmp_path):
     with pytest.raises(FormatError, match="expected 99"):
         store_object(src, digest, store, size=99)
     assert not os.path.exists(object_path(store, digest))
-    assert os.listdir(store) == [digest.hex()[:2]]
+    # No temp file left; XX directories are made only when an object is published.
+    assert os.listdir(store) == []
 
 
 def test_store_subdir_that_is_a_file(tmp_path):
@@ -151,8 +153,9 @@ def test_store_subdir_that_is_a_file(tmp_path):
     store.mkdir()
     _write(store / digest.hex()[:2], b"not a dir")
     _write(tmp_path / "f", data)
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(UnsafePathError, match="%s is not a directory" % (store / digest.hex()[:2])):
         store_object(tmp_path / "f", digest, store)
+    assert os.listdir(store) == [digest.hex()[:2]]  # no temp file left
 
 
 def test_failure_mid_copy_leaves_nothing(tmp_path, monkeypatch):
@@ -169,8 +172,10 @@ def test_failure_mid_copy_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError) as info:
         store_object(tmp_path / "f", digest, store)
     assert info.value.errno == errno.ENOSPC
-    assert os.listdir(store) == [digest.hex()[:2]]
-    assert os.listdir(store / digest.hex()[:2]) == []
+    # The message names the object and the store it was written into.
+    assert "object %s/%s" % (digest.hex()[:2], digest.hex()[2:]) in str(info.value)
+    assert str(store) in str(info.value)
+    assert os.listdir(store) == []
 
     # The same through the scanner: the error names the source file.
     src = tmp_path / "src"
@@ -320,12 +325,13 @@ def test_concurrent_writers_of_one_object(tmp_path, monkeypatch):
 def test_directories_are_synced(tmp_path, monkeypatch):
     synced = []
     real = objects._fsync_dir
-    monkeypatch.setattr(objects, "_fsync_dir", lambda p: (synced.append(p), real(p)))
+    monkeypatch.setattr(objects, "_fsync_dir", lambda fd, p: (synced.append(p), real(fd, p)))
     _write(tmp_path / "f", b"s" * 100)
     digest = fsverity_digest.digest_bytes(b"s" * 100)
     store = os.fsencode(tmp_path / "store")
     store_object(tmp_path / "f", digest, store)
-    # The object's directory, then the store that got a new XX entry.
+    # The object's directory, then the store (its new XX entry was made
+    # durable by safe_dirs.ensure_dir already).
     assert synced == [os.path.join(store, digest.hex()[:2].encode()), store]
     # The scanner syncs once at the end instead of per object: each directory
     # when there are few, one syncfs() of the store's filesystem for many.
@@ -333,7 +339,7 @@ def test_directories_are_synced(tmp_path, monkeypatch):
     src.mkdir()
     synced_fs = []
     real_syncfs = objects._syncfs
-    monkeypatch.setattr(objects, "_syncfs", lambda p: (synced_fs.append(p), real_syncfs(p))[1])
+    monkeypatch.setattr(objects, "_syncfs", lambda fd: (synced_fs.append(store), real_syncfs(fd))[1])
     for count in (3, 30):
         shutil.rmtree(src)
         src.mkdir()
@@ -435,8 +441,8 @@ def test_batch_without_syncfs_fsyncs_each_file(tmp_path, monkeypatch):
     store = tmp_path / "store"
     monkeypatch.setattr(objects, "_syncfs", lambda path: False)
     fsynced = []
-    real = objects._fsync_path
-    monkeypatch.setattr(objects, "_fsync_path", lambda p: (fsynced.append(p), real(p))[1])
+    real = objects._fsync_temp
+    monkeypatch.setattr(objects, "_fsync_temp", lambda fd, name: (fsynced.append(name), real(fd, name))[1])
     batch = objects.ObjectBatch(store)
     for i in range(3):
         data = _data(2000, 60 + i)
@@ -446,7 +452,7 @@ def test_batch_without_syncfs_fsyncs_each_file(tmp_path, monkeypatch):
             batch.add(fd, fsverity_digest.digest_bytes(data))
         finally:
             os.close(fd)
-    staged = [os.path.join(os.fsencode(store), n.encode()) for n in _temps(store)]
+    staged = [n.encode() for n in _temps(store)]
     batch.commit()
     assert sorted(fsynced) == sorted(staged) and len(fsynced) == 3
 
@@ -508,3 +514,36 @@ def test_killed_mkcomposefs_leaves_only_correct_objects(ours, tmp_path):
     assert (tmp_path / "k.img").read_bytes() == (tmp_path / "ref.img").read_bytes()
     assert {r for r in store_files(store) if not os.path.basename(r).startswith(".tmp")} == \
         set(store_files(reference))
+
+
+def test_object_dir_removed_after_it_was_opened_is_made_again(tmp_path):
+    """A gc of empty XX directories between opening XX and the rename: the object still lands."""
+    data = _data(3000, 70)
+    _write(tmp_path / "f", data)
+    digest = fsverity_digest.digest_bytes(data)
+    store = tmp_path / "store"
+    prefix = digest.hex()[:2].encode()
+    with objects.ObjectDir(store) as objdir:
+        assert objdir.subdir(prefix, create=True) is not None
+        os.rmdir(os.path.join(os.fsencode(store), prefix))
+        fd = os.open(tmp_path / "f", os.O_RDONLY)
+        try:
+            tmp, dev = objdir.stage(fd, digest, len(data), durable=True)
+        finally:
+            os.close(fd)
+        objdir.publish(tmp, digest, dev)
+    assert store_files(store) == {digest_to_path(digest).decode(): (0o644, data)}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_store_object_reads_only_regular_files(tmp_path, kind):
+    """A FIFO source would block the open forever; a symlink is not followed."""
+    src = tmp_path / "src"
+    if kind == "fifo":
+        os.mkfifo(src)
+    else:
+        _write(tmp_path / "real", b"r" * 100)
+        src.symlink_to(tmp_path / "real")
+    with pytest.raises(UnsafePathError, match="%s is (not a regular file|a symbolic link)" % src):
+        store_object(src, fsverity_digest.digest_bytes(b"r" * 100), tmp_path / "store")
+    assert store_files(tmp_path / "store") == {}

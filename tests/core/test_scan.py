@@ -589,7 +589,9 @@ def test_digests_in_worker_processes_equal_in_process(tmp_path, monkeypatch):
         computed.append(len(result))
         return result
 
-    monkeypatch.setattr(scan_module, "_PROCESS_HASH_MIN_BYTES", 0)
+    from composefs_fleet import hash_pool
+
+    monkeypatch.setattr(hash_pool, "PROCESS_MIN_BYTES", 0)
     monkeypatch.setattr(scan_module, "_hash_in_processes", spy)
     parallel = build_image(build_tree_from_directory(str(src), threads=2))
     assert parallel == reference

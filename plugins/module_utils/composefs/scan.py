@@ -41,14 +41,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from concurrent.futures import (ALL_COMPLETED, FIRST_COMPLETED, Future,
-                                ThreadPoolExecutor, wait)
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from . import fsverity_digest
 from .errors import FormatError
 from .gc_pause import gc_paused
+from .hash_pool import cpu_count, hash_map, pays_off
+from .object_copier import ObjectCopier
 from .objects import ObjectBatch
+from .safe_dirs import open_regular
 from .tree import (
     INLINE_CONTENT_MAX,
     INODE_EXTERNAL_XATTR_MAX,
@@ -71,9 +72,6 @@ ProgressCallback = Callable[[int, int], None]
 # header added with the first xattr (lcfs_node_set_xattr_internal).
 _XATTR_ENTRY_COST = 2 * 4 - 1
 _XATTR_HEADER_COST = 12
-
-_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
-
 
 class _FileJob:
     """A regular file whose content the second pass must read."""
@@ -145,24 +143,8 @@ def build_tree_from_directory(
         # instead, which measured faster than hashing and copying in processes.
         worker.digests = _hash_in_processes(
             [j for j in jobs if j.node.size > inline_max], threads, progress)
-    try:
-        _run_jobs(jobs, worker.process, threads, progress)
-    except BaseException:
-        if worker.batch is not None:
-            worker.batch.abort()
-        raise
-    if worker.batch is not None:
-        worker.batch.commit()
+    _run_jobs(jobs, worker.process, threads, progress, worker.batch)
     return root
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on (the default thread count)."""
-    # C mkcomposefs counts the CPUs in its affinity mask, not all CPUs.
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _join(parent: bytes, name: bytes) -> bytes:
@@ -337,7 +319,7 @@ class _ContentWorker:
             return False
         return size <= self.inline_max or self.compute_digest
 
-    def process(self, job: _FileJob) -> Optional["_StoreTask"]:
+    def process(self, job: _FileJob) -> Optional["_Copy"]:
         """Read (inline) or hash the file; the store copy, if any, is returned.
 
         The copy is left to the caller so it can run in other threads while
@@ -350,10 +332,7 @@ class _ContentWorker:
             node.digest = ready[0]
             node.payload = digest_to_path(ready[0])
             return None
-        try:
-            fd = os.open(path, _OPEN_FLAGS)
-        except OSError as exc:
-            raise _oserror(exc, "cannot open", path) from None
+        fd = _open_source(path)
         task = None
         try:
             self._check_same(fd, job)
@@ -370,7 +349,7 @@ class _ContentWorker:
             node.digest = digest
             node.payload = digest_to_path(digest)
             if self.store is not None:
-                task = _StoreTask(self, fd, digest, node.size, path)
+                task = (fd, digest, node.size, path)
                 return task
             return None
         finally:
@@ -403,86 +382,44 @@ class _ContentWorker:
         return b"".join(chunks)
 
 
-class _StoreTask:
-    """Copy one hashed file into the store; owns (and closes) its fd."""
-
-    __slots__ = ("worker", "fd", "digest", "size", "path")
-
-    def __init__(self, worker: _ContentWorker, fd: int, digest: bytes, size: int,
-                 path: bytes) -> None:
-        self.worker = worker
-        self.fd = fd
-        self.digest = digest
-        self.size = size
-        self.path = path
-
-    def run(self) -> None:
-        try:
-            if self.worker.batch is None:
-                raise AssertionError("self.worker.batch is not None")
-            self.worker.batch.add(self.fd, self.digest, size=self.size)
-        except OSError as exc:
-            raise _oserror(exc, "cannot store object for", self.path) from None
-        finally:
-            self.discard()
-
-    def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-# Below this much data, starting worker processes costs more than it saves.
-_PROCESS_HASH_MIN_BYTES = 32 << 20
+# A file to copy into the store: (open fd, digest, size, path).
+_Copy = Tuple[int, bytes, int, bytes]
 
 
 def _hash_in_processes(jobs: List[_FileJob], threads: int,
                        progress: Optional[ProgressCallback]) -> Dict[int, Tuple[bytes, int]]:
-    """fs-verity digests of ``jobs`` computed in ``threads`` worker processes.
+    """fs-verity digests of ``jobs`` computed in ``threads`` worker processes (:mod:`.hash_pool`).
 
-    Hashing 4 KiB blocks holds the GIL between blocks, so Python threads do
-    not hash in parallel; processes do.  Returns {} (the caller then hashes
-    in-process) for small trees, ``threads`` < 2, or where processes cannot
-    be started (no fork, a sandbox).
+    Returns {} (the caller then hashes in-process, overlapped with its other
+    work) when worker processes would not pay off.
     """
-    if threads < 2 or len(jobs) < 2 or sum(j.node.size for j in jobs) < _PROCESS_HASH_MIN_BYTES:
-        return {}
-    # Imported here: multiprocessing costs every CLI start ~15 ms otherwise.
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    try:
-        # fork: the workers need nothing but this module; no thread runs yet.
-        context = multiprocessing.get_context("fork")
-        pool = ProcessPoolExecutor(max_workers=threads, mp_context=context)
-    except (ValueError, OSError, ImportError, NotImplementedError):
+    if not pays_off(len(jobs), sum(j.node.size for j in jobs), threads):
         return {}
     total = len(jobs)
     if progress is not None:
         progress(0, total)
     results: Dict[int, Tuple[bytes, int]] = {}
-    with pool:
-        args = [(j.path, j.dev, j.ino, j.node.size) for j in jobs]
-        chunk = max(1, min(64, total // (8 * threads)))
-        try:
-            for done, (job, result) in enumerate(zip(jobs, pool.map(_hash_path, args, chunksize=chunk)), 1):
-                results[id(job.node)] = result
-                if progress is not None:
-                    progress(done, total)
-        except BrokenProcessPool:
-            # A worker died (OOM killer, seccomp): hash in-process instead.
-            return {}
+    args = [(j.path, j.dev, j.ino, j.node.size) for j in jobs]
+    hashed = hash_map(_hash_path, args, sum(j.node.size for j in jobs), threads)
+    for done, (job, result) in enumerate(zip(jobs, hashed), 1):
+        results[id(job.node)] = result
+        if progress is not None:
+            progress(done, total)
     return results
+
+
+def _open_source(path: bytes) -> int:
+    """A source file to read: regular, never through a final symlink, never blocking."""
+    try:
+        return open_regular(path)
+    except OSError as exc:
+        raise _oserror(exc, "cannot open", path) from None
 
 
 def _hash_path(args: Tuple[bytes, int, int, int]) -> Tuple[bytes, int]:
     """Worker process: digest of one file, refusing one that changed since the scan."""
     path, dev, ino, size = args
-    try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except OSError as exc:
-        raise _oserror(exc, "cannot open", path) from None
+    fd = _open_source(path)
     try:
         st = os.fstat(fd)
         if (not stat.S_ISREG(st.st_mode) or st.st_dev != dev or st.st_ino != ino
@@ -505,43 +442,36 @@ def _digest_fd(fd: int) -> Tuple[bytes, int]:
     return hasher.digest(), hasher.size
 
 
-def _run_jobs(jobs: List[_FileJob], func: Callable[[_FileJob], Optional[_StoreTask]],
-              threads: int, progress: Optional[ProgressCallback]) -> None:
-    """Hash ``jobs`` in this thread; run the store copies on ``threads`` workers.
+def _run_jobs(jobs: List[_FileJob], func: Callable[[_FileJob], Optional[_Copy]], threads: int,
+              progress: Optional[ProgressCallback], batch: Optional[ObjectBatch]) -> None:
+    """Hash ``jobs`` in this thread; the store copies run on ``threads`` workers (:mod:`.object_copier`).
 
-    The first error wins: no new copy starts after it, copies not yet started
-    are dropped (their fds closed), and it is raised once running ones end.
+    The first error wins: no new copy starts after it, nothing staged in
+    ``batch`` is kept, and it is raised once running copies end.
     """
     total = len(jobs)
     if progress is not None:
         progress(0, total)
-    # Copies overlap with hashing even with threads=1: the calling thread
-    # hashes, ``threads`` workers copy (C: ``threads`` workers for each pass).
-    pool = ThreadPoolExecutor(max_workers=threads)
-    pending: Dict["Future[None]", _StoreTask] = {}
-    # Bounded so a huge tree does not hold thousands of open files.
-    window = 4 * threads
+    copier = ObjectCopier(batch, threads) if batch is not None else None
     try:
         for done, job in enumerate(jobs, 1):
-            task = func(job)
-            if task is not None:
-                pending[pool.submit(task.run)] = task
-                if len(pending) >= window:
-                    _reap(pending, FIRST_COMPLETED)
+            copy = func(job)
+            if copy is not None:
+                fd, digest, size, path = copy
+                if copier is None:
+                    os.close(fd)
+                    raise AssertionError("a store copy without a store")  # pragma: no cover
+                copier.submit(fd, digest, size, error=_store_error(path))
             if progress is not None:
                 progress(done, total)
-        _reap(pending, ALL_COMPLETED)
+        if copier is not None:
+            copier.finish()
     except BaseException:
-        for future, task in pending.items():
-            if future.cancel():
-                task.discard()
+        if copier is not None:
+            copier.abort()
         raise
-    finally:
-        pool.shutdown(wait=True)
 
 
-def _reap(pending: Dict["Future[None]", _StoreTask], when: str) -> None:
-    finished, _rest = wait(list(pending), return_when=when)
-    for future in finished:
-        del pending[future]
-        future.result()
+def _store_error(path: bytes) -> Callable[[OSError], BaseException]:
+    """An error storing the object of ``path`` names that file."""
+    return lambda exc: _oserror(exc, "cannot store object for", path)

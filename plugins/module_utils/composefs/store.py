@@ -80,11 +80,11 @@ import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import fsverity_digest
-from .atomic_file import fsync_dir, make_temp, unlink_quietly, write_atomic_at
+from .atomic_file import write_atomic_at
 from .erofs_format import COMPOSEFS_MAGIC
 from .errors import ComposefsError, ImageError
-from .fsverity_ioctl import enable_then_check_path
 from .json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
+from .objects import publish_bytes, same_file
 from .safe_dirs import DIR_FLAGS, UnsafePathError, check_owner, ensure_dir, open_dir, open_regular
 from .store_lock import StoreLock, WaitNotice, stderr_notice
 from .tree import DIGEST_SIZE, Node
@@ -664,36 +664,24 @@ class Store:
             os.close(fd)
 
     def write_image(self, data: bytes) -> Tuple[str, bool]:
-        """Store image bytes under their fs-verity digest; (hex, written)."""
-        hexd = fsverity_digest.digest_bytes(data).hex()
-        final = self.image_path(hexd)
+        """Store image bytes under their fs-verity digest; (hex, written).
+
+        Published like an object (:func:`.objects.publish_bytes`: temp file,
+        fsync, fs-verity, rename, all relative to ``images/`` opened without
+        following links).  A damaged image under that name is replaced.
+        """
+        digest = fsverity_digest.digest_bytes(data)
+        hexd = digest.hex()
+        name = hexd.encode("ascii")
+        shown = "images/%s" % hexd
+        dir_fd = self.dir_fd(IMAGES)
         try:
-            st = os.lstat(final)
-            if stat.S_ISREG(st.st_mode) and st.st_size == len(data):
-                # Images are small: check it rather than publish a damaged one.
-                if fsverity_digest.digest_file(final).hex() == hexd:
-                    return hexd, False
-            elif not stat.S_ISREG(st.st_mode):
-                raise StoreError("images/%s is not a regular file: run 'fsck --repair'" % hexd)
-            # Damaged: the complete image written below replaces it.
-        except FileNotFoundError:
-            pass
-        fd, tmp = make_temp(self.images_dir, TMP_PREFIX)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fchmod(fd, 0o644)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            enable_then_check_path(tmp, bytes.fromhex(hexd))
-            os.rename(tmp, final)
-        except BaseException:
-            unlink_quietly(tmp)
-            raise
-        fsync_dir(self.images_dir)
+            # Images are small: check it rather than publish a damaged one.
+            if same_file(dir_fd, name, len(data), digest, shown):
+                return hexd, False
+        except UnsafePathError:
+            raise StoreError("%s is not a regular file: run 'fsck --repair'" % shown) from None
+        publish_bytes(dir_fd, self.images_dir, name, data, digest, "image %s (%d bytes) into %s" % (shown, len(data), os.fsdecode(self.path)))
         return hexd, True
 
     # ---- refs

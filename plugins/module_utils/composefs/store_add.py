@@ -18,7 +18,16 @@ file gets its digest from the store's digest cache (when the object is
 already in the store) or by hashing it, and new objects are copied into
 ``objects/`` by worker threads while this thread hashes the next file.  The
 resulting tree, and so the image, is the one ``mkcomposefs --digest-store``
-builds from the same directory.
+builds from the same directory.  Hashing follows the one worker-pool policy
+of :mod:`.hash_pool`; objects are published through one
+:class:`.objects.ObjectBatch` per add, relative to ``objects/`` opened once
+without following links (new ``XX`` directories get its mode).  Source
+files, and objects taken from ``objects_from``, are opened only if they are
+regular files, never blocking: a FIFO or device there is refused.
+
+An object whose size differs from what the source says is damage only if
+its content no longer matches its name; if it does match, the message says
+the source (a dump, say) gives the wrong size.
 
 Plans (``dry_run=True``): the same tree, digests (from the cache when the
 object is present, else hashed) and image bytes as a real add, but nothing
@@ -43,22 +52,21 @@ import os
 import stat
 import sys
 import time
-from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import fsverity_digest
 from .errors import DumpParseError, FormatError, ImageError
-from .objects import ObjectBatch, store_object, sync_object_dirs
-from .scan import build_tree_from_directory, cpu_count
-from .safe_dirs import READ_FLAGS as _SRC_FLAGS
-from .store import (AddResult, ImageObjects, PathLike, Store, StoreError, check_digest_hex,
-                    image_objects, is_composefs_image, object_relpath, split_ref_name)
+from .hash_pool import cpu_count, hash_map
+from .object_copier import ObjectCopier
+from .objects import ObjectBatch, ObjectDir, same_file
+from .safe_dirs import READ_FLAGS, UnsafePathError, file_kind, open_regular
+from .scan import build_tree_from_directory
+from .store import (IMAGES, OBJECTS, AddResult, ImageObjects, PathLike, Store, StoreError, check_digest_hex,
+                    image_objects, is_composefs_image, split_ref_name)
 from .store_cache import DigestCache, Key, key_of
 from .store_image_memo import ImageMemo
 from .store_image_memo import memo_key as image_memo_key
 from .tree import RECOMMENDED_INLINE_CONTENT_MAX, Node, apply_source_options, digest_to_path
-
-_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
 
 
 def _changed(path: bytes) -> FormatError:
@@ -106,61 +114,66 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
     plan = _Plan() if dry_run or expected is not None else None
     # Objects this run has seen present (or is copying): checked once, not again.
     known: Set[str] = set()
-    with (store.lock.shared_read_only() if dry_run else store.lock.shared()):
-        kind, root, data = _load_source(store, source, result, use_epoch=use_epoch, skip_devices=skip_devices,
-                                        skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
-                                        threads=threads, use_cache=use_cache, stdin=stdin, plan=plan,
-                                        known=known)
-        result.source_kind = kind
-        needed = image_objects(root)
-        if needed.problems:
-            raise StoreError("%s: cannot be stored: %s%s" % (
-                os.fsdecode(os.fsencode(source)), needed.problems[0],
-                " (and %d more problems)" % (len(needed.problems) - 1) if len(needed.problems) > 1 else ""))
-        result.objects = len(needed.objects)
-        # An unchanged tree: the memo names the image already in the store
-        # (see store_image_memo), so it is not built again.
-        memo = memo_key = None
-        image_present = False
-        if data is None and use_cache:
-            memo = ImageMemo(store.cache_file(b"images"))
-            memo_key = image_memo_key(root, min_version, max_version)
-            hit = memo.get(memo_key) if memo_key is not None else None
-            if hit is not None and _image_present(store, hit[0], hit[1]):
-                result.digest, image_present = hit[0], True
-        if not image_present:
-            if data is None:
-                from .erofs_writer import build_image
+    # The store's objects/ (opened once, owner-checked); new XX directories get its mode.
+    batch = ObjectBatch(store.objects_dir, mode=None, follow=False, opener=lambda: store.dir_fd(OBJECTS))
+    try:
+        with (store.lock.shared_read_only() if dry_run else store.lock.shared()):
+            kind, root, data = _load_source(store, batch, source, result, use_epoch=use_epoch, skip_devices=skip_devices,
+                                            skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
+                                            threads=threads, use_cache=use_cache, stdin=stdin, plan=plan,
+                                            known=known)
+            result.source_kind = kind
+            needed = image_objects(root)
+            if needed.problems:
+                raise StoreError("%s: cannot be stored: %s%s" % (
+                    os.fsdecode(os.fsencode(source)), needed.problems[0],
+                    " (and %d more problems)" % (len(needed.problems) - 1) if len(needed.problems) > 1 else ""))
+            result.objects = len(needed.objects)
+            # An unchanged tree: the memo names the image already in the store
+            # (see store_image_memo), so it is not built again.
+            memo = memo_key = None
+            image_present = False
+            if data is None and use_cache:
+                memo = ImageMemo(store.cache_file(b"images"))
+                memo_key = image_memo_key(root, min_version, max_version)
+                hit = memo.get(memo_key) if memo_key is not None else None
+                if hit is not None and _image_present(store, hit[0], hit[1]):
+                    result.digest, image_present = hit[0], True
+            if not image_present:
+                if data is None:
+                    from .erofs_writer import build_image
 
-                data = build_image(root, min_version=min_version, max_version=max_version)
-            result.digest = fsverity_digest.digest_bytes(data).hex()
-        if expected is not None and result.digest != expected:
-            raise DigestMismatch(expected, result.digest)
-        if dry_run:
-            copies = plan.copies if plan is not None else []
-            result.objects_written = len(copies)
-            result.bytes_written = sum(size for _d, _p, size, _k in copies)
-            _ensure_objects(store, needed, kind, objects_from, result, known, dry_run=True)
-            result.image_written = not (image_present or _image_present(store, result.digest, len(data)))
+                    data = build_image(root, min_version=min_version, max_version=max_version)
+                result.digest = fsverity_digest.digest_bytes(data).hex()
+            if expected is not None and result.digest != expected:
+                raise DigestMismatch(expected, result.digest)
+            if dry_run:
+                copies = plan.copies if plan is not None else []
+                result.objects_written = len(copies)
+                result.bytes_written = sum(size for _d, _p, size, _k in copies)
+                _ensure_objects(store, batch, needed, kind, objects_from, result, known, dry_run=True)
+                result.image_written = not (image_present or _image_present(store, result.digest, len(data)))
+                result.previous = _read_previous(store, ref)
+                return result
             result.previous = _read_previous(store, ref)
-            return result
-        result.previous = _read_previous(store, ref)
-        if plan is not None:
-            _store_planned(store, plan, threads, result)
-        _ensure_objects(store, needed, kind, objects_from, result, known,
-                        published=result.previous == result.digest)
-        if not image_present:
-            _same, result.image_written = store.write_image(data)
-            if memo is not None and memo_key is not None:
-                memo.put(memo_key, result.digest, len(data))
-                try:
-                    memo.save(memo_key)
-                except OSError:
-                    pass  # only a performance aid
-        # An unchanged ref is left alone: rewriting it would only cost a
-        # write and two fsyncs on every no-change run.
-        if result.previous != result.digest:
-            store.write_ref(ref, result.digest)
+            if plan is not None:
+                _store_planned(batch, plan, threads, result)
+            _ensure_objects(store, batch, needed, kind, objects_from, result, known,
+                            published=result.previous == result.digest)
+            if not image_present:
+                _same, result.image_written = store.write_image(data)
+                if memo is not None and memo_key is not None:
+                    memo.put(memo_key, result.digest, len(data))
+                    try:
+                        memo.save(memo_key)
+                    except OSError:
+                        pass  # only a performance aid
+            # An unchanged ref is left alone: rewriting it would only cost a
+            # write and two fsyncs on every no-change run.
+            if result.previous != result.digest:
+                store.write_ref(ref, result.digest)
+    finally:
+        batch.abort()  # after a commit: only closes the directories
     return result
 
 
@@ -176,17 +189,53 @@ def _read_previous(store: Store, ref: str) -> Optional[str]:
 
 def _image_present(store: Store, hexd: str, size: int) -> bool:
     """Would :meth:`Store.write_image` leave the image as it is?  (Reads only.)"""
-    path = store.image_path(hexd)
+    shown = "images/%s" % check_digest_hex(hexd)
     try:
-        st = os.lstat(path)
+        dir_fd = store.dir_fd(IMAGES)
     except FileNotFoundError:
+        return False  # a plan against a store that does not exist yet
+    try:
+        return bool(same_file(dir_fd, hexd.encode("ascii"), size, bytes.fromhex(hexd), shown))
+    except UnsafePathError:
+        raise StoreError("%s is not a regular file: run 'fsck --repair'" % shown) from None
+
+
+def _present(objdir: ObjectDir, hexd: str, size: Optional[int], source: str) -> bool:
+    """Is the object ``hexd`` (of ``size`` bytes, as ``source`` says) in the store?  False if missing.
+
+    A present but wrong entry is an error saying who is wrong: not a regular
+    file (or an ``XX`` that is no directory) is damage; another size is
+    damage only if the object's content does not match its name; if it
+    does, the object is fine and ``source`` (a dump, say) gives a wrong size.
+    """
+    digest = bytes.fromhex(hexd)
+    try:
+        st = objdir.lstat(digest)
+    except UnsafePathError as exc:
+        raise StoreError("%s: the store is damaged, run 'fsck --repair'" % exc) from None
+    if st is None:
         return False
     if not stat.S_ISREG(st.st_mode):
-        raise StoreError("images/%s is not a regular file: run 'fsck --repair'" % hexd)
-    return st.st_size == size and fsverity_digest.digest_file(path).hex() == hexd
+        raise StoreError("object %s is not a regular file (%s): run 'fsck --repair'" % (hexd, file_kind(st.st_mode)))
+    if size is None or st.st_size == size:
+        return True
+    try:
+        fd = objdir.open_object(digest)
+        try:
+            intact = fsverity_digest.digest_fd(fd) == digest
+        finally:
+            os.close(fd)
+    except (OSError, UnsafePathError):
+        intact = False
+    if intact:
+        raise StoreError("the %s gives object %s a size of %d bytes, but the stored object has %d bytes and its "
+                         "content matches its digest (the object is fine): the %s's size is wrong"
+                         % (source, hexd, size, st.st_size, source))
+    raise StoreError("object %s has %d bytes, the %s needs %d, and its content does not match its digest: "
+                     "it is damaged, run 'fsck --repair'" % (hexd, st.st_size, source, size))
 
 
-def _load_source(store: Store, source: PathLike, result: AddResult, *, use_epoch: bool, skip_devices: bool,
+def _load_source(store: Store, batch: ObjectBatch, source: PathLike, result: AddResult, *, use_epoch: bool, skip_devices: bool,
                  skip_xattrs: bool, user_xattrs: bool, hardlinks: bool, threads: Optional[int],
                  use_cache: bool, stdin: Any, plan: Optional[_Plan] = None,
                  known: Optional[Set[str]] = None) -> Tuple[str, Node, Optional[bytes]]:
@@ -210,15 +259,19 @@ def _load_source(store: Store, source: PathLike, result: AddResult, *, use_epoch
     except FileNotFoundError:
         raise StoreError("%s: no such file or directory" % os.fsdecode(src)) from None
     if stat.S_ISDIR(st.st_mode):
-        from .store_add import tree_from_directory
-
-        root = tree_from_directory(store, src, result, use_epoch=use_epoch, skip_devices=skip_devices,
+        root = tree_from_directory(store, src, result, batch=batch, use_epoch=use_epoch, skip_devices=skip_devices,
                                    skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
                                    threads=threads, use_cache=use_cache, plan=plan, known=known)
         return "directory", root, None
     if not stat.S_ISREG(st.st_mode):
         raise StoreError("%s is neither a directory, a dump file nor an image" % os.fsdecode(src))
-    with open(src, "rb") as f:
+    # The path is the caller's (a symbolic link to the file is fine), but a
+    # FIFO or device swapped in since the stat must not block the read.
+    try:
+        fd = open_regular(src, flags=READ_FLAGS & ~os.O_NOFOLLOW)
+    except UnsafePathError as exc:
+        raise StoreError("%s: neither a directory, a dump file nor an image" % exc) from None
+    with os.fdopen(fd, "rb") as f:
         data = f.read()
     if is_composefs_image(data[:4]):
         from .erofs_reader import read_image
@@ -243,8 +296,9 @@ def _load_source(store: Store, source: PathLike, result: AddResult, *, use_epoch
     return "dump", root, None
 
 
-def _ensure_objects(store: Store, needed: ImageObjects, kind: str, objects_from: Optional[PathLike],
-                    result: AddResult, known: Set[str], dry_run: bool = False, published: bool = False) -> None:
+def _ensure_objects(store: Store, batch: ObjectBatch, needed: ImageObjects, kind: str,
+                    objects_from: Optional[PathLike], result: AddResult, known: Set[str], dry_run: bool = False,
+                    published: bool = False) -> None:
     """Every object the image needs is present; import from ``objects_from`` if given.
 
     ``known``: objects this run has already found present or stored (or, in
@@ -253,29 +307,9 @@ def _ensure_objects(store: Store, needed: ImageObjects, kind: str, objects_from:
     not stored.  ``published``: the ref already names this image.
     """
     missing = [h for h, size in sorted(needed.objects.items())
-               if h not in known and not store.object_state(h, size)]
+               if h not in known and not _present(batch.dir, h, size, kind)]
     if missing and objects_from is not None:
-        base = os.fsencode(objects_from)
-        still = []
-        for hexd in missing:
-            path = os.path.join(base, object_relpath(hexd))
-            try:
-                fd = os.open(path, _SRC_FLAGS)
-            except FileNotFoundError:
-                still.append(hexd)
-                continue
-            try:
-                hasher = fsverity_digest.hash_fd(fd)
-                if hasher.digest().hex() != hexd or hasher.size != needed.objects[hexd]:
-                    raise StoreError("%s does not hold the content its name says (digest %s, %d bytes)"
-                                     % (os.fsdecode(path), hasher.digest().hex(), hasher.size))
-                if dry_run or store_object(fd, bytes.fromhex(hexd), store.objects_dir, size=hasher.size,
-                                           sync_dir=False):
-                    result.objects_written += 1
-                    result.bytes_written += hasher.size
-            finally:
-                os.close(fd)
-        missing = still
+        missing = _import_objects(batch, missing, needed, objects_from, result, dry_run)
     if missing:
         where = " or in %s" % os.fsdecode(os.fsencode(objects_from)) if objects_from is not None else ""
         raise StoreError("the %s refers to %d object(s) not in the store%s, e.g. %s; add its files with "
@@ -289,10 +323,44 @@ def _ensure_objects(store: Store, needed: ImageObjects, kind: str, objects_from:
         return
     # Objects found present may come from a writer that crashed before
     # syncing their directory: make every name the image relies on durable.
-    sync_object_dirs(store.objects_dir, [bytes.fromhex(h) for h in needed.objects])
+    batch.dir.sync([bytes.fromhex(h) for h in needed.objects])
 
 
-def tree_from_directory(store: Store, src: bytes, result: AddResult, *, use_epoch: bool,
+def _import_objects(batch: ObjectBatch, missing: List[str], needed: ImageObjects, objects_from: PathLike,
+                    result: AddResult, dry_run: bool) -> List[str]:
+    """Copy ``missing`` objects found in the digest store ``objects_from``, each verified; the rest.
+
+    ``objects_from`` itself is the caller's and is followed; inside it, an
+    ``XX`` must be a directory and an object a regular file (opened without
+    blocking: a FIFO or ``/dev/zero`` planted there is refused, never read).
+    """
+    still = []
+    with ObjectDir(objects_from, create=False) as source:
+        for hexd in missing:
+            shown = source.shown(digest_to_path(bytes.fromhex(hexd)))
+            try:
+                fd = source.open_object(bytes.fromhex(hexd))
+            except FileNotFoundError:
+                still.append(hexd)
+                continue
+            except UnsafePathError as exc:
+                raise StoreError("%s (looking for object %s in --objects-from)" % (exc, hexd)) from None
+            try:
+                hasher = fsverity_digest.hash_fd(fd)
+                if hasher.digest().hex() != hexd or hasher.size != needed.objects[hexd]:
+                    raise StoreError("%s does not hold the content its name says (digest %s, %d bytes)"
+                                     % (shown, hasher.digest().hex(), hasher.size))
+                if dry_run or batch.add(fd, bytes.fromhex(hexd), size=hasher.size):
+                    result.objects_written += 1
+                    result.bytes_written += hasher.size
+            finally:
+                os.close(fd)
+    if not dry_run:
+        batch.commit()
+    return still
+
+
+def tree_from_directory(store: Store, src: bytes, result: AddResult, *, batch: ObjectBatch, use_epoch: bool,
                         skip_devices: bool, skip_xattrs: bool, user_xattrs: bool, hardlinks: bool,
                         threads: Optional[int], use_cache: bool, plan: Optional[_Plan] = None,
                         known: Optional[Set[str]] = None) -> Node:
@@ -300,7 +368,8 @@ def tree_from_directory(store: Store, src: bytes, result: AddResult, *, use_epoc
 
     With a ``plan`` nothing is stored: new objects are listed in it, and the
     digest cache (with what was learnt) is left there, unsaved.  ``known``
-    collects the objects found present or stored (or planned).
+    collects the objects found present or stored (or planned).  New objects
+    go through ``batch`` (committed here).
     """
     if known is None:
         known = set()
@@ -331,16 +400,14 @@ def tree_from_directory(store: Store, src: bytes, result: AddResult, *, use_epoc
         by_inode[ident] = [node]
         if cache is not None:
             digest = cache.get(st)
-            if digest is not None:
-                payload = digest_to_path(digest)
-                if _object_present(store, payload, node.size):
-                    known.add(digest.hex())
-                    node.digest = digest
-                    node.payload = payload
-                    result.cache_hits += 1
-                    continue
+            if digest is not None and _present(batch.dir, digest.hex(), node.size, "directory"):
+                known.add(digest.hex())
+                node.digest = digest
+                node.payload = digest_to_path(digest)
+                result.cache_hits += 1
+                continue
         todo.append((node, full, st))
-    _hash_and_store(store, todo, cache, threads, result, plan, known)
+    _hash_and_store(batch, todo, cache, threads, result, plan, known)
     for nodes in by_inode.values():
         for other in nodes[1:]:
             other.digest = nodes[0].digest
@@ -352,21 +419,6 @@ def tree_from_directory(store: Store, src: bytes, result: AddResult, *, use_epoc
     return root
 
 
-def _object_present(store: Store, payload: bytes, size: int) -> bool:
-    """:meth:`Store.object_state` for a well-formed ``XX/YYYY...`` name, without validating it again.
-
-    Runs once per file of every add, unchanged ones included; the name comes
-    from a 32-byte digest, so the hex check of object_state only costs time.
-    """
-    try:
-        st = os.lstat(store.objects_dir + b"/" + payload)
-    except FileNotFoundError:
-        return False
-    if stat.S_ISREG(st.st_mode) and st.st_size == size:
-        return True
-    return store.object_state((payload[:2] + payload[3:]).decode("ascii"), size)  # raises, saying what is wrong
-
-
 def _save_cache(cache: Optional[DigestCache]) -> None:
     if cache is not None:
         try:
@@ -375,17 +427,22 @@ def _save_cache(cache: Optional[DigestCache]) -> None:
             pass  # only a performance aid
 
 
-# Below this much data to hash, starting worker processes costs more than it saves.
-_PROCESS_MIN_BYTES = 32 << 20
-
 HashJob = Tuple[bytes, Tuple[int, int, int, int]]
 HashResult = Tuple[bytes, Key, int]
+
+
+def _open_source(path: bytes) -> int:
+    """A source file to read: regular, never through a final symlink, never blocking."""
+    try:
+        return open_regular(path)
+    except UnsafePathError:
+        raise _changed(path) from None  # it was a regular file when scanned
 
 
 def _hash_one(job: HashJob) -> HashResult:
     """(digest, fstat key, time hashing started) of a file that must match ``job``'s identity."""
     path, expect = job
-    fd = os.open(path, _OPEN_FLAGS)
+    fd = _open_source(path)
     try:
         before = os.fstat(fd)
         if key_of(before)[:4] != expect:
@@ -400,111 +457,41 @@ def _hash_one(job: HashJob) -> HashResult:
         os.close(fd)
 
 
-def _hash_all(jobs: List[HashJob], total: int, threads: int) -> Iterator[HashResult]:
-    """Digests of ``jobs`` in order; in worker processes when it pays.
+def _copy_unchanged(copier: ObjectCopier, digest: bytes, size: int, key: Key, path: bytes) -> None:
+    """Copy ``path``, whose fstat key was ``key`` when it was hashed, as the object ``digest``.
 
-    Processes, not threads: hashing 4 KiB blocks holds the GIL between
-    blocks, and the copy threads would then slow the hashing down.
+    The key is checked again once the copy is staged: a file changed
+    meanwhile fails the add (and the batch is discarded), never leaving an
+    object whose content differs from its name.
     """
-    if threads >= 2 and len(jobs) >= 2 and total >= _PROCESS_MIN_BYTES:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        from concurrent.futures.process import BrokenProcessPool
+    fd = _open_source(path)
+    try:
+        if key_of(os.fstat(fd)) != key:
+            raise _changed(path)
+    except BaseException:
+        os.close(fd)
+        raise
 
-        try:
-            pool = ProcessPoolExecutor(max_workers=threads, mp_context=multiprocessing.get_context("fork"))
-        except (ValueError, OSError, ImportError, NotImplementedError):
-            pool = None
-        if pool is not None:
-            with pool:
-                # map() submits everything now: the workers are forked before
-                # any copy thread exists.
-                try:
-                    results = pool.map(_hash_one, jobs)
-                    yield from results
-                    return
-                except BrokenProcessPool:
-                    pass  # a worker died (OOM killer, sandbox): hash here instead
-    for job in jobs:
-        yield _hash_one(job)
+    def unchanged(copied: int) -> None:
+        if key_of(os.fstat(copied)) != key:
+            raise _changed(path)
+
+    copier.submit(fd, digest, size, after=unchanged)
 
 
-class _Copier:
-    """Copies new objects in worker threads, staged in one :class:`.objects.ObjectBatch`.
-
-    The objects become durable and visible together on :meth:`finish` (one
-    syncfs instead of an fsync each); :meth:`abort` discards them all, so a
-    file that changed while being copied can never leave an object whose
-    content differs from its name.
-    """
-
-    def __init__(self, store: Store, threads: int, result: AddResult) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=threads)
-        self.pending: Dict["Future[bool]", Tuple[int, int]] = {}  # (source fd, size)
-        self.window = 4 * threads
-        self.batch = ObjectBatch(store.objects_dir)
-        self.result = result
-
-    def submit(self, digest: bytes, size: int, key: Key, path: bytes) -> None:
-        """Copy ``path``, whose fstat key was ``key`` when it was hashed."""
-        fd = os.open(path, _OPEN_FLAGS)
-        try:
-            if key_of(os.fstat(fd)) != key:
-                raise _changed(path)
-            fut = self.pool.submit(self._copy, fd, digest, size, key, path)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.pending[fut] = (fd, size)
-        if len(self.pending) >= self.window:
-            self._reap(FIRST_COMPLETED)
-
-    def _copy(self, fd: int, digest: bytes, size: int, key: Key, path: bytes) -> bool:
-        try:
-            written = self.batch.add(fd, digest, size=size)
-            if key_of(os.fstat(fd)) != key:
-                raise _changed(path)
-            return written
-        finally:
-            os.close(fd)
-
-    def _reap(self, how: str) -> None:
-        done, _not_done = wait(list(self.pending), return_when=how)
-        for fut in done:
-            _fd, size = self.pending.pop(fut)
-            if fut.result():
-                self.result.objects_written += 1
-                self.result.bytes_written += size
-
-    def finish(self) -> None:
-        if self.pending:
-            self._reap(ALL_COMPLETED)
-        self.batch.commit()
-        self.pool.shutdown(wait=True)
-
-    def abort(self) -> None:
-        # Queued copies are cancelled (their fds closed here), running ones
-        # finish (their fds are theirs to close); then all they staged goes.
-        for fut, (fd, _size) in list(self.pending.items()):
-            if fut.cancel():
-                os.close(fd)
-        self.pending.clear()
-        self.pool.shutdown(wait=True)
-        self.batch.abort()
-
-
-def _hash_and_store(store: Store, todo: List[Tuple[Node, bytes, os.stat_result]],
+def _hash_and_store(batch: ObjectBatch, todo: List[Tuple[Node, bytes, os.stat_result]],
                     cache: Optional[DigestCache], threads: int, result: AddResult,
                     plan: Optional[_Plan] = None, known: Optional[Set[str]] = None) -> None:
-    """Hash ``todo``; copy new objects meanwhile, or (``plan``) only list them.
+    """Hash ``todo`` (:mod:`.hash_pool`); copy new objects meanwhile, or (``plan``) only list them.
 
     Adds every object found present, copied or planned to ``known``.
     """
     if known is None:
         known = set()
     jobs = [(full, key_of(st)[:4]) for _node, full, st in todo]
-    digests = _hash_all(jobs, sum(st.st_size for _n, _f, st in todo), threads)
-    copier = _Copier(store, threads, result) if plan is None else None
+    # Worker processes (if any) are forked here, before any copy thread exists.
+    digests = hash_map(_hash_one, jobs, sum(st.st_size for _n, _f, st in todo), threads)
+    copier = ObjectCopier(batch, threads) if plan is None else None
     try:
         for (node, full, st), (digest, key, started) in zip(todo, digests):
             result.files_hashed += 1
@@ -517,14 +504,16 @@ def _hash_and_store(store: Store, todo: List[Tuple[Node, bytes, os.stat_result]]
             if hexd in known:
                 continue
             known.add(hexd)
-            if store.object_state(hexd, node.size):
+            if _present(batch.dir, hexd, node.size, "directory"):
                 continue
             if copier is not None:
-                copier.submit(digest, node.size, key, full)
+                _copy_unchanged(copier, digest, node.size, key, full)
             elif plan is not None:
                 plan.copies.append((digest, full, node.size, key))
         if copier is not None:
             copier.finish()
+            result.objects_written += copier.objects_written
+            result.bytes_written += copier.bytes_written
     except BaseException:
         if copier is not None:
             copier.abort()
@@ -535,14 +524,16 @@ def _hash_and_store(store: Store, todo: List[Tuple[Node, bytes, os.stat_result]]
             close()
 
 
-def _store_planned(store: Store, plan: _Plan, threads: int, result: AddResult) -> None:
+def _store_planned(batch: ObjectBatch, plan: _Plan, threads: int, result: AddResult) -> None:
     """Copy the objects ``plan`` lists (their files checked unchanged since hashing), save its cache."""
-    copier = _Copier(store, threads, result)
+    copier = ObjectCopier(batch, threads)
     try:
         for digest, path, size, key in plan.copies:
-            copier.submit(digest, size, key, path)
+            _copy_unchanged(copier, digest, size, key, path)
         copier.finish()
     except BaseException:
         copier.abort()
         raise
+    result.objects_written += copier.objects_written
+    result.bytes_written += copier.bytes_written
     _save_cache(plan.cache)

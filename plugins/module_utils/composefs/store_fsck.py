@@ -16,6 +16,13 @@ file, invalid name) are moved into ``STORE/damaged/`` under the exclusive
 lock after checking again that they are still the same damaged file; images
 that then miss objects, and refs to missing images, are reported: they need
 their source added again.
+
+Everything is reached through directory descriptors opened without
+following links, and only regular files are ever opened (without blocking):
+a FIFO or a device planted as an object is damage, never read (``/dev/zero``
+would be hashed forever), and a symbolic link where ``objects/XX`` or
+``damaged/`` belongs is refused, so a repair moves nothing outside the store.
+``damaged/`` is created 0700.  Digests are computed by :mod:`.hash_pool`.
 """
 
 from __future__ import annotations
@@ -27,12 +34,15 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import fsverity_ioctl
-from .atomic_file import fsync_dir
 from .errors import ComposefsError, VerityError
-from .store import (DIGEST_SIZE, Store, StoreError, is_hex_name, split_ref_name)
+from .hash_pool import cpu_count, hash_map
+from .objects import ObjectDir
+from .safe_dirs import UnsafePathError, ensure_dir, file_kind, open_dir, open_regular
+from .store import (DAMAGED, DIGEST_SIZE, IMAGES, OBJECTS, Store, StoreError, is_hex_name, split_ref_name)
 
-# Above this many bytes of objects, hash in worker processes.
-_PARALLEL_MIN_BYTES = 64 << 20
+# _digest_job's error text for a file that went away (removed by a concurrent
+# gc, or healed by an add): not damage.
+_GONE = "gone"
 
 
 class FsckResult:
@@ -63,45 +73,53 @@ def _ident(st: os.stat_result) -> Tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def file_digest(path: bytes) -> Tuple[str, bool, os.stat_result]:
-    """(hex digest, measured by the kernel, fstat) of a regular file, never following symlinks."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+def file_digest(path: bytes, dir_fd: Optional[int] = None,
+                shown: Optional[str] = None) -> Tuple[str, bool, os.stat_result]:
+    """(hex digest, measured by the kernel, fstat) of a regular file (relative to ``dir_fd``).
+
+    Never follows a symbolic link and never opens anything but a regular
+    file (:class:`.safe_dirs.UnsafePathError`): a FIFO or ``/dev/zero``
+    planted as an object must not hang the check.
+    """
+    fd = open_regular(path, dir_fd, shown)
     try:
         st = os.fstat(fd)
-        digest, measured = fsverity_ioctl.digest_measured_or_computed(fd, st)
-        return digest.hex(), measured, st
-    except VerityError as exc:
-        # The kernel failed to answer for this file: callers report it as unreadable.
-        raise OSError(errno.EIO, str(exc)) from exc
+        hexd, measured = _fd_digest(fd)
+        return hexd, measured, st
     finally:
         os.close(fd)
 
 
-def _digest_job(path: bytes) -> Tuple[Optional[str], bool, str]:
+def _fd_digest(fd: int) -> Tuple[str, bool]:
+    """(hex digest, measured by the kernel) of an open regular file."""
     try:
-        hexd, measured, _st = file_digest(path)
+        digest, measured = fsverity_ioctl.digest_measured_or_computed(fd)
+    except VerityError as exc:
+        # The kernel failed to answer for this file: callers report it as unreadable.
+        raise OSError(errno.EIO, str(exc)) from exc
+    return digest.hex(), measured
+
+
+DigestJob = Tuple[int, bytes, str]  # (directory fd, name, name for messages)
+
+
+def _digest_job(job: DigestJob) -> Tuple[Optional[str], bool, str]:
+    dir_fd, name, shown = job
+    try:
+        hexd, measured, _st = file_digest(name, dir_fd, shown)
         return hexd, measured, ""
+    except FileNotFoundError:
+        return None, False, _GONE
     except OSError as exc:
         return None, False, exc.strerror or str(exc)
-
-
-def _digests(paths: List[bytes], total_bytes: int, threads: int) -> List[Tuple[Optional[str], bool, str]]:
-    if threads > 1 and len(paths) > 1 and total_bytes >= _PARALLEL_MIN_BYTES:
-        try:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(max_workers=threads, mp_context=multiprocessing.get_context("fork")) as pool:
-                return list(pool.map(_digest_job, paths, chunksize=16))
-        except (OSError, ValueError, ImportError):
-            pass
-    return [_digest_job(p) for p in paths]
+    except UnsafePathError as exc:
+        return None, False, str(exc)
 
 
 def check(store: Store, *, repair: bool = False, threads: Optional[int] = None) -> FsckResult:
     result = FsckResult()
     if threads is None:
-        threads = os.cpu_count() or 1
+        threads = cpu_count()
     if repair:
         with store.lock.collector():
             with store.lock.shared():
@@ -120,43 +138,68 @@ def check(store: Store, *, repair: bool = False, threads: Optional[int] = None) 
     return result
 
 
+class _Dirs:
+    """The store's objects/ and images/ (the Store's descriptors, opened without following links)."""
+
+    def __init__(self, store: Store) -> None:
+        self.objects = ObjectDir(store.objects_dir, None, follow=False, opener=lambda: store.dir_fd(OBJECTS))
+        self.images = store.dir_fd(IMAGES)
+
+    def close(self) -> None:
+        self.objects.close()
+
+
 def _scan(store: Store, result: FsckResult, threads: int) -> None:
     try:
         store.check()
-    except StoreError as exc:
+        dirs = _Dirs(store)
+    except (StoreError, UnsafePathError) as exc:
         result.errors.append(str(exc))
         return
-    present = _check_objects(store, result, threads)
-    examined = _check_images(store, result, present)
-    _check_refs(store, result, examined, present)
-
-
-def _damage(result: FsckResult, path: bytes, message: str) -> None:
-    result.errors.append(message)
     try:
-        result.damaged.append((path, _ident(os.lstat(path))))
-    except FileNotFoundError:
-        pass
+        present = _check_objects(store, result, threads, dirs)
+        examined = _check_images(store, result, present, dirs)
+        _check_refs(store, result, examined, present, dirs)
+    finally:
+        dirs.close()
 
 
-def _check_objects(store: Store, result: FsckResult, threads: int) -> Dict[str, int]:
+def _damage(result: FsckResult, path: bytes, message: str, st: Optional[os.stat_result]) -> None:
+    """Report damage; ``st`` (its lstat) lets --repair move it if it is still the same file."""
+    result.errors.append(message)
+    if st is not None:
+        result.damaged.append((path, _ident(st)))
+
+
+def _check_objects(store: Store, result: FsckResult, threads: int, dirs: _Dirs) -> Dict[str, int]:
     """Verify every object; returns {hex: size} of the good ones."""
     good: Dict[str, int] = {}
-    todo: List[Tuple[str, bytes, int]] = []
-    for name in sorted(_listdir(store.objects_dir)):
+    todo: List[Tuple[str, bytes, os.stat_result]] = []
+    jobs: List[DigestJob] = []
+    root = dirs.objects.fd
+    for name in sorted(_listdir(root)):
         full = os.path.join(store.objects_dir, name)
-        st = _lstat(full)
+        st = _lstat(name, root)
         if st is None:
             continue
         if name.startswith(b".tmp"):
             result.notes.append("temporary file %s (crash debris; gc removes it)" % os.fsdecode(full))
             continue
         if not (is_hex_name(name, 2) and stat.S_ISDIR(st.st_mode)):
-            _damage(result, full, "objects/%s: not an object directory XX" % os.fsdecode(name))
+            _damage(result, full, "objects/%s: not an object directory XX (%s)"
+                    % (os.fsdecode(name), _kind(st)), st)
             continue
-        for sub in sorted(_listdir(full)):
+        try:
+            sub_fd = dirs.objects.subdir(name, create=False)
+        except UnsafePathError:
+            _damage(result, full, "objects/%s: not an object directory XX (replaced during the check)"
+                    % os.fsdecode(name), _lstat(name, root))
+            continue
+        if sub_fd is None:
+            continue
+        for sub in sorted(_listdir(sub_fd)):
             path = os.path.join(full, sub)
-            sst = _lstat(path)
+            sst = _lstat(sub, sub_fd)
             if sst is None:
                 continue
             shown = "objects/%s/%s" % (os.fsdecode(name), os.fsdecode(sub))
@@ -164,38 +207,38 @@ def _check_objects(store: Store, result: FsckResult, threads: int) -> Dict[str, 
                 if sub.startswith(b".tmp"):
                     result.notes.append("temporary file %s" % shown)
                 else:
-                    _damage(result, path, "%s: invalid object name" % shown)
+                    _damage(result, path, "%s: invalid object name" % shown, sst)
                 continue
             if not stat.S_ISREG(sst.st_mode):
-                _damage(result, path, "%s: not a regular file (mode %o)" % (shown, sst.st_mode))
+                _damage(result, path, "%s: not a regular file (%s, mode %o)" % (shown, _kind(sst), sst.st_mode), sst)
                 continue
-            todo.append(((name + sub).decode("ascii"), path, sst.st_size))
-    digests = _digests([p for _hexd, p, _size in todo], sum(s for _hexd, _path, s in todo), threads)
-    for (hexd, path, size), (got, measured, err) in zip(todo, digests):
+            todo.append(((name + sub).decode("ascii"), path, sst))
+            jobs.append((sub_fd, sub, shown))
+    digests = hash_map(_digest_job, jobs, sum(st.st_size for _h, _p, st in todo), threads)
+    for (hexd, path, sst), (got, measured, err) in zip(todo, digests):
         shown = "objects/%s/%s" % (hexd[:2], hexd[2:])
         if got is None:
-            if err and "No such file" in err:
-                continue
-            _damage(result, path, "%s: cannot read: %s" % (shown, err))
+            if err != _GONE:
+                _damage(result, path, "%s: cannot read: %s" % (shown, err), sst)
             continue
         result.objects += 1
-        result.object_bytes += size
+        result.object_bytes += sst.st_size
         if measured:
             result.verity_measured += 1
         if got != hexd:
             _damage(result, path, "%s: content has digest %s (%s): damaged"
-                    % (shown, got, "measured by fs-verity" if measured else "computed"))
+                    % (shown, got, "measured by fs-verity" if measured else "computed"), sst)
             continue
-        good[hexd] = size
+        good[hexd] = sst.st_size
     return good
 
 
-def _check_images(store: Store, result: FsckResult, present: Dict[str, int]) -> Dict[str, bool]:
+def _check_images(store: Store, result: FsckResult, present: Dict[str, int], dirs: _Dirs) -> Dict[str, bool]:
     """{image digest: good} of every image examined."""
     examined: Dict[str, bool] = {}
-    for name in sorted(_listdir(store.images_dir)):
+    for name in sorted(_listdir(dirs.images)):
         full = os.path.join(store.images_dir, name)
-        st = _lstat(full)
+        st = _lstat(name, dirs.images)
         if st is None:
             continue
         shown = "images/%s" % os.fsdecode(name)
@@ -203,39 +246,50 @@ def _check_images(store: Store, result: FsckResult, present: Dict[str, int]) -> 
             result.notes.append("temporary file %s (crash debris; gc removes it)" % shown)
             continue
         if not is_hex_name(name):
-            _damage(result, full, "%s: invalid image name" % shown)
+            _damage(result, full, "%s: invalid image name" % shown, st)
             continue
         hexd = name.decode("ascii")
-        examined[hexd] = _check_image(store, result, hexd, present)
+        examined[hexd] = _check_image(store, result, hexd, present, dirs)
     return examined
 
 
-def _check_image(store: Store, result: FsckResult, hexd: str, present: Dict[str, int]) -> bool:
+def _check_image(store: Store, result: FsckResult, hexd: str, present: Dict[str, int], dirs: _Dirs) -> bool:
     full = store.image_path(hexd)
+    name = hexd.encode("ascii")
     shown = "images/%s" % hexd
-    st = _lstat(full)
+    st = _lstat(name, dirs.images)
     if st is None:
         return False
     if not stat.S_ISREG(st.st_mode):
-        _damage(result, full, "%s: not a regular file" % shown)
+        _damage(result, full, "%s: not a regular file (%s)" % (shown, _kind(st)), st)
         return False
     try:
-        got, _measured, _st = file_digest(full)
-    except OSError as exc:
-        result.errors.append("%s: cannot read: %s" % (shown, exc.strerror or exc))
+        fd = open_regular(name, dirs.images, shown)
+    except FileNotFoundError:
         return False
-    result.images += 1
-    if got != hexd:
-        _damage(result, full, "%s: content has digest %s: damaged" % (shown, got))
+    except (OSError, UnsafePathError) as exc:
+        result.errors.append("%s: cannot read: %s" % (shown, getattr(exc, "strerror", None) or exc))
         return False
+    try:
+        try:
+            got, _measured = _fd_digest(fd)
+        except OSError as exc:
+            result.errors.append("%s: cannot read: %s" % (shown, exc.strerror or exc))
+            return False
+        result.images += 1
+        if got != hexd:
+            _damage(result, full, "%s: content has digest %s: damaged" % (shown, got), st)
+            return False
+    finally:
+        os.close(fd)
     try:
         needed = store.image_objects(hexd)
     except (OSError, ComposefsError) as exc:
-        _damage(result, full, "%s: cannot parse: %s" % (shown, exc))
+        _damage(result, full, "%s: cannot parse: %s" % (shown, exc), st)
         return False
     for problem in needed.problems:
         result.errors.append("%s: %s" % (shown, problem))
-    missing = [h for h in needed.objects if h not in present and not _late_object(store, h, present)]
+    missing = [h for h in needed.objects if h not in present and not _late_object(dirs, h, present)]
     wrong = [h for h in needed.objects if h in present and present[h] != needed.objects[h]]
     if missing:
         result.errors.append("%s: %d object(s) missing or damaged, e.g. %s"
@@ -245,19 +299,31 @@ def _check_image(store: Store, result: FsckResult, hexd: str, present: Dict[str,
     return not (missing or wrong or needed.problems)
 
 
-def _late_object(store: Store, hexd: str, present: Dict[str, int]) -> bool:
-    """An object written by a concurrent add after the objects were listed."""
+def _late_object(dirs: _Dirs, hexd: str, present: Dict[str, int]) -> bool:
+    """An object written by a concurrent add after the objects were listed.
+
+    Only a regular file in a real ``XX`` directory counts: a FIFO, device or
+    symbolic link there is damage (reported by the listing), never read.
+    """
     try:
-        got, _measured, st = file_digest(store.object_path(hexd))
+        fd = dirs.objects.open_object(bytes.fromhex(hexd))
+    except (OSError, UnsafePathError):
+        return False
+    try:
+        got, _measured = _fd_digest(fd)
+        size = os.fstat(fd).st_size
     except OSError:
         return False
-    if got != hexd or not stat.S_ISREG(st.st_mode):
+    finally:
+        os.close(fd)
+    if got != hexd:
         return False
-    present[hexd] = st.st_size
+    present[hexd] = size
     return True
 
 
-def _check_refs(store: Store, result: FsckResult, examined: Dict[str, bool], present: Dict[str, int]) -> None:
+def _check_refs(store: Store, result: FsckResult, examined: Dict[str, bool], present: Dict[str, int],
+                dirs: _Dirs) -> None:
     for dirpath, dirnames, filenames in os.walk(store.refs_dir, followlinks=False):
         rel = os.path.relpath(dirpath, store.refs_dir)
         for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
@@ -283,46 +349,81 @@ def _check_refs(store: Store, result: FsckResult, examined: Dict[str, bool], pre
             result.refs += 1
             if target not in examined:
                 # Added after the images were listed (a concurrent add).
-                examined[target] = _check_image(store, result, target, present)
+                examined[target] = _check_image(store, result, target, present, dirs)
             if not examined[target]:
                 state = "is damaged or misses objects" if os.path.lexists(store.image_path(target)) else "is missing"
                 result.errors.append("ref %s: image %s %s" % (shown, target, state))
 
 
 def _move_aside(store: Store, result: FsckResult) -> None:
-    os.makedirs(store.damaged_dir, mode=0o755, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    for path, ident in result.damaged:
-        st = _lstat(path)
-        if st is None or _ident(st) != ident:
-            continue  # replaced meanwhile (a fresh copy): not ours to move
-        if stat.S_ISREG(st.st_mode):
-            name = os.path.basename(path)
-            parent = os.path.basename(os.path.dirname(path))
-            if is_hex_name(name, 2 * DIGEST_SIZE - 2) and is_hex_name(parent, 2):
-                try:
-                    got, _m, _st = file_digest(path)
-                except OSError:
-                    got = None
-                if got == (parent + name).decode("ascii"):
-                    continue  # healed meanwhile
-        rel = os.path.relpath(path, store.path).replace(b"/", b"_")
-        dest = os.path.join(store.damaged_dir, b"%s.%s.%s" % (rel, stamp.encode(), os.urandom(3).hex().encode()))
-        os.rename(path, dest)
-        result.moved.append("%s -> %s" % (os.fsdecode(path), os.fsdecode(dest)))
-        fsync_dir(os.path.dirname(path))
-    fsync_dir(store.damaged_dir)
+    """Move every damaged entry still the same file into ``damaged/``, relative to directory fds.
 
-
-def _listdir(path: bytes) -> List[bytes]:
+    ``damaged/`` is created 0700 (it holds whatever was found, readable or
+    not); a symbolic link or non-directory there, or on the way to an entry
+    (``objects/XX``), is refused, never followed: nothing is moved outside.
+    """
+    store_fd = store.root_fd()
+    damaged_fd, _created = ensure_dir(DAMAGED, store_fd, 0o700, os.fsdecode(store.damaged_dir))
     try:
-        return os.listdir(path)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        for path, ident in result.damaged:
+            rel = os.path.relpath(path, store.path)
+            try:
+                _move_one(store, store_fd, damaged_fd, rel, ident, stamp, result)
+            except UnsafePathError as exc:
+                result.errors.append("cannot move %s aside: %s" % (os.fsdecode(rel), exc))
+        os.fsync(damaged_fd)
+    finally:
+        os.close(damaged_fd)
+
+
+def _move_one(store: Store, store_fd: int, damaged_fd: int, rel: bytes, ident: Tuple[int, int, int, int], stamp: str,
+              result: FsckResult) -> None:
+    parts = rel.split(b"/")
+    fds: List[int] = []
+    try:
+        parent = store_fd
+        for i, part in enumerate(parts[:-1]):
+            try:
+                parent = open_dir(part, parent, os.fsdecode(b"/".join(parts[:i + 1])))
+            except FileNotFoundError:
+                return  # gone meanwhile
+            fds.append(parent)
+        name = parts[-1]
+        st = _lstat(name, parent)
+        if st is None or _ident(st) != ident:
+            return  # replaced meanwhile (a fresh copy): not ours to move
+        if stat.S_ISREG(st.st_mode) and len(parts) == 3:
+            if is_hex_name(name, 2 * DIGEST_SIZE - 2) and is_hex_name(parts[1], 2):
+                try:
+                    got: Optional[str] = file_digest(name, parent)[0]
+                except (OSError, UnsafePathError):
+                    got = None
+                if got == (parts[1] + name).decode("ascii"):
+                    return  # healed meanwhile
+        dest = b"%s.%s.%s" % (rel.replace(b"/", b"_"), stamp.encode(), os.urandom(3).hex().encode())
+        os.rename(name, dest, src_dir_fd=parent, dst_dir_fd=damaged_fd)
+        result.moved.append("%s -> %s" % (os.fsdecode(os.path.join(store.path, rel)),
+                                          os.fsdecode(os.path.join(store.damaged_dir, dest))))
+        os.fsync(parent)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _kind(st: os.stat_result) -> str:
+    return file_kind(st.st_mode)
+
+
+def _listdir(fd: int) -> List[bytes]:
+    try:
+        return [os.fsencode(n) for n in os.listdir(fd)]
     except FileNotFoundError:
         return []
 
 
-def _lstat(path: bytes) -> Optional[os.stat_result]:
+def _lstat(name: bytes, dir_fd: int) -> Optional[os.stat_result]:
     try:
-        return os.lstat(path)
+        return os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
