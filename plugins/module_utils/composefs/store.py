@@ -458,9 +458,15 @@ class Store:
                              % (mode, PRIVATE_MODE, SHARED_MODE))
         store = cls(path, notice, allow_foreign)
         shown = os.fsdecode(store.path)
+        parent = os.path.dirname(os.path.abspath(store.path).rstrip(b"/"))
         try:
-            parent = os.path.dirname(os.path.abspath(store.path).rstrip(b"/"))
             os.makedirs(parent, mode=SHARED_MODE, exist_ok=True)
+        except OSError as exc:
+            # makedirs says FileExistsError for a parent that is a file.
+            why = "%s is not a directory" % os.fsdecode(parent) if isinstance(exc, FileExistsError) \
+                else exc.strerror or str(exc)
+            raise StoreError("cannot create %s: %s" % (shown, why)) from None
+        try:
             os.mkdir(store.path, mode)
         except FileExistsError:
             pass
