@@ -113,6 +113,13 @@ options:
       - Use the store's digest cache (see above). V(false) hashes every file on every run.
     type: bool
     default: true
+  allow_foreign_owner:
+    description:
+      - Accept a store whose directory or store subdirectories belong to another user (not the one running the
+        module, not root) or are writable by group or others.
+      - By default such a store is refused, since whoever can write there could swap its contents under the module.
+    type: bool
+    default: false
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 attributes:
@@ -130,6 +137,9 @@ notes:
   - In check mode a store that does not exist yet (a missing or empty directory) is treated as an empty store,
     so that a play that creates the store first can be checked.
   - Adds run under the store's shared lock, so they never overlap a C(composefs-store gc) sweep.
+  - Like sshd's C(StrictModes), a store owned by another user or writable by group or others is refused unless
+    O(allow_foreign_owner=true) (see M(composefs.fleet.store)); this module never creates a store, so a new
+    store's mode is chosen by M(composefs.fleet.store) (its O(composefs.fleet.store#module:shared_layout)).
 requirements:
   - Python 3.8 or later on the managed node; only the standard library.
 seealso:
@@ -271,10 +281,10 @@ def _present(module, params):
     location = params["store"]
     planned_store = module.check_mode and _not_created(location)
     if planned_store:
-        store = Store(location, notice=None)
+        store = Store(location, notice=None, allow_foreign=params["allow_foreign_owner"])
         module.warn("store %s does not exist yet; the check assumes an empty store" % location)
     else:
-        store = Store.open(location, notice=None)
+        store = Store.open(location, notice=None, allow_foreign=params["allow_foreign_owner"])
     result = add_image(
         store, params["src"], params["ref"],
         use_epoch=params["use_epoch"], skip_devices=params["skip_devices"], skip_xattrs=params["skip_xattrs"],
@@ -296,7 +306,7 @@ def _absent(module, params):
     ref = params["ref"]
     previous = None
     if not _not_created(location):  # else: no store, no ref
-        store = Store.open(location, notice=None)
+        store = Store.open(location, notice=None, allow_foreign=params["allow_foreign_owner"])
         with store.lock.shared() if not module.check_mode else nullcontext():
             try:
                 previous = store.read_ref(ref)
@@ -325,6 +335,7 @@ def main():
             expected_digest=dict(type="str"),
             objects_from=dict(type="path"),
             use_cache=dict(type="bool", default=True),
+            allow_foreign_owner=dict(type="bool", default=False),
         ),
         required_if=[("state", "present", ["src"])],
         mutually_exclusive=[("skip_xattrs", "user_xattrs")],

@@ -103,6 +103,14 @@ options:
         C(systemctl daemon-reload) follows every change of the unit.
     type: path
     default: /etc/systemd/system
+  allow_foreign_owner:
+    description:
+      - Accept a store whose directory or store subdirectories belong to another user (not the one running the
+        module, not root) or are writable by group or others.
+      - By default such a store is refused, since whoever can write there could swap its contents under the module.
+      - Matters only when O(image) names an image in O(store) (a ref or digest), the case where the store is opened.
+    type: bool
+    default: false
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 attributes:
@@ -301,7 +309,7 @@ def resolve(params, where, need_image):
             if not store_path:
                 raise Fail("image %r is not an absolute path, so it names an image in a store: store is required"
                            % image)
-            store = Store.open(store_path, notice=None)
+            store = Store.open(store_path, notice=None, allow_foreign=params["allow_foreign_owner"])
             digest = image.lower() if is_hex_name(image.lower()) else store.read_ref(image)
             image_file = _fs(store.image_path(digest))
             if not os.path.isfile(image_file):
@@ -584,6 +592,7 @@ def main():
             workdir=dict(type="path"),
             state=dict(type="str", required=True, choices=["mounted", "unmounted", "present", "absent", "remounted"]),
             unit_dir=dict(type="path", default=SYSTEMD_UNIT_DIR),
+            allow_foreign_owner=dict(type="bool", default=False),
         ),
         required_if=[
             ("state", "mounted", ["image"]),

@@ -262,3 +262,22 @@ def test_bad_arguments(module_runner, store, args, message):
     r = module_runner("image", dict(args, store=os.fsdecode(store.path)))
     assert r["failed"] and message in r["msg"], r["msg"]
     assert store.list_refs() == [] and store.list_images() == []
+
+
+@pytest.mark.parametrize("make_foreign, message", [
+    (lambda top: os.chmod(top, 0o770), "is writable by its group (mode 0770)"),
+    (lambda top: os.chown(top / "images", 4242, 4242), "images belongs to uid 4242"),
+], ids=["group-writable", "foreign-owner"])
+def test_foreign_or_writable_store_needs_allow_foreign_owner(module_runner, store, src, make_foreign, message):
+    top = Path(os.fsdecode(store.path))
+    make_foreign(top)
+    args = dict(store=str(top), ref="app/v1", src=str(src))
+    for state, check in (("present", True), ("present", False), ("absent", False)):
+        r = module_runner("image", dict(args, state=state), check=check)
+        assert r.get("failed") and message in r["msg"] and "allow_foreign_owner" in r["msg"], r
+        assert "Traceback" not in r["msg"]
+    with Store(top, notice=None, allow_foreign=True) as seen:
+        assert seen.list_refs() == [] and seen.list_images() == [] and not list(seen.iter_objects())
+    four_steps(module_runner, dict(args, allow_foreign_owner=True))
+    r = module_runner("image", dict(args, state="absent", allow_foreign_owner=True))
+    assert r["changed"] is True and r["removed"] is True, r

@@ -488,3 +488,22 @@ def test_agent_pins_only_a_verity_mount():
     assert request_for(off, pin=True).mount_args()["digest"] is None
     req = MountSpec("/srv/x", "/i", "a" * 64, ["/nonexistent-objects"], "require", True, None, None)
     assert request_for(req, pin=True).mount_args()["digest"] == "a" * 64
+
+
+# -- store ownership (sshd StrictModes) -------------------------------------------------
+
+@pytest.mark.kernel
+def test_group_writable_store_needs_allow_foreign_owner(module_runner, env):
+    target = env.target()
+    os.chmod(env.store, 0o770)
+    for state, check in (("mounted", True), ("mounted", False), ("present", False)):
+        res = module_runner("mount", env.args(target, state), check=check)
+        assert res.get("failed") and "is writable by its group (mode 0770)" in res["msg"], res
+        assert "allow_foreign_owner" in res["msg"] and "Traceback" not in res["msg"]
+    assert not os.path.exists(target) and not os.path.exists(str(env.units))
+    four(module_runner, env.args(target, "mounted", allow_foreign_owner=True))
+    assert mounted_here(target)
+    env.assert_reads(target, "one")
+    # Unmounting opens no store: the flag is not needed to take the mount away.
+    four(module_runner, env.args(target, "absent"))
+    assert not mounted_here(target) and not os.path.exists(env.unit_file(target))

@@ -131,6 +131,18 @@ def test_not_a_store(capsys, tmp_path, src):
     assert not (tmp_path / "missing").exists()
 
 
+@pytest.mark.parametrize("check", [True, False])
+def test_group_writable_store_needs_allow_foreign_owner(capsys, store, src, check):
+    top = os.fsdecode(store.path)
+    os.chmod(top, 0o770)
+    before = listing(top)
+    res = run(capsys, args_for(store, src), check=check)
+    assert res.get("failed") and "writable by its group" in res["msg"] and "allow_foreign_owner" in res["msg"]
+    assert listing(top) == before
+    res = run(capsys, args_for(store, src, allow_foreign_owner=True), check=check)
+    assert res["changed"] is True and not res.get("failed"), res
+
+
 def test_missing_source(capsys, store, tmp_path):
     res = run(capsys, args_for(store, tmp_path / "nothing"))
     assert res["failed"] and "no such file or directory" in res["msg"]

@@ -113,6 +113,15 @@ def test_not_a_store(capsys, env):
     assert res["failed"] and "is not a composefs store" in res["msg"]
 
 
+def test_group_writable_store_needs_allow_foreign_owner(capsys, env):
+    os.chmod(env["store"], 0o770)
+    res = run(capsys, args_for(env, "present"), check=True)
+    assert res.get("failed") and "writable by its group" in res["msg"] and "allow_foreign_owner" in res["msg"]
+    res = run(capsys, args_for(env, "present", allow_foreign_owner=True), check=True)
+    assert res["changed"] is True and not res.get("failed"), res
+    assert not os.path.exists(env["units"])
+
+
 def test_unknown_ref_and_digest(capsys, env):
     res = run(capsys, args_for(env, "present", image="app/missing"))
     assert res["failed"] and "no ref app/missing" in res["msg"]
