@@ -1,0 +1,111 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The node and agent roles with a store refused by the owner check (sshd StrictModes).
+
+ansible-playbook runs both roles on this machine (local connection, no tools
+installed, units and the agent's configuration in a temp dir, mounts only as
+units: nothing is mounted).  A group-writable store listed in ``node_stores``
+with ``allow_foreign_owner`` is accepted by the store task and, through the
+role, by the image and mount tasks of that store (its path given with a
+trailing slash there) and by the agent role's ref lookup; without the key the
+role fails on it.  ``shared_layout`` makes a new store 0755.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from composefs_fleet.store import Store
+from composefs_fleet.systemd_unit import unit_name
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_play(tmp: Path, name: str, play_vars: dict, roles: list) -> "subprocess.CompletedProcess[str]":
+    exe = Path(sys.executable).parent / "ansible-playbook"
+    if not exe.is_file():
+        pytest.skip("ansible-playbook is not installed next to %s" % sys.executable)
+    collections = tmp / "collections" / "ansible_collections" / "composefs"
+    if not collections.exists():
+        collections.mkdir(parents=True)
+        (collections / "fleet").symlink_to(REPO)
+    play = [{"name": name, "hosts": "all", "gather_facts": False, "vars": play_vars, "roles": roles}]
+    (tmp / ("%s.json" % name)).write_text(json.dumps(play))
+    inventory = {"all": {"hosts": {"localhost": {"ansible_connection": "local",
+                                                 "ansible_python_interpreter": "/usr/bin/python3"}}}}
+    (tmp / "inventory.json").write_text(json.dumps(inventory))
+    env = dict(os.environ)
+    env.update({
+        "ANSIBLE_COLLECTIONS_PATH": str(tmp / "collections"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-tmp"),
+        "ANSIBLE_HOME": str(tmp / "ansible-home"),
+        "ANSIBLE_RETRY_FILES_ENABLED": "0",
+        "PATH": "%s:%s" % (Path(sys.executable).parent, env.get("PATH", "")),
+    })
+    return subprocess.run([str(exe), "-i", str(tmp / "inventory.json"), str(tmp / ("%s.json" % name))],
+                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=600,
+                          cwd=str(tmp))
+
+
+def test_roles_pass_allow_foreign_owner_and_shared_layout(tmp_path):
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("/usr/bin/python3 (the modules' interpreter) is missing")
+    store = tmp_path / "store"
+    Store.init(store, notice=None)
+    os.chmod(store, 0o770)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "big").write_bytes(os.urandom(5000))
+    (src / "small").write_text("small\n")
+    # The agent's command (agent_install: false): this checkout's agent.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    agent = bindir / "composefs-fleet-agent"
+    agent.write_text("#!/bin/sh\nPYTHONPATH=%s exec %s -m composefs_fleet_agent \"$@\"\n"
+                     % (REPO / ".shim", sys.executable))
+    agent.chmod(0o755)
+    mnt = tmp_path / "mnt"
+    units = tmp_path / "units"
+    play_vars = {
+        "node_tools": "none",
+        "node_unit_dir": str(units),
+        "node_stores": [{"path": str(store), "allow_foreign_owner": True},
+                        {"path": str(tmp_path / "shared"), "shared_layout": True}],
+        "node_images": [{"store": str(store) + "/", "ref": "app/v1", "src": str(src)}],
+        "node_mounts": [{"path": str(mnt), "store": str(store) + "/", "image": "app/v1", "state": "present"}],
+    }
+    agent_vars = {"agent_install": False, "agent_bin_dir": str(bindir), "agent_config": str(tmp_path / "agent.json"),
+                  "agent_textfile": "", "agent_unit_dir": str(units),
+                  # Watched (state mounted), so the role reads the ref in the store.
+                  "agent_mounts": [dict(play_vars["node_mounts"][0], state="mounted")]}
+    roles = ["composefs.fleet.node", {"role": "composefs.fleet.agent", "vars": agent_vars}]
+    proc = run_play(tmp_path, "allowed", play_vars, roles)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert os.stat(store).st_mode & 0o777 == 0o770  # an existing store keeps its modes
+    assert os.stat(tmp_path / "shared").st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "shared" / "objects").st_mode & 0o777 == 0o755
+    with Store(store, notice=None, allow_foreign=True) as seen:
+        digest = seen.read_ref("app/v1")
+    assert (units / unit_name(str(mnt))).is_file()
+    config = json.loads((tmp_path / "agent.json").read_text())
+    assert config["mounts"][0]["digest"] == digest
+    assert config["mounts"][0]["image"] == "%s/images/%s" % (store, digest)
+
+    # Without the key, the store (and so everything in it) is refused.
+    play_vars["node_stores"] = [{"path": str(store)}]
+    proc = run_play(tmp_path, "refused", play_vars, ["composefs.fleet.node"])
+    assert proc.returncode != 0
+    assert "is writable by its group (mode 0770)" in proc.stdout and "allow_foreign_owner" in proc.stdout, \
+        proc.stdout[-6000:]
+    # The agent role reads the ref with the option of the store's agent_stores item (default: node_stores).
+    agent_vars["agent_stores"] = [{"path": str(store)}]
+    proc = run_play(tmp_path, "agent-refused", play_vars, [{"role": "composefs.fleet.agent", "vars": agent_vars}])
+    assert proc.returncode != 0
+    assert "is writable by its group (mode 0770)" in proc.stdout, proc.stdout[-6000:]
