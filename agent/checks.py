@@ -391,7 +391,7 @@ class Checker:
             # cannot change between check and enable without a writer, and
             # FS_IOC_ENABLE_VERITY refuses files open for writing (ETXTBSY).
             unsupported = fsverity_ioctl.enable_then_check(fd, bytes.fromhex(str(fields["object"])), path, st,
-                                                          self._no_verity_devs)
+                                                           self._no_verity_devs)
         except VerityMismatch as exc:
             # Changed between hash and enable: now sealed with other content.
             self._add("object-digest-mismatch", "object %s changed while being sealed: measured %s"

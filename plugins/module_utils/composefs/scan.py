@@ -73,6 +73,7 @@ ProgressCallback = Callable[[int, int], None]
 _XATTR_ENTRY_COST = 2 * 4 - 1
 _XATTR_HEADER_COST = 12
 
+
 class _FileJob:
     """A regular file whose content the second pass must read."""
 
