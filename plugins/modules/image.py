@@ -116,8 +116,8 @@ options:
   allow_foreign_owner:
     description:
       - Accept a store whose directory or store subdirectories belong to another user (not the one running the
-        module, not root) or are writable by group or others.
-      - By default such a store is refused, since whoever can write there could swap its contents under the module.
+        module, not root) or are writable by group or others. By default such a store is refused, since whoever
+        can write there could swap its contents under the module (see the notes).
     type: bool
     default: false
 extends_documentation_fragment:
