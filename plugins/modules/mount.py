@@ -113,13 +113,7 @@ options:
     default: false
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
-  platform:
-    platforms: posix
+  - composefs.fleet.attributes
 notes:
   - Needs root (CAP_SYS_ADMIN). Linux 6.5+ for data-only overlay layers; fs-verity checks need 6.6+ and a basedir
     filesystem with fs-verity.

@@ -70,13 +70,7 @@ options:
     default: false
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
-  platform:
-    platforms: posix
+  - composefs.fleet.attributes
 notes:
   - Removal first renames the store to a hidden temporary name next to it, so no half-deleted store is ever
     visible under O(path). A store directory that is itself a mount point stays as an empty directory; its

@@ -59,13 +59,7 @@ options:
     default: fail
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
-  platform:
-    platforms: posix
+  - composefs.fleet.attributes
 notes:
   - Enabling fs-verity fails for a file that is open for writing anywhere (ETXTBSY); close the writers first.
   - Files are hashed on every run unless they already have fs-verity, so the first run over a large tree costs a
