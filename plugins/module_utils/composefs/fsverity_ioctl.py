@@ -131,19 +131,18 @@ def _kernel_has_fsverity() -> Optional[bool]:
 
 
 def _fs_type(fd: int) -> Optional[str]:
-    """Filesystem type holding ``fd`` (from /proc/self/mountinfo), if found."""
+    """Filesystem type holding ``fd`` (from mountinfo), if found."""
+    from .mountinfo import read_mountinfo
+
     try:
         st = os.fstat(fd)
-        wanted = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mountinfo:
-            for line in mountinfo:
-                fields = line.split()
-                if len(fields) > 2 and fields[2] == wanted and "-" in fields:
-                    rest = fields[fields.index("-") + 1 :]
-                    if rest:
-                        return rest[0]
-    except OSError:
-        pass
+        entries = read_mountinfo()
+    except (OSError, ValueError):
+        return None
+    wanted = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
+    for entry in entries:
+        if entry.dev == wanted:
+            return entry.fstype
     return None
 
 
