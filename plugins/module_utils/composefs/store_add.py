@@ -47,7 +47,6 @@ hashing), instead of copying while hashing.
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 import sys
@@ -272,8 +271,21 @@ def _load_source(store: Store, batch: ObjectBatch, source: PathLike, result: Add
     except UnsafePathError as exc:
         raise StoreError("%s: neither a directory, a dump file nor an image" % exc) from None
     with os.fdopen(fd, "rb") as f:
-        data = f.read()
-    if is_composefs_image(data[:4]):
+        if is_composefs_image(f.peek(4)[:4]):
+            # An image is stored as it is: its bytes are needed whole.
+            data = f.read()
+        else:
+            # A dump is parsed as it streams in: memory follows the tree, not the file.
+            data = None
+            from .dump import parse_dump
+
+            try:
+                root = parse_dump(f)
+            except DumpParseError as exc:
+                what = ("is neither a composefs image nor a composefs-dump file" if exc.lineno <= 1
+                        else "is not a valid dump")
+                raise StoreError("%s %s (%s)" % (os.fsdecode(src), what, exc)) from None
+    if data is not None:
         from .erofs_reader import read_image
 
         try:
@@ -284,13 +296,6 @@ def _load_source(store: Store, batch: ObjectBatch, source: PathLike, result: Add
             raise StoreError("source filters (epoch, devices, xattrs) cannot apply to an existing image, "
                              "which is stored as it is")
         return "image", root, data
-    from .dump import parse_dump
-
-    try:
-        root = parse_dump(io.BytesIO(data))
-    except DumpParseError as exc:
-        what = "is neither a composefs image nor a composefs-dump file" if exc.lineno <= 1 else "is not a valid dump"
-        raise StoreError("%s %s (%s)" % (os.fsdecode(src), what, exc)) from None
     apply_source_options(root, use_epoch=use_epoch, skip_devices=skip_devices,
                          skip_xattrs=skip_xattrs, user_xattrs=user_xattrs)
     return "dump", root, None
