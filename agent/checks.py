@@ -21,7 +21,8 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 from composefs_fleet import fsverity_digest, fsverity_ioctl, mount_record, mountinfo
 from composefs_fleet.errors import ComposefsError, VerityError, VerityMismatch
 from composefs_fleet.mount_state import LAYOUT, LiveMount, differences
-from composefs_fleet.store import DAMAGED, META_NAME, image_file_objects
+from composefs_fleet.image_needs import image_file_objects
+from composefs_fleet.store import DAMAGED, META_NAME
 
 from .config import Config, MountSpec
 from .findings import Finding

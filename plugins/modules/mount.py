@@ -273,7 +273,8 @@ from ..module_utils.composefs.errors import ComposefsError
 from ..module_utils.composefs.fsverity_digest import digest_file
 from ..module_utils.composefs.mount import mount_composefs
 from ..module_utils.composefs.mount_state import NOT_MOUNTED, MountRequest, differences, live_mount, resolve_verity
-from ..module_utils.composefs.store import Store, is_hex_name
+from ..module_utils.composefs.store import Store
+from ..module_utils.composefs.store_names import is_hex_name
 from ..module_utils.composefs.systemd_unit import (SYSTEMD_UNIT_DIR, daemon_reload, disable_unit, enable_unit,
                                                    manages_unit_dir, systemd_running, unit_name, unit_text,
                                                    write_unit)

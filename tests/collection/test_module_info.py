@@ -79,7 +79,7 @@ def test_store_facts(module_runner, store, tmp_path):
 
 def test_missing_objects_are_listed_and_counted(module_runner, store, tmp_path):
     one = store.read_ref("app/one")
-    from composefs_fleet.store import image_objects
+    from composefs_fleet.image_needs import image_objects
 
     needed = sorted(image_objects(store.read_image(one)).objects)
     victim = next(h for h in needed if h in image_objects(store.read_image(store.read_ref("app/two"))).objects)

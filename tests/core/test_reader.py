@@ -436,7 +436,7 @@ _FUZZ_IMAGES = valid_images()
 # -- the lean object lister (the agent's and gc's view of large images) --------
 
 def _objects_both_ways(data: bytes):
-    from composefs_fleet.store import image_data_objects, image_objects
+    from composefs_fleet.image_needs import image_data_objects, image_objects
 
     try:
         tree = image_objects(read_image(data))

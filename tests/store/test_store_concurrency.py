@@ -25,6 +25,7 @@ from composefs_fleet import fsverity_digest
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.scan import build_tree_from_directory
 from composefs_fleet.store import Store
+from composefs_fleet.store_add import add_image
 from composefs_fleet.store_fsck import check
 
 from store_fixtures import make_tree, store_cmd  # noqa: F401  (fixtures)
@@ -34,7 +35,7 @@ SOURCES = 5
 
 WORKER = r"""
 import json, os, random, sys, time
-from composefs_fleet.store import Store, RefNotFound
+from composefs_fleet.store import RefNotFound, Store
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_gc import collect
 
@@ -139,7 +140,7 @@ def test_two_adds_of_the_same_content_at_once(tmp_path, make_tree, store_cmd):
     assert len(digests) == 1 and store.list_images() == sorted(digests)
     expected = fsverity_digest.digest_bytes(build_image(build_tree_from_directory(str(src)))).hex()
     assert digests == {expected}
-    from composefs_fleet.store import image_objects
+    from composefs_fleet.image_needs import image_objects
 
     needed = image_objects(store.read_image(expected))
     assert sorted(h for h, _p, _st in store.iter_objects()) == sorted(needed.objects)

@@ -57,3 +57,23 @@ class UnmountError(ComposefsError):
     def __init__(self, message: str, err: int = 0) -> None:
         super().__init__(message)
         self.errno = err
+
+
+class UnsafePathError(ComposefsError):
+    """A symbolic link, a non-directory or a foreign-owned entry where the tree needs its own."""
+
+
+class StoreError(ComposefsError):
+    """The store is missing, of an unknown format, damaged, or an operation is refused."""
+
+
+class RefNotFound(StoreError):
+    pass
+
+
+class UnsafeStoreError(StoreError, UnsafePathError):
+    """A symbolic link or a foreign-owned (or group/other-writable) directory in the store."""
+
+
+class ForeignOwnerError(UnsafeStoreError):
+    """The store or a directory of it belongs to someone else or is group/other-writable (see allow_foreign)."""

@@ -24,7 +24,7 @@ import errno
 import os
 import stat
 
-from .errors import ComposefsError
+from .errors import UnsafePathError
 
 # typing costs ~20 ms of start-up and mount.composefs opens its image through
 # here: imported for type checkers only (annotations are strings).
@@ -38,10 +38,6 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Opening a FIFO or a device must never block or have side effects (a tape
 #: rewinds, a terminal becomes ours): non-blocking, no controlling tty.
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-
-
-class UnsafePathError(ComposefsError):
-    """A symbolic link, a non-directory or a foreign-owned entry where the tree needs its own."""
 
 
 def open_dir(name: PathArg, dir_fd: Optional[int] = None, shown: Optional[str] = None) -> int:

@@ -57,12 +57,14 @@ Concurrency (the "never loses data" part):
   ``objects/``) must not run during a gc; add their image right after
   writing it.
 
-Modules: this one (layout, names, refs, images), store_add (add-image and the
-directory pipeline: ``store_add.add_image(store, source, ref)``; it builds on
-this module, never the other way round), store_cache (digest cache), store_lock, store_gc,
-store_fsck, store_stats.
+Modules: this one (layout, directories, refs, images), store_names (digest,
+object and ref names), image_needs (the objects an image refers to),
+store_add (add-image and the directory pipeline:
+``store_add.add_image(store, source, ref)``; it builds on this module, never
+the other way round), store_cache (digest cache), store_lock, store_gc,
+store_fsck, store_stats; their errors are in errors.
 
-Names are validated before any path is built: object and image names must be
+Names are validated (store_names) before any path is built: object and image names must be
 64 lowercase hex digits; ref names must be relative, without empty, ``.``,
 ``..`` or dot-leading components, NUL or newline, and are resolved one
 component at a time with ``O_NOFOLLOW`` directory descriptors, so a symlink
@@ -74,19 +76,19 @@ from __future__ import annotations
 import errno
 import json
 import os
-import mmap
 import stat
 import weakref
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import fsverity_digest
 from .atomic_file import write_atomic_at
-from .erofs_format import COMPOSEFS_MAGIC
-from .errors import ComposefsError, ImageError
+from .errors import ForeignOwnerError, RefNotFound, StoreError, UnsafeStoreError
+from .image_needs import ImageObjects, image_fd_objects
 from .json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
 from .objects import publish_bytes, same_file
 from .safe_dirs import DIR_FLAGS, UnsafePathError, check_owner, ensure_dir, open_dir, open_regular
 from .store_lock import StoreLock, WaitNotice, stderr_notice
+from .store_names import check_digest_hex, is_hex_name, object_relpath, split_ref_name
 from .tree import DIGEST_SIZE, Node
 
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -99,8 +101,6 @@ IMAGES = b"images"
 REFS = b"refs"
 DAMAGED = b"damaged"
 CACHE = b"cache"
-TMP_PREFIX = b".tmp"
-REF_NAME_MAX = 1024
 
 #: Store directories: opened without following links, owner-checked.
 REQUIRED_DIRS = (OBJECTS, IMAGES, REFS)
@@ -108,203 +108,6 @@ OPTIONAL_DIRS = (CACHE, DAMAGED)
 #: Mode of a new store and its directories; SHARED_MODE is the C tools' layout.
 PRIVATE_MODE = 0o700
 SHARED_MODE = 0o755
-
-_HEX = frozenset(b"0123456789abcdef")
-
-
-class StoreError(ComposefsError):
-    """The store is missing, of an unknown format, damaged, or an operation is refused."""
-
-
-class RefNotFound(StoreError):
-    pass
-
-
-class UnsafeStoreError(StoreError, UnsafePathError):
-    """A symbolic link or a foreign-owned (or group/other-writable) directory in the store."""
-
-
-class ForeignOwnerError(UnsafeStoreError):
-    """The store or a directory of it belongs to someone else or is group/other-writable (see allow_foreign)."""
-
-
-# -- names ---------------------------------------------------------------------
-
-def is_hex_name(name: Union[str, bytes], length: int = 2 * DIGEST_SIZE) -> bool:
-    raw = name.encode("ascii", "replace") if isinstance(name, str) else bytes(name)
-    return len(raw) == length and not raw.translate(None, bytes(_HEX))
-
-
-def check_digest_hex(name: Union[str, bytes]) -> str:
-    """``name`` as str if it is 64 lowercase hex digits, else StoreError."""
-    if not is_hex_name(name):
-        raise StoreError("invalid digest %r: need %d lowercase hex digits" % (name, 2 * DIGEST_SIZE))
-    return name.decode("ascii") if isinstance(name, bytes) else name
-
-
-def object_hex_from_payload(payload: bytes) -> Optional[str]:
-    """The digest named by a backing path ``XX/YYYY...``, or None if it is not one."""
-    if len(payload) == 2 * DIGEST_SIZE + 1 and payload[2:3] == b"/":
-        raw = payload[:2] + payload[3:]
-        if is_hex_name(raw):
-            return raw.decode("ascii")
-    return None
-
-
-def object_relpath(hexdigest: str) -> bytes:
-    check_digest_hex(hexdigest)
-    raw = hexdigest.encode("ascii")
-    return raw[:2] + b"/" + raw[2:]
-
-
-def split_ref_name(name: Union[str, bytes]) -> List[bytes]:
-    """Components of a valid ref name; StoreError (saying why) otherwise."""
-    raw = os.fsencode(name)
-    shown = os.fsdecode(raw)
-    if not raw:
-        raise StoreError("empty ref name")
-    if len(raw) > REF_NAME_MAX:
-        raise StoreError("ref name too long (%d bytes, at most %d)" % (len(raw), REF_NAME_MAX))
-    if b"\0" in raw or b"\n" in raw or b"\r" in raw:
-        raise StoreError("ref name %r contains NUL or a line break" % shown)
-    if raw.startswith(b"/"):
-        raise StoreError("ref name %r is absolute; refs are relative names like 'app/v1'" % shown)
-    parts = raw.split(b"/")
-    for part in parts:
-        if not part:
-            raise StoreError("ref name %r has an empty component (leading, trailing or double '/')" % shown)
-        if part in (b".", b".."):
-            raise StoreError("ref name %r contains '%s'" % (shown, os.fsdecode(part)))
-        if part.startswith(b"."):
-            raise StoreError("ref name %r: components may not start with '.' (reserved for temporary files)"
-                             % shown)
-        if len(part) > 255:
-            raise StoreError("ref name %r: component longer than 255 bytes" % shown)
-    return parts
-
-
-# -- what an image needs ---------------------------------------------------------
-
-class ImageObjects:
-    """The objects an image refers to, by hex digest, with the file size."""
-
-    def __init__(self) -> None:
-        self.objects: Dict[str, int] = {}
-        self.files = 0
-        self.logical_bytes = 0
-        self.problems: List[str] = []
-        #: Size of the image file, where one was read (:meth:`Store.image_objects`).
-        self.image_bytes: Optional[int] = None
-
-
-def image_objects(root: Node) -> ImageObjects:
-    """Objects referenced by the external regular files of a tree."""
-    return _collect_objects(
-        (os.fsdecode(path), node.payload, node.digest, node.size)
-        for path, node in root.walk()
-        if node.link_to is None and node.is_reg() and node.content is None
-        and (node.payload is not None or node.digest is not None))
-
-
-def image_file_objects(path: PathLike, progress: Optional[Callable[[], None]] = None) -> ImageObjects:
-    """Objects referenced by the image file at ``path``, without loading its tree.
-
-    ``progress`` is called every few thousand files (a long-running caller
-    pings its watchdog there)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return image_fd_objects(fd, progress)
-    finally:
-        os.close(fd)
-
-
-def image_fd_objects(fd: int, progress: Optional[Callable[[], None]] = None) -> ImageObjects:
-    """:func:`image_file_objects` of an open image file."""
-    from .erofs_reader import iter_external_files
-
-    size = os.fstat(fd).st_size
-    if size == 0:
-        raise ImageError("image is empty")
-    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
-        files = (("inode %d" % nid, payload, digest, fsize)
-                 for nid, payload, digest, fsize in iter_external_files(mm))
-        out = _collect_objects(_dropping_pages(mm, files, progress))
-    out.image_bytes = size
-    return out
-
-
-def image_data_objects(data: bytes) -> ImageObjects:
-    """Objects referenced by the image held in ``data``, without loading its tree."""
-    from .erofs_reader import iter_external_files
-
-    return _collect_objects(("inode %d" % nid, payload, digest, fsize)
-                            for nid, payload, digest, fsize in iter_external_files(data))
-
-
-def _dropping_pages(mm: mmap.mmap, items: Iterator[Any], progress: Optional[Callable[[], None]],
-                    every: int = 4096) -> Iterator[Any]:
-    # Mapped image pages count as our memory: a large image read once would
-    # keep all of it resident.  Dropping them now and then only costs page
-    # cache lookups for the few pages read again.
-    advise = getattr(mm, "madvise", None)
-    dontneed = getattr(mmap, "MADV_DONTNEED", None)
-    for i, item in enumerate(items, 1):
-        yield item
-        if i % every == 0:
-            if advise is not None and dontneed is not None:
-                advise(dontneed)
-            if progress is not None:
-                progress()
-
-
-def _collect_objects(files: Iterable[Tuple[str, Optional[bytes], Optional[bytes], int]]) -> ImageObjects:
-    out = ImageObjects()
-    for where, payload, digest, size in files:
-        if payload is not None:
-            hexd = object_hex_from_payload(payload)
-            if hexd is None:
-                out.problems.append("%s: backing path %r is not an object name XX/YYYY..."
-                                    % (where, os.fsdecode(payload)))
-                continue
-            if digest is not None and digest.hex() != hexd:
-                out.problems.append("%s: fs-verity digest %s does not match its backing path %s"
-                                    % (where, digest.hex(), os.fsdecode(payload)))
-        else:
-            if digest is None:
-                raise AssertionError("digest is not None")
-            hexd = digest.hex()
-        known = out.objects.get(hexd)
-        if known is not None and known != size:
-            out.problems.append("%s: object %s used with sizes %d and %d" % (where, hexd, known, size))
-        out.objects[hexd] = size
-        out.files += 1
-        out.logical_bytes += size
-    return out
-
-
-def is_composefs_image(head: bytes) -> bool:
-    return len(head) >= 4 and int.from_bytes(head[:4], "little") == COMPOSEFS_MAGIC
-
-
-# -- results -------------------------------------------------------------------
-
-class AddResult:
-    def __init__(self) -> None:
-        self.digest = ""
-        self.ref = ""
-        self.previous: Optional[str] = None
-        self.source_kind = ""
-        self.image_written = False
-        self.objects = 0
-        self.objects_written = 0
-        self.bytes_written = 0
-        self.files_hashed = 0
-        self.bytes_hashed = 0
-        self.cache_hits = 0
-
-    def as_dict(self) -> Dict[str, Any]:
-        return dict(self.__dict__)
-
 
 # -- the store -----------------------------------------------------------------
 
@@ -870,6 +673,5 @@ def object_entries(dir_fd: int) -> Iterator[Tuple[bytes, os.stat_result]]:
 
 
 __all__ = [
-    "AddResult", "ForeignOwnerError", "ImageObjects", "RefNotFound", "Store", "StoreError", "UnsafeStoreError", "check_digest_hex",
-    "image_fd_objects", "image_objects", "is_hex_name", "object_entries", "object_hex_from_payload", "split_ref_name",
+    "ForeignOwnerError", "RefNotFound", "Store", "StoreError", "UnsafeStoreError", "object_entries",
 ]

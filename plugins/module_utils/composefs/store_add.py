@@ -60,8 +60,9 @@ from .object_copier import ObjectCopier
 from .objects import ObjectBatch, ObjectDir, same_file
 from .safe_dirs import READ_FLAGS, UnsafePathError, file_kind, open_regular
 from .scan import build_tree_from_directory
-from .store import (IMAGES, OBJECTS, AddResult, ImageObjects, PathLike, Store, StoreError, check_digest_hex,
-                    image_objects, is_composefs_image, split_ref_name)
+from .image_needs import ImageObjects, image_objects, is_composefs_image
+from .store import IMAGES, OBJECTS, PathLike, Store, StoreError
+from .store_names import check_digest_hex, split_ref_name
 from .store_cache import DigestCache, Key, key_of
 from .store_image_memo import ImageMemo
 from .store_image_memo import memo_key as image_memo_key
@@ -70,6 +71,24 @@ from .tree import RECOMMENDED_INLINE_CONTENT_MAX, Node, apply_source_options, di
 
 def _changed(path: bytes) -> FormatError:
     return FormatError("%s changed while it was being added; try again" % os.fsdecode(path))
+
+
+class AddResult:
+    def __init__(self) -> None:
+        self.digest = ""
+        self.ref = ""
+        self.previous: Optional[str] = None
+        self.source_kind = ""
+        self.image_written = False
+        self.objects = 0
+        self.objects_written = 0
+        self.bytes_written = 0
+        self.files_hashed = 0
+        self.bytes_hashed = 0
+        self.cache_hits = 0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
 
 
 class DigestMismatch(StoreError):

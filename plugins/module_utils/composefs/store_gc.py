@@ -48,8 +48,9 @@ from .errors import ComposefsError
 from .loopdev import bound_devices
 from .mount_record import mounted_images as recorded_mounts
 from .mountinfo import MountInfo, of_type, read_mountinfo, top_mount
-from .store import (CACHE, IMAGES, OBJECTS, REFS, RefNotFound, Store, StoreError, image_data_objects,
-                    is_composefs_image, is_hex_name, object_entries)
+from .image_needs import image_data_objects, is_composefs_image
+from .store import CACHE, IMAGES, OBJECTS, REFS, RefNotFound, Store, StoreError, object_entries
+from .store_names import is_hex_name
 
 #: Default age after which ``objects/.tmp*`` files count as crash debris.
 DEFAULT_TMP_GRACE = 3600.0
@@ -148,7 +149,7 @@ def objects_from_mounted_tree(mountpoint: bytes) -> Set[str]:
     xattrs.  Needs the right to read ``trusted.*`` xattrs (CAP_SYS_ADMIN),
     as gc does anyway.
     """
-    from .store import object_hex_from_payload
+    from .store_names import object_hex_from_payload
 
     found: Set[str] = set()
 
