@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from composefs_fleet import fsverity_digest, fsverity_ioctl, objects
+from composefs_fleet import file_copy, fsverity_digest, fsverity_ioctl, objects
 from composefs_fleet.errors import FormatError, VerityError, VerityNotSupported
 from composefs_fleet.objects import object_path, store_object
 from composefs_fleet.safe_dirs import UnsafePathError
@@ -168,7 +168,7 @@ def test_failure_mid_copy_leaves_nothing(tmp_path, monkeypatch):
         os.pwrite(dst, data[:20000], 0)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(objects, "_copy_data", half_then_fail)
+    monkeypatch.setattr(file_copy, "copy_data", half_then_fail)
     with pytest.raises(OSError) as info:
         store_object(tmp_path / "f", digest, store)
     assert info.value.errno == errno.ENOSPC
@@ -207,11 +207,11 @@ def test_copy_strategies(tmp_path, monkeypatch, path):
     _write(tmp_path / "f", data)
     digest = fsverity_digest.digest_bytes(data)
     used = []
-    real_ioctl = objects.fcntl.ioctl
+    real_ioctl = file_copy.fcntl.ioctl
     real_cfr = os.copy_file_range
 
     def ioctl(fd, request, arg, *rest):
-        if request == objects.FICLONE:
+        if request == file_copy.FICLONE:
             used.append("ficlone")
             if path == "ficlone":
                 # Pretend the filesystem reflinks: do the copy ourselves.
@@ -228,9 +228,9 @@ def test_copy_strategies(tmp_path, monkeypatch, path):
             return 0
         return real_cfr(src, dst, count, offset_src, offset_dst)
 
-    monkeypatch.setattr(objects.fcntl, "ioctl", ioctl)
+    monkeypatch.setattr(file_copy.fcntl, "ioctl", ioctl)
     monkeypatch.setattr(os, "copy_file_range", cfr)
-    monkeypatch.setattr(objects, "_use_copy_file_range", True)
+    monkeypatch.setattr(file_copy, "use_copy_file_range", True)
     assert store_object(tmp_path / "f", digest, tmp_path / "store", size=len(data))
     with open(object_path(tmp_path / "store", digest), "rb") as f:
         assert f.read() == data
@@ -238,7 +238,7 @@ def test_copy_strategies(tmp_path, monkeypatch, path):
     if path == "ficlone":
         assert used == ["ficlone"]
     if path == "read_write":
-        assert objects._use_copy_file_range is False  # EXDEV: not tried again this run
+        assert file_copy.use_copy_file_range is False  # EXDEV: not tried again this run
 
 
 def test_verity_not_supported_is_ignored(tmp_path, monkeypatch):
@@ -298,13 +298,13 @@ def test_concurrent_writers_of_one_object(tmp_path, monkeypatch):
     store = tmp_path / "store"
     # Make every writer pass the existence check before any renames.
     barrier = threading.Barrier(8)
-    real_copy = objects._copy_data
+    real_copy = file_copy.copy_data
 
     def slow_copy(src, dst, size=None):
         barrier.wait(timeout=30)
         real_copy(src, dst, size)
 
-    monkeypatch.setattr(objects, "_copy_data", slow_copy)
+    monkeypatch.setattr(file_copy, "copy_data", slow_copy)
     results, errors = [], []
 
     def writer():

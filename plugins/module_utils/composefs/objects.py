@@ -6,7 +6,7 @@
 This is ``mkcomposefs --digest-store=DIR`` and the ``objects/`` directory of
 a store.  Like C mkcomposefs 1.0.8 (``copy_file_with_dirs_if_needed``) an
 object is skipped when its name already exists (``lstat``), otherwise
-written to ``DIR/.tmpXXXXXXXX`` (reflink with FICLONE, else
+written to ``DIR/.tmpXXXXXXXX`` (file_copy: reflink with FICLONE, else
 ``copy_file_range``, else read/write), made 0644, fsync-ed, given fs-verity
 if the filesystem can, and renamed into place.  The C tool makes missing
 directories 0755 (minus umask), as ``--digest-store`` does here; a store
@@ -33,7 +33,6 @@ identical file, both succeed.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
 import threading
@@ -41,7 +40,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
-from . import fsverity_digest, fsverity_ioctl
+from . import file_copy, fsverity_digest, fsverity_ioctl
 from .atomic_file import make_temp
 from .errors import FormatError
 from .safe_dirs import UnsafePathError, ensure_dir, file_kind, open_dir, open_regular
@@ -51,15 +50,6 @@ PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 #: Says, only when needed (an error), what a write is writing where.
 _Describe = Callable[[], str]
 
-# _IOW(0x94, 9, int) from linux/fs.h.
-FICLONE = 0x40049409
-_COPY_CHUNK = 1 << 30
-_READ_CHUNK = 1 << 20
-# copy_file_range errors meaning "not here, copy by hand" (same list as C).
-_CFR_FALLBACK = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EINVAL, errno.EBADF)
-# ... and the ones that will not change for the rest of the run.
-_CFR_DISABLE = (errno.ENOSYS, errno.EXDEV)
-_use_copy_file_range = hasattr(os, "copy_file_range")
 # "The disk is full": said with the path and what was being written.
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 #: Mode of the ``XX`` directories of ``mkcomposefs --digest-store`` (as C).
@@ -406,7 +396,7 @@ def _write_temp(dir_fd: int, src: Union[int, bytes], size: Optional[int], durabl
     with _temp_guard(tmp, dir_fd, what):
         try:
             if isinstance(src, int):
-                _copy_data(src, fd, size)
+                file_copy.copy_data(src, fd, size)
             else:
                 _write_all(fd, src)
             st = os.fstat(fd)
@@ -419,7 +409,7 @@ def _write_temp(dir_fd: int, src: Union[int, bytes], size: Optional[int], durabl
             else:
                 # Start writing now, so the disk works while we hash and copy
                 # the next files; commit()'s syncfs then waits for the rest.
-                _start_writeback(fd)
+                file_copy.start_writeback(fd)
         finally:
             os.close(fd)
     return tmp, st.st_dev
@@ -604,75 +594,3 @@ class ObjectBatch:
         for entry in pending:
             self.dir.discard(entry[0])
         self.dir.close()
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range: List[object] = []
-
-
-def _start_writeback(fd: int) -> None:
-    """sync_file_range(SYNC_FILE_RANGE_WRITE): queue the file's dirty pages for writing.
-
-    Only a hint that overlaps disk writes with later work (no durability by
-    itself); silently skipped where libc or the filesystem lacks it.
-    """
-    if not _sync_file_range:
-        try:
-            import ctypes
-
-            func = ctypes.CDLL(None, use_errno=True).sync_file_range
-            func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-            _sync_file_range.append(func)
-        except (OSError, AttributeError):
-            _sync_file_range.append(None)
-    func = _sync_file_range[0]
-    if func is not None:
-        func(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
-
-
-def _copy_data(src: int, dst: int, size: Optional[int] = None) -> None:
-    """Copy all of ``src`` into the empty file ``dst``: reflink, kernel copy, read/write.
-
-    With ``size`` known the kernel copy stops there instead of asking once
-    more for EOF (that last call measured as slow as a real copy).  Bytes
-    past ``size`` are not copied: the object holds exactly what was hashed;
-    a file that shrank is caught by the caller's size check.
-    """
-    global _use_copy_file_range
-    try:
-        fcntl.ioctl(dst, FICLONE, src)
-        return
-    except OSError:
-        # Like C: any failure (EOPNOTSUPP, EXDEV, EINVAL, ...) means copy instead.
-        pass
-    offset = 0
-    if _use_copy_file_range:
-        while True:
-            try:
-                n = os.copy_file_range(src, dst, _COPY_CHUNK, offset, offset)
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                if exc.errno in _CFR_DISABLE:
-                    _use_copy_file_range = False
-                elif exc.errno not in _CFR_FALLBACK:
-                    raise
-                break
-            if n == 0:
-                # EOF, or a kernel that copies nothing (procfs, some overlayfs):
-                # the loop below finishes the job either way.
-                break
-            offset += n
-            if size is not None and offset >= size:
-                return
-    while True:
-        chunk = os.pread(src, _READ_CHUNK, offset)
-        if not chunk:
-            return
-        view = memoryview(chunk)
-        while view:
-            written = os.pwrite(dst, view, offset)
-            if written <= 0:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            offset += written
-            view = view[written:]
