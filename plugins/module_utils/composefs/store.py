@@ -109,6 +109,7 @@ OPTIONAL_DIRS = (CACHE, DAMAGED)
 PRIVATE_MODE = 0o700
 SHARED_MODE = 0o755
 
+
 # -- the store -----------------------------------------------------------------
 
 class CacheFile:
