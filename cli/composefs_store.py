@@ -231,7 +231,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_refs(args: argparse.Namespace) -> int:
-    from composefs_fleet.store import StoreError
+    from composefs_fleet.errors import StoreError
 
     store = _open(args)
     rows = []
@@ -245,7 +245,7 @@ def _cmd_refs(args: argparse.Namespace) -> int:
 
 
 def _cmd_rm_ref(args: argparse.Namespace) -> int:
-    from composefs_fleet.store import StoreError
+    from composefs_fleet.errors import StoreError
 
     store = _open(args)
     removed = []

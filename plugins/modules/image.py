@@ -260,8 +260,8 @@ from contextlib import nullcontext
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.composefs.errors import ComposefsError
-from ..module_utils.composefs.store import RefNotFound, Store, StoreError
+from ..module_utils.composefs.errors import ComposefsError, RefNotFound, StoreError
+from ..module_utils.composefs.store import Store
 from ..module_utils.composefs.store_names import is_hex_name, split_ref_name
 from ..module_utils.composefs.store_add import add_image
 

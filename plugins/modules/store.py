@@ -174,8 +174,8 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.composefs.errors import ComposefsError
-from ..module_utils.composefs.store import PRIVATE_MODE, SHARED_MODE, Store, StoreError
+from ..module_utils.composefs.errors import ComposefsError, StoreError
+from ..module_utils.composefs.store import PRIVATE_MODE, SHARED_MODE, Store
 from ..module_utils.composefs import store_admin
 
 

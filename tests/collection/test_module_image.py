@@ -18,7 +18,8 @@ from composefs_fleet.dump import write_dump
 from composefs_fleet.erofs_reader import image_version, read_image_file
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.scan import build_tree_from_directory
-from composefs_fleet.store import RefNotFound, Store
+from composefs_fleet.errors import RefNotFound
+from composefs_fleet.store import Store
 from composefs_fleet.store_fsck import check as fsck
 
 

@@ -17,7 +17,8 @@ from composefs_fleet.dump import write_dump
 from composefs_fleet.erofs_reader import read_image_file
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.scan import build_tree_from_directory
-from composefs_fleet.store import Store, StoreError
+from composefs_fleet.errors import StoreError
+from composefs_fleet.store import Store
 from composefs_fleet.store_add import DigestMismatch, add_image
 from composefs_fleet.store_fsck import check
 

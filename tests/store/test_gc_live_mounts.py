@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from composefs_fleet import mount_record, mountinfo
-from composefs_fleet.errors import UnmountError
+from composefs_fleet.errors import StoreError, UnmountError
 from composefs_fleet.mount import mount_composefs
 from composefs_fleet.image_needs import image_objects
-from composefs_fleet.store import Store, StoreError
+from composefs_fleet.store import Store
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_gc import collect
 

@@ -25,10 +25,10 @@ import pytest
 
 from composefs_fleet.dump import parse_dump, write_dump
 from composefs_fleet.erofs_writer import build_image
-from composefs_fleet.errors import ComposefsError
+from composefs_fleet.errors import ComposefsError, StoreError
 from composefs_fleet.scan import build_tree_from_directory
 from composefs_fleet.image_needs import image_objects
-from composefs_fleet.store import Store, StoreError
+from composefs_fleet.store import Store
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_fsck import check
 

@@ -19,7 +19,8 @@ from composefs_fleet.erofs_reader import read_image_file
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.scan import build_tree_from_directory
 from composefs_fleet.image_needs import image_objects
-from composefs_fleet.store import RefNotFound, Store, StoreError
+from composefs_fleet.errors import RefNotFound, StoreError
+from composefs_fleet.store import Store
 from composefs_fleet.store_names import check_digest_hex, split_ref_name
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_stats import stats

@@ -35,7 +35,8 @@ SOURCES = 5
 
 WORKER = r"""
 import json, os, random, sys, time
-from composefs_fleet.store import RefNotFound, Store
+from composefs_fleet.errors import RefNotFound
+from composefs_fleet.store import Store
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_gc import collect
 

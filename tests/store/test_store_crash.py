@@ -21,7 +21,8 @@ import time
 from composefs_fleet import fsverity_digest
 from composefs_fleet.erofs_writer import build_image
 from composefs_fleet.scan import build_tree_from_directory
-from composefs_fleet.store import RefNotFound, Store
+from composefs_fleet.errors import RefNotFound
+from composefs_fleet.store import Store
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_fsck import check
 from composefs_fleet.store_gc import collect

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from composefs_fleet.errors import ComposefsError
+from composefs_fleet.errors import ComposefsError, StoreError
 from composefs_fleet.image_needs import image_objects
-from composefs_fleet.store import Store, StoreError
+from composefs_fleet.store import Store
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_gc import collect
 

@@ -54,14 +54,14 @@ import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import fsverity_digest
-from .errors import DumpParseError, FormatError, ImageError
+from .errors import DumpParseError, FormatError, ImageError, StoreError
 from .hash_pool import cpu_count, hash_map
 from .object_copier import ObjectCopier
 from .objects import ObjectBatch, ObjectDir, same_file
 from .safe_dirs import READ_FLAGS, UnsafePathError, file_kind, open_regular
 from .scan import build_tree_from_directory
 from .image_needs import ImageObjects, image_objects, is_composefs_image
-from .store import IMAGES, OBJECTS, PathLike, Store, StoreError
+from .store import IMAGES, OBJECTS, PathLike, Store
 from .store_names import check_digest_hex, split_ref_name
 from .store_cache import DigestCache, Key, key_of
 from .store_image_memo import ImageMemo

@@ -26,8 +26,9 @@ import stat
 from typing import Any, Dict, List, Optional, Union
 
 from .atomic_file import fsync_dir
+from .errors import ForeignOwnerError, StoreError
 from .mountinfo import MOUNTINFO, read_mountinfo
-from .store import DIGEST_ALGORITHM, FORMAT_VERSION, META_NAME, ForeignOwnerError, Store, StoreError
+from .store import DIGEST_ALGORITHM, FORMAT_VERSION, META_NAME, Store
 
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 

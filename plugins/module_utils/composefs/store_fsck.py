@@ -34,12 +34,13 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import fsverity_ioctl
-from .errors import ComposefsError, VerityError
+from .errors import ComposefsError, StoreError, VerityError
 from .hash_pool import cpu_count, hash_map
 from .objects import ObjectDir
 from .safe_dirs import UnsafePathError, ensure_dir, file_kind, open_dir, open_regular
-from .store import DAMAGED, DIGEST_SIZE, IMAGES, OBJECTS, Store, StoreError
+from .store import DAMAGED, IMAGES, OBJECTS, Store
 from .store_names import is_hex_name, split_ref_name
+from .tree import DIGEST_SIZE
 
 # _digest_job's error text for a file that went away (removed by a concurrent
 # gc, or healed by an add): not damage.

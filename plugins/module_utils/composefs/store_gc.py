@@ -44,12 +44,12 @@ import stat
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from .errors import ComposefsError
+from .errors import ComposefsError, RefNotFound, StoreError
 from .loopdev import bound_devices
 from .mount_record import mounted_images as recorded_mounts
 from .mountinfo import MountInfo, of_type, read_mountinfo, top_mount
 from .image_needs import image_data_objects, is_composefs_image
-from .store import CACHE, IMAGES, OBJECTS, REFS, RefNotFound, Store, StoreError, object_entries
+from .store import CACHE, IMAGES, OBJECTS, REFS, Store, object_entries
 from .store_names import is_hex_name
 
 #: Default age after which ``objects/.tmp*`` files count as crash debris.

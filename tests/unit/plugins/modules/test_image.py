@@ -12,7 +12,8 @@ import pytest
 
 from ansible_collections.composefs.fleet.plugins.modules import image
 from ansible_collections.composefs.fleet.tests.unit.plugins.modules.module_runner import run_module
-from ansible_collections.composefs.fleet.plugins.module_utils.composefs.store import RefNotFound, Store
+from ansible_collections.composefs.fleet.plugins.module_utils.composefs.errors import RefNotFound
+from ansible_collections.composefs.fleet.plugins.module_utils.composefs.store import Store
 
 
 def run(capsys, args, check=False, diff=False):
