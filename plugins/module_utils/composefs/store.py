@@ -57,8 +57,9 @@ Concurrency (the "never loses data" part):
   ``objects/``) must not run during a gc; add their image right after
   writing it.
 
-Modules: this one (layout, directories, refs, images), store_names (digest,
-object and ref names), image_needs (the objects an image refers to),
+Modules: this one (layout, directories, objects, images), store_refs (refs,
+relative to ``refs/``), store_names (digest, object and ref names),
+image_needs (the objects an image refers to),
 store_add (add-image and the directory pipeline:
 ``store_add.add_image(store, source, ref)``; it builds on this module, never
 the other way round), store_cache (digest cache), store_lock, store_gc,
@@ -66,29 +67,28 @@ store_fsck, store_stats; their errors are in errors.
 
 Names are validated (store_names) before any path is built: object and image names must be
 64 lowercase hex digits; ref names must be relative, without empty, ``.``,
-``..`` or dot-leading components, NUL or newline, and are resolved one
+``..`` or dot-leading components, NUL or newline, and are resolved (store_refs) one
 component at a time with ``O_NOFOLLOW`` directory descriptors, so a symlink
 planted under ``refs/`` cannot redirect a read or write outside the store.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-from . import fsverity_digest
+from . import fsverity_digest, store_refs
 from .atomic_file import write_atomic_at
-from .errors import ForeignOwnerError, RefNotFound, StoreError, UnsafeStoreError
+from .errors import ForeignOwnerError, StoreError, UnsafeStoreError
 from .image_needs import ImageObjects, image_fd_objects
 from .json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
 from .objects import publish_bytes, same_file
-from .safe_dirs import DIR_FLAGS, UnsafePathError, check_owner, ensure_dir, open_dir, open_regular
+from .safe_dirs import UnsafePathError, check_owner, ensure_dir, open_dir, open_regular
 from .store_lock import StoreLock, WaitNotice, stderr_notice
-from .store_names import check_digest_hex, is_hex_name, object_relpath, split_ref_name
+from .store_names import check_digest_hex, is_hex_name, object_relpath
 from .tree import DIGEST_SIZE, Node
 
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -494,155 +494,27 @@ class Store:
         publish_bytes(dir_fd, self.images_dir, name, data, digest, "image %s (%d bytes) into %s" % (shown, len(data), os.fsdecode(self.path)))
         return hexd, True
 
-    # ---- refs
-    def _ref_dirs(self, parts: List[bytes], create: bool) -> List[int]:
-        """Open fds of refs/ and each directory on the way to the ref's parent."""
-        fds = [os.dup(self.dir_fd(REFS))]
-        try:
-            for i, part in enumerate(parts[:-1]):
-                try:
-                    fds.append(os.open(part, DIR_FLAGS, dir_fd=fds[-1]))
-                    continue
-                except FileNotFoundError:
-                    if not create:
-                        raise RefNotFound("no ref %s" % os.fsdecode(b"/".join(parts))) from None
-                except OSError as exc:
-                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                        raise _not_a_ref_dir(parts, i) from None
-                    raise
-                try:
-                    os.mkdir(part, 0o755, dir_fd=fds[-1])
-                    os.fsync(fds[-1])
-                except FileExistsError:
-                    pass
-                try:
-                    fds.append(os.open(part, DIR_FLAGS, dir_fd=fds[-1]))
-                except OSError as exc:
-                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                        raise _not_a_ref_dir(parts, i) from None
-                    raise
-            return fds
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
+    # ---- refs (:mod:`.store_refs`, relative to ``refs/``)
+    def _refs_fd(self) -> int:
+        return self.dir_fd(REFS)
 
     def read_ref(self, name: Union[str, bytes]) -> str:
-        parts = split_ref_name(name)
-        shown = os.fsdecode(b"/".join(parts))
-        fds = self._ref_dirs(parts, create=False)
-        try:
-            try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fds[-1])
-            except FileNotFoundError:
-                raise RefNotFound("no ref %s" % shown) from None
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise StoreError("ref %s is a symbolic link: refused" % shown) from None
-                raise
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise StoreError("ref %s is not a regular file (a directory of refs?)" % shown)
-                raw = os.read(fd, 256)
-            finally:
-                os.close(fd)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        text = raw.strip()
-        if not is_hex_name(text):
-            raise StoreError("ref %s is damaged: %r is not an image digest" % (shown, raw[:80]))
-        return text.decode("ascii")
+        return store_refs.read_ref(self._refs_fd, name)
 
     def write_ref(self, name: Union[str, bytes], hexdigest: str) -> None:
-        parts = split_ref_name(name)
-        check_digest_hex(hexdigest)
-        for _attempt in range(20):
-            fds = self._ref_dirs(parts, create=True)
-            try:
-                parent = fds[-1]
-                tmp = b".tmp-ref-" + os.urandom(6).hex().encode()
-                try:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                                 dir_fd=parent)
-                except FileNotFoundError:
-                    continue  # rm-ref removed the (empty) directory meanwhile: again
-                try:
-                    try:
-                        os.write(fd, hexdigest.encode("ascii") + b"\n")
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                    try:
-                        os.rename(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
-                    except OSError as exc:
-                        if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-                            raise StoreError("cannot create ref %s: refs named %s/... exist"
-                                             % (os.fsdecode(b"/".join(parts)), os.fsdecode(b"/".join(parts)))) from None
-                        raise
-                except BaseException:
-                    try:
-                        os.unlink(tmp, dir_fd=parent)
-                    except OSError:
-                        pass
-                    raise
-                os.fsync(parent)
-                return
-            finally:
-                for fd in fds:
-                    os.close(fd)
-        raise StoreError("cannot create ref %s: its directory keeps disappearing" % os.fsdecode(name))
+        store_refs.write_ref(self._refs_fd, name, hexdigest)
 
     def remove_ref(self, name: Union[str, bytes]) -> str:
         """Delete a ref (and its directories left empty); returns the digest it named."""
-        parts = split_ref_name(name)
-        target = self.read_ref(name)
-        fds = self._ref_dirs(parts, create=False)
-        try:
-            try:
-                os.unlink(parts[-1], dir_fd=fds[-1])
-            except FileNotFoundError:
-                raise RefNotFound("no ref %s" % os.fsdecode(b"/".join(parts))) from None
-            os.fsync(fds[-1])
-            for i in range(len(parts) - 1, 0, -1):
-                try:
-                    os.rmdir(parts[i - 1], dir_fd=fds[i - 1])
-                except OSError:
-                    break
-        finally:
-            for fd in fds:
-                os.close(fd)
-        return target
+        return store_refs.remove_ref(self._refs_fd, name)
 
     def list_refs(self) -> List[str]:
         """Names of all refs (regular files under refs/, temp files and symlinks skipped)."""
-        out: List[str] = []
-        try:
-            refs = self.dir_fd(REFS)
-        except FileNotFoundError:
-            return out
-        for dirpath, dirnames, filenames, dir_fd in os.fwalk(b".", dir_fd=refs):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(b"."))
-            for fname in filenames:
-                if fname.startswith(b"."):
-                    continue
-                try:
-                    if not stat.S_ISREG(os.stat(fname, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-                        continue
-                except FileNotFoundError:
-                    continue
-                out.append(os.fsdecode(os.path.normpath(os.path.join(dirpath, fname))))
-        return sorted(out)
+        return store_refs.list_refs(self._refs_fd)
 
     def ref_targets(self) -> Dict[str, str]:
         """{ref: image digest} for every readable ref (damaged ones are left out)."""
-        out = {}
-        for name in self.list_refs():
-            try:
-                out[name] = self.read_ref(name)
-            except StoreError:
-                continue
-        return out
+        return store_refs.ref_targets(self._refs_fd)
 
 
 def _root_fd_of(ref: "weakref.ReferenceType[Store]") -> int:
@@ -650,11 +522,6 @@ def _root_fd_of(ref: "weakref.ReferenceType[Store]") -> int:
     if store is None:
         raise StoreError("the store of this lock was closed")
     return store.root_fd()
-
-
-def _not_a_ref_dir(parts: List[bytes], i: int) -> StoreError:
-    return StoreError("ref %s: %s is not a directory under refs/ (a ref or a symbolic link)"
-                      % (os.fsdecode(b"/".join(parts)), os.fsdecode(b"/".join(parts[:i + 1]))))
 
 
 def _listdir_fd(fd: int) -> List[bytes]:
@@ -673,6 +540,4 @@ def object_entries(dir_fd: int) -> Iterator[Tuple[bytes, os.stat_result]]:
             continue
 
 
-__all__ = [
-    "ForeignOwnerError", "RefNotFound", "Store", "StoreError", "UnsafeStoreError", "object_entries",
-]
+__all__ = ["CacheFile", "Store", "object_entries"]
