@@ -304,3 +304,31 @@ def test_dropped_stores_keep_no_descriptors(tmp_path, make_tree):
             store.list_refs()
         del store
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_fsck_repair_never_moves_into_a_foreign_damaged(tmp_path, make_tree):
+    store = new_store(tmp_path, make_tree)
+    hexd, path, _st = next(h for h in store.iter_objects() if h[2].st_size > 0)
+    data = bytearray(Path(os.fsdecode(path)).read_bytes())
+    data[0] ^= 1
+    Path(os.fsdecode(path)).write_bytes(bytes(data))
+    os.mkdir(tmp_path / "s" / "damaged", 0o700)
+    os.chown(tmp_path / "s" / "damaged", 4242, 4242)
+    res = StoreCli(tmp_path / "s").run("fsck", "--repair")
+    assert res.returncode == 1 and "uid 4242" in res.stderr, res.stderr
+    assert os.listdir(tmp_path / "s" / "damaged") == []
+    assert Path(os.fsdecode(path)).exists()
+
+
+def test_agent_quarantine_never_moves_into_a_foreign_directory(tmp_path, make_tree):
+    from composefs_fleet.objects import quarantine_object
+    from composefs_fleet.safe_dirs import UnsafePathError
+
+    store = new_store(tmp_path, make_tree)
+    hexd, path, st = next(h for h in store.iter_objects() if h[2].st_size > 0)
+    os.mkdir(tmp_path / "s" / "damaged", 0o700)
+    os.chown(tmp_path / "s" / "damaged", 4242, 4242)
+    with pytest.raises(UnsafePathError, match="uid 4242"):
+        quarantine_object(store.objects_dir, hexd, (st.st_dev, st.st_ino), store.path, b"damaged")
+    assert os.listdir(tmp_path / "s" / "damaged") == []
+    assert Path(os.fsdecode(path)).exists()

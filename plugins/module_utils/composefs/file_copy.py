@@ -55,9 +55,9 @@ def copy_data(src: int, dst: int, size: Optional[int] = None) -> None:
     """Copy all of ``src`` into the empty file ``dst``: reflink, kernel copy, read/write.
 
     With ``size`` known the kernel copy stops there instead of asking once
-    more for EOF (that last call measured as slow as a real copy).  Bytes
-    past ``size`` are not copied: the object holds exactly what was hashed;
-    a file that shrank is caught by the caller's size check.
+    more for EOF (that last call measured as slow as a real copy).  The kernel
+    copy and the read/write loop stop at ``size``; a reflink takes the whole
+    file.  A file that grew or shrank is caught by the caller's size check.
     """
     global use_copy_file_range
     try:
@@ -86,8 +86,8 @@ def copy_data(src: int, dst: int, size: Optional[int] = None) -> None:
             offset += n
             if size is not None and offset >= size:
                 return
-    while True:
-        chunk = os.pread(src, _READ_CHUNK, offset)
+    while size is None or offset < size:
+        chunk = os.pread(src, _READ_CHUNK if size is None else min(_READ_CHUNK, size - offset), offset)
         if not chunk:
             return
         view = memoryview(chunk)

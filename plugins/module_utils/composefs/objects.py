@@ -43,7 +43,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tupl
 from . import file_copy, fsverity_digest, fsverity_ioctl
 from .atomic_file import make_temp
 from .errors import FormatError
-from .safe_dirs import UnsafePathError, ensure_dir, file_kind, open_dir, open_regular
+from .safe_dirs import UnsafePathError, check_owner, ensure_dir, file_kind, open_dir, open_regular
 from .tree import DIGEST_SIZE, digest_to_path
 
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -318,6 +318,12 @@ def quarantine_object(basedir: PathLike, hexd: str, identity: Tuple[int, int], t
         finally:
             os.close(root)
         try:
+            # A directory someone else made or can write would receive what root moves.
+            check_owner(os.fstat(target), shown)
+        except BaseException:
+            os.close(target)
+            raise
+        try:
             dest = b"%s.%s.%s" % (raw, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()).encode(),
                                   os.urandom(3).hex().encode())
             os.rename(raw[2:], dest, src_dir_fd=src, dst_dir_fd=target)
@@ -356,7 +362,7 @@ def _fsync_dir(fd: int, path: bytes) -> None:
 
 
 def _fsync_temp(dir_fd: int, name: bytes) -> None:
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+    fd = open_regular(name, dir_fd)
     try:
         os.fsync(fd)
     finally:

@@ -130,11 +130,6 @@ def check_owner(st: os.stat_result, shown: str, allow_foreign: bool = False) -> 
                               "is intended)" % (shown, who, stat.S_IMODE(st.st_mode)))
 
 
-def fsync_fd_dir(dir_fd: int) -> None:
-    """Make the names in a directory durable (its descriptor may be O_RDONLY)."""
-    os.fsync(dir_fd)
-
-
 def _is_link(name: PathArg, dir_fd: Optional[int]) -> bool:
     try:
         return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
@@ -143,4 +138,4 @@ def _is_link(name: PathArg, dir_fd: Optional[int]) -> bool:
 
 
 __all__ = ["DIR_FLAGS", "READ_FLAGS", "UnsafePathError", "check_owner", "ensure_dir", "file_kind",
-           "fsync_fd_dir", "open_dir", "open_regular"]
+           "open_dir", "open_regular"]

@@ -37,7 +37,7 @@ from . import fsverity_ioctl
 from .errors import ComposefsError, StoreError, VerityError
 from .hash_pool import cpu_count, hash_map
 from .objects import ObjectDir
-from .safe_dirs import UnsafePathError, ensure_dir, file_kind, open_dir, open_regular
+from .safe_dirs import UnsafePathError, check_owner, ensure_dir, file_kind, open_dir, open_regular
 from .store import DAMAGED, IMAGES, OBJECTS, Store
 from .store_names import is_hex_name, split_ref_name
 from .tree import DIGEST_SIZE
@@ -365,8 +365,12 @@ def _move_aside(store: Store, result: FsckResult) -> None:
     (``objects/XX``), is refused, never followed: nothing is moved outside.
     """
     store_fd = store.root_fd()
-    damaged_fd, _created = ensure_dir(DAMAGED, store_fd, 0o700, os.fsdecode(store.damaged_dir))
+    shown = os.fsdecode(store.damaged_dir)
+    damaged_fd, _created = ensure_dir(DAMAGED, store_fd, 0o700, shown)
     try:
+        # Owner-checked like every store directory: one made by someone else
+        # would receive what root moves.
+        check_owner(os.fstat(damaged_fd), shown, store.allow_foreign)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         for path, ident in result.damaged:
             rel = os.path.relpath(path, store.path)
