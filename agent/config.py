@@ -15,6 +15,7 @@ import reprlib
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from composefs_fleet.json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
+from composefs_fleet.safe_dirs import READ_FLAGS, UnsafePathError, open_regular
 
 DEFAULT_PATH = "/etc/composefs-fleet/agent.json"
 FORMAT_VERSION = 1
@@ -185,8 +186,12 @@ def _mounts(raw: Any, problems: List[str]) -> List[MountSpec]:
 def load(path: str) -> Config:
     """Read and parse the config file at ``path`` (ConfigError on any problem)."""
     try:
-        with open(path, "rb") as f:
+        # The admin's path may be a link, but a FIFO or device must not hang a reload.
+        fd = open_regular(path, flags=READ_FLAGS & ~os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
+    except UnsafePathError as exc:
+        raise ConfigError(path, ["cannot read it: %s" % exc]) from None
     except OSError as exc:
         raise ConfigError(path, ["cannot read it: %s" % (exc.strerror or exc)]) from None
     if len(data) > MAX_CONFIG_BYTES:

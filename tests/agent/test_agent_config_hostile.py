@@ -85,3 +85,10 @@ def test_sighup_with_nested_json_keeps_the_agent_running(tmp_path: Path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_fifo_as_config_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "agent.json"
+    os.mkfifo(str(fifo))
+    with pytest.raises(config.ConfigError, match="not a regular file"):
+        config.load(str(fifo))

@@ -262,6 +262,8 @@ def _read_full(stream: BinaryIO, size: int) -> bytes:
         missing = size - len(data)
         while missing:
             more = stream.read(missing)
+            if more is None:
+                raise DumpParseError("input would block: not readable without waiting")
             if not more:
                 break
             parts.append(more)

@@ -19,7 +19,9 @@ today and no temporary mount where the kernel allows it):
    kernels without those keys get the classic ``lowerdir=a::b`` string with
    ``\\``-escaped separators;
 4. attach the overlay onto the mount point's descriptor (``move_mount``), so
-   the place mounted is the place checked.
+   the place mounted is the place checked.  Only the mount point is pinned
+   this way: basedirs and upper/work directories are the caller's paths and
+   reach overlayfs as paths (resolved, links followed, as C does).
 
 The EROFS mount is never visible anywhere once this returns: the overlay
 holds the only reference, so ``umount TARGET`` releases everything, and the
