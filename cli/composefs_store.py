@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+from . import store_pull
+
 PROG = "composefs-store"
 
 DESCRIPTION = """\
@@ -47,6 +49,7 @@ examples:
   composefs-store --repo /var/lib/cfs rm-ref app/v1
   composefs-store --repo /var/lib/cfs gc --dry-run
   composefs-store --repo /var/lib/cfs fsck --repair
+  composefs-store --repo /var/lib/cfs pull https://images.example.com/cfs app/v2
 
 exit status: 0 success, 1 failure or damage found, 2 usage error
 """
@@ -140,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--verbose", "-v", action="store_true", help="list every removed name")
 
     sub.add_parser("stats", parents=[common], help="objects, bytes, sharing between images, bytes saved")
+    store_pull.add_parsers(sub, common)
     return parser
 
 
@@ -320,9 +324,17 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pull(args: argparse.Namespace) -> int:
+    return store_pull.cmd_pull(args, _open(args), lambda data, lines: _emit(args, data, lines), _human, _Fail)
+
+
+def _cmd_remote(args: argparse.Namespace) -> int:
+    return store_pull.cmd_remote(args, _open(args), lambda data, lines: _emit(args, data, lines), _Fail)
+
+
 COMMANDS = {
     "init": _cmd_init, "add-image": _cmd_add, "ls": _cmd_ls, "refs": _cmd_refs, "rm-ref": _cmd_rm_ref,
-    "fsck": _cmd_fsck, "gc": _cmd_gc, "stats": _cmd_stats,
+    "fsck": _cmd_fsck, "gc": _cmd_gc, "stats": _cmd_stats, "pull": _cmd_pull, "remote": _cmd_remote,
 }
 
 

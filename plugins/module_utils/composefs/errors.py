@@ -77,3 +77,18 @@ class UnsafeStoreError(StoreError, UnsafePathError):
 
 class ForeignOwnerError(UnsafeStoreError):
     """The store or a directory of it belongs to someone else or is group/other-writable (see allow_foreign)."""
+
+
+class RemoteError(StoreError):
+    """A remote store could not be read, or served something that fails verification.
+
+    The message starts with the URL of what failed (credentials removed).
+    """
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__("%s: %s" % (url, message))
+        self.url = url
+
+
+class RemoteNotFound(RemoteError):
+    """The remote has no such file (HTTP 404/410, or no such file under a file:// remote)."""

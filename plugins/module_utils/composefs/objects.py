@@ -232,8 +232,13 @@ class ObjectDir:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.shown(rel))
         return open_regular(rel[3:], fd, self.shown(rel))
 
-    def stage(self, src: int, digest: bytes, size: Optional[int], durable: bool) -> Tuple[bytes, int]:
-        """Copy ``src`` into a new temp file in ``path``: (temp name, st_dev)."""
+    def stage(self, src: Union[int, Callable[[int], None]], digest: bytes, size: Optional[int],
+              durable: bool) -> Tuple[bytes, int]:
+        """Copy ``src`` into a new temp file in ``path``: (temp name, st_dev).
+
+        ``src`` is a descriptor to copy from, or a function that writes the
+        content into the descriptor it is given (a download).
+        """
         return _write_temp(self.fd, src, size, durable, lambda: self._what(digest, size))
 
     def _what(self, digest: bytes, size: Optional[int]) -> str:
@@ -390,9 +395,9 @@ def _full_error(exc: OSError, what: str) -> OSError:
     return OSError(exc.errno, "%s while writing %s" % (exc.strerror or os.strerror(exc.errno or 0), what))
 
 
-def _write_temp(dir_fd: int, src: Union[int, bytes], size: Optional[int], durable: bool,
+def _write_temp(dir_fd: int, src: Union[int, bytes, Callable[[int], None]], size: Optional[int], durable: bool,
                 what: "_Describe") -> Tuple[bytes, int]:
-    """Copy fd ``src`` (or write bytes ``src``) into a new temp file in ``dir_fd``: (name, st_dev).
+    """Copy fd ``src`` (or write bytes ``src``, or let ``src(fd)`` write) into a new temp file in ``dir_fd``: (name, st_dev).
 
     The file is 0644 and, if ``durable``, fsync-ed; else its writeback is
     started (the caller flushes a whole batch at once).  Nothing is left
@@ -403,8 +408,10 @@ def _write_temp(dir_fd: int, src: Union[int, bytes], size: Optional[int], durabl
         try:
             if isinstance(src, int):
                 file_copy.copy_data(src, fd, size)
-            else:
+            elif isinstance(src, bytes):
                 _write_all(fd, src)
+            else:
+                src(fd)
             st = os.fstat(fd)
             if size is not None and st.st_size != size:
                 raise FormatError("%s: copied %d bytes, expected %d (source changed?)"
@@ -549,8 +556,13 @@ class ObjectBatch:
         #: Digests of the objects commit() has put into the store.
         self.written: List[bytes] = []
 
-    def add(self, src: int, digest: bytes, size: Optional[int] = None) -> bool:
-        """Stage the content of fd ``src`` as ``digest``; False if already stored or staged."""
+    def add(self, src: Union[int, Callable[[int], None]], digest: bytes, size: Optional[int] = None) -> bool:
+        """Stage the content of fd ``src`` as ``digest``; False if already stored or staged.
+
+        ``src`` may also be a function that writes the content into the temp
+        file's descriptor it is given, and checks it: a download verified
+        while it streams (an exception from it removes the temp file).
+        """
         _check_digest(digest)
         with self._lock:
             if digest in self._digests:
@@ -568,8 +580,13 @@ class ObjectBatch:
             self._pending.append((tmp, digest, dev))
         return True
 
-    def commit(self) -> None:
-        """Make every staged object durable and visible under its name."""
+    def commit(self, close: bool = True) -> None:
+        """Make every staged object durable and visible under its name.
+
+        ``close=False`` keeps the directories open, for a long writer that
+        commits every so often while other threads go on staging (a pull,
+        so that an interrupted one keeps what it has fetched).
+        """
         with self._lock:
             pending, self._pending = self._pending, []
         first = len(self.written)
@@ -591,7 +608,8 @@ class ObjectBatch:
                 raise
             self.dir.sync(self.written[first:])
         finally:
-            self.dir.close()
+            if close:
+                self.dir.close()
 
     def abort(self) -> None:
         """Remove every staged temp file (after an error elsewhere)."""

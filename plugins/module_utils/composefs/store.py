@@ -340,18 +340,7 @@ class Store:
             meta = load_json_object(raw, "meta.json")
         except JsonFileError as exc:
             raise StoreError("%s: the store is damaged: %s" % (shown, exc)) from None
-        if "format" not in meta or "digest" not in meta:
-            raise StoreError("%s: meta.json is damaged (expected {\"format\": N, \"digest\": ...})" % shown)
-        version = meta["format"]
-        algorithm = meta["digest"]
-        if not is_int(version) or version < 1:
-            raise StoreError("%s: invalid store format %r in meta.json" % (shown, version))
-        if version > FORMAT_VERSION:
-            raise StoreError("%s: store format %d is newer than this tool supports (%d); "
-                             "use a newer composefs-fleet" % (shown, version, FORMAT_VERSION))
-        if algorithm != DIGEST_ALGORITHM:
-            raise StoreError("%s: digest algorithm %r is not supported (only %s)"
-                             % (shown, algorithm, DIGEST_ALGORITHM))
+        check_meta(meta, shown)
         self.check_dirs()
         return meta
 
@@ -517,6 +506,22 @@ class Store:
         return store_refs.ref_targets(self._refs_fd)
 
 
+def check_meta(meta: Dict[str, Any], shown: str) -> None:
+    """A store's meta.json (of ours or of a remote's, named ``shown``) is one this tool can use."""
+    if "format" not in meta or "digest" not in meta:
+        raise StoreError("%s: meta.json is damaged (expected {\"format\": N, \"digest\": ...})" % shown)
+    version = meta["format"]
+    algorithm = meta["digest"]
+    if not is_int(version) or version < 1:
+        raise StoreError("%s: invalid store format %r in meta.json" % (shown, version))
+    if version > FORMAT_VERSION:
+        raise StoreError("%s: store format %d is newer than this tool supports (%d); "
+                         "use a newer composefs-fleet" % (shown, version, FORMAT_VERSION))
+    if algorithm != DIGEST_ALGORITHM:
+        raise StoreError("%s: digest algorithm %r is not supported (only %s)"
+                         % (shown, algorithm, DIGEST_ALGORITHM))
+
+
 def _root_fd_of(ref: "weakref.ReferenceType[Store]") -> int:
     store = ref()
     if store is None:
@@ -540,4 +545,4 @@ def object_entries(dir_fd: int) -> Iterator[Tuple[bytes, os.stat_result]]:
             continue
 
 
-__all__ = ["CacheFile", "Store", "object_entries"]
+__all__ = ["CacheFile", "Store", "check_meta", "object_entries"]

@@ -1,0 +1,401 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Pull an image from a remote store: fetch only the objects this store lacks, verify everything.
+
+A remote is a store directory served as plain files (any static web
+server, a bucket, a CDN, ``file://``); no index, no server-side code.  The
+order, and why:
+
+1. ``meta.json``: the remote is a store of a format and digest we know.
+2. ``refs/<ref>``: the image digest.
+3. ``images/<digest>`` (unless this store has it), at most
+   ``max_image_bytes``, its fs-verity digest compared to the ref *before*
+   it is parsed: a server cannot feed the parser an image nobody named.
+   Then it is parsed as hostile input to list its objects.
+4. The objects this store lacks, ``jobs`` at a time over keep-alive
+   connections, each streamed into a staged temp file while its fs-verity
+   digest is computed, then compared with its name and its size with what
+   the image says (as composefs-rs's ``cfsctl fetch`` does; ostree checks
+   its checksums the same way).  Nothing unverified gets a name.
+5. The fetched objects are made durable and published every few hundred
+   MiB (so an interrupted pull keeps what it got: the next one fetches only
+   what is still missing, ostree's per-object resume), then the image, and
+   the ref last: a ref never names an image whose objects are missing.
+
+The store's lock is held shared for the whole pull, as add-image does: gc
+never sweeps what a pull has staged or fetched, pulls and adds run side by
+side (two pulls of one ref both end with the ref right), and nothing here
+blocks the readers of mounted images.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+
+from . import fsverity_digest
+from .errors import ComposefsError, RefNotFound, RemoteError, RemoteNotFound, StoreError
+from .image_needs import ImageObjects, image_data_objects
+from .json_text import JsonFileError, load_json_object
+from .objects import ObjectBatch
+from .remote_options import RemoteOptions, is_url, open_transport
+from .safe_dirs import UnsafePathError
+from .store import OBJECTS, Store, check_meta
+from .store_names import check_digest_hex, is_hex_name, split_ref_name
+
+#: Files a remote serves that are read whole: their size limits.
+MAX_META_BYTES = 64 * 1024
+MAX_REF_BYTES = 4096
+MAX_IMAGE_BYTES = 1 << 30
+#: Fetched objects are published after this many bytes or seconds (what a crash can cost).
+COMMIT_BYTES = 256 << 20
+COMMIT_SECONDS = 15.0
+DEFAULT_JOBS = 8
+
+#: progress(objects_done, objects_total, bytes_done, bytes_total)
+Progress = Callable[[int, int, int, int], None]
+
+
+class PullResult:
+    """What a pull found and did."""
+
+    def __init__(self, url: str, remote_ref: str, ref: str) -> None:
+        self.url = url
+        self.remote_ref = remote_ref
+        self.ref = ref
+        self.digest = ""
+        self.previous: Optional[str] = None
+        self.changed = False
+        self.objects = 0
+        self.objects_missing = 0
+        self.bytes_missing = 0
+        self.objects_fetched = 0
+        self.bytes_fetched = 0
+        self.image_fetched = False
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def pull(store: Store, remote: Union[str, Any], remote_ref: str, ref: Optional[str] = None, *,
+         options: Optional[RemoteOptions] = None, jobs: int = DEFAULT_JOBS, dry_run: bool = False,
+         progress: Optional[Progress] = None, max_image_bytes: int = MAX_IMAGE_BYTES) -> PullResult:
+    """Make ``ref`` (default ``remote_ref``) name the image ``remote_ref`` names in ``remote``.
+
+    ``remote`` is a URL, the name of a remote configured in the store
+    (:mod:`.store_remotes`), or a transport object (``url``, ``get_small``,
+    ``stream``, ``close``; see :mod:`.remote_http`).  ``dry_run`` reads the
+    ref and the image (small) to say what a pull would fetch, and writes
+    nothing.  Errors are :class:`.errors.RemoteError` naming the URL of
+    what failed, or the store's errors; nothing unverified is published.
+    """
+    split_ref_name(remote_ref)
+    local_ref = remote_ref if ref is None else ref
+    split_ref_name(local_ref)
+    if jobs < 1:
+        raise StoreError("jobs must be at least 1 (got %d)" % jobs)
+    transport, owned = _transport(store, remote, options, jobs)
+    result = PullResult(transport.url, remote_ref, local_ref)
+    try:
+        with (store.lock.shared_read_only() if dry_run else store.lock.shared()):
+            _check_remote_meta(transport)
+            result.digest = _remote_ref(transport, remote_ref)
+            result.previous = _local_ref(store, local_ref)
+            data, needed = _image(store, transport, result.digest, max_image_bytes)
+            batch = ObjectBatch(store.objects_dir, mode=None, follow=False, opener=lambda: store.dir_fd(OBJECTS))
+            try:
+                missing = _missing(store, batch, needed)
+                result.objects = len(needed.objects)
+                result.objects_missing = len(missing)
+                result.bytes_missing = sum(size for _hex, size in missing)
+                if dry_run:
+                    result.changed = result.previous != result.digest or bool(missing) or data is not None
+                    return result
+                _fetch(batch, transport, missing, jobs, progress, result)
+            finally:
+                batch.abort()  # after the commits: only closes the directories
+            if data is not None:
+                _hex, result.image_fetched = store.write_image(data)
+            if result.previous != result.digest:
+                store.write_ref(local_ref, result.digest)
+            result.changed = result.previous != result.digest or result.objects_fetched > 0 or result.image_fetched
+            return result
+    finally:
+        if owned:
+            transport.close()
+
+
+def _transport(store: Store, remote: Union[str, Any], options: Optional[RemoteOptions], jobs: int) -> Tuple[Any, bool]:
+    if not isinstance(remote, str):
+        return remote, False
+    options = options or RemoteOptions()
+    if not is_url(remote):
+        from .store_remotes import get_remote
+
+        config = get_remote(store, remote)
+        remote = config.pop("url")
+        options = options.with_defaults(config)
+    return open_transport(remote, options, jobs), True
+
+
+def _check_remote_meta(transport: Any) -> None:
+    try:
+        raw = transport.get_small("meta.json", MAX_META_BYTES)
+    except RemoteNotFound:
+        raise RemoteError(transport.url, "not a composefs store: it has no meta.json "
+                                         "(the URL must name the store's directory)") from None
+    try:
+        check_meta(load_json_object(raw, "meta.json"), transport.url)
+    except (JsonFileError, StoreError) as exc:
+        raise RemoteError(transport.url, "not a usable composefs store: %s" % exc) from None
+
+
+def _remote_ref(transport: Any, name: str) -> str:
+    path = "refs/" + name
+    try:
+        raw = transport.get_small(path, MAX_REF_BYTES)
+    except RemoteNotFound:
+        raise RemoteError(transport.url, "no ref %s there" % name) from None
+    text = raw.strip()
+    if not is_hex_name(text):
+        raise RemoteError(transport.url + "/" + path, "not a ref: %r is not an image digest" % raw[:80])
+    return text.decode("ascii")
+
+
+def _local_ref(store: Store, name: str) -> Optional[str]:
+    """The local ref's digest; None if missing or damaged (then it is simply replaced)."""
+    try:
+        return store.read_ref(name)
+    except RefNotFound:
+        return None
+    except StoreError:
+        return None
+
+
+def _image(store: Store, transport: Any, digest: str, limit: int) -> Tuple[Optional[bytes], ImageObjects]:
+    """(bytes fetched, or None if this store has the image; the objects it uses)."""
+    if _have_image(store, digest):
+        return None, store.image_objects(digest)
+    path = "images/" + digest
+    shown = transport.url + "/" + path
+    try:
+        data = transport.get_small(path, limit)
+    except RemoteNotFound:
+        raise RemoteError(shown, "the image the ref names is not there (the remote store is damaged)") from None
+    actual = fsverity_digest.digest_bytes(data).hex()
+    if actual != digest:
+        raise RemoteError(shown, "image digest is %s, not the %s its ref names: refused (changed or corrupted "
+                                 "on the server or in transit)" % (actual, digest))
+    try:
+        needed = image_data_objects(data)
+    except ComposefsError as exc:
+        raise RemoteError(shown, "not a usable composefs image: %s" % exc) from None
+    if needed.problems:
+        raise RemoteError(shown, "cannot be stored: %s%s" % (
+            needed.problems[0], " (and %d more problems)" % (len(needed.problems) - 1) if len(needed.problems) > 1 else ""))
+    return data, needed
+
+
+def _have_image(store: Store, digest: str) -> bool:
+    """This store has ``images/<digest>`` and it is intact (images are small: checked, not trusted)."""
+    try:
+        fd = store.open_image(check_digest_hex(digest))
+    except FileNotFoundError:
+        return False
+    except StoreError:
+        return False  # not a regular file: write_image will say so
+    try:
+        return fsverity_digest.digest_fd(fd).hex() == digest
+    finally:
+        os.close(fd)
+
+
+def _missing(store: Store, batch: ObjectBatch, needed: ImageObjects) -> List[Tuple[str, int]]:
+    """Objects not in the store (or there with the wrong size): largest first, so the last ones are quick."""
+    out = []
+    for hexd, size in needed.objects.items():
+        try:
+            st = batch.dir.lstat(bytes.fromhex(hexd))
+        except UnsafePathError as exc:
+            raise StoreError("%s: run 'composefs-store fsck --repair'" % exc) from None
+        if st is None or st.st_size != size:
+            out.append((hexd, size))
+    out.sort(key=lambda item: (-item[1], item[0]))
+    return out
+
+
+class _Cancelled(Exception):
+    """The pull stopped (another transfer failed, or an interrupt): drop this transfer."""
+
+
+class _Counter:
+    """Bytes and objects done so far, for the progress line and the commit schedule."""
+
+    def __init__(self, objects: int, total: int, progress: Optional[Progress]) -> None:
+        self.objects_total = objects
+        self.bytes_total = total
+        self.objects_done = 0
+        self.bytes_done = 0
+        self.stop = threading.Event()
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._last = 0.0
+
+    def add(self, nbytes: int, objects: int = 0) -> None:
+        with self._lock:
+            self.bytes_done += nbytes
+            self.objects_done += objects
+
+    def report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._progress is not None and (force or now - self._last >= 0.25):
+            self._last = now
+            self._progress(self.objects_done, self.objects_total, self.bytes_done, self.bytes_total)
+
+
+class _VerifyingSink:
+    """Writes a download into the staged file while computing its fs-verity digest."""
+
+    def __init__(self, fd: int, size: int, counter: _Counter, url: str) -> None:
+        self.fd = fd
+        self.size = size
+        self.counter = counter
+        self.url = url
+        self.got = 0
+        self.hasher = fsverity_digest.FsVerityHasher()
+
+    def write(self, view: memoryview) -> None:
+        if self.counter.stop.is_set():
+            raise _Cancelled()
+        if self.got + len(view) > self.size:
+            raise RemoteError(self.url, "is larger than the %d bytes its image says: refused" % self.size)
+        pos = 0
+        while pos < len(view):
+            pos += os.write(self.fd, view[pos:])
+        self.hasher.update(view)
+        self.got += len(view)
+        self.counter.add(len(view))
+
+    def reset(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        self.counter.add(-self.got)
+        self.got = 0
+        self.hasher = fsverity_digest.FsVerityHasher()
+
+    def check(self, hexd: str) -> None:
+        if self.got != self.size:
+            raise RemoteError(self.url, "has %d bytes, its image says %d: refused (truncated or changed)" % (self.got, self.size))
+        actual = self.hasher.hexdigest()
+        if actual != hexd:
+            raise RemoteError(self.url, "fs-verity digest is %s, not its name: refused (corrupted on the server "
+                                        "or in transit)" % actual)
+
+
+def _fetch(batch: ObjectBatch, transport: Any, missing: List[Tuple[str, int]], jobs: int,
+           progress: Optional[Progress], result: PullResult) -> None:
+    """Fetch, verify and publish ``missing``; published in batches, the verified ones kept on an error."""
+    if not missing:
+        return
+    counter = _Counter(len(missing), sum(size for _h, size in missing), progress)
+    fetched: List[Tuple[str, int]] = []
+    fetched_lock = threading.Lock()
+
+    def fetch_one(hexd: str, size: int) -> None:
+        if counter.stop.is_set():
+            raise _Cancelled()
+        path = "objects/%s/%s" % (hexd[:2], hexd[2:])
+        url = transport.url + "/" + path
+
+        def fill(fd: int) -> None:
+            sink = _VerifyingSink(fd, size, counter, url)
+            transport.stream(path, sink)
+            sink.check(hexd)
+
+        try:
+            added = batch.add(fill, bytes.fromhex(hexd), size)
+        except RemoteNotFound:
+            raise RemoteError(url, "not found: the image needs it (the remote store is incomplete)") from None
+        counter.add(0, 1)
+        if added:
+            with fetched_lock:
+                fetched.append((hexd, size))
+
+    error: Optional[BaseException] = None
+    pool = ThreadPoolExecutor(max_workers=min(jobs, len(missing)), thread_name_prefix="pull")
+    futures: Set["Future[None]"] = set()
+    try:
+        futures = {pool.submit(fetch_one, hexd, size) for hexd, size in missing}
+        pending = futures
+        committed_at = time.monotonic()
+        committed_bytes = 0
+        while pending:
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
+            error = _first_error(done)
+            if error is not None:
+                break
+            counter.report()
+            now = time.monotonic()
+            if counter.bytes_done - committed_bytes >= COMMIT_BYTES or now - committed_at >= COMMIT_SECONDS:
+                batch.commit(close=False)
+                committed_at, committed_bytes = now, counter.bytes_done
+        counter.report(force=True)
+    except BaseException as exc:  # an interrupt, or a commit that failed
+        error = exc
+    finally:
+        if error is not None:
+            counter.stop.set()
+            for future in futures:
+                future.cancel()
+        pool.shutdown(wait=True)
+    if error is None:
+        error = _first_error(futures)
+    if error is not None:
+        # Every staged object was verified: keep them for the next attempt.
+        try:
+            batch.commit(close=False)
+        except (OSError, ComposefsError):
+            pass
+        _account(result, fetched, batch)
+        raise _explain(error, transport.url)
+    batch.commit(close=False)
+    _account(result, fetched, batch)
+
+
+def _first_error(futures: Any) -> Optional[BaseException]:
+    """The error that stopped the pull (not the cancellations it caused)."""
+    found = None
+    for future in futures:
+        if future.cancelled():
+            continue
+        exc = future.exception()
+        if exc is None or isinstance(exc, _Cancelled):
+            continue
+        if found is None or isinstance(found, RemoteError) and not isinstance(exc, RemoteError):
+            found = exc
+    return found
+
+
+def _account(result: PullResult, fetched: List[Tuple[str, int]], batch: ObjectBatch) -> None:
+    written = set(batch.written)
+    for hexd, size in fetched:
+        if bytes.fromhex(hexd) in written:
+            result.objects_fetched += 1
+            result.bytes_fetched += size
+
+
+def _explain(error: BaseException, url: str) -> BaseException:
+    """The error as the caller should see it: naming the remote where the message does not."""
+    if isinstance(error, (ComposefsError, KeyboardInterrupt)):
+        return error
+    if isinstance(error, OSError):
+        # A full disk or a failing store: the message says what was written where.
+        return StoreError("pull from %s failed: %s" % (url, error.strerror or error))
+    return error
+
+
+__all__ = ["DEFAULT_JOBS", "PullResult", "pull"]
