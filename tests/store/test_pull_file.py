@@ -201,3 +201,17 @@ def test_cli_pull_file_remote(tmp_path: Path, remote) -> None:
     usage = subprocess.run(cmd + ["pull", "--jobs", "0", "file://" + str(src), "app/v1"], capture_output=True, text=True)
     assert usage.returncode == 2 and "--jobs" in usage.stderr
     assert os.path.exists(tmp_path / "local/refs/mine")
+
+
+def test_damaged_local_object_is_fetched_again(tmp_path: Path, remote) -> None:
+    src, d1, _d2 = remote
+    local, _ = Store.init(tmp_path / "local")
+    pull(local, "file://" + str(src), "app/v1")
+    victim = sorted(Store.open(src).image_objects(d1).objects)[0]
+    path = tmp_path / "local/objects" / victim[:2] / victim[2:]
+    good = path.read_bytes()
+    path.write_bytes(good + b"junk")
+    local.remove_ref("app/v1")
+    res = pull(local, "file://" + str(src), "app/v1")
+    assert res.objects_fetched == 1 and path.read_bytes() == good
+    _fsck_clean(tmp_path / "local")

@@ -556,12 +556,15 @@ class ObjectBatch:
         #: Digests of the objects commit() has put into the store.
         self.written: List[bytes] = []
 
-    def add(self, src: Union[int, Callable[[int], None]], digest: bytes, size: Optional[int] = None) -> bool:
+    def add(self, src: Union[int, Callable[[int], None]], digest: bytes, size: Optional[int] = None,
+            replace: bool = False) -> bool:
         """Stage the content of fd ``src`` as ``digest``; False if already stored or staged.
 
         ``src`` may also be a function that writes the content into the temp
         file's descriptor it is given, and checks it: a download verified
         while it streams (an exception from it removes the temp file).
+        ``replace``: stage it even if an object of that name exists (a
+        damaged one, to be replaced by the rename).
         """
         _check_digest(digest)
         with self._lock:
@@ -569,7 +572,7 @@ class ObjectBatch:
                 return False
             self._digests.add(digest)
         try:
-            if self.dir.lstat(digest) is not None:
+            if not replace and self.dir.lstat(digest) is not None:
                 return False
             tmp, dev = self.dir.stage(src, digest, size, durable=False)
         except BaseException:

@@ -32,6 +32,7 @@ blocks the readers of mounted images.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -111,7 +112,7 @@ def pull(store: Store, remote: Union[str, Any], remote_ref: str, ref: Optional[s
                 missing = _missing(store, batch, needed)
                 result.objects = len(needed.objects)
                 result.objects_missing = len(missing)
-                result.bytes_missing = sum(size for _hex, size in missing)
+                result.bytes_missing = sum(item[1] for item in missing)
                 if dry_run:
                     result.changed = result.previous != result.digest or bool(missing) or data is not None
                     return result
@@ -214,16 +215,23 @@ def _have_image(store: Store, digest: str) -> bool:
         os.close(fd)
 
 
-def _missing(store: Store, batch: ObjectBatch, needed: ImageObjects) -> List[Tuple[str, int]]:
-    """Objects not in the store (or there with the wrong size): largest first, so the last ones are quick."""
+def _missing(store: Store, batch: ObjectBatch, needed: ImageObjects) -> List[Tuple[str, int, bool]]:
+    """(hex, size, damaged) of the objects not in the store, or there with the wrong size (damaged).
+
+    Largest first, so that the last transfers are short ones.
+    """
     out = []
     for hexd, size in needed.objects.items():
         try:
             st = batch.dir.lstat(bytes.fromhex(hexd))
         except UnsafePathError as exc:
             raise StoreError("%s: run 'composefs-store fsck --repair'" % exc) from None
-        if st is None or st.st_size != size:
-            out.append((hexd, size))
+        if st is None:
+            out.append((hexd, size, False))
+        elif not stat.S_ISREG(st.st_mode):
+            raise StoreError("%s is not a regular file: run 'composefs-store fsck --repair'" % store.object_path(hexd).decode())
+        elif st.st_size != size:
+            out.append((hexd, size, True))
     out.sort(key=lambda item: (-item[1], item[0]))
     return out
 
@@ -296,16 +304,16 @@ class _VerifyingSink:
                                         "or in transit)" % actual)
 
 
-def _fetch(batch: ObjectBatch, transport: Any, missing: List[Tuple[str, int]], jobs: int,
+def _fetch(batch: ObjectBatch, transport: Any, missing: List[Tuple[str, int, bool]], jobs: int,
            progress: Optional[Progress], result: PullResult) -> None:
     """Fetch, verify and publish ``missing``; published in batches, the verified ones kept on an error."""
     if not missing:
         return
-    counter = _Counter(len(missing), sum(size for _h, size in missing), progress)
+    counter = _Counter(len(missing), sum(item[1] for item in missing), progress)
     fetched: List[Tuple[str, int]] = []
     fetched_lock = threading.Lock()
 
-    def fetch_one(hexd: str, size: int) -> None:
+    def fetch_one(hexd: str, size: int, damaged: bool) -> None:
         if counter.stop.is_set():
             raise _Cancelled()
         path = "objects/%s/%s" % (hexd[:2], hexd[2:])
@@ -317,7 +325,7 @@ def _fetch(batch: ObjectBatch, transport: Any, missing: List[Tuple[str, int]], j
             sink.check(hexd)
 
         try:
-            added = batch.add(fill, bytes.fromhex(hexd), size)
+            added = batch.add(fill, bytes.fromhex(hexd), size, replace=damaged)
         except RemoteNotFound:
             raise RemoteError(url, "not found: the image needs it (the remote store is incomplete)") from None
         counter.add(0, 1)
@@ -329,7 +337,7 @@ def _fetch(batch: ObjectBatch, transport: Any, missing: List[Tuple[str, int]], j
     pool = ThreadPoolExecutor(max_workers=min(jobs, len(missing)), thread_name_prefix="pull")
     futures: Set["Future[None]"] = set()
     try:
-        futures = {pool.submit(fetch_one, hexd, size) for hexd, size in missing}
+        futures = {pool.submit(fetch_one, *item) for item in missing}
         pending = futures
         committed_at = time.monotonic()
         committed_bytes = 0
