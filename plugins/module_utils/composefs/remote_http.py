@@ -75,7 +75,9 @@ class HttpTransport:
         check_readable_file(options.ca_path, "ca_path")
         check_readable_file(options.client_cert, "client_cert")
         check_readable_file(options.client_key, "client_key")
-        self._context = _ssl_context(options) if remote.scheme == "https" or _proxy_for("https", remote.host) else None
+        # The environment's proxies, read once (getproxies() walks all of os.environ).
+        self._proxies: Dict[Tuple[str, str], Optional[Tuple[str, int, Optional[str]]]] = {}
+        self._context = _ssl_context(options) if remote.scheme == "https" else None
         self._auth = _auth_headers(remote, options)
         self._pool: "queue.LifoQueue[Tuple[Tuple[str, str, int], http.client.HTTPConnection]]" = queue.LifoQueue()
         self._max_idle = max(1, connections)
@@ -184,7 +186,7 @@ class HttpTransport:
                 conn.close()
 
     def _request(self, conn: http.client.HTTPConnection, target: _Target, shown: str) -> http.client.HTTPResponse:
-        proxy = _proxy_for(target.scheme, target.host)
+        proxy = self._proxy(target)
         request_target = target.target
         if proxy is not None and target.scheme == "http":
             # A plain-HTTP proxy is asked for the absolute URL.
@@ -254,6 +256,12 @@ class HttpTransport:
         # A transfer that stops altogether is caught by the socket timeout.
         return min(self.options.timeout, self.options.low_speed_time)
 
+    def _proxy(self, target: _Target) -> Optional[Tuple[str, int, Optional[str]]]:
+        key = (target.scheme, target.host)
+        if key not in self._proxies:
+            self._proxies[key] = _proxy_for(target.scheme, target.host)
+        return self._proxies[key]
+
     # ---- the connection pool
     def _take(self, target: _Target) -> Tuple[Tuple[str, str, int], http.client.HTTPConnection]:
         key = (target.scheme, target.host, target.port)
@@ -284,7 +292,7 @@ class HttpTransport:
 
     def _connect(self, target: _Target) -> http.client.HTTPConnection:
         timeout = self._read_timeout()
-        proxy = _proxy_for(target.scheme, target.host)
+        proxy = self._proxy(target)
         if target.scheme == "https":
             if self._context is None:
                 self._context = _ssl_context(self.options)
