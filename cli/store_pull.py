@@ -59,7 +59,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     auth.add_argument("--password-file", metavar="FILE", help="basic auth password: first line of FILE")
     auth.add_argument("--token-file", metavar="FILE", help="bearer token: first line of FILE")
     auth.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
-                      help="an extra request header (repeatable)")
+                      help="an extra request header (repeatable; visible to other users on the command line: put "
+                           "a token in --token-file instead)")
     patience = pull.add_argument_group("retries and timeouts")
     patience.add_argument("--retries", type=int, default=5, metavar="N",
                           help="attempts after a transient failure (default 5, waiting 0.5 s, doubled each time)")
