@@ -11,6 +11,9 @@ Tiers (markers):
           of examples in every run; open-ended (random, time-budgeted) by
           scripts/fuzz
 
+Not a tier: ``network`` marks tests that start nginx on 127.0.0.1
+(tests/remote/); they run in every run, the marker only selects them.
+
 A test that cannot run skips with a reason naming exactly what is missing.
 Under CI=true a missing oracle (or a missing CLI of ours) is an error instead:
 CI must have them.
@@ -51,6 +54,8 @@ MARKERS = {
     "guest": "runs in the QEMU trixie guest (fs-verity, systemd, journald): qemu-system-x86_64 with TCG, "
              "ssh, and the image from scripts/build-guest (built on first use when possible)",
     "fuzz": "fuzzing of the image reader and the dump parser (deterministic here; open-ended in scripts/fuzz)",
+    "network": "starts Debian's nginx on 127.0.0.1 with its own config (tests/remote/nginx_server.py); "
+               "not a tier: part of every run, the marker only selects",
 }
 
 # tests/unit is the collection's ansible-test unit suite: it imports the
