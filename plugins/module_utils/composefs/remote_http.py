@@ -229,7 +229,9 @@ class HttpTransport:
         window_bytes = 0
         while True:
             try:
-                n = resp.readinto(view)
+                # readinto1: what has arrived, at most one recv.  readinto would wait for the whole
+                # buffer (256 KiB), so a trickling transfer would not be checked against the low-speed limit.
+                n = resp.readinto1(view)
             except socket.timeout:
                 raise _Transient("transfer stalled: no data for %g s after %d bytes" % (self._read_timeout(), total)) from None
             except http.client.IncompleteRead as exc:
@@ -238,6 +240,9 @@ class HttpTransport:
             except (OSError, http.client.HTTPException) as exc:
                 raise _Transient("transfer failed after %d bytes: %s" % (total, _describe(exc, None))) from None
             if not n:
+                if resp.length:  # readinto1 does not raise IncompleteRead: the connection ended early
+                    raise _Transient("transfer cut short after %d bytes (%d more expected)" % (total, resp.length))
+                resp.close()  # nor does it mark the response done, which the next request on the connection needs
                 return total
             total += n
             if limit is not None and total > limit:
