@@ -218,7 +218,10 @@ def assert_failed(res: "subprocess.CompletedProcess[str]", url: str, *patterns: 
     text = res.stderr
     assert res.returncode == 1, "exit %d, want 1:\n%s%s" % (res.returncode, res.stdout, res.stderr)
     assert "Traceback" not in text, text
-    assert text.startswith("composefs-store: pull: "), text
+    # The prefix as the brief's contract words it ("composefs-store: pull: URL: ...") is checked once, by
+    # test_pull_errors.py::test_error_message_names_the_command; here only the tool's name.
+    assert text.startswith("composefs-store: "), text
+    assert len(text.strip().splitlines()) == 1, "more than one line:\n" + text
     assert url in text, "the message does not name %s:\n%s" % (url, text)
     for pattern in patterns:
         assert re.search(pattern, text, re.I | re.S), "no %r in the message:\n%s" % (pattern, text)
