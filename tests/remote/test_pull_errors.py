@@ -200,8 +200,10 @@ def wait_exit(proc: "subprocess.Popen[str]", timeout: float, what: str) -> "subp
 def test_server_killed_mid_pull_then_resume(served: Source, node: Node, nginx) -> None:
     """kill -9 nginx after some objects arrived; restart it; the second pull fetches only what is missing."""
     needs = served.needs["many"]
-    srv = nginx(served.path, limit_rate="400k")
-    proc = node.popen("pull", "--jobs", "2", "--retries", "1", "--timeout", "5", srv.url, "many")
+    # nginx lets a response send limit_rate bytes in its first second: these 100 KB objects take a
+    # second each, 8 at a time (--jobs 8).  Killed once the first 8 have arrived.
+    srv = nginx(served.path, limit_rate="80k")
+    proc = node.popen("pull", "--jobs", "8", "--retries", "1", "--timeout", "5", srv.url, "many")
     try:
         srv.wait_for(lambda es: sum(e.path.startswith("objects/") and e.completed for e in es) >= MANY_COUNT // 3,
                      what="%d objects sent" % (MANY_COUNT // 3))
