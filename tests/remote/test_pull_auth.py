@@ -237,3 +237,12 @@ def test_http_proxy_from_the_environment(served: Source, node: Node, nginx) -> N
     assert len(origin.fetches(kind="objects/")) == len(served.needs["app/v1"])
     res = node.pull(url, "app/v2", "--retries", "0", env={"no_proxy": ""})
     assert res.returncode == 1 and "store.invalid" in res.stderr, res.stderr  # without the proxy: no such host
+
+
+def test_named_remote_keeps_its_ca_file(served: Source, node: Node, tls_server, pki: TestPki) -> None:
+    res = node.run("remote", "add", "secure", tls_server.url, "--ca-file", pki.ca().cert)
+    assert res.returncode == 0, res.stderr
+    node.pull_ok("secure", "app/v1")
+    assert_has_image(node, served, "app/v1")
+    res = node.pull("secure", "app/v2", "--ca-file", pki.ca("wrong-ca").cert, *FAST)
+    assert_failed(res, tls_server.url, r"certificate")  # the command line wins over the remote's setting
