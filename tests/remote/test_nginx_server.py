@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import nginx_server
-from nginx_server import NginxServer, nginx, nginx_missing  # noqa: F401  (fixture)
+from nginx_server import nginx, nginx_missing  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.network
 

@@ -20,18 +20,8 @@ from typing import Counter, Dict, List
 
 import pytest
 
-from pull_fixtures import (  # type: ignore[import-not-found]
-    Node,
-    Source,
-    assert_has_image,
-    build_source,
-    make_node,
-    nginx,
-    node,
-    object_rel,
-    served,
-    source_template,
-)
+from pull_fixtures import Node, Source, assert_has_image, build_source, make_node, object_rel  # type: ignore[import-not-found]
+from pull_fixtures import nginx, node, served, source_template  # type: ignore[import-not-found]  # noqa: F401  (fixtures)
 from nginx_server import LogEntry  # type: ignore[import-not-found]
 
 from composefs_fleet.pull import pull
@@ -40,7 +30,6 @@ from composefs_fleet.store import Store
 
 pytestmark = pytest.mark.network
 
-_ = (nginx, node, served, source_template)  # fixtures
 
 
 def object_gets(entries: List[LogEntry]) -> Counter[str]:

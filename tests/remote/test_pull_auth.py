@@ -13,23 +13,12 @@ from typing import Dict
 
 import pytest
 
-from pull_fixtures import (  # type: ignore[import-not-found]
-    Node,
-    Source,
-    assert_failed,
-    assert_has_image,
-    assert_untouched,
-    nginx,
-    node,
-    pki,
-    served,
-    source_template,
-)
+from pull_fixtures import Node, Source, assert_failed, assert_has_image, assert_untouched  # type: ignore[import-not-found]
+from pull_fixtures import nginx, node, pki, served, source_template  # type: ignore[import-not-found]  # noqa: F401  (fixtures)
 from nginx_server import TestPki  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.network
 
-_ = (nginx, node, pki, served, source_template)  # fixtures
 
 PASSWORD = "Zq8-pass-word:with colon"
 TOKEN = "tok3n-4f1c9e2b7a"

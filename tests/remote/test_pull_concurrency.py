@@ -15,16 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pull_fixtures import (  # type: ignore[import-not-found]
-    MANY_COUNT,
-    Node,
-    Source,
-    assert_has_image,
-    nginx,
-    node,
-    served,
-    source_template,
-)
+from pull_fixtures import MANY_COUNT, Node, Source, assert_has_image  # type: ignore[import-not-found]
+from pull_fixtures import nginx, node, served, source_template  # type: ignore[import-not-found]  # noqa: F401  (fixtures)
 from test_pull import tree_of  # type: ignore[import-not-found]
 from test_pull_errors import wait_exit  # type: ignore[import-not-found]
 
@@ -32,7 +24,6 @@ pytestmark = pytest.mark.network
 
 THROTTLE = "80k"
 
-_ = (nginx, node, served, source_template)  # fixtures
 
 
 def objects_sent(count: int):

@@ -20,24 +20,11 @@ from typing import Iterator
 
 import pytest
 
-from pull_fixtures import (  # type: ignore[import-not-found]
-    MANY_COUNT,
-    Node,
-    Source,
-    assert_failed,
-    assert_has_image,
-    assert_untouched,
-    make_node,
-    nginx,
-    node,
-    object_rel,
-    served,
-    source_template,
-)
+from pull_fixtures import MANY_COUNT, Node, Source, assert_failed, assert_has_image, assert_untouched, make_node, object_rel  # type: ignore[import-not-found]
+from pull_fixtures import nginx, node, served, source_template  # type: ignore[import-not-found]  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.network
 
-_ = (nginx, node, served, source_template)  # fixtures
 
 FAST = ("--retries", "1", "--timeout", "5")
 
