@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -237,3 +238,35 @@ def assert_untouched(node: Node, refs_before: Dict[str, str], objects_before: Op
         assert new <= (allowed or set()), "unexpected objects published: %s" % sorted(new - (allowed or set()))
     assert node.debris() == [], "temporary files left behind: %s" % node.debris()
     node.fsck()
+
+
+#: nginx server directives: responses without Content-Length (chunked), the bytes unchanged (sub_filter
+#: replaces a string by itself), as a filtering proxy or a CDN may send them.
+CHUNKED = "sub_filter_types *;\n        sub_filter 'composefs' 'composefs';"
+
+
+def wait_exit(proc: "subprocess.Popen[str]", timeout: float, what: str) -> "subprocess.CompletedProcess[str]":
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError("%s: the pull did not end within %.0f s:\n%s%s" % (what, timeout, out, err)) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def tree_of(top: Path) -> Dict[str, object]:
+    """What a reader sees: per path, the type, mode, owner and content or link target."""
+    out: Dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(str(top)):
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            entry: List[object] = [st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns]
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    entry.append(f.read())
+            elif stat.S_ISLNK(st.st_mode):
+                entry.append(os.readlink(path))
+            out[os.path.relpath(path, str(top))] = entry
+    return out

@@ -20,7 +20,7 @@ from typing import Counter, Dict, List
 
 import pytest
 
-from pull_fixtures import Node, Source, assert_has_image, build_source, make_node, object_rel  # type: ignore[import-not-found]
+from pull_fixtures import CHUNKED, Node, Source, assert_has_image, build_source, make_node, object_rel, tree_of  # type: ignore[import-not-found]
 from pull_fixtures import nginx, node, served, source_template  # type: ignore[import-not-found]  # noqa: F401  (fixtures)
 from nginx_server import LogEntry  # type: ignore[import-not-found]
 
@@ -253,18 +253,10 @@ def test_pulled_image_mounts_with_the_source_tree(served: Source, node: Node, ng
             assert done.returncode == 0, done.stderr
 
 
-def tree_of(top: Path) -> Dict[str, object]:
-    """What a reader sees: per path, the type, mode, owner and content or link target."""
-    out: Dict[str, object] = {}
-    for dirpath, dirnames, filenames in os.walk(str(top)):
-        for name in sorted(dirnames + filenames):
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            entry: List[object] = [st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns]
-            if stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as f:
-                    entry.append(f.read())
-            elif stat.S_ISLNK(st.st_mode):
-                entry.append(os.readlink(path))
-            out[os.path.relpath(path, str(top))] = entry
-    return out
+
+def test_chunked_responses(served: Source, node: Node, nginx) -> None:
+    """Responses without Content-Length (chunked), as a filtering proxy or a CDN may send them."""
+    srv = nginx(served.path, extra_server=CHUNKED)
+    node.pull_ok(srv.url, "app/v2")
+    assert_has_image(node, served, "app/v2")
+    assert object_gets(srv.entries()) == expect_once(served.needs["app/v2"])

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pull_fixtures import MANY_COUNT, Node, Source, assert_has_image  # type: ignore[import-not-found]
+from pull_fixtures import MANY_COUNT, Node, Source, assert_has_image, tree_of, wait_exit  # type: ignore[import-not-found]
 from pull_fixtures import nginx, node, served, source_template  # type: ignore[import-not-found]  # noqa: F401  (fixtures)
-from test_pull import tree_of  # type: ignore[import-not-found]
-from test_pull_errors import wait_exit  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.network
 
@@ -76,6 +74,22 @@ def test_two_pulls_of_images_sharing_objects_at_once(served: Source, node: Node,
     assert_has_image(node, served, "app/v1")
     assert_has_image(node, served, "app/v2")
     assert node.debris() == []
+
+
+def test_add_image_runs_beside_a_pull(served: Source, node: Node, nginx) -> None:
+    """Both hold the store's lock shared: an add-image ends while a pull is still fetching."""
+    srv = nginx(served.path, limit_rate=THROTTLE)
+    pulling = node.popen("pull", "--jobs", "8", srv.url, "many")
+    try:
+        srv.wait_for(objects_sent(2), what="2 objects sent")
+        added = node.run("add-image", served.trees["other"], "--ref", "local/other")
+        assert pulling.poll() is None, "the pull ended before add-image did: they did not run side by side"
+    finally:
+        pulled = wait_exit(pulling, 120, "pull beside add-image")
+    assert added.returncode == 0, added.stderr
+    assert pulled.returncode == 0, pulled.stderr
+    assert_has_image(node, served, "many")
+    assert_has_image(node, served, "other", "local/other")
 
 
 @pytest.mark.kernel

@@ -20,7 +20,8 @@ from typing import Iterator
 
 import pytest
 
-from pull_fixtures import MANY_COUNT, Node, Source, assert_failed, assert_has_image, assert_untouched, make_node, object_rel  # type: ignore[import-not-found]
+from pull_fixtures import (CHUNKED, MANY_COUNT, Node, Source, assert_failed, assert_has_image,  # type: ignore[import-not-found]
+                           assert_untouched, make_node, object_rel, wait_exit)
 from pull_fixtures import nginx, node, served, source_template  # type: ignore[import-not-found]  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.network
@@ -174,22 +175,15 @@ def test_server_down(served: Source, node: Node, nginx) -> None:
     assert_untouched(node, {}, set())
 
 
-def wait_exit(proc: "subprocess.Popen[str]", timeout: float, what: str) -> "subprocess.CompletedProcess[str]":
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError("%s: the pull did not end within %.0f s:\n%s%s" % (what, timeout, out, err)) from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def test_server_killed_mid_pull_then_resume(served: Source, node: Node, nginx) -> None:
+@pytest.mark.parametrize("framing", ["Content-Length", "chunked"])
+def test_server_killed_mid_pull_then_resume(served: Source, node: Node, nginx, framing: str) -> None:
     """kill -9 nginx after some objects arrived; restart it; the second pull fetches only what is missing."""
     needs = served.needs["many"]
     # nginx lets a response send limit_rate bytes in its first second: these 100 KB objects take a
     # second each, 8 at a time (--jobs 8).  Killed once the first 8 have arrived.
-    srv = nginx(served.path, limit_rate="80k")
+    srv = nginx(served.path, limit_rate="80k", extra_server=CHUNKED if framing == "chunked" else "")
     proc = node.popen("pull", "--jobs", "8", "--retries", "1", "--timeout", "5", srv.url, "many")
     try:
         srv.wait_for(lambda es: sum(e.path.startswith("objects/") and e.completed for e in es) >= MANY_COUNT // 3,

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import io
 import signal
-from pathlib import Path
 
 import pytest
 
-from pull_fixtures import Node, Source, assert_failed, assert_has_image, assert_untouched  # type: ignore[import-not-found]
+from pull_fixtures import Node, Source, assert_failed, assert_has_image, assert_untouched, wait_exit  # type: ignore[import-not-found]
 from pull_fixtures import nginx, node, served, source_template  # type: ignore[import-not-found]  # noqa: F401  (fixtures)
 from nginx_server import TestPki, pki  # type: ignore[import-not-found]  # noqa: F401  (fixture)
-from test_pull_errors import wait_exit  # type: ignore[import-not-found]
 
 from composefs_fleet.dump import parse_dump
 from composefs_fleet.erofs_writer import build_image
