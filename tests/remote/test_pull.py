@@ -101,6 +101,18 @@ def test_pull_again_fetches_nothing(served: Source, node: Node, nginx) -> None:
     assert_has_image(node, served, "app/v2")
 
 
+def test_object_lost_on_the_node_is_fetched_again(served: Source, node: Node, nginx) -> None:
+    srv = nginx(served.path)
+    node.pull_ok(srv.url, "app/v1")
+    lost = sorted(served.needs["app/v1"])[0]
+    (node.repo / object_rel(lost)).unlink()
+    mark = len(srv.entries())
+    out = node.pull_ok(srv.url, "app/v1")
+    assert (out["objects_missing"], out["objects_fetched"], out["changed"]) == (1, 1, True)
+    assert object_gets(srv.entries()[mark:]) == {object_rel(lost): 1}
+    assert_has_image(node, served, "app/v1")
+
+
 def test_pull_moves_a_local_ref_and_names_another(served: Source, node: Node, nginx) -> None:
     srv = nginx(served.path)
     node.pull_ok(srv.url, "app/v1", "--ref", "app/current")
