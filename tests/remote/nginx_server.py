@@ -29,6 +29,7 @@ end (``nginx``, ``pki``) are defined when pytest is importable.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import shutil
@@ -192,6 +193,8 @@ class NginxServer:
         self.port = 0
         self.proc: Optional[subprocess.Popen] = None
         self.generation = 0
+        # nginx runs in its own session: a script that dies without stop() would leave it running.
+        atexit.register(self.stop)
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(str(self.dir), 0o700)
         for sub in ("temp", "logs"):
