@@ -171,7 +171,9 @@ class NginxServer:
         """``tls``: the server's certificate and key (https); ``client_ca``: require a client
         certificate signed by it (``ssl_verify_client on``); ``basic_auth``: (user, password);
         ``token``: require ``Authorization: Bearer TOKEN``; ``limit_rate``/``limit_rate_after``:
-        nginx's per-connection throttle ("64k", "1m"); ``keepalive_*``: nginx's directives
+        nginx's throttle ("64k", "1m"), per response, which may send ``limit_rate`` bytes in its
+        first second and then sends in bursts (4 KiB every 2 s at "2000"): a file smaller than
+        ``limit_rate`` is not slowed at all; ``keepalive_*``: nginx's directives
         ("0" disables keep-alive); ``extra_server``: more directives for the server block."""
         if not prefix.startswith("/") or prefix.endswith("/") or set(prefix) & set(" ;{}\"'\\"):
             raise ValueError("prefix must look like /name: %r" % prefix)
