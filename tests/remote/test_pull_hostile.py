@@ -64,6 +64,13 @@ def test_redirect_loop_is_cut(served: Source, node: Node, nginx) -> None:
     assert srv.requests()[("refs/app/v1", 302)] <= 2 * 6  # bounded (attempts x hops)
 
 
+def test_redirect_to_a_file_url_is_refused(served: Source, node: Node, nginx) -> None:
+    srv = nginx(served.path, extra_server="location = /cfs/refs/app/v1 { return 302 file:///etc/hostname; }")
+    res = node.pull(srv.url, "app/v1", *FAST)
+    assert_failed(res, srv.url + "/refs/app/v1", r"file: URL")
+    assert_untouched(node, {}, set())
+
+
 def test_redirect_from_https_to_http_is_refused(served: Source, node: Node, nginx, pki: TestPki) -> None:
     plain = nginx(served.path)
     srv = nginx(served.path, tls=pki.issue("server-redirecting"),
