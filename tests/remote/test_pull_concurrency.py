@@ -77,8 +77,9 @@ def test_two_pulls_of_images_sharing_objects_at_once(served: Source, node: Node,
 
 
 def test_add_image_runs_beside_a_pull(served: Source, node: Node, nginx) -> None:
-    """Both hold the store's lock shared: an add-image ends while a pull is still fetching."""
-    srv = nginx(served.path, limit_rate=THROTTLE)
+    """Both hold the store's lock shared: an add-image ends while a pull is still fetching (for about 6 s:
+    2 s per object at 40 KB/s, time enough for add-image on a busy machine)."""
+    srv = nginx(served.path, limit_rate="40k")
     pulling = node.popen("pull", "--jobs", "8", srv.url, "many")
     try:
         srv.wait_for(objects_sent(2), what="2 objects sent")
