@@ -182,8 +182,8 @@ class Node:
     def fsck(self) -> Dict[str, object]:
         res = self.run("--json", "fsck")
         if res.returncode != 0:
-            raise AssertionError("fsck of %s not clean (exit %d):\n%s%s" % (self.repo, res.returncode, res.stdout,
-                                                                           res.stderr))
+            raise AssertionError("fsck of %s not clean (exit %d):\n%s%s"
+                                 % (self.repo, res.returncode, res.stdout, res.stderr))
         return json.loads(res.stdout)
 
 

@@ -31,7 +31,6 @@ from composefs_fleet.store import Store
 pytestmark = pytest.mark.network
 
 
-
 def object_gets(entries: List[LogEntry]) -> Counter[str]:
     """Requests for objects, per path (any status)."""
     return collections.Counter(e.path for e in entries if e.path.startswith("objects/"))
@@ -263,7 +262,6 @@ def test_pulled_image_mounts_with_the_source_tree(served: Source, node: Node, ng
             if done.returncode != 0:
                 subprocess.run(["umount", "-l", str(where)], capture_output=True)
             assert done.returncode == 0, done.stderr
-
 
 
 def test_chunked_responses(served: Source, node: Node, nginx) -> None:

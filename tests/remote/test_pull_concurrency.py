@@ -23,7 +23,6 @@ pytestmark = pytest.mark.network
 THROTTLE = "80k"
 
 
-
 def objects_sent(count: int):
     return lambda entries: sum(e.path.startswith("objects/") and e.completed for e in entries) >= count
 

@@ -175,8 +175,6 @@ def test_server_down(served: Source, node: Node, nginx) -> None:
     assert_untouched(node, {}, set())
 
 
-
-
 @pytest.mark.parametrize("framing", ["Content-Length", "chunked"])
 def test_server_killed_mid_pull_then_resume(served: Source, node: Node, nginx, framing: str) -> None:
     """kill -9 nginx after some objects arrived; restart it; the second pull fetches only what is missing."""
