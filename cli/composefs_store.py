@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -351,21 +352,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from composefs_fleet.errors import ComposefsError
 
+    # A network command says which one failed: "composefs-store: pull: URL: what failed".
+    prog = "%s: %s" % (PROG, args.command) if args.command in ("pull", "remote") else PROG
+    # systemd and Ansible stop a run with SIGTERM: unwind as for ^C, so that
+    # staged temp files are removed and verified objects kept.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except _Fail as exc:
-        sys.stderr.write("%s: %s\n" % (PROG, exc))
+        sys.stderr.write("%s: %s\n" % (prog, exc))
         return 2
     except ComposefsError as exc:
-        sys.stderr.write("%s: %s\n" % (PROG, exc))
+        sys.stderr.write("%s: %s\n" % (prog, exc))
         return 1
     except OSError as exc:
         where = " %s:" % os.fsdecode(exc.filename) if exc.filename is not None else ""
-        sys.stderr.write("%s:%s %s\n" % (PROG, where, exc.strerror or exc))
+        sys.stderr.write("%s:%s %s\n" % (prog, where, exc.strerror or exc))
         return 1
+    except _Terminated:
+        sys.stderr.write("%s: terminated\n" % prog)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        sys.stderr.write("%s: interrupted\n" % PROG)
+        sys.stderr.write("%s: interrupted\n" % prog)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like an interrupt (a KeyboardInterrupt, so that every cleanup for ^C runs)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def test_cli_pull_file_remote(tmp_path: Path, remote) -> None:
     assert out.returncode == 0, out.stderr
     assert d1 in out.stdout and "fetched" in out.stdout
     bad = subprocess.run(cmd + ["pull", "file://" + str(src), "app/none"], capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.startswith("composefs-store: file://%s: no ref app/none" % src), bad.stderr
+    assert bad.returncode == 1 and bad.stderr.startswith("composefs-store: pull: file://%s: no ref app/none" % src), bad.stderr
     usage = subprocess.run(cmd + ["pull", "--jobs", "0", "file://" + str(src), "app/v1"], capture_output=True, text=True)
     assert usage.returncode == 2 and "--jobs" in usage.stderr
     assert os.path.exists(tmp_path / "local/refs/mine")

@@ -26,6 +26,7 @@ import http.client
 import os
 import queue
 import random
+import re
 import socket
 import ssl
 import threading
@@ -35,7 +36,7 @@ from urllib.parse import urljoin, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
 from .errors import RemoteError, RemoteNotFound, StoreError
-from .remote_options import RemoteOptions, RemoteURL, check_readable_file
+from .remote_options import CONTROL_CHARS, RemoteOptions, RemoteURL, check_readable_file
 
 USER_AGENT = "composefs-fleet/0.1"
 #: Bytes read per call: big enough that per-call overhead vanishes next to hashing.
@@ -166,7 +167,7 @@ class HttpTransport:
                 size = self._read_body(resp, sink, limit, shown)
                 reusable = not resp.will_close
                 return size
-            reason = "HTTP %d %s" % (status, resp.reason or "")
+            reason = "HTTP %d %s%s" % (status, resp.reason or "", _error_detail(resp, status))
             if status in _REDIRECT_STATUS:
                 location = resp.getheader("Location")
                 if not location:
@@ -324,6 +325,27 @@ class _Collect:
 
     def reset(self) -> None:
         self.data = bytearray()
+
+
+def _error_detail(resp: http.client.HTTPResponse, status: int) -> str:
+    """What a short error page says (nginx: "400 No required SSL certificate was sent"), cleaned for a message."""
+    if status in _REDIRECT_STATUS:
+        return ""
+    try:
+        body = resp.read(4096) if (resp.length or 0) <= 4096 else b""
+    except (OSError, http.client.HTTPException):
+        return ""
+    found = re.search(rb"<title>(.*?)</title>", body, re.I | re.S)
+    if found:
+        text = found.group(1)
+    elif (resp.getheader("Content-Type") or "").startswith("text/plain"):
+        text = body.strip().split(b"\n", 1)[0]
+    else:
+        return ""
+    cleaned = " ".join(CONTROL_CHARS.sub(" ", text.decode("utf-8", "replace")).split())[:160]
+    if not cleaned or cleaned in ("%d %s" % (status, resp.reason or "")):
+        return ""
+    return " (the server says: %s)" % cleaned
 
 
 def _ssl_context(options: RemoteOptions) -> ssl.SSLContext:

@@ -22,7 +22,7 @@ SCHEMES = ("http", "https", "file")
 
 #: A header name is an RFC 9110 token; values may not hold control characters (no header injection).
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class RemoteOptions:
@@ -71,12 +71,12 @@ class RemoteOptions:
         for name, value in self.headers.items():
             if not isinstance(name, str) or not _HEADER_NAME.match(name):
                 raise StoreError("header name %r is not a valid HTTP header name" % (name,))
-            if not isinstance(value, str) or _CONTROL.search(value.replace("\t", " ")):
+            if not isinstance(value, str) or CONTROL_CHARS.search(value.replace("\t", " ")):
                 # The value is not shown: it may be a secret.
                 raise StoreError("header %s: the value must be text without control characters" % name)
         for name in ("username", "password", "token"):
             value = getattr(self, name)
-            if value is not None and _CONTROL.search(value):
+            if value is not None and CONTROL_CHARS.search(value):
                 raise StoreError("%s may not contain control characters" % name)
         if self.username is not None and ":" in self.username:
             raise StoreError("username may not contain ':' (basic auth)")
@@ -99,7 +99,7 @@ class RemoteURL:
     def __init__(self, url: str) -> None:
         if not isinstance(url, str) or not url:
             raise StoreError("remote URL is empty")
-        if _CONTROL.search(url) or " " in url:
+        if CONTROL_CHARS.search(url) or " " in url:
             raise StoreError("remote URL %r contains spaces or control characters (percent-encode them)" % shown_url(url))
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
