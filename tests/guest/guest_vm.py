@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import ctypes
 import hashlib
 import io
@@ -41,7 +42,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-guest"
@@ -54,6 +55,7 @@ GUEST_TOOLS = (
     ("/usr/local/bin/mkcomposefs", "composefs_fleet_cli.mkcomposefs"),
     ("/usr/local/bin/composefs-info", "composefs_fleet_cli.composefs_info"),
     ("/usr/local/sbin/mount.composefs", "composefs_fleet_cli.mount_composefs"),
+    ("/usr/local/bin/composefs-store", "composefs_fleet_cli.composefs_store"),
 )
 # Emulated hardware the guest never uses; loading its drivers only slows boot.
 BLACKLIST = (
@@ -230,6 +232,8 @@ class Guest:
         self.failed_units: List[str] = []
         self.panics = 0  # boots retried after a guest kernel panic
         self._stopped = False
+        # Reverse tunnels open on the master connection: guest port -> the -R spec that opened it.
+        self._tunnels: Dict[int, str] = {}
 
     # ---------------------------------------------------------------- paths --
     @property
@@ -398,6 +402,7 @@ class Guest:
         return time.monotonic() - t0
 
     def _close_master(self) -> None:
+        self._tunnels.clear()  # the master's forwards end with it
         if self.control_path.exists():
             subprocess.run(["ssh", "-F", str(self.ssh_config), "-o", "ControlPath=%s" % self.control_path,
                             "-O", "exit", "guest"], stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
@@ -489,6 +494,65 @@ class Guest:
         except ValueError:
             raise GuestError("guest command printed no JSON: %s\nstdout: %s\nstderr: %s" % (
                 command, _tail(res.stdout), _tail(res.stderr)))
+
+    # -------------------------------------------------------------- tunnels --
+    def _mux(self, op: str, spec: str) -> "subprocess.CompletedProcess":
+        return subprocess.run(["ssh", "-F", str(self.ssh_config), "-o", "ControlPath=%s" % self.control_path,
+                               "-O", op, "-R", spec, "guest"],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+
+    def open_reverse_tunnel(self, host_port: int, guest_port: int = 0) -> int:
+        """Make ``127.0.0.1:guest_port`` in the guest reach ``127.0.0.1:host_port``
+        on the host: ``ssh -R 127.0.0.1:GUEST:127.0.0.1:HOST``, added to the
+        master connection (``-O forward``) instead of a new SSH login, which
+        costs seconds under emulation. The guest listens on its loopback only;
+        the guest's own network stays restricted (the tunnel rides on the SSH
+        session). ``guest_port`` 0: the guest's sshd picks a free port.
+        Returns the guest port. Closed by :meth:`close_reverse_tunnel`, or at
+        the latest when the master connection ends (stop, reboot)."""
+        if not self.control_path.exists():
+            raise GuestError("reverse tunnel: no SSH master connection to the guest (not started?)")
+        spec = "127.0.0.1:%d:127.0.0.1:%d" % (guest_port, host_port)
+        if guest_port in self._tunnels:
+            # The master answers a repeated forward with success: refuse it here,
+            # or closing one of the two would close the other.
+            raise GuestError("reverse tunnel: guest port %d is already forwarded" % guest_port)
+        if guest_port == 0 and spec in self._tunnels.values():
+            # The master cancels a port-0 forward by its spec, not by the port it
+            # got: two of them to one host port could not be told apart.
+            raise GuestError("reverse tunnel: one to host port %d with a guest-chosen port is already open"
+                             % host_port)
+        res = self._mux("forward", spec)
+        if res.returncode != 0:
+            raise GuestError("reverse tunnel %s failed (exit %d): %s" % (spec, res.returncode, res.stderr.strip()))
+        if guest_port == 0:
+            # The master prints the port the guest's sshd allocated.
+            try:
+                guest_port = int(res.stdout.strip())
+            except ValueError:
+                self._mux("cancel", spec)
+                raise GuestError("reverse tunnel %s: no allocated port in ssh's answer %r" % (spec, res.stdout))
+        self._tunnels[guest_port] = spec
+        return guest_port
+
+    def close_reverse_tunnel(self, guest_port: int) -> None:
+        """Stop forwarding the guest's 127.0.0.1:guest_port (a no-op if it is not open)."""
+        spec = self._tunnels.pop(guest_port, None)
+        if spec is None or not self.control_path.exists():
+            return
+        res = self._mux("cancel", spec)
+        if res.returncode != 0:
+            raise GuestError("closing reverse tunnel %s failed (exit %d): %s"
+                             % (spec, res.returncode, res.stderr.strip()))
+
+    @contextlib.contextmanager
+    def reverse_tunnel(self, host_port: int, guest_port: int = 0) -> Iterator[int]:
+        """:meth:`open_reverse_tunnel` for a ``with`` block; yields the guest port."""
+        port = self.open_reverse_tunnel(host_port, guest_port)
+        try:
+            yield port
+        finally:
+            self.close_reverse_tunnel(port)
 
     def copy_project(self, repo: Path = REPO) -> None:
         """Copy the core package, the CLIs and the in-guest test scripts into
