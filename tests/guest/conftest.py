@@ -10,8 +10,9 @@ needed, booted, the project copied in, and the guest always powered off.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import pytest
 
@@ -45,8 +46,14 @@ class GuestSession:
         return self._results[name]
 
     def _check(self, name: str, timeout: float) -> dict:
+        return self.run_check(name, timeout=timeout)
+
+    def run_check(self, name: str, spec: Optional[dict] = None, timeout: float = 600) -> dict:
+        """guest_checks.py NAME [SPEC as JSON], run now (not shared: each spec is its own run)."""
         workdir = "/var/tmp/cfguest/%s" % name
         cmd = ["env", "PYTHONPATH=%s/lib" % guest_vm.GUEST_ROOT, "python3", GUEST_CHECKS, name, workdir]
+        if spec is not None:
+            cmd.append(json.dumps(spec))
         result = self.vm.run_json(cmd, timeout=timeout)
         assert isinstance(result, dict)
         return result

@@ -3,7 +3,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """In-guest half of the guest tests: runs INSIDE the QEMU guest.
 
-    PYTHONPATH=/opt/composefs-fleet/lib python3 guest_checks.py CHECK WORKDIR
+    PYTHONPATH=/opt/composefs-fleet/lib python3 guest_checks.py CHECK WORKDIR [SPEC-JSON]
 
 Each CHECK does its work in one process (Python in the guest is 15-25x
 slower than on the host, and every SSH call costs time) and prints one JSON
@@ -11,9 +11,11 @@ object with what it observed. The assertions are made on the host, in
 tests/guest/test_*.py, so a failure shows the observed values.
 """
 import errno
+import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -348,6 +350,105 @@ def check_tamper(workdir):
     return out
 
 
+# ----------------------------------------------------------------- pull --
+
+def manifest(root):
+    """{rel: [kind, ...]} of everything under root: type, permissions and
+    content (sha256) of each entry; a file that cannot be read says why.
+    Also used on the host for the source tree the guest's mount must equal."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ["link", os.readlink(path)]
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ["dir", stat.S_IMODE(st.st_mode)]
+            else:
+                try:
+                    with open(path, "rb") as f:
+                        out[rel] = ["file", stat.S_IMODE(st.st_mode), hashlib.sha256(f.read()).hexdigest()]
+                except OSError as exc:
+                    out[rel] = ["error", errno.errorcode.get(exc.errno, str(exc.errno))]
+    return out
+
+
+def tcp_listeners(port):
+    """Addresses listening on TCP ``port`` here (/proc/net/tcp{,6}, state 0A)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                addr, hexport = fields[1].rsplit(":", 1)
+                if fields[3] != "0A" or int(hexport, 16) != port:
+                    continue
+                if len(addr) == 8:  # IPv4, little-endian hex
+                    found.append(".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+                else:
+                    found.append("ipv6:" + addr)
+    return found
+
+
+def overlay_options(target):
+    """[fstype, super options...] of the mount on target, None if nothing is mounted there."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, right = line.rstrip("\n").split(" - ", 1)
+            if left.split(" ")[4] == target:
+                fstype, _source, sopts = right.split(" ", 2)
+                return [fstype] + sopts.split(",")
+    return None
+
+
+def with_json(res):
+    try:
+        res["json"] = json.loads(res["out"])
+    except ValueError:
+        res["json"] = None
+    return res
+
+
+def check_pull(workdir, spec):
+    """composefs-store pull from spec["url"] (the host's server through a
+    reverse tunnel) into spec["store"] on the verity-capable root, then what
+    the host asserts on: who listens on the tunnel's port, the kernel's
+    measurement of every object and image, fsck, and the image mounted with
+    digest= and verity (verity=require) read back in full."""
+    store, url, ref = spec["store"], spec["url"], spec["ref"]
+    for top in (workdir, os.path.dirname(store)):
+        shutil.rmtree(top, ignore_errors=True)
+    mnt = os.path.join(workdir, "mnt")
+    os.makedirs(mnt)
+    out = {"listeners": tcp_listeners(spec["port"])}
+    out["init"] = sh(["composefs-store", "--repo", store, "init"])
+    out["pull"] = with_json(sh(["composefs-store", "--repo", store, "pull", "--json", url, ref]))
+    try:
+        with open(os.path.join(store, "refs", ref)) as f:
+            out["ref_file"] = f.read()
+    except OSError as exc:
+        out["ref_file"] = "ERROR " + exc.strerror
+    objects = store_objects(os.path.join(store, "objects"))
+    images = store_objects(os.path.join(store, "images"))
+    measured = cli_measure(objects + images)
+    out["objects"] = {os.path.relpath(p, os.path.join(store, "objects")).replace("/", ""): measured[p] for p in objects}
+    out["images"] = {os.path.basename(p): measured[p] for p in images}
+    out["fsck"] = with_json(sh(["composefs-store", "--repo", store, "fsck", "--json"]))
+    digest = out["ref_file"].strip()
+    out["mount"] = mount_cfs(os.path.join(store, "images", digest), mnt,
+                             "basedir=%s/objects,digest=%s,verity" % (store, digest))
+    if out["mount"]["mounted"]:
+        try:
+            out["overlay"] = overlay_options(mnt)
+            out["manifest"] = manifest(mnt)
+        finally:
+            umount(mnt)
+            out["unmounted"] = not mounted(mnt)
+    return out
+
+
 # -------------------------------------------------------------- journal --
 
 def check_journal(workdir):
@@ -400,13 +501,21 @@ CHECKS = {
     "journal": check_journal,
     "system": check_system,
 }
+# Checks that take a JSON spec as a third argument.
+CHECKS_WITH_SPEC = {
+    "pull": check_pull,
+}
 
 
 def main(argv):
-    if len(argv) != 3 or argv[1] not in CHECKS:
-        sys.stderr.write("usage: guest_checks.py {%s} WORKDIR\n" % ",".join(CHECKS))
+    if len(argv) == 3 and argv[1] in CHECKS:
+        result = CHECKS[argv[1]](argv[2])
+    elif len(argv) == 4 and argv[1] in CHECKS_WITH_SPEC:
+        result = CHECKS_WITH_SPEC[argv[1]](argv[2], json.loads(argv[3]))
+    else:
+        sys.stderr.write("usage: guest_checks.py {%s} WORKDIR | {%s} WORKDIR SPEC-JSON\n"
+                         % (",".join(CHECKS), ",".join(CHECKS_WITH_SPEC)))
         return 2
-    result = CHECKS[argv[1]](argv[2])
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0
