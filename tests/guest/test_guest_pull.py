@@ -13,10 +13,11 @@ root, which has fs-verity: every pulled object must come out verity-enabled
 with the digest its name says, and the overlay's ``verity=require`` makes the
 kernel check each one when the mounted files are read.
 
-Guest time is kept small: one in-guest run (guest_checks.py pull) for the
-first pull and all its checks, one SSH call for the second pull (nothing left
-to fetch) and one for the pull after the tunnel is closed (refused: the tunnel
-was the only way).
+Guest time is kept small (about 10 s on top of the boot): one in-guest run
+(guest_checks.py pull) for the first pull and all its checks, then one SSH call
+each for the same pull again (nothing left to fetch), a v2 sharing most objects
+(only its new ones fetched, and measured) and a pull after the tunnel is closed
+(refused: the tunnel was the only way). nginx's access log is read after each.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,6 +47,7 @@ pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("guest_mount_helper"),
                                  reason="the core pull (plugins/module_utils/composefs/pull.py) is not on this branch")]
 
 REF = "app/v1"
+REF2 = "app/v2"
 GUEST_STORE = "/var/lib/cfpull/store"  # the guest's ext4 root: fs-verity capable
 
 
@@ -169,29 +173,52 @@ def _nginx(root: Path, workdir: Path) -> Iterator[_Nginx]:
         server.close()
 
 
-def _pull_argv(url: str) -> List[str]:
-    return ["composefs-store", "--repo", GUEST_STORE, "pull", "--json", url, REF]
+def _pull_argv(url: str, ref: str = REF) -> List[str]:
+    return ["composefs-store", "--repo", GUEST_STORE, "pull", "--json", url, ref]
+
+
+def _object_path(digest: str) -> str:
+    return "/objects/%s/%s" % (digest[:2], digest[2:])
 
 
 def test_guest_pulls_through_a_reverse_tunnel_and_mounts_with_verity_require(guest, tmp_path):
-    src, store = tmp_path / "src", tmp_path / "store"
+    src, src2, store = tmp_path / "src", tmp_path / "src2", tmp_path / "store"
     _make_source(src)
     _store_cli("--repo", str(store), "init")
     added = _store_cli("--repo", str(store), "--json", "add-image", str(src), "--ref", REF)
     digest = added["digest"]
     want_objects = sorted({fsverity_digest.digest_bytes(_content(n, s)).hex() for n, s in OBJECT_FILES.items()})
     assert added["objects"] == len(want_objects) == 5
+    # v2: one file changed, one added; the other objects are shared with v1.
+    shutil.copytree(str(src), str(src2), symlinks=True)
+    v2_files = {"sub/c.bin": _content("c.bin v2", 70001), "new.bin": _content("new.bin", 20000)}
+    for name, data in v2_files.items():
+        (src2 / name).write_bytes(data)
+    added2 = _store_cli("--repo", str(store), "--json", "add-image", str(src2), "--ref", REF2)
+    digest2 = added2["digest"]
+    v2_new = sorted(fsverity_digest.digest_bytes(data).hex() for data in v2_files.values())
 
     with _nginx(store, tmp_path / "nginx") as server:
+        seen = [0]
+
+        def new_requests() -> List[tuple]:
+            got = server.requests()
+            new, seen[0] = got[seen[0]:], len(got)
+            return sorted(tuple(r) for r in new)
+
         with guest.vm.reverse_tunnel(server.port) as port:
             url = "http://127.0.0.1:%d/" % port
             first = guest.run_check("pull", dict(store=GUEST_STORE, url=url, ref=REF, port=port))
-            first_requests = server.requests()
-            second = guest.run(_pull_argv(url), check=False, timeout=300)
-            second_requests = server.requests()[len(first_requests):]
+            first_requests = new_requests()
+            again = guest.run(_pull_argv(url), check=False, timeout=300)
+            again_requests = new_requests()
+            # v2 into the store v1 is in; the new objects measured in the same call.
+            v2 = guest.run(" ".join(shlex.quote(a) for a in _pull_argv(url, REF2)) + " && fsverity measure "
+                           + " ".join(GUEST_STORE + _object_path(d) for d in v2_new), check=False, timeout=300)
+            v2_requests = new_requests()
         # The tunnel was the guest's only way to the host: closed, the pull fails.
         closed = guest.run(_pull_argv(url) + ["--retries", "0"], check=False, timeout=300)
-        after_close = server.requests()[len(first_requests) + len(second_requests):]
+        closed_requests = new_requests()
 
     # The tunnel's guest end is the guest's loopback, nothing else.
     assert first["listeners"] == ["127.0.0.1"], first["listeners"]
@@ -223,21 +250,31 @@ def test_guest_pulls_through_a_reverse_tunnel_and_mounts_with_verity_require(gue
 
     # nginx saw the pull (through the tunnel): the store's meta.json, the ref,
     # the image and each object exactly once, nothing else.
-    want_requests = [("GET", "/meta.json", 200), ("GET", "/refs/" + REF, 200), ("GET", "/images/" + digest, 200)]
-    want_requests += [("GET", "/objects/%s/%s" % (d[:2], d[2:]), 200) for d in want_objects]
-    assert sorted(tuple(r) for r in first_requests) == sorted(want_requests), first_requests
+    want = [("GET", "/meta.json", 200), ("GET", "/refs/" + REF, 200), ("GET", "/images/" + digest, 200)]
+    assert first_requests == sorted(want + [("GET", _object_path(d), 200) for d in want_objects]), first_requests
 
-    # Second pull: nothing left to fetch, nothing changed; only meta.json and the ref were asked for.
-    assert second.returncode == 0, (second.stdout, second.stderr)
-    again = json.loads(second.stdout)
-    assert again["digest"] == digest and again["previous"] == digest, again
-    assert again["changed"] is False and again["image_fetched"] is False, again
-    assert again["objects_missing"] == again["objects_fetched"] == again["bytes_fetched"] == 0, again
-    assert [tuple(r) for r in second_requests] == [("GET", "/meta.json", 200), ("GET", "/refs/" + REF, 200)], second_requests
+    # The same pull again: nothing left to fetch, nothing changed; only meta.json and the ref were asked for.
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    res = json.loads(again.stdout)
+    assert res["digest"] == digest and res["previous"] == digest, res
+    assert res["changed"] is False and res["image_fetched"] is False, res
+    assert res["objects_missing"] == res["objects_fetched"] == res["bytes_fetched"] == 0, res
+    assert again_requests == sorted([("GET", "/meta.json", 200), ("GET", "/refs/" + REF, 200)]), again_requests
+
+    # v2: only its two new objects travel, and they too come out verity-enabled.
+    assert v2.returncode == 0, (v2.stdout, v2.stderr)
+    res, end = json.JSONDecoder().raw_decode(v2.stdout)
+    assert res["digest"] == digest2 and res["previous"] is None and res["image_fetched"] is True, res
+    assert res["objects"] == 6 and res["objects_missing"] == res["objects_fetched"] == 2, res
+    assert res["bytes_missing"] == res["bytes_fetched"] == sum(len(d) for d in v2_files.values()), res
+    measured = v2.stdout[end:].split()
+    assert measured == [w for d in v2_new for w in ("sha256:" + d, GUEST_STORE + _object_path(d))], v2.stdout
+    want = [("GET", "/meta.json", 200), ("GET", "/refs/" + REF2, 200), ("GET", "/images/" + digest2, 200)]
+    assert v2_requests == sorted(want + [("GET", _object_path(d), 200) for d in v2_new]), v2_requests
 
     # Tunnel closed: the guest cannot reach the host's nginx any more.
     assert closed.returncode == 1, (closed.stdout, closed.stderr)
     assert closed.stderr.startswith("composefs-store: "), closed.stderr
     assert "http://127.0.0.1:%d/" % port in closed.stderr and "connection refused" in closed.stderr, closed.stderr
-    assert after_close == [], after_close
     assert "Traceback" not in closed.stderr
+    assert closed_requests == [], closed_requests
