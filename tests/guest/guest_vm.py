@@ -551,8 +551,14 @@ class Guest:
         port = self.open_reverse_tunnel(host_port, guest_port)
         try:
             yield port
-        finally:
-            self.close_reverse_tunnel(port)
+        except BaseException:
+            # The block's own error is the one to see, not a failed close after it.
+            try:
+                self.close_reverse_tunnel(port)
+            except GuestError:
+                pass
+            raise
+        self.close_reverse_tunnel(port)
 
     def copy_project(self, repo: Path = REPO) -> None:
         """Copy the core package, the CLIs and the in-guest test scripts into

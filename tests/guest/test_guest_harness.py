@@ -87,3 +87,13 @@ def test_reverse_tunnel_failure_is_reported(monkeypatch, tmp_path):
     with pytest.raises(guest_vm.GuestError, match="reverse tunnel 127.0.0.1:22:127.0.0.1:80 failed .exit 255.: "
                                                   "mux_client_forward: .*listen port 22"):
         vm.open_reverse_tunnel(80, 22)
+
+
+def test_reverse_tunnel_block_error_is_not_hidden_by_a_failed_close(monkeypatch, tmp_path):
+    vm = guest_vm.Guest(state_dir=tmp_path, image=tmp_path / "image")
+    vm.control_path.touch()
+    answers = iter([subprocess.CompletedProcess([], 0, "41000\n", ""), subprocess.CompletedProcess([], 255, "", "gone\n")])
+    monkeypatch.setattr(guest_vm.subprocess, "run", lambda argv, **kw: next(answers))
+    with pytest.raises(KeyError, match="from the block"):
+        with vm.reverse_tunnel(80):
+            raise KeyError("from the block")
