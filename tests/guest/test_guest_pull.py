@@ -17,22 +17,22 @@ Guest time is kept small (about 10 s on top of the boot): one in-guest run
 (guest_checks.py pull) for the first pull and all its checks, then one SSH call
 each for the same pull again (nothing left to fetch), a v2 sharing most objects
 (only its new ones fetched, and measured) and a pull after the tunnel is closed
-(refused: the tunnel was the only way). nginx's access log is read after each.
+(refused: the tunnel was the only way). nginx (tests/remote/nginx_server.py,
+shared with the pull tests) logs every request; its log is read after each.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from types import ModuleType
+from typing import List
 
 import guest_checks
 import guest_vm
@@ -40,7 +40,7 @@ import pytest
 
 from composefs_fleet import fsverity_digest
 
-pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("guest_mount_helper"),
+pytestmark = [pytest.mark.guest, pytest.mark.network, pytest.mark.usefixtures("guest_mount_helper"),
               # Checked before the session's guest boots for nothing. The file, not
               # find_spec: the venv's editable install may find another checkout's.
               pytest.mark.skipif(not (guest_vm.REPO / "plugins/module_utils/composefs/pull.py").is_file(),
@@ -81,96 +81,21 @@ def _store_cli(*args: str) -> dict:
     return json.loads(res.stdout) if "--json" in args else {}
 
 
-NGINX = "/usr/sbin/nginx"
-NGINX_CONF = """\
-%(user)sdaemon off;
-worker_processes 1;
-pid %(d)s/nginx.pid;
-error_log %(d)s/error.log info;
-events { worker_connections 64; }
-http {
-    log_format requests '$request_method $request_uri $status $body_bytes_sent';
-    access_log %(d)s/access.log requests;
-    client_body_temp_path %(d)s/body;
-    proxy_temp_path %(d)s/proxy;
-    fastcgi_temp_path %(d)s/fastcgi;
-    uwsgi_temp_path %(d)s/uwsgi;
-    scgi_temp_path %(d)s/scgi;
-    default_type application/octet-stream;
-    server {
-        listen 127.0.0.1:%(port)d;
-        root %(root)s;
-    }
-}
-"""
+def _load_nginx_server() -> ModuleType:
+    """tests/remote/nginx_server.py, shared with the pull tests and bench, loaded
+    by path: tests/remote is on sys.path only when its own tests are collected."""
+    module = sys.modules.get("nginx_server")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("nginx_server", str(guest_vm.REPO / "tests/remote/nginx_server.py"))
+        if spec is None or spec.loader is None:
+            raise ImportError("tests/remote/nginx_server.py cannot be loaded")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["nginx_server"] = module
+        spec.loader.exec_module(module)
+    return module
 
 
-class _Nginx:
-    """Debian's nginx serving ``root`` as static files on the host's
-    127.0.0.1, with its own config, pid and logs in ``workdir`` (never the
-    system service); requests() reads its access log."""
-
-    def __init__(self, root: Path, workdir: Path) -> None:
-        workdir.mkdir(parents=True)
-        self.workdir = workdir
-        self.access_log = workdir / "access.log"
-        self.proc: Optional[subprocess.Popen] = None
-        for _attempt in range(3):
-            self.port = guest_vm.free_port()
-            conf = workdir / "nginx.conf"
-            conf.write_text(NGINX_CONF % dict(d=workdir, port=self.port, root=root,
-                                              user="user root;\n" if os.geteuid() == 0 else ""))
-            with open(str(workdir / "stderr"), "wb") as stderr:
-                self.proc = subprocess.Popen([NGINX, "-e", str(workdir / "error.log"), "-p", str(workdir), "-c", str(conf)],
-                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
-            if self._wait_listening():
-                return
-            err = (workdir / "stderr").read_text(errors="replace") + (workdir / "error.log").read_text(errors="replace")
-            self.close()
-            if "Address already in use" not in err:
-                raise RuntimeError("nginx did not start on 127.0.0.1:%d: %s" % (self.port, err[-2000:]))
-        raise RuntimeError("nginx found no free port on 127.0.0.1")
-
-    def _wait_listening(self) -> bool:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self.proc is not None and self.proc.poll() is None:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return True
-            time.sleep(0.05)
-        return False
-
-    def requests(self) -> List[List[object]]:
-        if not self.access_log.exists():
-            return []
-        out: List[List[object]] = []
-        for line in self.access_log.read_text().splitlines():
-            method, path, status, _size = line.split(" ")
-            out.append([method, path, int(status)])
-        return out
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-
-
-@contextlib.contextmanager
-def _nginx(root: Path, workdir: Path) -> Iterator[_Nginx]:
-    if not os.access(NGINX, os.X_OK):
-        reason = "nginx is not installed (%s missing: apt-get install nginx, as scripts/setup does)" % NGINX
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true requires it: " + reason, pytrace=False)
-        pytest.skip(reason)
-    server = _Nginx(root, workdir)
-    try:
-        yield server
-    finally:
-        server.close()
+nginx = _load_nginx_server().nginx  # the fixture: Debian's nginx on the host's 127.0.0.1, own config and logs
 
 
 def _pull_argv(url: str, ref: str = REF) -> List[str]:
@@ -178,10 +103,10 @@ def _pull_argv(url: str, ref: str = REF) -> List[str]:
 
 
 def _object_path(digest: str) -> str:
-    return "/objects/%s/%s" % (digest[:2], digest[2:])
+    return "objects/%s/%s" % (digest[:2], digest[2:])
 
 
-def test_guest_pulls_through_a_reverse_tunnel_and_mounts_with_verity_require(guest, tmp_path):
+def test_guest_pulls_through_a_reverse_tunnel_and_mounts_with_verity_require(guest, nginx, tmp_path):
     src, src2, store = tmp_path / "src", tmp_path / "src2", tmp_path / "store"
     _make_source(src)
     _store_cli("--repo", str(store), "init")
@@ -198,27 +123,30 @@ def test_guest_pulls_through_a_reverse_tunnel_and_mounts_with_verity_require(gue
     digest2 = added2["digest"]
     v2_new = sorted(fsverity_digest.digest_bytes(data).hex() for data in v2_files.values())
 
-    with _nginx(store, tmp_path / "nginx") as server:
-        seen = [0]
+    server = nginx(store)
+    seen = [0]
 
-        def new_requests() -> List[tuple]:
-            got = server.requests()
-            new, seen[0] = got[seen[0]:], len(got)
-            return sorted(tuple(r) for r in new)
+    def new_requests() -> List[tuple]:
+        """(method, path, status) of the requests nginx logged since the last call, sorted;
+        each must have been answered in full."""
+        got = server.entries()
+        new, seen[0] = got[seen[0]:], len(got)
+        assert all(e.completed for e in new), new
+        return sorted((e.method, e.path, e.status) for e in new)
 
-        with guest.vm.reverse_tunnel(server.port) as port:
-            url = "http://127.0.0.1:%d/" % port
-            first = guest.run_check("pull", dict(store=GUEST_STORE, url=url, ref=REF, port=port))
-            first_requests = new_requests()
-            again = guest.run(_pull_argv(url), check=False, timeout=300)
-            again_requests = new_requests()
-            # v2 into the store v1 is in; the new objects measured in the same call.
-            v2 = guest.run(" ".join(shlex.quote(a) for a in _pull_argv(url, REF2)) + " && fsverity measure "
-                           + " ".join(GUEST_STORE + _object_path(d) for d in v2_new), check=False, timeout=300)
-            v2_requests = new_requests()
-        # The tunnel was the guest's only way to the host: closed, the pull fails.
-        closed = guest.run(_pull_argv(url) + ["--retries", "0"], check=False, timeout=300)
-        closed_requests = new_requests()
+    with guest.vm.reverse_tunnel(server.port) as port:
+        url = "http://127.0.0.1:%d%s/" % (port, server.prefix)
+        first = guest.run_check("pull", dict(store=GUEST_STORE, url=url, ref=REF, port=port))
+        first_requests = new_requests()
+        again = guest.run(_pull_argv(url), check=False, timeout=300)
+        again_requests = new_requests()
+        # v2 into the store v1 is in; the new objects measured in the same call.
+        v2 = guest.run(" ".join(shlex.quote(a) for a in _pull_argv(url, REF2)) + " && fsverity measure "
+                       + " ".join(GUEST_STORE + "/" + _object_path(d) for d in v2_new), check=False, timeout=300)
+        v2_requests = new_requests()
+    # The tunnel was the guest's only way to the host: closed, the pull fails.
+    closed = guest.run(_pull_argv(url) + ["--retries", "0"], check=False, timeout=300)
+    closed_requests = new_requests()
 
     # The tunnel's guest end is the guest's loopback, nothing else.
     assert first["listeners"] == ["127.0.0.1"], first["listeners"]
@@ -250,7 +178,7 @@ def test_guest_pulls_through_a_reverse_tunnel_and_mounts_with_verity_require(gue
 
     # nginx saw the pull (through the tunnel): the store's meta.json, the ref,
     # the image and each object exactly once, nothing else.
-    want = [("GET", "/meta.json", 200), ("GET", "/refs/" + REF, 200), ("GET", "/images/" + digest, 200)]
+    want = [("GET", "meta.json", 200), ("GET", "refs/" + REF, 200), ("GET", "images/" + digest, 200)]
     assert first_requests == sorted(want + [("GET", _object_path(d), 200) for d in want_objects]), first_requests
 
     # The same pull again: nothing left to fetch, nothing changed; only meta.json and the ref were asked for.
@@ -259,7 +187,7 @@ def test_guest_pulls_through_a_reverse_tunnel_and_mounts_with_verity_require(gue
     assert res["digest"] == digest and res["previous"] == digest, res
     assert res["changed"] is False and res["image_fetched"] is False, res
     assert res["objects_missing"] == res["objects_fetched"] == res["bytes_fetched"] == 0, res
-    assert again_requests == sorted([("GET", "/meta.json", 200), ("GET", "/refs/" + REF, 200)]), again_requests
+    assert again_requests == sorted([("GET", "meta.json", 200), ("GET", "refs/" + REF, 200)]), again_requests
 
     # v2: only its two new objects travel, and they too come out verity-enabled.
     assert v2.returncode == 0, (v2.stdout, v2.stderr)
@@ -268,13 +196,13 @@ def test_guest_pulls_through_a_reverse_tunnel_and_mounts_with_verity_require(gue
     assert res["objects"] == 6 and res["objects_missing"] == res["objects_fetched"] == 2, res
     assert res["bytes_missing"] == res["bytes_fetched"] == sum(len(d) for d in v2_files.values()), res
     measured = v2.stdout[end:].split()
-    assert measured == [w for d in v2_new for w in ("sha256:" + d, GUEST_STORE + _object_path(d))], v2.stdout
-    want = [("GET", "/meta.json", 200), ("GET", "/refs/" + REF2, 200), ("GET", "/images/" + digest2, 200)]
+    assert measured == [w for d in v2_new for w in ("sha256:" + d, GUEST_STORE + "/" + _object_path(d))], v2.stdout
+    want = [("GET", "meta.json", 200), ("GET", "refs/" + REF2, 200), ("GET", "images/" + digest2, 200)]
     assert v2_requests == sorted(want + [("GET", _object_path(d), 200) for d in v2_new]), v2_requests
 
     # Tunnel closed: the guest cannot reach the host's nginx any more.
     assert closed.returncode == 1, (closed.stdout, closed.stderr)
     assert closed.stderr.startswith("composefs-store: "), closed.stderr
-    assert "http://127.0.0.1:%d/" % port in closed.stderr and "connection refused" in closed.stderr, closed.stderr
+    assert "http://127.0.0.1:%d%s/" % (port, server.prefix) in closed.stderr and "connection refused" in closed.stderr, closed.stderr
     assert "Traceback" not in closed.stderr
     assert closed_requests == [], closed_requests
