@@ -202,7 +202,7 @@ def test_guest_pulls_through_a_reverse_tunnel_and_mounts_with_verity_require(gue
 
     # Tunnel closed: the guest cannot reach the host's nginx any more.
     assert closed.returncode == 1, (closed.stdout, closed.stderr)
-    assert closed.stderr.startswith("composefs-store: "), closed.stderr
-    assert "http://127.0.0.1:%d%s/" % (port, server.prefix) in closed.stderr and "connection refused" in closed.stderr, closed.stderr
+    assert closed.stderr.startswith("composefs-store: pull: http://127.0.0.1:%d%s/" % (port, server.prefix)), closed.stderr
+    assert "connection refused" in closed.stderr, closed.stderr
     assert "Traceback" not in closed.stderr
     assert closed_requests == [], closed_requests
