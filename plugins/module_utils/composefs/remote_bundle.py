@@ -131,8 +131,7 @@ class BundleWriter:
         """Size of the current file if a member of ``size`` bytes were its last (tar pads to records)."""
         if self._file is None:
             return 0
-        end = self._file.tell() + _BLOCK + -(-size // _BLOCK) * _BLOCK + 2 * _BLOCK
-        return -(-end // _RECORD) * _RECORD
+        return _file_size(self._file.tell() + member_cost(size))
 
     def _open(self) -> None:
         self.count += 1
@@ -169,17 +168,61 @@ class BundleWriter:
         del tar
 
 
-def iter_bundles(store: Store, directory: str, objects: Iterable[str] = (), *, digest: Optional[str] = None,
+def member_cost(size: int) -> int:
+    """Bytes a member of ``size`` bytes takes in a tar file (its header and the data padded to a block)."""
+    return _BLOCK + -(-size // _BLOCK) * _BLOCK
+
+
+def _file_size(members_end: int) -> int:
+    """Size of a tar file whose members end at ``members_end``: end-of-archive blocks, padded to a record."""
+    return -(-(members_end + 2 * _BLOCK) // _RECORD) * _RECORD
+
+
+def pack_objects(sizes: Dict[str, int], limit: int = DEFAULT_BUNDLE_BYTES) -> List[List[str]]:
+    """Objects (hex -> size) grouped into bundle files of at most ``limit`` bytes: first fit, largest first.
+
+    A single object too large for ``limit`` gets a file of its own.  First
+    fit decreasing leaves at most one file half empty or less, so the
+    number of files (transfers) stays near the least possible.  Files with
+    less room than a small member are no longer searched (the search stays
+    short for hundreds of thousands of objects).
+    """
+    groups: List[List[str]] = []
+    ends: List[int] = []
+    open_bins: List[int] = []
+    for hexd in sorted(sizes, key=lambda h: (-sizes[h], h)):
+        cost = member_cost(sizes[hexd])
+        for pos, index in enumerate(open_bins):
+            if _file_size(ends[index] + cost) <= limit:
+                break
+        else:
+            index = pos = -1
+        if index < 0:
+            groups.append([])
+            ends.append(0)
+            index = len(groups) - 1
+            open_bins.append(index)
+            pos = len(open_bins) - 1
+        groups[index].append(hexd)
+        ends[index] += cost
+        if _file_size(ends[index] + 2 * _BLOCK) > limit:
+            del open_bins[pos]
+    return groups
+
+
+def iter_bundles(store: Store, directory: str, groups: Iterable[Sequence[str]] = (), *, digest: Optional[str] = None,
                  ref: Optional[str] = None, limit: int = DEFAULT_BUNDLE_BYTES,
                  prefix: str = "bundle") -> Iterator[BundleFile]:
     """Write bundle files of ``store``'s files into ``directory``; yields each one once it is complete.
 
     With ``digest``: ``meta.json``, ``refs/<ref>`` (if ``ref``) and
-    ``images/<digest>`` come first; then the ``objects`` (hex digests).
-    Everything is read through the store's directory descriptors (a symbolic
-    link or non-regular file where an object belongs is refused).  Objects
-    are copied as they are: the node verifies them.  The caller may remove
-    a yielded file before asking for the next one.
+    ``images/<digest>`` come first, in a file of their own.  Then the
+    objects (hex digests) of each of ``groups`` (see :func:`pack_objects`),
+    each group in a file of its own (split further if it exceeds ``limit``).  Everything is read through
+    the store's directory descriptors (a symbolic link or non-regular file
+    where an object belongs is refused).  Objects are copied as they are:
+    the node verifies them.  The caller may remove a yielded file before
+    asking for the next one.
     """
     writer = BundleWriter(directory, prefix, limit)
     objdir = ObjectDir(store.objects_dir, mode=None, follow=False, create=False, opener=lambda: store.dir_fd(OBJECTS))
@@ -194,27 +237,37 @@ def iter_bundles(store: Store, directory: str, objects: Iterable[str] = (), *, d
             fd = store.open_image(digest)
             with os.fdopen(fd, "rb") as image:
                 done = writer.add("images/" + digest, os.fstat(image.fileno()).st_size, image)
-        if done is not None:
-            yield done
-        for hexd in objects:
-            name = object_member(check_digest_hex(hexd))
-            shown = "%s/%s" % (os.fsdecode(store.path), name)
-            try:
-                fd = objdir.open_object(bytes.fromhex(hexd))
-            except FileNotFoundError:
-                raise StoreError("%s: the image needs it and it is missing: run 'composefs-store fsck'" % shown) from None
-            except UnsafePathError as exc:
-                raise StoreError("%s: refused: %s" % (shown, exc)) from None
-            with os.fdopen(fd, "rb") as obj:
-                done = writer.add(name, os.fstat(obj.fileno()).st_size, obj)
             if done is not None:
                 yield done
+        for group in groups:
+            if isinstance(group, str):
+                raise StoreError("bundle groups are lists of object digests, not %r" % group[:80])
+            done = writer.finish()
+            if done is not None:
+                yield done
+            for hexd in group:
+                done = _add_object(store, objdir, writer, hexd)
+                if done is not None:
+                    yield done
         done = writer.finish()
         if done is not None:
             yield done
     finally:
         writer.abort()
         objdir.close()
+
+
+def _add_object(store: Store, objdir: ObjectDir, writer: BundleWriter, hexd: str) -> Optional[BundleFile]:
+    name = object_member(check_digest_hex(hexd))
+    shown = "%s/%s" % (os.fsdecode(store.path), name)
+    try:
+        fd = objdir.open_object(bytes.fromhex(hexd))
+    except FileNotFoundError:
+        raise StoreError("%s: the image needs it and it is missing: run 'composefs-store fsck'" % shown) from None
+    except UnsafePathError as exc:
+        raise StoreError("%s: refused: %s" % (shown, exc)) from None
+    with os.fdopen(fd, "rb") as obj:
+        return writer.add(name, os.fstat(obj.fileno()).st_size, obj)
 
 
 class _Member:
@@ -381,4 +434,4 @@ class BundleTransport:
 
 
 __all__ = ["DEFAULT_BUNDLE_BYTES", "BundleFile", "BundleTransport", "BundleWriter", "check_member_name",
-           "iter_bundles", "meta_json", "object_member", "source_image"]
+           "iter_bundles", "member_cost", "meta_json", "object_member", "pack_objects", "source_image"]
