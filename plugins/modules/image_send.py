@@ -228,13 +228,14 @@ from ..module_utils.composefs.store_names import is_hex_name, split_ref_name
 _JOBS = 4
 
 
-def _not_created(location):
-    """True if ``location`` is no store yet (check mode then plans against an empty store)."""
-    if os.path.lexists(os.path.join(location, "meta.json")):
-        return False
-    if not os.path.lexists(location):
+def _planned_store(location):
+    """No store at ``location`` yet (nothing there, or an empty directory): check mode plans against an empty one."""
+    try:
+        return not os.listdir(location) and not os.path.islink(location)
+    except FileNotFoundError:
         return True
-    return os.path.isdir(location) and not os.path.islink(location) and not os.listdir(location)
+    except OSError:
+        return False  # Store.open says what is wrong
 
 
 def missing_bitmap(store, data, digest):
@@ -258,7 +259,7 @@ def _plan(module, params, transport):
     location = params["store"]
     scratch = None
     try:
-        if module.check_mode and _not_created(location):
+        if module.check_mode and _planned_store(location):
             # Planned against an empty store, by the same pull as a real store.
             module.warn("store %s does not exist yet; the check assumes an empty store" % location)
             scratch = tempfile.mkdtemp(prefix="image_send.", dir=module.tmpdir)

@@ -25,52 +25,25 @@ from composefs_fleet.store import Store
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_fsck import check as fsck
 
+from test_role_foreign_store import run_play
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
 from store_fixtures import write_tree  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def run_task(tmp: Path, args: dict, check: bool = False, diff: bool = False) -> "tuple[subprocess.CompletedProcess[str], dict]":
     """One image_send task on localhost; (process, the task's registered result)."""
-    exe = Path(sys.executable).parent / "ansible-playbook"
-    if not exe.is_file():
-        pytest.skip("ansible-playbook is not installed next to %s" % sys.executable)
     if not os.path.exists("/usr/bin/python3"):
         pytest.skip("/usr/bin/python3 (the modules' interpreter) is missing")
-    collections = tmp / "collections" / "ansible_collections" / "composefs"
-    if not collections.exists():
-        collections.mkdir(parents=True)
-        (collections / "fleet").symlink_to(REPO)
     out = tmp / "result.json"
     if out.exists():
         out.unlink()
-    play = [{"name": "send", "hosts": "all", "gather_facts": False, "tasks": [
+    tasks = [
         {"name": "send the image", "composefs.fleet.image_send": args, "register": "sent", "ignore_errors": True},
         {"name": "keep the result", "ansible.builtin.copy": {"content": "{{ sent | to_json }}", "dest": str(out)},
          "check_mode": False, "diff": False, "changed_when": False},
-    ]}]
-    (tmp / "play.json").write_text(json.dumps(play))
-    inventory = {"all": {"hosts": {"localhost": {"ansible_connection": "local",
-                                                 "ansible_python_interpreter": "/usr/bin/python3"}}}}
-    (tmp / "inventory.json").write_text(json.dumps(inventory))
-    env = dict(os.environ)
-    env.update({
-        "ANSIBLE_COLLECTIONS_PATH": str(tmp / "collections"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-local"),
-        "ANSIBLE_REMOTE_TEMP": str(tmp / "ansible-remote"),
-        "ANSIBLE_HOME": str(tmp / "ansible-home"),
-        "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "PATH": "%s:%s" % (Path(sys.executable).parent, env.get("PATH", "")),
-    })
-    argv = [str(exe), "-i", str(tmp / "inventory.json"), str(tmp / "play.json")]
-    if check:
-        argv.append("--check")
-    if diff:
-        argv.append("--diff")
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=600,
-                          cwd=str(tmp))
+    ]
+    proc = run_play(tmp, "send", {}, [], tasks, (["--check"] if check else []) + (["--diff"] if diff else []))
     assert out.is_file(), proc.stdout[-6000:] + proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
@@ -118,7 +91,7 @@ def read_ref(node: Path, ref: str):
 
 def assert_no_temp_files(tmp_path: Path) -> None:
     """The bundles went: nothing left in the controller's local or the node's remote temporary directories."""
-    for top in ("ansible-local", "ansible-remote"):
+    for top in ("ansible-tmp", "ansible-remote-tmp"):
         left = [p for p in (tmp_path / top).rglob("*") if p.is_file()] if (tmp_path / top).exists() else []
         assert not left, left
 

@@ -27,7 +27,9 @@ from composefs_fleet.systemd_unit import unit_name
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_play(tmp: Path, name: str, play_vars: dict, roles: list) -> "subprocess.CompletedProcess[str]":
+def run_play(tmp: Path, name: str, play_vars: dict, roles: list, tasks: "list | None" = None,
+             options: "list[str] | None" = None) -> "subprocess.CompletedProcess[str]":
+    """ansible-playbook of one play on localhost (local connection); ``options`` such as --check."""
     exe = Path(sys.executable).parent / "ansible-playbook"
     if not exe.is_file():
         pytest.skip("ansible-playbook is not installed next to %s" % sys.executable)
@@ -35,7 +37,8 @@ def run_play(tmp: Path, name: str, play_vars: dict, roles: list) -> "subprocess.
     if not collections.exists():
         collections.mkdir(parents=True)
         (collections / "fleet").symlink_to(REPO)
-    play = [{"name": name, "hosts": "all", "gather_facts": False, "vars": play_vars, "roles": roles}]
+    play = [{"name": name, "hosts": "all", "gather_facts": False, "vars": play_vars, "roles": roles,
+             "tasks": tasks or []}]
     (tmp / ("%s.json" % name)).write_text(json.dumps(play))
     inventory = {"all": {"hosts": {"localhost": {"ansible_connection": "local",
                                                  "ansible_python_interpreter": "/usr/bin/python3"}}}}
@@ -45,11 +48,12 @@ def run_play(tmp: Path, name: str, play_vars: dict, roles: list) -> "subprocess.
         "ANSIBLE_COLLECTIONS_PATH": str(tmp / "collections"),
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-tmp"),
+        "ANSIBLE_REMOTE_TEMP": str(tmp / "ansible-remote-tmp"),
         "ANSIBLE_HOME": str(tmp / "ansible-home"),
         "ANSIBLE_RETRY_FILES_ENABLED": "0",
         "PATH": "%s:%s" % (Path(sys.executable).parent, env.get("PATH", "")),
     })
-    return subprocess.run([str(exe), "-i", str(tmp / "inventory.json"), str(tmp / ("%s.json" % name))],
+    return subprocess.run([str(exe), "-i", str(tmp / "inventory.json"), str(tmp / ("%s.json" % name))] + (options or []),
                           capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=600,
                           cwd=str(tmp))
 
