@@ -69,8 +69,9 @@ class ActionModule(ActionBase):
                 result.update(exc.result)
             result.update(failed=True, msg=str(exc))
         except (ComposefsError, OSError) as exc:
-            result.update(failed=True, msg="%s: %s" % (args["from_store"], getattr(exc, "strerror", None) or exc)
-                          if isinstance(exc, OSError) else str(exc))
+            # The node's errors come as _Failed: these are the controller's.
+            why = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+            result.update(failed=True, msg="controller store %s: %s" % (args["from_store"], why))
         finally:
             if local is not None:
                 shutil.rmtree(local, ignore_errors=True)
@@ -102,6 +103,7 @@ class ActionModule(ActionBase):
             (image,) = iter_bundles(src, local, digest=digest, ref=ref, limit=_ONE_FILE, prefix="image")
             remote = [self._send_file(image.path, "image_send-image.tar", out, image.size)]
             plan = self._module(module_args, task_vars, "plan", remote)
+            _keep_notes(out, plan)
             out["previous_digest"] = plan["previous"]
             missing = _decode_missing(plan, needed.objects)
             out["objects_missing"] = len(missing)
@@ -121,6 +123,7 @@ class ActionModule(ActionBase):
                 out["objects_sent"] += len(bundle.members)
             out["bytes_sent"] = out["bytes_missing"]
         done = self._module(module_args, task_vars, "apply", remote)
+        _keep_notes(out, done)
         out["changed"] = bool(done["changed"])
         out["objects_written"] = done["objects_fetched"]
         out["image_written"] = bool(done["image_fetched"])
@@ -148,6 +151,13 @@ class ActionModule(ActionBase):
         if res.get("digest") != module_args["_digest"]:
             raise _Failed("the node reports digest %r, the controller sent %s" % (res.get("digest"), module_args["_digest"]))
         return res
+
+
+def _keep_notes(out, res):
+    """The node's warnings and deprecations go into the task's result."""
+    for key in ("warnings", "deprecations"):
+        if res.get(key):
+            out.setdefault(key, []).extend(res[key])
 
 
 def _decode_missing(plan, objects):

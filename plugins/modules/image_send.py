@@ -10,7 +10,7 @@ DOCUMENTATION = r"""
 ---
 module: image_send
 short_description: Send an image from a store on the controller to a node's store, only the objects it lacks
-version_added: 0.2.0
+version_added: 0.1.0
 description:
   - Makes the ref O(ref) in the node's store O(store) name the image that O(from_ref) names in the store
     O(from_store) on the Ansible controller, for nodes that cannot reach any server (see

@@ -156,6 +156,7 @@ def test_check_mode_writes_nothing_and_reports_counts(tmp_path, controller, node
     proc, res = run_task(tmp_path, args, check=True)
     assert not res.get("failed"), res
     assert res["objects_missing"] == len(needed[v1]) and not (tmp_path / "not-yet").exists()
+    assert any("does not exist yet" in w for w in res.get("warnings", [])), res
 
 
 def test_corrupted_controller_object_is_refused_on_the_node(tmp_path, controller, node):
@@ -182,5 +183,5 @@ def test_corrupted_controller_object_is_refused_on_the_node(tmp_path, controller
 def test_missing_ref_on_the_controller_fails_clearly(tmp_path, controller, node):
     src, _v1, _v2, _needed = controller
     proc, res = run_task(tmp_path, dict(store=str(node), ref="app/v9", from_store=str(src)))
-    assert res.get("failed") and "no ref app/v9" in res["msg"], res
+    assert res.get("failed") and res["msg"] == "controller store %s: no ref app/v9" % src, res
     assert read_ref(node, "app/v9") is None
