@@ -86,7 +86,6 @@ options:
     type: str
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
-  - ansible.builtin.action_common_attributes.files
   - ansible.builtin.action_common_attributes.flow
 attributes:
   action:
@@ -104,11 +103,6 @@ attributes:
     details: The ref's digest before and after.
   platform:
     platforms: posix
-  safe_file_operations:
-    support: full
-    details: Objects, the image and the ref are each written to a temporary file, synced and renamed.
-  vault:
-    support: none
 notes:
   - The node's store is opened with the owner checks of M(composefs.fleet.store) and locked shared for the pull, as
     M(composefs.fleet.image) does; a C(composefs-store gc) never removes what the pull has written before its ref.
