@@ -185,3 +185,24 @@ def test_missing_ref_on_the_controller_fails_clearly(tmp_path, controller, node)
     proc, res = run_task(tmp_path, dict(store=str(node), ref="app/v9", from_store=str(src)))
     assert res.get("failed") and res["msg"] == "controller store %s: no ref app/v9" % src, res
     assert read_ref(node, "app/v9") is None
+
+
+def test_an_object_lost_on_the_node_is_sent_again_alone(tmp_path, controller, node):
+    src, v1, _v2, needed = controller
+    args = dict(store=str(node), ref="app/v1", from_store=str(src))
+    proc, res = run_task(tmp_path, args)
+    assert not res.get("failed") and res["changed"], res
+    lost = min(needed[v1])
+    (node / "objects" / lost[:2] / lost[2:]).unlink()
+    proc, res = run_task(tmp_path, args)
+    assert not res.get("failed"), res
+    # The ref already names the image, but the store lacks an object: it is sent (alone) and published.
+    assert (res["changed"], res["previous_digest"], res["objects_missing"], res["objects_sent"], res["transfers"]) == \
+        (True, v1, 1, 1, 2)
+    assert node_objects(node) == set(needed[v1])
+    assert_clean(node)
+
+
+def test_the_module_alone_says_it_needs_its_action_plugin(module_runner, node):
+    res = module_runner("image_send", dict(store=str(node), ref="app/v1", from_store="/nowhere"))
+    assert res.get("failed") and "runs through its action plugin" in res["msg"], res
