@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from composefs_fleet.errors import RefNotFound
-from composefs_fleet.remote_bundle import pack_objects
+from composefs_fleet.remote_bundle import iter_bundles, pack_objects
 from composefs_fleet.store import Store
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_fsck import check as fsck
@@ -206,3 +206,39 @@ def test_an_object_lost_on_the_node_is_sent_again_alone(tmp_path, controller, no
 def test_the_module_alone_says_it_needs_its_action_plugin(module_runner, node):
     res = module_runner("image_send", dict(store=str(node), ref="app/v1", from_store="/nowhere"))
     assert res.get("failed") and "runs through its action plugin" in res["msg"], res
+
+
+def test_foreign_owner_node_store_needs_the_option_and_from_store_may_be_relative(tmp_path, controller, node):
+    src, v1, _v2, _needed = controller
+    os.chmod(node, 0o770)
+    # Relative to the playbook's directory (the test's temp dir).
+    args = dict(store=str(node), ref="app/v1", from_store=os.path.relpath(src, tmp_path))
+    proc, res = run_task(tmp_path, args)
+    assert res.get("failed") and "is writable by its group (mode 0770)" in res["msg"], res
+    assert "allow_foreign_owner" in res["msg"]
+    args["allow_foreign_owner"] = True
+    proc, res = run_task(tmp_path, args)
+    assert not res.get("failed") and res["changed"] and res["digest"] == v1, res
+    with Store.open(node, notice=None, allow_foreign=True) as store:
+        assert store.read_ref("app/v1") == v1
+
+
+def test_apply_refuses_a_bundle_whose_ref_is_not_the_digest_the_controller_named(module_runner, tmp_path, controller,
+                                                                                   node):
+    src, v1, v2, needed = controller
+    out = tmp_path / "bundles"
+    out.mkdir()
+    with Store.open(src, notice=None) as store:
+        files = list(iter_bundles(store, str(out), digest=v1, ref="app/v1", prefix="image"))
+        files += list(iter_bundles(store, str(out), [sorted(needed[v1])], prefix="objects"))
+    args = dict(store=str(node), ref="app/v1", from_store=str(src), _bundles=[f.path for f in files], _digest=v2)
+    res = module_runner("image_send", dict(args, _phase="apply"))
+    assert res.get("failed") and "names %r, not %s: refused" % (v1.encode(), v2) in res["msg"], res
+    res = module_runner("image_send", dict(args, _phase="plan"))
+    assert res.get("failed") and "the bundle's ref names %s, the controller's %s" % (v1, v2) in res["msg"], res
+    assert read_ref(node, "app/v1") is None and not node_objects(node)
+    # With the right digest, the module alone (as the action plugin runs it) publishes it all.
+    res = module_runner("image_send", dict(args, _phase="apply", _digest=v1))
+    assert not res.get("failed") and res["changed"] and res["objects_fetched"] == len(needed[v1]), res
+    assert read_ref(node, "app/v1") == v1
+    assert_clean(node)
