@@ -1,0 +1,497 @@
+#!/usr/bin/env python3
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""composefs-store pull from nginx on loopback against ``wget -i`` of the same object URLs.
+
+A source store of --objects objects (--total-mb MB together, sizes
+log-normal between 4 KiB and 4 MiB, seeded) is built once with
+``composefs-store add-image`` of a generated tree and kept under --workdir,
+so later runs reuse it (generation is never timed).  Debian's nginx serves
+the directory holding it on 127.0.0.1 (own config, pid and logs in a temp
+dir, keep-alive on, access log off).  The served files are read once before
+the rounds, so both sides fetch from a warm page cache.
+
+Two scenarios, each --rounds times, ours and wget alternately, a fresh
+destination every round, ``sync`` before every timed run (so no side pays
+for the other's writeback), wall clock of the whole command:
+
+(a) full pull into an empty store: ``composefs-store --repo D pull --jobs N
+    URL REF`` (fetches every object over N keep-alive connections, computes
+    each one's fs-verity digest while it streams, compares it with the name,
+    publishes durably: syncfs, rename, syncfs) against ``wget -q -i urls.txt
+    -P D`` (one keep-alive connection, every object URL, no verification,
+    no fsync).  Reported: MB/s of both and the throughput ratio ours/wget
+    (goal: at least 1.0).
+(b) 90% present: the destination store already holds 90% of the objects
+    (copied in before the clock starts); ours pulls the ref (the image and the
+    missing 10%), wget fetches only the missing 10% URLs.  Reported: the time
+    ratio ours/wget (goal: at most 1.2).
+
+Each ratio is the median of the per-round ratios (each of ours against the
+wget run next to it).  Also printed, as context: the ``sync`` after each
+wget run (what it would take to make wget's files durable, as ours are).
+
+Run from the repository root: .venv/bin/python bench/bench_pull.py
+Options: --objects, --total-mb, --rounds, --jobs, --workdir, --json,
+--present, --seed, --only a|b, --profile (one in-process pull into an empty
+store with the time of each phase, instead of the rounds).
+Exit status 1 if a goal is missed, 2 if nginx or wget is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Dict, List, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+from bench_mkcomposefs import precompile  # noqa: E402  (bench/ is on sys.path: this script's directory)
+
+try:
+    from composefs_fleet.store import Store
+except ImportError:  # pragma: no cover - run outside the venv
+    sys.exit("composefs_fleet is not importable: run with .venv/bin/python")
+
+MIN_SIZE = 4096
+MAX_SIZE = 4 << 20
+REF = "bench/pull"
+STORE_CLI = [sys.executable, "-m", "composefs_fleet_cli.composefs_store"]
+
+
+# ---- the source store (built once, cached in --workdir)
+
+def object_sizes(count: int, total: int, rng: random.Random) -> List[int]:
+    """``count`` log-normal sizes in [MIN_SIZE, MAX_SIZE] adding up to about ``total``."""
+    raw = [rng.lognormvariate(math.log(64 << 10), 1.5) for _ in range(count)]
+    scale = 1.0
+    for _ in range(50):  # clipping moves the sum: rescale until it settles
+        sizes = [min(MAX_SIZE, max(MIN_SIZE, int(r * scale))) for r in raw]
+        got = sum(sizes)
+        if abs(got - total) < total * 0.001:
+            break
+        scale *= total / got
+    return sizes
+
+
+def make_tree(root: str, sizes: List[int]) -> None:
+    for i, size in enumerate(sizes):
+        d = os.path.join(root, "d%02d" % (i % 61), "e%d" % (i % 7))
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "f%05d" % i), "wb") as f:
+            f.write(os.urandom(size))
+
+
+def source_store(workdir: str, objects: int, total_mb: float, seed: int) -> Tuple[str, str, Dict[str, int]]:
+    """(store directory name under workdir, image digest, {object hex: size}); built on first use."""
+    name = "pull-src-%d-%g-%d" % (objects, total_mb, seed)
+    path = os.path.join(workdir, name)
+    done = path + ".json"
+    if os.path.exists(done):
+        with open(done) as f:
+            info = json.load(f)
+        return name, info["digest"], info["objects"]
+    shutil.rmtree(path, ignore_errors=True)
+    tree = path + ".tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    sizes = object_sizes(objects, int(total_mb * 1e6), random.Random(seed))
+    print("generating %d files, %.0f MB in %s (once; reused by later runs)" % (len(sizes), sum(sizes) / 1e6, tree),
+          flush=True)
+    make_tree(tree, sizes)
+    subprocess.run(STORE_CLI + ["--repo", path, "init"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(STORE_CLI + ["--repo", path, "add-image", "--ref", REF, tree], check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(tree)
+    store = Store.open(path, notice=None)
+    digest = store.read_ref(REF)
+    needed = dict(store.image_objects(digest).objects)
+    with open(done + ".tmp", "w") as f:
+        json.dump({"digest": digest, "objects": needed}, f)
+    os.rename(done + ".tmp", done)
+    return name, digest, needed
+
+
+def object_rel(hexd: str) -> str:
+    return "objects/%s/%s" % (hexd[:2], hexd[2:])
+
+
+def warm(store: str, objects: Dict[str, int]) -> None:
+    for hexd in objects:
+        with open(os.path.join(store, object_rel(hexd)), "rb", buffering=0) as f:
+            while f.read(1 << 20):
+                pass
+
+
+# ---- nginx on 127.0.0.1
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+user root;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 120s;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nginx:
+    """Debian's nginx serving ``root`` on 127.0.0.1 (a private config in a temp dir)."""
+
+    def __init__(self, root: str) -> None:
+        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+        if binary is None:
+            raise SystemExit("bench: nginx is not installed (Debian package nginx; scripts/setup installs it)")
+        self.tmp = tempfile.mkdtemp(prefix="bench-pull-nginx-")
+        self.port = free_port()
+        conf = os.path.join(self.tmp, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(tmp=self.tmp, port=self.port, root=root))
+        self.proc = subprocess.Popen([binary, "-p", self.tmp, "-c", conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                    self.stop()
+                    raise SystemExit("bench: nginx did not start: %s" % err.strip())
+                time.sleep(0.05)
+        self.base = "http://127.0.0.1:%d" % self.port
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---- the two sides
+
+def reset_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(argv: List[str]) -> Tuple[float, float, str]:
+    """(wall time, CPU time user+sys, stdout) of a command."""
+    # Flush what earlier runs left dirty: ours ends with syncfs, which would
+    # otherwise also wait for wget's (or the preparation's) writeback.
+    os.sync()
+    cpu = children_cpu()
+    start = time.perf_counter()
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    elapsed = time.perf_counter() - start
+    cpu = children_cpu() - cpu
+    if proc.returncode != 0:
+        raise SystemExit("bench: %s failed (exit %d): %s" % (" ".join(argv), proc.returncode, proc.stderr[-2000:]))
+    return elapsed, cpu, proc.stdout
+
+
+def run_ours(dest: str, url: str, jobs: int, expect: int) -> Tuple[float, float]:
+    elapsed, cpu, out = timed(STORE_CLI + ["--repo", dest, "pull", "--json", "--jobs", str(jobs), url, REF])
+    res = json.loads(out)
+    if res["objects_fetched"] != expect:
+        raise SystemExit("bench: pull fetched %d objects, expected %d: %s" % (res["objects_fetched"], expect, out))
+    return elapsed, cpu
+
+
+def run_wget(dest: str, urls: str, expect_bytes: int) -> Tuple[float, float, float]:
+    """(wget's wall time, its CPU time, the time of the sync after it)."""
+    elapsed, cpu, _ = timed(["wget", "-q", "--no-proxy", "-i", urls, "-P", dest])
+    got = 0
+    for entry in os.scandir(dest):
+        got += entry.stat().st_size
+    if got != expect_bytes:
+        raise SystemExit("bench: wget wrote %d bytes, expected %d" % (got, expect_bytes))
+    start = time.perf_counter()
+    os.sync()
+    return elapsed, cpu, time.perf_counter() - start
+
+
+def prefill(dest: str, src: str, present: List[str]) -> None:
+    """A store holding ``present`` (copied from the source store; not timed)."""
+    Store.init(dest, notice=None)
+    for hexd in present:
+        rel = object_rel(hexd)
+        os.makedirs(os.path.join(dest, os.path.dirname(rel)), mode=0o700, exist_ok=True)
+        shutil.copyfile(os.path.join(src, rel), os.path.join(dest, rel))
+
+
+def write_urls(path: str, base: str, hexes: List[str]) -> None:
+    with open(path, "w") as f:
+        for hexd in hexes:
+            f.write("%s/%s\n" % (base, object_rel(hexd)))
+
+
+def load() -> str:
+    return "%.2f %.2f %.2f" % os.getloadavg()
+
+
+def scenario(name: str, rounds: int, ours_run, wget_run, prepare_ours, prepare_wget, nbytes: int) -> dict:
+    rows = []
+    for n in range(1, rounds + 1):
+        before = load()
+        prepare_wget()
+        t_wget, cpu_wget, t_sync = wget_run()
+        prepare_ours()
+        t_ours, cpu_ours = ours_run()
+        row = {"round": n, "wget": t_wget, "wget_cpu": cpu_wget, "wget_sync": t_sync, "ours": t_ours,
+               "ours_cpu": cpu_ours, "load_before": before}
+        rows.append(row)
+        print("  round %d: wget %.3f s (%.1f MB/s, CPU %.2f s; sync after it %.3f s), ours %.3f s (%.1f MB/s, "
+              "CPU %.2f s), ours/wget time %.2f  [load %s]"
+              % (n, t_wget, nbytes / t_wget / 1e6, cpu_wget, t_sync, t_ours, nbytes / t_ours / 1e6, cpu_ours,
+                 t_ours / t_wget, before), flush=True)
+    time_ratio = statistics.median(r["ours"] / r["wget"] for r in rows)
+    cpu_wget = statistics.median(r["wget_cpu"] for r in rows)
+    cpu_ours = statistics.median(r["ours_cpu"] for r in rows)
+    print("  CPU time (user+sys, median): wget %.2f s, ours %.2f s (ours/wget %.2f)"
+          % (cpu_wget, cpu_ours, cpu_ours / max(cpu_wget, 1e-6)), flush=True)
+    return {"scenario": name, "rounds": rows, "bytes": nbytes,
+            "median_wget_s": statistics.median(r["wget"] for r in rows),
+            "median_ours_s": statistics.median(r["ours"] for r in rows),
+            "median_wget_cpu_s": cpu_wget, "median_ours_cpu_s": cpu_ours,
+            "median_time_ratio": time_ratio, "throughput_ratio": 1 / time_ratio, "load_after": load()}
+
+
+# ---- --profile: one pull in process, time per phase
+
+class PhaseTimes:
+    """Wall time and thread CPU time summed over all threads, per phase.
+
+    Wall well above CPU means waiting: for the disk, the network, a lock,
+    or (2 cores, 8 threads) for a core or the GIL.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.wall: Dict[str, float] = {}
+        self.cpu: Dict[str, float] = {}
+        self.calls: Dict[str, int] = {}
+
+    def add(self, phase: str, seconds: float, cpu: float) -> None:
+        with self.lock:
+            self.wall[phase] = self.wall.get(phase, 0.0) + seconds
+            self.cpu[phase] = self.cpu.get(phase, 0.0) + cpu
+            self.calls[phase] = self.calls.get(phase, 0) + 1
+
+    def wrap(self, owner, attr: str, phase: str) -> None:
+        original = getattr(owner, attr)
+
+        def timed_call(*args, **kwargs):
+            start, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.add(phase, time.perf_counter() - start, time.thread_time() - cpu)
+
+        setattr(owner, attr, timed_call)
+
+
+def profile(url: str, dest: str, jobs: int, cprofile: bool, prepare) -> None:
+    import http.client
+
+    from composefs_fleet import file_copy, fsverity_digest, objects, pull, remote_http
+
+    phases = PhaseTimes()
+    phases.wrap(remote_http.HttpTransport, "_request", "http request up to the response headers")
+    phases.wrap(http.client.HTTPResponse, "readinto", "http readinto (socket -> buffer)")
+    phases.wrap(fsverity_digest.FsVerityHasher, "update", "fs-verity hashing (update)")
+    phases.wrap(fsverity_digest.FsVerityHasher, "hexdigest", "fs-verity hashing (final)")
+    phases.wrap(pull._VerifyingSink, "write", "sink.write (os.write + hashing)")
+    phases.wrap(objects.ObjectDir, "stage", "stage: temp file + the whole transfer")
+    phases.wrap(objects.ObjectDir, "syncfs", "syncfs")
+    phases.wrap(objects.ObjectDir, "publish", "publish (fs-verity enable + rename)")
+    phases.wrap(objects.ObjectDir, "sync", "sync of the names")
+    phases.wrap(objects.ObjectBatch, "commit", "batch.commit (all of the above three)")
+    phases.wrap(os, "write", "os.write (into the staged file)")
+    phases.wrap(objects, "make_temp", "make_temp (open the staged file)")
+    phases.wrap(file_copy, "start_writeback", "start_writeback (sync_file_range)")
+    for step in ("_check_remote_meta", "_remote_ref", "_local_ref", "_image", "_missing", "_fetch"):
+        phases.wrap(pull, step, "pull.%s" % step)
+    phases.wrap(Store, "write_image", "store.write_image")
+    phases.wrap(Store, "write_ref", "store.write_ref")
+    prepare()
+    store = Store.open(dest, notice=None)
+    os.sync()
+    profs: list = []
+    if cprofile:
+        import cProfile
+
+        def start_thread_profile(*_args):
+            # Called once in each new thread: replace itself with a profiler of that thread.
+            prof = cProfile.Profile()
+            profs.append(prof)
+            prof.enable()
+
+        threading.setprofile(start_thread_profile)
+    t0 = os.times()
+    start = time.perf_counter()
+    res = pull.pull(store, url, REF, jobs=jobs)
+    wall = time.perf_counter() - start
+    t1 = os.times()
+    threading.setprofile(None)
+    print("profile: one pull, jobs=%d: %d objects, %.0f MB in %.3f s (%.1f MB/s); process CPU user %.2f s, "
+          "sys %.2f s (%.0f%% of one core)  [load %s]"
+          % (jobs, res.objects_fetched, res.bytes_fetched / 1e6, wall, res.bytes_fetched / wall / 1e6,
+             t1.user - t0.user, t1.system - t0.system, 100 * (t1.user - t0.user + t1.system - t0.system) / wall, load()))
+    print("  %-42s %10s %10s %8s   (summed over the %d threads; nested phases overlap)"
+          % ("phase", "wall", "thread CPU", "calls", jobs))
+    for phase, seconds in sorted(phases.wall.items(), key=lambda kv: -kv[1]):
+        print("  %-42s %8.3f s %8.3f s %8d" % (phase, seconds, phases.cpu[phase], phases.calls[phase]))
+    if profs:
+        import pstats
+
+        for prof in profs:
+            prof.disable()  # from another thread: harmless, the pool threads have ended
+        print("  cProfile of the %d transfer threads together (tottime):" % len(profs))
+        pstats.Stats(*profs).sort_stats("tottime").print_stats(25)
+
+
+# ---- main
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--objects", type=int, default=5000)
+    parser.add_argument("--total-mb", type=float, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=8, help="our concurrent transfers (default 8, the pull's default)")
+    parser.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/var/tmp"), "bench-pull"),
+                        help="keeps the generated source store between runs (default $TMPDIR or /var/tmp/bench-pull)")
+    parser.add_argument("--present", type=float, default=0.90, help="share of the objects present in (b)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--only", choices=("a", "b"))
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON at the end")
+    parser.add_argument("--profile", action="store_true", help="time the phases of one in-process pull instead")
+    parser.add_argument("--cprofile", action="store_true", help="with --profile: also cProfile the transfer threads")
+    parser.add_argument("--min-ratio", type=float, default=1.0, help="(a) goal: throughput ours/wget at least this")
+    parser.add_argument("--max-ratio", type=float, default=1.2, help="(b) goal: time ours/wget at most this")
+    args = parser.parse_args()
+
+    if shutil.which("wget") is None:
+        print("bench: wget is not installed (Debian package wget)", file=sys.stderr)
+        return 2
+    precompile()  # as an installed package would be (PYTHONDONTWRITEBYTECODE would recompile every run)
+    os.makedirs(args.workdir, exist_ok=True)
+    workdir = os.path.abspath(args.workdir)
+    name, _digest, objects = source_store(workdir, args.objects, args.total_mb, args.seed)
+    src = os.path.join(workdir, name)
+    total = sum(objects.values())
+    warm(src, objects)
+    nginx = Nginx(workdir)
+    run = tempfile.mkdtemp(prefix="bench-pull-run-", dir=workdir)
+    url = "%s/%s" % (nginx.base, name)
+    report = {"objects": len(objects), "bytes": total, "jobs": args.jobs, "workdir": workdir,
+              "load_start": load(), "scenarios": []}
+    print("source: %d objects, %.0f MB (%s), served by nginx at %s; jobs=%d; load %s"
+          % (len(objects), total / 1e6, src, url, args.jobs, report["load_start"]), flush=True)
+    ok = True
+    try:
+        hexes = sorted(objects)
+        ours_dest, wget_dest = os.path.join(run, "ours"), os.path.join(run, "wget")
+        rng = random.Random(args.seed + 1)
+        missing = sorted(rng.sample(hexes, len(hexes) - int(round(len(hexes) * args.present))))
+        present = sorted(set(hexes) - set(missing))
+        if args.profile:
+            if args.only == "b":
+                profile(url, ours_dest, args.jobs, args.cprofile, lambda: prefill(ours_dest, src, present))
+            else:
+                profile(url, ours_dest, args.jobs, args.cprofile, lambda: Store.init(ours_dest, notice=None))
+            return 0
+        if args.only != "b":
+            urls = os.path.join(run, "all.txt")
+            write_urls(urls, url, hexes)
+            print("(a) full pull into an empty store, %d objects, %.0f MB:" % (len(hexes), total / 1e6), flush=True)
+            res = scenario("full", args.rounds,
+                           lambda: run_ours(ours_dest, url, args.jobs, len(hexes)),
+                           lambda: run_wget(wget_dest, urls, total),
+                           lambda: (shutil.rmtree(ours_dest, ignore_errors=True), Store.init(ours_dest, notice=None)),
+                           lambda: reset_dir(wget_dest), total)
+            res["ours_mb_s"] = total / res["median_ours_s"] / 1e6
+            res["wget_mb_s"] = total / res["median_wget_s"] / 1e6
+            report["scenarios"].append(res)
+            good = res["throughput_ratio"] >= args.min_ratio
+            ok = ok and good
+            print("(a) median: wget %.1f MB/s, ours %.1f MB/s: throughput ratio ours/wget %.2f (goal >= %.2f): %s"
+                  % (res["wget_mb_s"], res["ours_mb_s"], res["throughput_ratio"], args.min_ratio,
+                     "OK" if good else "BELOW the goal"), flush=True)
+        if args.only != "a":
+            missing_bytes = sum(objects[h] for h in missing)
+            urls = os.path.join(run, "missing.txt")
+            write_urls(urls, url, missing)
+            print("(b) %.0f%% present: %d objects (%.0f MB) missing of %d:"
+                  % (100 * args.present, len(missing), missing_bytes / 1e6, len(hexes)), flush=True)
+            res = scenario("partial", args.rounds,
+                           lambda: run_ours(ours_dest, url, args.jobs, len(missing)),
+                           lambda: run_wget(wget_dest, urls, missing_bytes),
+                           lambda: (shutil.rmtree(ours_dest, ignore_errors=True), prefill(ours_dest, src, present)),
+                           lambda: reset_dir(wget_dest), missing_bytes)
+            res["missing_objects"] = len(missing)
+            report["scenarios"].append(res)
+            good = res["median_time_ratio"] <= args.max_ratio
+            ok = ok and good
+            print("(b) median: wget %.3f s, ours %.3f s: time ratio ours/wget %.2f (goal <= %.2f): %s"
+                  % (res["median_wget_s"], res["median_ours_s"], res["median_time_ratio"], args.max_ratio,
+                     "OK" if good else "ABOVE the goal"), flush=True)
+    finally:
+        nginx.stop()
+        shutil.rmtree(run, ignore_errors=True)
+    report["load_end"] = load()
+    if args.json:
+        print(json.dumps(report, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
