@@ -8,8 +8,8 @@ A source store of --objects objects (--total-mb MB together, sizes
 log-normal between 4 KiB and 4 MiB, seeded) is built once with
 ``composefs-store add-image`` of a generated tree and kept under --workdir,
 so later runs reuse it (generation is never timed).  Debian's nginx serves
-the directory holding it on 127.0.0.1 (own config, pid and logs in a temp
-dir, keep-alive on, access log off).  The served files are read once before
+it on 127.0.0.1 (tests/remote/nginx_server.py: own config, pid and logs in
+a temp dir, one worker, keep-alive on, its access log on for both sides).  The served files are read once before
 the rounds, so both sides fetch from a warm page cache.
 
 Two scenarios, each --rounds times, ours and wget alternately, a fresh
@@ -48,8 +48,6 @@ import os
 import random
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -136,79 +134,17 @@ def warm(store: str, objects: Dict[str, int]) -> None:
                 pass
 
 
-# ---- nginx on 127.0.0.1
+# ---- nginx on 127.0.0.1: tests/remote/nginx_server.py (the tests' fixture, usable outside pytest)
 
-NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-user root;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_timeout 120s;
-    keepalive_requests 1000000;
-    default_type application/octet-stream;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        location / {{ }}
-    }}
-}}
-"""
+def start_nginx(root: str, tmp: str):
+    sys.path.insert(0, os.path.join(REPO, "tests", "remote"))
+    from nginx_server import NginxServer, nginx_missing
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Nginx:
-    """Debian's nginx serving ``root`` on 127.0.0.1 (a private config in a temp dir)."""
-
-    def __init__(self, root: str) -> None:
-        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-        if binary is None:
-            raise SystemExit("bench: nginx is not installed (Debian package nginx; scripts/setup installs it)")
-        self.tmp = tempfile.mkdtemp(prefix="bench-pull-nginx-")
-        self.port = free_port()
-        conf = os.path.join(self.tmp, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(tmp=self.tmp, port=self.port, root=root))
-        self.proc = subprocess.Popen([binary, "-p", self.tmp, "-c", conf], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                    self.stop()
-                    raise SystemExit("bench: nginx did not start: %s" % err.strip())
-                time.sleep(0.05)
-        self.base = "http://127.0.0.1:%d" % self.port
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    missing = nginx_missing()
+    if missing:
+        raise SystemExit("bench: %s" % missing)
+    # One worker; keep-alive for the whole run (nginx's default closes a connection after 1000 requests).
+    return NginxServer(root, tmp, keepalive_timeout="120s", keepalive_requests=1000000).start()
 
 
 # ---- the two sides
@@ -429,9 +365,9 @@ def main() -> int:
     src = os.path.join(workdir, name)
     total = sum(objects.values())
     warm(src, objects)
-    nginx = Nginx(workdir)
     run = tempfile.mkdtemp(prefix="bench-pull-run-", dir=workdir)
-    url = "%s/%s" % (nginx.base, name)
+    nginx = start_nginx(src, os.path.join(run, "nginx"))
+    url = nginx.url
     report = {"objects": len(objects), "bytes": total, "jobs": args.jobs, "workdir": workdir,
               "load_start": load(), "scenarios": []}
     print("source: %d objects, %.0f MB (%s), served by nginx at %s; jobs=%d; load %s"
