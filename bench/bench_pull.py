@@ -374,7 +374,8 @@ def main() -> int:
           % (len(objects), total / 1e6, src, url, args.jobs, report["load_start"]), flush=True)
     ok = True
     try:
-        hexes = sorted(objects)
+        # Ordered by size first: the same --seed gives the same missing sizes, whatever the random contents.
+        hexes = sorted(objects, key=lambda h: (objects[h], h))
         ours_dest, wget_dest = os.path.join(run, "ours"), os.path.join(run, "wget")
         rng = random.Random(args.seed + 1)
         missing = sorted(rng.sample(hexes, len(hexes) - int(round(len(hexes) * args.present))))
