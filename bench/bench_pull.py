@@ -9,8 +9,9 @@ log-normal between 4 KiB and 4 MiB, seeded) is built once with
 ``composefs-store add-image`` of a generated tree and kept under --workdir,
 so later runs reuse it (generation is never timed).  Debian's nginx serves
 it on 127.0.0.1 (tests/remote/nginx_server.py: own config, pid and logs in
-a temp dir, one worker, keep-alive on, its access log on for both sides).  The served files are read once before
-the rounds, so both sides fetch from a warm page cache.
+a temp dir, one worker, keep-alive on, its access log on for both sides).
+The served files are read once before the rounds, so both sides fetch from
+a warm page cache.
 
 Two scenarios, each --rounds times, ours and wget alternately, a fresh
 destination every round, ``sync`` before every timed run (so no side pays
@@ -29,13 +30,17 @@ for the other's writeback), wall clock of the whole command:
     ratio ours/wget (goal: at most 1.2).
 
 Each ratio is the median of the per-round ratios (each of ours against the
-wget run next to it).  Also printed, as context: the ``sync`` after each
-wget run (what it would take to make wget's files durable, as ours are).
+wget run next to it).  Also printed, as context: the CPU time (user+sys)
+of each command, which a busy machine disturbs less than the wall clock,
+and the ``sync`` after each wget run (what it would take to make wget's
+files durable, as ours are).
 
 Run from the repository root: .venv/bin/python bench/bench_pull.py
 Options: --objects, --total-mb, --rounds, --jobs, --workdir, --json,
---present, --seed, --only a|b, --profile (one in-process pull into an empty
-store with the time of each phase, instead of the rounds).
+--present, --seed, --only a|b, --profile (instead of the rounds: one
+in-process pull, into an empty store or with --only b into a 90% filled one,
+with the wall and thread CPU time of each phase; --cprofile adds a cProfile
+of the transfer threads, whose times include waiting for the GIL).
 Exit status 1 if a goal is missed, 2 if nginx or wget is missing.
 """
 
@@ -136,13 +141,11 @@ def warm(store: str, objects: Dict[str, int]) -> None:
 
 # ---- nginx on 127.0.0.1: tests/remote/nginx_server.py (the tests' fixture, usable outside pytest)
 
-def start_nginx(root: str, tmp: str):
-    sys.path.insert(0, os.path.join(REPO, "tests", "remote"))
-    from nginx_server import NginxServer, nginx_missing
+sys.path.insert(0, os.path.join(REPO, "tests", "remote"))
+from nginx_server import NginxServer, nginx_missing  # noqa: E402
 
-    missing = nginx_missing()
-    if missing:
-        raise SystemExit("bench: %s" % missing)
+
+def start_nginx(root: str, tmp: str) -> NginxServer:
     # One worker; keep-alive for the whole run (nginx's default closes a connection after 1000 requests).
     return NginxServer(root, tmp, keepalive_timeout="120s", keepalive_requests=1000000).start()
 
@@ -282,7 +285,7 @@ def profile(url: str, dest: str, jobs: int, cprofile: bool, prepare) -> None:
 
     phases = PhaseTimes()
     phases.wrap(remote_http.HttpTransport, "_request", "http request up to the response headers")
-    phases.wrap(http.client.HTTPResponse, "readinto", "http readinto (socket -> buffer)")
+    phases.wrap(http.client.HTTPResponse, "readinto1", "http readinto1 (socket -> buffer)")
     phases.wrap(fsverity_digest.FsVerityHasher, "update", "fs-verity hashing (update)")
     phases.wrap(fsverity_digest.FsVerityHasher, "hexdigest", "fs-verity hashing (final)")
     phases.wrap(pull._VerifyingSink, "write", "sink.write (os.write + hashing)")
@@ -357,6 +360,9 @@ def main() -> int:
 
     if shutil.which("wget") is None:
         print("bench: wget is not installed (Debian package wget)", file=sys.stderr)
+        return 2
+    if nginx_missing():
+        print("bench: %s" % nginx_missing(), file=sys.stderr)
         return 2
     precompile()  # as an installed package would be (PYTHONDONTWRITEBYTECODE would recompile every run)
     os.makedirs(args.workdir, exist_ok=True)
