@@ -9,17 +9,25 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: image
-short_description: Build a composefs image into a store and point a ref at it
+short_description: Build or pull a composefs image into a store and point a ref at it
 version_added: 0.1.0
 description:
   - Builds a composefs image from O(src) (a directory on the node, a composefs-dump(5) file, or an existing
     composefs image file) into the object store O(store), stores the file contents it needs as objects, and
     points the ref O(ref) at the image (O(state=present)).
+  - Or pulls it from the remote store O(remote) (a store directory served as plain files over C(https://),
+    C(http://), or reached as C(file://)): the image the remote ref O(remote_ref) names is fetched and its
+    fs-verity digest compared to the ref before it is parsed, then only the objects O(store) lacks are
+    fetched, O(jobs) at a time, each one's fs-verity digest checked against its name while it streams in;
+    the objects are published first, then the image, the ref O(ref) last (as C(composefs-store pull)).
+    The TLS and credential options are named as M(ansible.builtin.get_url) names them.
   - The image is byte-identical to what C C(mkcomposefs --digest-store=STORE/objects) 1.0.8 builds from the
     same source with the same options, so its digest can be pinned and compared with images built elsewhere.
   - O(state=absent) removes the ref only.
   - "Idempotence: the module reports a change only when the ref is created or moved, or when the image or
-    any object had to be written into the store."
+    any object had to be written into the store.  With O(remote), every run reads the remote's C(meta.json),
+    the remote ref and (unless the store has it) the image, and lists which of its objects are in the store;
+    a store that has the image, all its objects and the ref naming it is left alone (V(changed=false))."
   - "What an unchanged directory costs: every run scans the whole tree (one C(lstat) and one C(listxattr)
     per entry, plus C(getxattr) per extended attribute, a second C(lstat) per file larger than 64 bytes and
     one of each object the image needs, to see that it is in the store), and hashes the tree's metadata; nothing
@@ -53,11 +61,75 @@ options:
     required: true
   src:
     description:
-      - The source on the node, required with O(state=present).
+      - The source on the node; with O(state=present) one of O(src) and O(remote) is required.
       - A directory (its contents are hashed and stored as objects), a composefs-dump(5) file, or a composefs
         image file (stored as it is).
       - The objects a dump or an image refers to must already be in the store, or in O(objects_from).
+      - Mutually exclusive with O(remote).
     type: path
+  remote:
+    description:
+      - Pull the image from this remote store instead of building it from O(src).
+      - A URL (V(https://host/path/to/store), V(http://...), V(file:///absolute/path)) naming the directory
+        of a store served as plain files (its C(meta.json), C(refs/), C(images/) and C(objects/)), or the name
+        of a remote configured in O(store) with C(composefs-store remote add NAME URL) (then its C(ca_path),
+        C(client_cert), C(client_key) and user name apply unless given here).
+      - Give credentials in O(url_username) and O(url_password), not in the URL (the URL is shown in the
+        task's arguments and messages without its credentials, but is not hidden as O(url_password) is).
+      - Mutually exclusive with O(src), O(objects_from) and O(expected_digest); the options that filter a
+        source tree (O(use_epoch), O(skip_xattrs), O(user_xattrs), O(skip_devices), O(format_version)) do
+        not apply to it.
+    type: str
+  remote_ref:
+    description:
+      - The ref to read in O(remote); by default the same name as O(ref).
+    type: str
+  validate_certs:
+    description:
+      - With an C(https://) O(remote), check the server's certificate (against O(ca_path) if given, else
+        the system's CA certificates) and its host name.
+      - V(false) turns both checks off; only for a test setup.
+    type: bool
+    default: true
+  ca_path:
+    description:
+      - A PEM file (or a directory prepared with C(openssl rehash)) of the CA certificates that sign the
+        server's certificate, instead of the system's.
+    type: path
+  client_cert:
+    description:
+      - A PEM file with the client certificate to present to the server (and its key, unless O(client_key)
+        is given).
+    type: path
+  client_key:
+    description:
+      - A PEM file with the private key of O(client_cert) (unencrypted).
+    type: path
+  url_username:
+    description:
+      - User name for HTTP basic authentication.
+    type: str
+  url_password:
+    description:
+      - Password for HTTP basic authentication (with O(url_username)). Never logged or shown.
+    type: str
+  headers:
+    description:
+      - More HTTP headers to send with every request, as a dictionary, for example
+        V({"Authorization": "Bearer TOKEN"}).
+      - Treated as secret (they often carry a token): never logged or shown.
+    type: dict
+  jobs:
+    description:
+      - How many objects are fetched at once (over as many keep-alive connections).
+    type: int
+    default: 8
+  timeout:
+    description:
+      - Seconds to wait for a connection and between two reads of a transfer; a transfer that stalls
+        longer fails (and is retried, up to 5 times, as other transient errors are).
+    type: float
+    default: 30
   state:
     description:
       - V(present) builds the image and points O(ref) at it.
@@ -127,6 +199,8 @@ attributes:
     support: full
     details: A real dry run; the tree is scanned, hashed where needed and the image built in memory (or found
       through the image memo), but nothing under O(store) is written, not even the digest cache.
+      With O(remote), the remote ref and the image are read (not stored) to report which objects and how
+      many bytes a pull would fetch; no object is fetched.
   diff_mode:
     support: full
   platform:
@@ -136,7 +210,12 @@ notes:
     an image file source and make the module fail.
   - In check mode a store that does not exist yet (a missing or empty directory) is treated as an empty store,
     so that a play that creates the store first can be checked.
-  - Adds run under the store's shared lock, so they never overlap a C(composefs-store gc) sweep.
+  - Adds and pulls run under the store's shared lock, so they never overlap a C(composefs-store gc) sweep.
+  - A pull that fails (a server that stops, a corrupted object, a full disk) keeps the verified objects it
+    fetched, so the next run fetches only what is still missing; the ref is written only after the image and
+    all its objects are in the store.
+  - Proxies come from the node's C(http_proxy), C(https_proxy) and C(no_proxy) environment variables (set
+    them with the task's C(environment)).
   - Like sshd's C(StrictModes), a store owned by another user or writable by group or others is refused unless
     O(allow_foreign_owner=true) (see M(composefs.fleet.store)); this module never creates a store, so a new
     store's mode is chosen by M(composefs.fleet.store) (its O(composefs.fleet.store#module:shared_layout)).
@@ -147,6 +226,8 @@ seealso:
   - module: composefs.fleet.mount
   - module: composefs.fleet.info
   - module: composefs.fleet.verity
+  - module: ansible.builtin.get_url
+    description: The TLS and credential options have the same names there.
 """
 
 EXAMPLES = r"""
@@ -174,6 +255,27 @@ EXAMPLES = r"""
     format_version: 1
   register: base_image
 
+- name: Pull release 2 from the build server's store, fetching only the objects this node lacks
+  composefs.fleet.image:
+    store: /var/lib/composefs
+    ref: app/current
+    remote: https://images.example.com/stores/app
+    remote_ref: app/v2
+    ca_path: /etc/pki/composefs-ca.pem
+    url_username: fleet
+    url_password: "{{ vault_image_password }}"
+  register: pulled
+
+- name: Tell how much a pull would fetch, without fetching
+  composefs.fleet.image:
+    store: /var/lib/composefs
+    ref: app/v3
+    remote: https://images.example.com/stores/app
+    headers:
+      Authorization: "Bearer {{ vault_image_token }}"
+  check_mode: true
+  register: plan
+
 - name: Drop the old ref (objects go with the next composefs-store gc)
   composefs.fleet.image:
     store: /var/lib/composefs
@@ -190,7 +292,7 @@ digest:
   sample: 8d1c2a3f4b5e6d7c8b9a0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566
 image:
   description: What was built and stored (in check mode, what would be).
-  returned: when O(state=present)
+  returned: when O(state=present) and O(src) is given
   type: dict
   contains:
     digest:
@@ -248,6 +350,66 @@ image:
       type: int
       returned: always
       sample: 8988
+pull:
+  description: What the pull found and fetched (in check mode, what it would fetch).
+  returned: when O(remote) is given
+  type: dict
+  contains:
+    url:
+      description: The remote's URL (without credentials).
+      type: str
+      returned: always
+      sample: https://images.example.com/stores/app
+    remote_ref:
+      description: The ref read in the remote.
+      type: str
+      returned: always
+      sample: app/v2
+    ref:
+      description: The ref set in O(store).
+      type: str
+      returned: always
+      sample: app/current
+    digest:
+      description: The image's fs-verity digest (what the remote ref names).
+      type: str
+      returned: always
+      sample: 8d1c2a3f4b5e6d7c8b9a0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566
+    previous_digest:
+      description: The digest O(ref) named before, null if it did not exist (or was damaged).
+      type: str
+      returned: always
+      sample: 3a7bd3e2360a3d29eea436fcfb7e44c735d117c42d1c1835420b6b9942dd4f1b
+    objects:
+      description: Number of objects the image refers to.
+      type: int
+      returned: always
+      sample: 9000
+    objects_missing:
+      description: Objects the store lacked (or had with the wrong size) before the pull; what a pull fetches.
+      type: int
+      returned: always
+      sample: 12
+    bytes_missing:
+      description: Bytes of those objects.
+      type: int
+      returned: always
+      sample: 1048576
+    objects_fetched:
+      description: Objects fetched and published by this run (0 in check mode).
+      type: int
+      returned: always
+      sample: 12
+    bytes_fetched:
+      description: Bytes of those objects.
+      type: int
+      returned: always
+      sample: 1048576
+    image_fetched:
+      description: Whether the image file was fetched and stored by this run (false in check mode).
+      type: bool
+      returned: always
+      sample: true
 removed:
   description: Whether the ref was (check mode, would be) removed.
   returned: when O(state=absent)
@@ -260,7 +422,9 @@ from contextlib import nullcontext
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.composefs.errors import ComposefsError, RefNotFound, StoreError
+from ..module_utils.composefs.errors import ComposefsError, RefNotFound, RemoteError, StoreError
+from ..module_utils.composefs.pull import pull
+from ..module_utils.composefs.remote_options import RemoteOptions
 from ..module_utils.composefs.store import Store
 from ..module_utils.composefs.store_names import is_hex_name, split_ref_name
 from ..module_utils.composefs.store_add import add_image
@@ -278,14 +442,50 @@ def _not_created(location):
     return os.path.isdir(location) and not os.path.islink(location) and not os.listdir(location)
 
 
-def _present(module, params):
+_PULL_KEYS = ("url", "remote_ref", "ref", "digest", "objects", "objects_missing", "bytes_missing",
+              "objects_fetched", "bytes_fetched", "image_fetched")
+#: Options that shape an image built from src; a pulled image is taken as it is.
+_SRC_ONLY = ("format_version", "use_epoch", "skip_xattrs", "user_xattrs", "skip_devices")
+
+
+def _open_store(module, params):
     location = params["store"]
-    planned_store = module.check_mode and _not_created(location)
-    if planned_store:
-        store = Store(location, notice=None, allow_foreign=params["allow_foreign_owner"])
+    if module.check_mode and _not_created(location):
         module.warn("store %s does not exist yet; the check assumes an empty store" % location)
-    else:
-        store = Store.open(location, notice=None, allow_foreign=params["allow_foreign_owner"])
+        return Store(location, notice=None, allow_foreign=params["allow_foreign_owner"])
+    return Store.open(location, notice=None, allow_foreign=params["allow_foreign_owner"])
+
+
+def _ref_diff(ref, before, after):
+    return {"before": {"ref": ref, "digest": before}, "after": {"ref": ref, "digest": after}}
+
+
+def _remote_options(params):
+    headers = params["headers"] or {}
+    return RemoteOptions(
+        validate_certs=params["validate_certs"], ca_path=params["ca_path"], client_cert=params["client_cert"],
+        client_key=params["client_key"], username=params["url_username"], password=params["url_password"],
+        # YAML may give a number or a bool as a header's value: it is sent as text.
+        headers=dict((str(name), value if isinstance(value, str) else str(value)) for name, value in headers.items()),
+        timeout=params["timeout"])
+
+
+def _pull(module, params):
+    store = _open_store(module, params)
+    result = pull(store, params["remote"], params["remote_ref"] or params["ref"], ref=params["ref"],
+                  options=_remote_options(params), jobs=params["jobs"], dry_run=module.check_mode)
+    info = dict((key, getattr(result, key)) for key in _PULL_KEYS)
+    info["previous_digest"] = result.previous
+    out = dict(changed=bool(result.changed), digest=result.digest, pull=info)
+    if module._diff:
+        out["diff"] = _ref_diff(params["ref"], result.previous, result.digest)
+    return out
+
+
+def _present(module, params):
+    if params["remote"] is not None:
+        return _pull(module, params)
+    store = _open_store(module, params)
     result = add_image(
         store, params["src"], params["ref"],
         use_epoch=params["use_epoch"], skip_devices=params["skip_devices"], skip_xattrs=params["skip_xattrs"],
@@ -297,8 +497,7 @@ def _present(module, params):
     image["previous_digest"] = result.previous
     out = dict(changed=bool(changed), digest=result.digest, image=image)
     if module._diff:
-        out["diff"] = {"before": {"ref": params["ref"], "digest": result.previous},
-                       "after": {"ref": params["ref"], "digest": result.digest}}
+        out["diff"] = _ref_diff(params["ref"], result.previous, result.digest)
     return out
 
 
@@ -317,7 +516,7 @@ def _absent(module, params):
                 store.remove_ref(ref)
     out = dict(changed=previous is not None, removed=previous is not None, digest=previous)
     if module._diff:
-        out["diff"] = {"before": {"ref": ref, "digest": previous}, "after": {"ref": ref, "digest": None}}
+        out["diff"] = _ref_diff(ref, previous, None)
     return out
 
 
@@ -337,12 +536,29 @@ def main():
             objects_from=dict(type="path"),
             use_cache=dict(type="bool", default=True),
             allow_foreign_owner=dict(type="bool", default=False),
+            remote=dict(type="str"),
+            remote_ref=dict(type="str"),
+            validate_certs=dict(type="bool", default=True),
+            ca_path=dict(type="path"),
+            client_cert=dict(type="path"),
+            client_key=dict(type="path", no_log=False),
+            url_username=dict(type="str"),
+            url_password=dict(type="str", no_log=True),
+            headers=dict(type="dict", no_log=True),
+            jobs=dict(type="int", default=8),
+            timeout=dict(type="float", default=30.0),
         ),
-        required_if=[("state", "present", ["src"])],
-        mutually_exclusive=[("skip_xattrs", "user_xattrs")],
+        required_if=[("state", "present", ["src", "remote"], True)],
+        mutually_exclusive=[("skip_xattrs", "user_xattrs"), ("src", "remote"), ("objects_from", "remote"),
+                            ("expected_digest", "remote")],
         supports_check_mode=True,
     )
     params = module.params
+    if params["remote"] is not None:
+        given = [name for name in _SRC_ONLY if params[name] != module.argument_spec[name]["default"]]
+        if given:
+            module.fail_json(msg="%s shape%s an image built from src; a pulled image is stored as the remote "
+                                 "has it" % (", ".join(given), "" if len(given) > 1 else "s"))
     expected = params["expected_digest"]
     if expected is not None:
         expected = expected.strip().lower()
@@ -356,6 +572,9 @@ def main():
             out = _present(module, params)
         else:
             out = _absent(module, params)
+    except RemoteError as exc:
+        # The message names the URL (without credentials) and what failed.
+        module.fail_json(msg="pull: %s" % exc, url=exc.url)
     except StoreError as exc:
         msg = str(exc)
         if "not a composefs store" in msg:
