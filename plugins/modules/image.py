@@ -418,13 +418,15 @@ removed:
 """
 
 import os
+import shutil
+import tempfile
 from contextlib import nullcontext
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.composefs.errors import ComposefsError, RefNotFound, RemoteError, StoreError
 from ..module_utils.composefs.pull import pull
-from ..module_utils.composefs.remote_options import RemoteOptions
+from ..module_utils.composefs.remote_options import RemoteOptions, is_url
 from ..module_utils.composefs.store import Store
 from ..module_utils.composefs.store_names import is_hex_name, split_ref_name
 from ..module_utils.composefs.store_add import add_image
@@ -471,15 +473,34 @@ def _remote_options(params):
 
 
 def _pull(module, params):
-    store = _open_store(module, params)
-    result = pull(store, params["remote"], params["remote_ref"] or params["ref"], ref=params["ref"],
-                  options=_remote_options(params), jobs=params["jobs"], dry_run=module.check_mode)
+    location = params["store"]
+    if module.check_mode and _not_created(location):
+        if not is_url(params["remote"]):
+            module.fail_json(msg="store %s does not exist yet, so it has no remote named %s; give a URL"
+                                 % (location, params["remote"]))
+        module.warn("store %s does not exist yet; the check assumes an empty store" % location)
+        # A dry run reads the store, so it needs one: an empty throw-away store answers as the new one would.
+        scratch = tempfile.mkdtemp(prefix="composefs-image-check.")
+        try:
+            store = Store.init(os.path.join(scratch, "store"), notice=None)[0]
+            with store:
+                result = _pull_into(store, params, dry_run=True)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    else:
+        store = Store.open(location, notice=None, allow_foreign=params["allow_foreign_owner"])
+        result = _pull_into(store, params, dry_run=module.check_mode)
     info = dict((key, getattr(result, key)) for key in _PULL_KEYS)
     info["previous_digest"] = result.previous
     out = dict(changed=bool(result.changed), digest=result.digest, pull=info)
     if module._diff:
         out["diff"] = _ref_diff(params["ref"], result.previous, result.digest)
     return out
+
+
+def _pull_into(store, params, dry_run):
+    return pull(store, params["remote"], params["remote_ref"] or params["ref"], ref=params["ref"],
+                options=_remote_options(params), jobs=params["jobs"], dry_run=dry_run)
 
 
 def _present(module, params):
