@@ -22,7 +22,7 @@ import pytest
 from composefs_fleet.store import Store
 from composefs_fleet.store_fsck import check as fsck
 
-from pull_play import local_host, make_remote, object_path, output, run_playbook  # type: ignore[import-not-found]
+from pull_play import local_host, make_remote, object_path, output, recap, run_playbook  # type: ignore[import-not-found]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "remote"))
 try:
@@ -249,3 +249,32 @@ def test_option_errors(module_runner, node, args, message):
 def test_state_present_needs_src_or_remote(module_runner, node):
     r = module_runner("image", dict(store=str(node), ref="app/v1"))
     assert r.get("failed") and "src, remote" in r["msg"], r["msg"]
+
+
+def test_role_node_images_pull_hides_secrets(tmp_path, served, nginx):
+    """The node role: an item with remote pulls; one with url_password or headers is not logged, even at -vvv."""
+    remote, releases = served
+    srv = nginx(remote, basic_auth=(USER, PASSWORD))
+    store = tmp_path / "node"
+    images = [{"store": str(store), "ref": "app/v1", "remote": srv.url, "url_username": USER, "url_password": PASSWORD},
+              {"store": str(store), "ref": "app/current", "remote_ref": "app/v2", "remote": srv.url, "jobs": 2,
+               "url_username": USER, "headers": {"Authorization": "Basic " + base64.b64encode(
+                   ("%s:%s" % (USER, PASSWORD)).encode()).decode()}},
+              {"store": str(store), "ref": "local", "remote": "file://%s" % remote, "remote_ref": "app/v1"}]
+    play_vars = {"node_tools": "none", "node_stores": [{"path": str(store)}], "node_images": images}
+    plays = [{"name": "node", "hosts": "all", "gather_facts": False, "vars": play_vars,
+              "roles": ["composefs.fleet.node"]}]
+    for run in ("first", "second"):
+        proc = run_playbook(tmp_path, "role", plays, {"localhost": local_host()}, "-vvv")
+        assert proc.returncode == 0, output(proc)
+        text = proc.stdout + proc.stderr
+        for secret in (PASSWORD, base64.b64encode(("%s:%s" % (USER, PASSWORD)).encode()).decode()):
+            assert secret not in text
+        # The item without secrets is logged as usual; the others are censored.
+        assert "'local'" in text or '"ref": "local"' in text, output(proc)
+        assert text.count("the output has been hidden due to the fact that 'no_log: true'") >= 2, output(proc)
+        changed = recap(proc)["localhost"]["changed"]
+        assert changed == (2 if run == "first" else 0), output(proc)  # the store, the images task
+    assert refs_of(store) == {"app/v1": releases["app/v1"].digest, "app/current": releases["app/v2"].digest,
+                              "local": releases["app/v1"].digest}
+    assert_clean(store)
