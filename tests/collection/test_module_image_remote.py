@@ -25,12 +25,7 @@ from composefs_fleet.store_fsck import check as fsck
 from pull_play import local_host, make_remote, object_path, output, recap, run_playbook  # type: ignore[import-not-found]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "remote"))
-try:
-    from nginx_server import nginx  # noqa: F401  (fixture)
-except ImportError:  # tests/remote/nginx_server.py not on this branch
-    @pytest.fixture
-    def nginx():
-        pytest.skip("tests/remote/nginx_server.py (the nginx fixture of the pull tests) is not on this branch")
+from nginx_server import nginx  # noqa: E402,F401  (fixture)
 
 USER = "fleet"
 PASSWORD = "pw-Qx7rT2mVb9"  # must never show in ansible-playbook's output, even with -vvv
@@ -96,6 +91,7 @@ def node(tmp_path):
     return top
 
 
+@pytest.mark.network
 def test_pull_over_http_check_real_idempotent_errors_no_secrets(tmp_path, served, node, nginx):
     remote, releases = served
     srv = nginx(remote, basic_auth=(USER, PASSWORD))
@@ -251,6 +247,7 @@ def test_state_present_needs_src_or_remote(module_runner, node):
     assert r.get("failed") and "src, remote" in r["msg"], r["msg"]
 
 
+@pytest.mark.network
 def test_role_node_images_pull_hides_secrets(tmp_path, served, nginx):
     """The node role: an item with remote pulls; one with url_password or headers is not logged, even at -vvv."""
     remote, releases = served

@@ -25,6 +25,8 @@ from pull_play import local_host, make_remote, object_path, output, recap, run_p
 
 from nginx_server import nginx  # noqa: E402,F401  (fixture)
 
+pytestmark = pytest.mark.network
+
 NODES = 50
 FORKS = 10
 
