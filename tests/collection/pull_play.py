@@ -87,6 +87,7 @@ def run_playbook(tmp: Path, name: str, plays: List[dict], hosts: Dict[str, dict]
         "ANSIBLE_COLLECTIONS_PATH": str(tmp / "collections"),
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-tmp"),
+        "ANSIBLE_REMOTE_TEMP": str(tmp / "ansible-remote-tmp"),
         "ANSIBLE_HOME": str(tmp / "ansible-home"),
         "ANSIBLE_RETRY_FILES_ENABLED": "0",
         "ANSIBLE_HOST_KEY_CHECKING": "0",

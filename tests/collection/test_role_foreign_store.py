@@ -19,10 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from composefs_fleet.store import Store
 from composefs_fleet.systemd_unit import unit_name
+
+from pull_play import local_host, run_playbook  # type: ignore[import-not-found]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,37 +30,12 @@ REPO = Path(__file__).resolve().parents[2]
 def run_play(tmp: Path, name: str, play_vars: dict, roles: list, tasks: "list | None" = None,
              options: "list[str] | None" = None) -> "subprocess.CompletedProcess[str]":
     """ansible-playbook of one play on localhost (local connection); ``options`` such as --check."""
-    exe = Path(sys.executable).parent / "ansible-playbook"
-    if not exe.is_file():
-        pytest.skip("ansible-playbook is not installed next to %s" % sys.executable)
-    collections = tmp / "collections" / "ansible_collections" / "composefs"
-    if not collections.exists():
-        collections.mkdir(parents=True)
-        (collections / "fleet").symlink_to(REPO)
     play = [{"name": name, "hosts": "all", "gather_facts": False, "vars": play_vars, "roles": roles,
              "tasks": tasks or []}]
-    (tmp / ("%s.json" % name)).write_text(json.dumps(play))
-    inventory = {"all": {"hosts": {"localhost": {"ansible_connection": "local",
-                                                 "ansible_python_interpreter": "/usr/bin/python3"}}}}
-    (tmp / "inventory.json").write_text(json.dumps(inventory))
-    env = dict(os.environ)
-    env.update({
-        "ANSIBLE_COLLECTIONS_PATH": str(tmp / "collections"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-tmp"),
-        "ANSIBLE_REMOTE_TEMP": str(tmp / "ansible-remote-tmp"),
-        "ANSIBLE_HOME": str(tmp / "ansible-home"),
-        "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "PATH": "%s:%s" % (Path(sys.executable).parent, env.get("PATH", "")),
-    })
-    return subprocess.run([str(exe), "-i", str(tmp / "inventory.json"), str(tmp / ("%s.json" % name))] + (options or []),
-                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=600,
-                          cwd=str(tmp))
+    return run_playbook(tmp, name, play, {"localhost": local_host()}, *(options or []))
 
 
 def test_roles_pass_allow_foreign_owner_and_shared_layout(tmp_path):
-    if not os.path.exists("/usr/bin/python3"):
-        pytest.skip("/usr/bin/python3 (the modules' interpreter) is missing")
     store = tmp_path / "store"
     Store.init(store, notice=None)
     os.chmod(store, 0o770)
