@@ -15,8 +15,8 @@ description:
   - Builds a composefs image from O(src) (a directory on the node, a composefs-dump(5) file, or an existing
     composefs image file) into the object store O(store), stores the file contents it needs as objects, and
     points the ref O(ref) at the image (O(state=present)).
-  - Or pulls it from the remote store O(remote) (a store directory served as plain files over C(https://),
-    C(http://), or reached as C(file://)): the image the remote ref O(remote_ref) names is fetched and its
+  - Or pulls it from the remote store O(remote), a store directory served as plain files over C(https://) or
+    C(http://), or reached as C(file://). The image the remote ref O(remote_ref) names is fetched and its
     fs-verity digest compared to the ref before it is parsed, then only the objects O(store) lacks are
     fetched, O(jobs) at a time, each one's fs-verity digest checked against its name while it streams in;
     the objects are published first, then the image, the ref O(ref) last (as C(composefs-store pull)).
@@ -115,8 +115,8 @@ options:
     type: str
   headers:
     description:
-      - More HTTP headers to send with every request, as a dictionary, for example
-        V({"Authorization": "Bearer TOKEN"}).
+      - More HTTP headers to send with every request, as a dictionary of header names and values, for example
+        an C(Authorization) header with a bearer token.
       - Treated as secret (they often carry a token): never logged or shown.
     type: dict
   jobs:
