@@ -117,7 +117,7 @@ options:
     description:
       - More HTTP headers to send with every request, as a dictionary of header names and values, for example
         an C(Authorization) header with a bearer token.
-      - Treated as secret (they often carry a token): never logged or shown.
+      - Treated as secret, since they often carry a token; never logged or shown.
     type: dict
   jobs:
     description:
