@@ -25,7 +25,7 @@ from composefs_fleet.store_fsck import check as fsck
 from pull_play import local_host, make_remote, object_path, output, recap, run_playbook  # type: ignore[import-not-found]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "remote"))
-from nginx_server import nginx  # noqa: E402,F401  (fixture)
+from nginx_server import nginx, pki  # noqa: E402,F401  (fixtures)
 
 USER = "fleet"
 PASSWORD = "pw-Qx7rT2mVb9"  # must never show in ansible-playbook's output, even with -vvv
@@ -198,6 +198,28 @@ def test_pull_from_file_url_v1_then_v2_into_another_ref(tmp_path, served, node):
     assert got["v2"]["changed"] is True and got["v2"]["pull"]["objects_fetched"] == len(new_in_v2)
     assert got["v2_again"]["changed"] is False
     assert refs_of(node) == {"app/current": v2.digest}
+    assert_clean(node)
+
+
+@pytest.mark.network
+def test_https_options_reach_the_transfer(module_runner, served, node, nginx, pki):
+    """ca_path, validate_certs, client_cert and client_key against nginx with TLS and required client certificates."""
+    remote, releases = served
+    srv = nginx(remote, tls=pki.issue("server-127"), client_ca=pki.ca("clients").cert)
+    client = pki.issue("node-1", ca="clients", client=True)
+    args = dict(store=str(node), ref="app/v1", remote=srv.url, client_cert=str(client.cert), client_key=str(client.key))
+    r = module_runner("image", args)  # the system's CAs do not know the test CA
+    assert r.get("failed") and srv.url in r["msg"] and "certificate" in r["msg"], r.get("msg")
+    r = module_runner("image", dict(args, ca_path=str(pki.ca().cert), client_cert=None, client_key=None))
+    assert r.get("failed") and srv.url in r["msg"], r.get("msg")  # no client certificate: refused by nginx
+    assert refs_of(node) == {}
+    r = module_runner("image", dict(args, ca_path=str(pki.ca().cert)))
+    assert not r.get("failed"), r.get("msg")
+    assert r["changed"] and refs_of(node) == {"app/v1": releases["app/v1"].digest}
+    r = module_runner("image", dict(args, ref="app/v2", remote_ref="app/v2", validate_certs=False))
+    assert not r.get("failed"), r.get("msg")
+    assert refs_of(node)["app/v2"] == releases["app/v2"].digest
+    assert {e.client_verify for e in srv.entries() if e.status == 200} == {"SUCCESS"}
     assert_clean(node)
 
 
