@@ -450,12 +450,18 @@ _PULL_KEYS = ("url", "remote_ref", "ref", "digest", "objects", "objects_missing"
 _SRC_ONLY = ("format_version", "use_epoch", "skip_xattrs", "user_xattrs", "skip_devices")
 
 
-def _open_store(module, params):
-    location = params["store"]
+def _planned_store(module, location):
+    """True (with a warning) in check mode when the store is still to be created by an earlier task."""
     if module.check_mode and _not_created(location):
         module.warn("store %s does not exist yet; the check assumes an empty store" % location)
-        return Store(location, notice=None, allow_foreign=params["allow_foreign_owner"])
-    return Store.open(location, notice=None, allow_foreign=params["allow_foreign_owner"])
+        return True
+    return False
+
+
+def _open_store(module, params):
+    if _planned_store(module, params["store"]):
+        return Store(params["store"], notice=None, allow_foreign=params["allow_foreign_owner"])
+    return Store.open(params["store"], notice=None, allow_foreign=params["allow_foreign_owner"])
 
 
 def _ref_diff(ref, before, after):
@@ -474,11 +480,10 @@ def _remote_options(params):
 
 def _pull(module, params):
     location = params["store"]
-    if module.check_mode and _not_created(location):
+    if _planned_store(module, location):
         if not is_url(params["remote"]):
             module.fail_json(msg="store %s does not exist yet, so it has no remote named %s; give a URL"
                                  % (location, params["remote"]))
-        module.warn("store %s does not exist yet; the check assumes an empty store" % location)
         # A dry run reads the store, so it needs one: an empty throw-away store answers as the new one would.
         scratch = tempfile.mkdtemp(prefix="composefs-image-check.")
         try:

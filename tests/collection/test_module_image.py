@@ -253,7 +253,7 @@ def test_missing_store(module_runner, tmp_path, src):
 
 
 @pytest.mark.parametrize("args, message", [
-    (dict(ref="a"), "state is present but all of the following are missing: src"),
+    (dict(ref="a"), "state is present but any of the following are missing: src, remote"),
     (dict(ref="a", src="/nonexistent/dir"), "no such file or directory"),
     (dict(ref="../a", src="/"), "contains '..'"),
     (dict(ref="a", src="/", skip_xattrs=True, user_xattrs=True), "mutually exclusive"),
