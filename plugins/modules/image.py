@@ -74,8 +74,9 @@ options:
         of a store served as plain files (its C(meta.json), C(refs/), C(images/) and C(objects/)), or the name
         of a remote configured in O(store) with C(composefs-store remote add NAME URL) (then its C(ca_path),
         C(client_cert), C(client_key) and user name apply unless given here).
-      - Give credentials in O(url_username) and O(url_password), not in the URL (the URL is shown in the
-        task's arguments and messages without its credentials, but is not hidden as O(url_password) is).
+      - Give credentials in O(url_username) and O(url_password) rather than in the URL. A password in the URL
+        is used too and is masked in the module's result (as O(url_password) is); messages show URLs without
+        credentials.
       - Mutually exclusive with O(src), O(objects_from) and O(expected_digest); the options that filter a
         source tree (O(use_epoch), O(skip_xattrs), O(user_xattrs), O(skip_devices), O(format_version)) do
         not apply to it.
@@ -421,6 +422,7 @@ import os
 import shutil
 import tempfile
 from contextlib import nullcontext
+from urllib.parse import unquote, urlsplit
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -546,6 +548,17 @@ def _absent(module, params):
     return out
 
 
+def _hide_url_password(module, remote):
+    """A password written into the URL is masked wherever the result shows it, as url_password is."""
+    try:
+        password = urlsplit(remote).password
+    except ValueError:
+        return  # not a URL the pull accepts either: its own error says so
+    if password:
+        module.no_log_values.add(password)
+        module.no_log_values.add(unquote(password))
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -581,6 +594,7 @@ def main():
     )
     params = module.params
     if params["remote"] is not None:
+        _hide_url_password(module, params["remote"])
         given = [name for name in _SRC_ONLY if params[name] != module.argument_spec[name]["default"]]
         if given:
             module.fail_json(msg="%s shape%s an image built from src; a pulled image is stored as the remote "

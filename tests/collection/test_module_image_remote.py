@@ -223,6 +223,20 @@ def test_https_options_reach_the_transfer(module_runner, served, node, nginx, pk
     assert_clean(node)
 
 
+@pytest.mark.network
+def test_password_in_the_url_is_used_and_masked(module_runner, served, node, nginx):
+    remote, releases = served
+    srv = nginx(remote, basic_auth=(USER, PASSWORD))
+    url = srv.url_with_credentials(USER, PASSWORD)
+    r = module_runner("image", dict(store=str(node), ref="app/v1", remote=url))
+    assert not r.get("failed"), r.get("msg")
+    assert r["pull"]["url"] == srv.url  # the core drops the credentials
+    assert PASSWORD not in json.dumps(r)
+    assert r["invocation"]["module_args"]["remote"] == url.replace(PASSWORD, "********")
+    r = module_runner("image", dict(store=str(node), ref="app/v1", remote=url.replace(PASSWORD, PASSWORD + "x")))
+    assert r["failed"] and "401" in r["msg"] and PASSWORD not in json.dumps(r), r["msg"]
+
+
 def test_check_mode_before_the_store_exists(module_runner, served, tmp_path):
     """A play that creates the store first can be checked: an empty store is assumed."""
     remote, releases = served
