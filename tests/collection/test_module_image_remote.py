@@ -293,6 +293,7 @@ def test_role_node_images_pull_hides_secrets(tmp_path, served, nginx):
               {"store": str(store), "ref": "app/current", "remote_ref": "app/v2", "remote": srv.url, "jobs": 2,
                "url_username": USER, "headers": {"Authorization": "Basic " + base64.b64encode(
                    ("%s:%s" % (USER, PASSWORD)).encode()).decode()}},
+              {"store": str(store), "ref": "app/v2", "remote": srv.url_with_credentials(USER, PASSWORD)},
               {"store": str(store), "ref": "local", "remote": "file://%s" % remote, "remote_ref": "app/v1"}]
     play_vars = {"node_tools": "none", "node_stores": [{"path": str(store)}], "node_images": images}
     plays = [{"name": "node", "hosts": "all", "gather_facts": False, "vars": play_vars,
@@ -305,9 +306,9 @@ def test_role_node_images_pull_hides_secrets(tmp_path, served, nginx):
             assert secret not in text
         # The item without secrets is logged as usual; the others are censored.
         assert "'local'" in text or '"ref": "local"' in text, output(proc)
-        assert text.count("the output has been hidden due to the fact that 'no_log: true'") >= 2, output(proc)
+        assert text.count("the output has been hidden due to the fact that 'no_log: true'") >= 3, output(proc)
         changed = recap(proc)["localhost"]["changed"]
         assert changed == (2 if run == "first" else 0), output(proc)  # the store, the images task
     assert refs_of(store) == {"app/v1": releases["app/v1"].digest, "app/current": releases["app/v2"].digest,
-                              "local": releases["app/v1"].digest}
+                              "app/v2": releases["app/v2"].digest, "local": releases["app/v1"].digest}
     assert_clean(store)
