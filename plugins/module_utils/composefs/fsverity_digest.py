@@ -125,6 +125,32 @@ def _hash_blocks(new: Callable[..., "hashlib._Hash"], view: memoryview, block_si
     )
 
 
+#: hashlib releases the GIL for inputs of at least this many bytes (HASHLIB_GIL_MINSIZE).
+_GIL_MINSIZE = 2048
+
+
+def _hash_blocks_holding_gil(new: Callable[..., "hashlib._Hash"], view: memoryview, block_size: int) -> bytes:
+    """:func:`_hash_blocks`, fed in pieces under hashlib's GIL threshold, so the GIL is never released.
+
+    Where many threads run (a pull's transfers), releasing the GIL for every
+    4 KiB block makes the hashing thread queue for it again after each
+    block (about 25 us instead of 3 per block, measured with 8 transfers);
+    holding it costs ~7% more calls and lets the other threads' system
+    calls run on the other CPUs meanwhile.
+    """
+    piece = _GIL_MINSIZE - 1
+    out = []
+    for start in range(0, len(view), block_size):
+        end = start + block_size
+        h = new(view[start:start + piece])
+        pos = start + piece
+        while pos < end:
+            h.update(view[pos:min(pos + piece, end)])
+            pos += piece
+        out.append(h.digest())
+    return b"".join(out)
+
+
 class FsVerityHasher:
     """Streaming fs-verity digest of data fed through :meth:`update`.
 
@@ -132,8 +158,11 @@ class FsVerityHasher:
     the next level as soon as they are complete.
     """
 
-    def __init__(self, algorithm: str = "sha256", block_size: int = 4096, salt: bytes = b"") -> None:
+    def __init__(self, algorithm: str = "sha256", block_size: int = 4096, salt: bytes = b"",
+                 hold_gil: bool = False) -> None:
         salt = bytes(salt)
+        # hold_gil: for a hasher among many busy threads (see _hash_blocks_holding_gil).
+        self._hash_blocks = _hash_blocks_holding_gil if hold_gil else _hash_blocks
         check_params(algorithm, block_size, salt)
         self.algorithm = algorithm
         self.block_size = block_size
@@ -174,7 +203,7 @@ class FsVerityHasher:
             self._partial = bytearray()
         end = start + (length - start) // bs * bs
         if end > start:
-            self._push(0, _hash_blocks(self._new, view[start:end], bs), (end - start) // bs)
+            self._push(0, self._hash_blocks(self._new, view[start:end], bs), (end - start) // bs)
         if end < length:
             self._partial += view[end:]
 
@@ -211,7 +240,7 @@ class FsVerityHasher:
             # Whole blocks of hashes form the next level up.
             full = len(buf) // bs * bs
             view = memoryview(buf)
-            hashes = _hash_blocks(self._new, view[:full], bs)
+            hashes = self._hash_blocks(self._new, view[:full], bs)
             nblocks = full // bs
             rest = bytes(view[full:])
             view.release()

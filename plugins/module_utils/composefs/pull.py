@@ -274,7 +274,7 @@ class _VerifyingSink:
         self.counter = counter
         self.url = url
         self.got = 0
-        self.hasher = fsverity_digest.FsVerityHasher()
+        self.hasher = fsverity_digest.FsVerityHasher(hold_gil=True)
 
     def write(self, view: memoryview) -> None:
         if self.counter.stop.is_set():
@@ -293,7 +293,7 @@ class _VerifyingSink:
         os.lseek(self.fd, 0, os.SEEK_SET)
         self.counter.add(-self.got)
         self.got = 0
-        self.hasher = fsverity_digest.FsVerityHasher()
+        self.hasher = fsverity_digest.FsVerityHasher(hold_gil=True)
 
     def check(self, hexd: str) -> None:
         if self.got != self.size:
