@@ -55,6 +55,9 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 #: Mode of the ``XX`` directories of ``mkcomposefs --digest-store`` (as C).
 C_DIR_MODE = 0o755
 
+#: Staged files at least this large have their writeback started at once (see _write_temp).
+WRITEBACK_MIN_BYTES = 1 << 20
+
 
 def object_path(store_dir: PathLike, digest: bytes) -> bytes:
     """Absolute-or-relative path of the object for ``digest`` in ``store_dir``."""
@@ -419,9 +422,10 @@ def _write_temp(dir_fd: int, src: Union[int, bytes, Callable[[int], None]], size
             os.fchmod(fd, 0o644)
             if durable:
                 os.fsync(fd)
-            else:
+            elif st.st_size >= WRITEBACK_MIN_BYTES:
                 # Start writing now, so the disk works while we hash and copy
                 # the next files; commit()'s syncfs then waits for the rest.
+                # (Not for small files: the call costs more than it overlaps.)
                 file_copy.start_writeback(fd)
         finally:
             os.close(fd)
@@ -582,6 +586,26 @@ class ObjectBatch:
         with self._lock:
             self._pending.append((tmp, digest, dev))
         return True
+
+    def take_pending(self) -> List[Tuple[bytes, bytes, int]]:
+        """Hand over the staged (temp name, digest, st_dev) entries: another process commits them.
+
+        A pull's transfer process stages objects and passes them to the
+        process that owns the batch (:meth:`adopt`); what it took is no
+        longer removed by its :meth:`abort`.
+        """
+        with self._lock:
+            pending, self._pending = self._pending, []
+        return pending
+
+    def adopt(self, tmp: bytes, digest: bytes, dev: int) -> None:
+        """Take over a temp file staged (and verified) by another process of this batch's owner."""
+        _check_digest(digest)
+        if not tmp.startswith(b".tmp") or b"/" in tmp:
+            raise ValueError("not a staged temp file name: %r" % tmp)
+        with self._lock:
+            self._digests.add(digest)
+            self._pending.append((tmp, digest, dev))
 
     def commit(self, close: bool = True) -> None:
         """Make every staged object durable and visible under its name.

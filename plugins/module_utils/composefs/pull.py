@@ -53,9 +53,12 @@ MAX_META_BYTES = 64 * 1024
 MAX_REF_BYTES = 4096
 MAX_IMAGE_BYTES = 1 << 30
 #: Fetched objects are published after this many bytes or seconds (what a crash can cost).
-COMMIT_BYTES = 256 << 20
-COMMIT_SECONDS = 15.0
+COMMIT_BYTES = 64 << 20
+COMMIT_SECONDS = 5.0
 DEFAULT_JOBS = 8
+#: Transfer processes at most (one per CPU), and the least a pull must fetch to use more than one.
+MAX_PROCESSES = 8
+PROCESS_MIN_BYTES = 16 << 20
 
 #: progress(objects_done, objects_total, bytes_done, bytes_total)
 Progress = Callable[[int, int, int, int], None]
@@ -240,7 +243,7 @@ class _Cancelled(Exception):
     """The pull stopped (another transfer failed, or an interrupt): drop this transfer."""
 
 
-class _Counter:
+class TransferCounter:
     """Bytes and objects done so far, for the progress line and the commit schedule."""
 
     def __init__(self, objects: int, total: int, progress: Optional[Progress]) -> None:
@@ -268,7 +271,7 @@ class _Counter:
 class _VerifyingSink:
     """Writes a download into the staged file while computing its fs-verity digest."""
 
-    def __init__(self, fd: int, size: int, counter: _Counter, url: str) -> None:
+    def __init__(self, fd: int, size: int, counter: TransferCounter, url: str) -> None:
         self.fd = fd
         self.size = size
         self.counter = counter
@@ -309,7 +312,65 @@ def _fetch(batch: ObjectBatch, transport: Any, missing: List[Tuple[str, int, boo
     """Fetch, verify and publish ``missing``; published in batches, the verified ones kept on an error."""
     if not missing:
         return
-    counter = _Counter(len(missing), sum(item[1] for item in missing), progress)
+    counter = TransferCounter(len(missing), sum(item[1] for item in missing), progress)
+    schedule = {"at": time.monotonic(), "bytes": 0}
+
+    def tick() -> None:
+        """Progress, and publish what is staged every so often (what a crash can cost)."""
+        counter.report()
+        now = time.monotonic()
+        if counter.bytes_done - schedule["bytes"] >= COMMIT_BYTES or now - schedule["at"] >= COMMIT_SECONDS:
+            batch.commit(close=False)
+            schedule["at"], schedule["bytes"] = now, counter.bytes_done
+
+    processes = _process_count(transport, missing, jobs)
+    if processes > 1:
+        from .pull_workers import fetch_in_processes
+
+        fetched, error = fetch_in_processes(batch, transport, missing, jobs, processes, counter, tick)
+    else:
+        fetched, error = fetch_in_threads(batch, transport, missing, jobs, counter, tick)
+    counter.report(force=True)
+    if error is not None:
+        # Every staged object was verified: keep them for the next attempt.
+        try:
+            batch.commit(close=False)
+        except (OSError, ComposefsError):
+            pass
+        _account(result, fetched, batch)
+        raise _explain(error, transport.url)
+    batch.commit(close=False)
+    _account(result, fetched, batch)
+
+
+def _process_count(transport: Any, missing: List[Tuple[str, int, bool]], jobs: int) -> int:
+    """How many processes share the transfers: one per CPU for a large pull, where the transport can fork.
+
+    Hashing and the per-request work are Python code, which one process
+    runs on one CPU at a time (the GIL); a pull of many objects is CPU-bound
+    on a fast link, so it spreads over the CPUs, as ``hash_pool`` does for
+    hashing files.
+    """
+    if not hasattr(transport, "after_fork") or not hasattr(os, "fork"):
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    count = min(cpus, jobs, MAX_PROCESSES)
+    if len(missing) < 4 * count or sum(item[1] for item in missing) < PROCESS_MIN_BYTES:
+        return 1
+    return count
+
+
+def fetch_in_threads(batch: ObjectBatch, transport: Any, missing: List[Tuple[str, int, bool]], jobs: int,
+                     counter: "TransferCounter", tick: Callable[[], None]) -> Tuple[List[Tuple[str, int]], Optional[BaseException]]:
+    """Stage ``missing`` into ``batch`` with ``jobs`` threads: (objects staged, the error that stopped it).
+
+    ``tick`` runs in the calling thread every quarter second; nothing is
+    committed here.  On an error the other transfers stop (their temp files
+    are removed); what was staged stays staged.
+    """
     fetched: List[Tuple[str, int]] = []
     fetched_lock = threading.Lock()
 
@@ -339,39 +400,22 @@ def _fetch(batch: ObjectBatch, transport: Any, missing: List[Tuple[str, int, boo
     try:
         futures = {pool.submit(fetch_one, *item) for item in missing}
         pending = futures
-        committed_at = time.monotonic()
-        committed_bytes = 0
         while pending:
             done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
             error = _first_error(done)
-            if error is not None:
+            if error is not None or counter.stop.is_set():
                 break
-            counter.report()
-            now = time.monotonic()
-            if counter.bytes_done - committed_bytes >= COMMIT_BYTES or now - committed_at >= COMMIT_SECONDS:
-                batch.commit(close=False)
-                committed_at, committed_bytes = now, counter.bytes_done
-        counter.report(force=True)
+            tick()
     except BaseException as exc:  # an interrupt, or a commit that failed
         error = exc
     finally:
-        if error is not None:
-            counter.stop.set()
-            for future in futures:
-                future.cancel()
+        counter.stop.set()
+        for future in futures:
+            future.cancel()
         pool.shutdown(wait=True)
     if error is None:
         error = _first_error(futures)
-    if error is not None:
-        # Every staged object was verified: keep them for the next attempt.
-        try:
-            batch.commit(close=False)
-        except (OSError, ComposefsError):
-            pass
-        _account(result, fetched, batch)
-        raise _explain(error, transport.url)
-    batch.commit(close=False)
-    _account(result, fetched, batch)
+    return fetched, error
 
 
 def _first_error(futures: Any) -> Optional[BaseException]:

@@ -63,6 +63,9 @@ class FileTransport:
         finally:
             os.close(fd)
 
+    def after_fork(self) -> None:
+        """Nothing is shared with a forked transfer process: every read opens its own descriptors."""
+
     def close(self) -> None:
         pass
 

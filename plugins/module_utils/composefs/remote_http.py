@@ -96,6 +96,15 @@ class HttpTransport:
         """Feed the file ``path`` to ``sink.write``; ``sink.reset()`` before an attempt starts over."""
         return self._fetch(path, sink, None)
 
+    def after_fork(self) -> None:
+        """In a forked transfer process: never share the parent's kept connections (one stream each)."""
+        while True:
+            try:
+                self._pool.get_nowait()  # left open: the parent still owns the socket
+            except queue.Empty:
+                break
+        self._lock = threading.Lock()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
