@@ -86,8 +86,14 @@ def copy_data(src: int, dst: int, size: Optional[int] = None) -> None:
             offset += n
             if size is not None and offset >= size:
                 return
-    while size is None or offset < size:
-        chunk = os.pread(src, _READ_CHUNK if size is None else min(_READ_CHUNK, size - offset), offset)
+    while True:
+        want = _READ_CHUNK if size is None else min(_READ_CHUNK, size - offset)
+        if want <= 0:
+            # At the expected size: one byte more, if the source has it, so
+            # that the caller's size check sees a file that grew (as a
+            # kernel copy of a whole chunk would).
+            want = 1
+        chunk = os.pread(src, want, offset)
         if not chunk:
             return
         view = memoryview(chunk)
@@ -97,6 +103,8 @@ def copy_data(src: int, dst: int, size: Optional[int] = None) -> None:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             offset += written
             view = view[written:]
+        if size is not None and offset > size:
+            return
 
 
 __all__ = ["FICLONE", "copy_data", "start_writeback"]

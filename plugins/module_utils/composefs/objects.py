@@ -412,7 +412,7 @@ def _write_temp(dir_fd: int, src: Union[int, bytes, Callable[[int], None]], size
             if isinstance(src, int):
                 file_copy.copy_data(src, fd, size)
             elif isinstance(src, bytes):
-                _write_all(fd, src)
+                write_all(fd, src)
             else:
                 src(fd)
             st = os.fstat(fd)
@@ -521,7 +521,8 @@ def same_file(dir_fd: int, name: bytes, size: int, digest: bytes, shown: str) ->
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of ``data`` is written (a pipe or a file may take less at a time)."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]

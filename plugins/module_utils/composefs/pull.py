@@ -39,7 +39,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from . import fsverity_digest
-from .errors import ComposefsError, RefNotFound, RemoteError, RemoteNotFound, StoreError
+from .errors import ComposefsError, RemoteError, RemoteNotFound, StoreError
 from .image_needs import ImageObjects, image_data_objects
 from .json_text import JsonFileError, load_json_object
 from .objects import ObjectBatch
@@ -108,7 +108,7 @@ def pull(store: Store, remote: Union[str, Any], remote_ref: str, ref: Optional[s
         with (store.lock.shared_read_only() if dry_run else store.lock.shared()):
             _check_remote_meta(transport)
             result.digest = _remote_ref(transport, remote_ref)
-            result.previous = _local_ref(store, local_ref)
+            result.previous = store.read_ref_or_none(local_ref)
             data, needed = _image(store, transport, result.digest, max_image_bytes)
             batch = ObjectBatch(store.objects_dir, mode=None, follow=False, opener=lambda: store.dir_fd(OBJECTS))
             try:
@@ -168,16 +168,6 @@ def _remote_ref(transport: Any, name: str) -> str:
     if not is_hex_name(text):
         raise RemoteError(transport.url + "/" + path, "not a ref: %r is not an image digest" % raw[:80])
     return text.decode("ascii")
-
-
-def _local_ref(store: Store, name: str) -> Optional[str]:
-    """The local ref's digest; None if missing or damaged (then it is simply replaced)."""
-    try:
-        return store.read_ref(name)
-    except RefNotFound:
-        return None
-    except StoreError:
-        return None
 
 
 def _image(store: Store, transport: Any, digest: str, limit: int) -> Tuple[Optional[bytes], ImageObjects]:
@@ -372,6 +362,8 @@ def fetch_in_threads(batch: ObjectBatch, transport: Any, missing: List[Tuple[str
     are removed); what was staged stays staged.
     """
     fetched: List[Tuple[str, int]] = []
+    if not missing:
+        return fetched, None
     fetched_lock = threading.Lock()
 
     def fetch_one(hexd: str, size: int, damaged: bool) -> None:

@@ -36,7 +36,7 @@ import signal
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import ComposefsError, RemoteError, RemoteNotFound, StoreError
-from .objects import ObjectBatch
+from .objects import ObjectBatch, write_all
 
 Missing = List[Tuple[str, int, bool]]
 
@@ -54,6 +54,7 @@ def fetch_in_processes(batch: ObjectBatch, transport: Any, missing: Missing, job
     """:func:`.pull.fetch_in_threads` over ``processes`` forked processes; same result."""
     sizes = {hexd: size for hexd, size, _damaged in missing}
     # Largest first, dealt round-robin: each process gets a like share of bytes.
+    processes = max(1, min(processes, len(missing)))
     shares = [missing[i::processes] for i in range(processes)]
     threads = [jobs // processes + (1 if i < jobs % processes else 0) for i in range(processes)]
     batch.dir.fd  # opened before the fork: every child stages into the same directory
@@ -178,27 +179,21 @@ def _child(batch: ObjectBatch, transport: Any, share: Missing, threads: int, out
                 lines.append("P %d %d\n" % (nbytes, objects))
                 sent["bytes"] += nbytes
                 sent["objects"] += objects
-            _write_all(out, "".join(lines).encode("ascii"))
+            write_all(out, "".join(lines).encode("ascii"))
 
         _fetched, error = fetch_in_threads(batch, transport, share, threads, counter, report)
         report()
         if error is not None:
-            _write_all(out, b"E " + json.dumps(_error_to(error)).encode("utf-8") + b"\n")
+            write_all(out, b"E " + json.dumps(_error_to(error)).encode("utf-8") + b"\n")
         code = 0
     except BaseException as exc:
         try:
-            _write_all(out, b"E " + json.dumps(_error_to(exc)).encode("utf-8") + b"\n")
+            write_all(out, b"E " + json.dumps(_error_to(exc)).encode("utf-8") + b"\n")
             code = 0
         except BaseException:
             pass
     finally:
         os._exit(code)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _error_to(exc: BaseException) -> Dict[str, Any]:

@@ -490,6 +490,16 @@ class Store:
     def read_ref(self, name: Union[str, bytes]) -> str:
         return store_refs.read_ref(self._refs_fd, name)
 
+    def read_ref_or_none(self, name: Union[str, bytes]) -> Optional[str]:
+        """The ref's digest; None if it is missing or damaged (a writer then simply replaces it),
+        or if the store does not exist yet (a plan for a store still to be made)."""
+        try:
+            return self.read_ref(name)
+        except StoreError:
+            return None
+        except FileNotFoundError:
+            return None
+
     def write_ref(self, name: Union[str, bytes], hexdigest: str) -> None:
         store_refs.write_ref(self._refs_fd, name, hexdigest)
 

@@ -171,9 +171,9 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
                 result.bytes_written = sum(size for _d, _p, size, _k in copies)
                 _ensure_objects(store, batch, needed, kind, objects_from, result, known, dry_run=True)
                 result.image_written = not (image_present or _image_present(store, result.digest, len(data)))
-                result.previous = _read_previous(store, ref)
+                result.previous = store.read_ref_or_none(ref)
                 return result
-            result.previous = _read_previous(store, ref)
+            result.previous = store.read_ref_or_none(ref)
             if plan is not None:
                 _store_planned(batch, plan, threads, result)
             _ensure_objects(store, batch, needed, kind, objects_from, result, known,
@@ -193,16 +193,6 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
     finally:
         batch.abort()  # after a commit: only closes the directories
     return result
-
-
-def _read_previous(store: Store, ref: str) -> Optional[str]:
-    """The ref's digest, or None if it is missing or damaged (then it is simply replaced)."""
-    try:
-        return store.read_ref(ref)
-    except StoreError:
-        return None
-    except FileNotFoundError:
-        return None  # a plan against a store that does not exist yet
 
 
 def _image_present(store: Store, hexd: str, size: int) -> bool:
