@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,25 @@ def test_process_count_policy(monkeypatch) -> None:
     assert pull_module._process_count(transport, big[:8], 8) == 1          # too few objects to share
     assert pull_module._process_count(transport, [(h, 1000, d) for h, _s, d in big], 8) == 1  # too few bytes
     assert pull_module._process_count(object(), big, 8) == 1               # a transport that cannot fork
+
+
+def test_a_transfer_process_stopped_from_outside_publishes_no_ref(tmp_path: Path, remote, two_processes,
+                                                                   monkeypatch) -> None:
+    """SIGTERM to a transfer process alone (pkill, a cgroup kill): its share is unfinished, so no ref."""
+    src, _digest, needed = remote
+    victim = sorted(needed)[0]
+    real_stream = FileTransport.stream
+
+    def stream(self, path, sink):
+        if path.endswith(victim[2:]):
+            os.kill(os.getpid(), signal.SIGTERM)  # in the child: its handler only asks it to stop
+            time.sleep(1.0)  # the handler runs in the child's main thread: let it, before this transfer goes on
+        return real_stream(self, path, sink)
+
+    monkeypatch.setattr(FileTransport, "stream", stream)
+    local, _ = Store.init(tmp_path / "local")
+    with pytest.raises(KeyboardInterrupt):
+        pull(local, "file://%s" % src, "app/v1", jobs=2)
+    assert local.list_refs() == [] and local.list_images() == []
+    assert _leftovers(tmp_path / "local") == []
+    _clean(tmp_path / "local")

@@ -120,6 +120,7 @@ def pull(store: Store, remote: Union[str, Any], remote_ref: str, ref: Optional[s
                     result.changed = result.previous != result.digest or bool(missing) or data is not None
                     return result
                 _fetch(batch, transport, missing, jobs, progress, result)
+                _check_fetched(store, batch, missing)
             finally:
                 batch.abort()  # after the commits: only closes the directories
             if data is not None:
@@ -227,6 +228,21 @@ def _missing(store: Store, batch: ObjectBatch, needed: ImageObjects) -> List[Tup
             out.append((hexd, size, True))
     out.sort(key=lambda item: (-item[1], item[0]))
     return out
+
+
+def _check_fetched(store: Store, batch: ObjectBatch, missing: List[Tuple[str, int, bool]]) -> None:
+    """Every object that was missing is now in the store, at its size: the ref may name the image.
+
+    What was present before is still there (the shared lock keeps gc and
+    fsck --repair out); what was fetched is checked again here, whatever
+    the transfers reported, so that no path (a transfer process stopped
+    from outside, a bug) can publish a ref to an image with holes.
+    """
+    for hexd, size, _damaged in missing:
+        st = batch.dir.lstat(bytes.fromhex(hexd))
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise StoreError("%s: still missing after the pull; nothing was published for this image"
+                             % store.object_path(hexd).decode("utf-8", "replace"))
 
 
 class _Cancelled(Exception):

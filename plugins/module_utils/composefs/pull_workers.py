@@ -183,6 +183,8 @@ def _child(batch: ObjectBatch, transport: Any, share: Missing, threads: int, out
 
         _fetched, error = fetch_in_threads(batch, transport, share, threads, counter, report)
         report()
+        if error is None and counter.objects_done < len(share):
+            error = KeyboardInterrupt()  # stopped by a signal before its share was done
         if error is not None:
             write_all(out, b"E " + json.dumps(_error_to(error)).encode("utf-8") + b"\n")
         code = 0
