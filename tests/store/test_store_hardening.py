@@ -54,6 +54,15 @@ def outside_dir(tmp_path: Path) -> Path:
     return outside
 
 
+def damage_an_object(store: Store):
+    """Flip the first byte of a non-empty object: (its hex digest, its path)."""
+    hexd, path, _st = next(h for h in store.iter_objects() if h[2].st_size > 0)
+    data = bytearray(Path(os.fsdecode(path)).read_bytes())
+    data[0] ^= 1
+    Path(os.fsdecode(path)).write_bytes(bytes(data))
+    return hexd, path
+
+
 def mode_of(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
@@ -121,10 +130,7 @@ def test_gc_deletes_through_the_directories_it_opened(tmp_path, make_tree):
 
 def test_fsck_repair_never_moves_into_a_symlinked_damaged(tmp_path, make_tree):
     store = new_store(tmp_path, make_tree)
-    hexd, path, _st = next(h for h in store.iter_objects() if h[2].st_size > 0)
-    data = bytearray(Path(os.fsdecode(path)).read_bytes())
-    data[0] ^= 1
-    Path(os.fsdecode(path)).write_bytes(bytes(data))
+    hexd, path = damage_an_object(store)
     outside = outside_dir(tmp_path)
     plant_link(tmp_path / "s", "damaged", outside)
     res = StoreCli(tmp_path / "s").run("fsck", "--repair")
@@ -308,10 +314,7 @@ def test_dropped_stores_keep_no_descriptors(tmp_path, make_tree):
 
 def test_fsck_repair_never_moves_into_a_foreign_damaged(tmp_path, make_tree):
     store = new_store(tmp_path, make_tree)
-    hexd, path, _st = next(h for h in store.iter_objects() if h[2].st_size > 0)
-    data = bytearray(Path(os.fsdecode(path)).read_bytes())
-    data[0] ^= 1
-    Path(os.fsdecode(path)).write_bytes(bytes(data))
+    hexd, path = damage_an_object(store)
     os.mkdir(tmp_path / "s" / "damaged", 0o700)
     os.chown(tmp_path / "s" / "damaged", 4242, 4242)
     res = StoreCli(tmp_path / "s").run("fsck", "--repair")
