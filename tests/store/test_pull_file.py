@@ -215,3 +215,38 @@ def test_damaged_local_object_is_fetched_again(tmp_path: Path, remote) -> None:
     res = pull(local, "file://" + str(src), "app/v1")
     assert res.objects_fetched == 1 and path.read_bytes() == good
     _fsck_clean(tmp_path / "local")
+
+
+def test_symlinked_object_dir_in_the_node_store_is_refused_nothing_written_outside(tmp_path: Path, remote) -> None:
+    src, d1, _d2 = remote
+    local, _ = Store.init(tmp_path / "local")
+    victim = sorted(Store.open(src).image_objects(d1).objects)[0]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "local/objects" / victim[:2]).symlink_to(outside)
+    with pytest.raises(StoreError, match="symbolic link"):
+        pull(local, "file://" + str(src), "app/v1")
+    assert list(outside.iterdir()) == []
+    assert local.list_refs() == [] and local.list_images() == []
+
+
+def test_fifo_in_the_remote_is_refused_without_blocking(tmp_path: Path, remote) -> None:
+    src, d1, _d2 = remote
+    victim = sorted(Store.open(src).image_objects(d1).objects)[0]
+    path = src / "objects" / victim[:2] / victim[2:]
+    path.unlink()
+    os.mkfifo(path)  # opening it for reading would block forever
+    local, _ = Store.init(tmp_path / "local")
+    with pytest.raises(RemoteError, match="not a regular file"):
+        pull(local, "file://" + str(src), "app/v1")
+    assert local.list_refs() == []
+    assert not (tmp_path / "local/objects" / victim[:2] / victim[2:]).exists()
+
+
+def test_an_image_over_the_limit_is_refused_before_it_is_read_whole(tmp_path: Path, remote) -> None:
+    src, d1, _d2 = remote
+    size = (src / "images" / d1).stat().st_size
+    local, _ = Store.init(tmp_path / "local")
+    with pytest.raises(RemoteError, match="more than the %d" % (size - 1)):
+        pull(local, "file://" + str(src), "app/v1", max_image_bytes=size - 1)
+    assert local.list_refs() == [] and local.list_images() == []

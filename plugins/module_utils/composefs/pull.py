@@ -51,7 +51,9 @@ from .store_names import check_digest_hex, is_hex_name, split_ref_name
 #: Files a remote serves that are read whole: their size limits.
 MAX_META_BYTES = 64 * 1024
 MAX_REF_BYTES = 4096
-MAX_IMAGE_BYTES = 1 << 30
+#: The image is held in memory until its digest is checked: a lying server must not make that huge.
+#: (An image of 100,000 files is about 30 MB.)
+MAX_IMAGE_BYTES = 256 << 20
 #: Fetched objects are published after this many bytes or seconds (what a crash can cost).
 COMMIT_BYTES = 64 << 20
 COMMIT_SECONDS = 5.0

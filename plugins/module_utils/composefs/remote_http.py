@@ -32,7 +32,7 @@ import ssl
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
 from .errors import RemoteError, RemoteNotFound, StoreError
@@ -409,8 +409,6 @@ def _proxy_for(scheme: str, host: str) -> Optional[Tuple[str, int, Optional[str]
         raise StoreError("proxy %s (from %s_proxy): bad port" % (_strip_user(proxy), scheme)) from None
     auth = None
     if parts.username:
-        from urllib.parse import unquote
-
         raw = ("%s:%s" % (unquote(parts.username), unquote(parts.password or ""))).encode("utf-8")
         auth = "Basic %s" % base64.b64encode(raw).decode("ascii")
     return parts.hostname, port, auth
