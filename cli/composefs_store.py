@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from . import store_pull
+from . import store_pull, store_sign
 
 PROG = "composefs-store"
 
@@ -29,6 +29,7 @@ Layout of the store (--repo DIR):
                           mkcomposefs --digest-store directory
   DIR/images/DIGEST       images, named by the fs-verity digest of the image file
   DIR/refs/NAME           names of images (NAME may contain '/')
+  DIR/signatures/NAME     the signed statement of ref NAME (see sign, verify)
   DIR/meta.json           store format version and digest algorithm
 
 The store and its directories must belong to you or root and must not be
@@ -51,6 +52,8 @@ examples:
   composefs-store --repo /var/lib/cfs gc --dry-run
   composefs-store --repo /var/lib/cfs fsck --repair
   composefs-store --repo /var/lib/cfs pull https://images.example.com/cfs app/v2
+  composefs-store --repo /srv/cfs sign app/v2 --key fleet.key --expires 90d
+  composefs-store --repo /var/lib/cfs pull https://images.example.com/cfs app/v2 --trusted-key fleet.pub
 
 exit status: 0 success, 1 failure or damage found, 2 usage error
 """
@@ -145,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("stats", parents=[common], help="objects, bytes, sharing between images, bytes saved")
     store_pull.add_parsers(sub, common)
+    store_sign.add_parsers(sub, common)
     return parser
 
 
@@ -333,9 +337,18 @@ def _cmd_remote(args: argparse.Namespace) -> int:
     return store_pull.cmd_remote(args, _open(args), lambda data, lines: _emit(args, data, lines), _Fail)
 
 
+def _cmd_sign(args: argparse.Namespace) -> int:
+    return store_sign.cmd_sign(args, _open(args), lambda data, lines: _emit(args, data, lines), _Fail)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    return store_sign.cmd_verify(args, _open(args), lambda data, lines: _emit(args, data, lines), _Fail)
+
+
 COMMANDS = {
     "init": _cmd_init, "add-image": _cmd_add, "ls": _cmd_ls, "refs": _cmd_refs, "rm-ref": _cmd_rm_ref,
     "fsck": _cmd_fsck, "gc": _cmd_gc, "stats": _cmd_stats, "pull": _cmd_pull, "remote": _cmd_remote,
+    "sign": _cmd_sign, "verify": _cmd_verify,
 }
 
 
@@ -353,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from composefs_fleet.errors import ComposefsError
 
     # A network command says which one failed: "composefs-store: pull: URL: what failed".
-    prog = "%s: %s" % (PROG, args.command) if args.command in ("pull", "remote") else PROG
+    prog = "%s: %s" % (PROG, args.command) if args.command in ("pull", "remote", "sign", "verify") else PROG
     # systemd and Ansible stop a run with SIGTERM: unwind as for ^C, so that
     # staged temp files are removed and verified objects kept.
     previous = signal.signal(signal.SIGTERM, _terminate)

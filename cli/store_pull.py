@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Any, Callable, Dict, List
 
+from . import store_sign
+
 PULL_DESCRIPTION = """\
 Make REF in this store name the image REF names in a remote store, fetching
 only the objects this store lacks.
@@ -22,6 +24,11 @@ read; every object's fs-verity digest is computed while it streams in and
 compared with its name.  Objects are published first, then the image, the
 ref last: a failed or interrupted pull leaves no ref to a partial image, and
 the next pull fetches only what is still missing.
+
+With --trusted-key (or trusted keys kept for a named remote), the remote's
+signatures/REF must hold a statement signed by a trusted, unrevoked key for
+this ref and this image, unexpired and not older than the one this store
+holds; it is checked before anything is written.
 
 Credentials are never taken on the command line (others can read it):
 --password-file or $COMPOSEFS_REMOTE_PASSWORD, --token-file or
@@ -71,6 +78,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                           help="abort a transfer slower than this many bytes/s ... (default 1000)")
     patience.add_argument("--low-speed-time", type=float, default=30.0, metavar="SECONDS",
                           help="... for this long (default 30)")
+    trust = pull.add_argument_group("signatures")
+    store_sign.add_trust_options(trust)
     progress = pull.add_mutually_exclusive_group()
     progress.add_argument("--progress", action="store_true", default=None,
                           help="show a progress line on stderr (default: when stderr is a terminal)")
@@ -84,6 +93,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     add.add_argument("name", metavar="NAME")
     add.add_argument("url", metavar="URL")
     add.add_argument("--ca-file", metavar="FILE", help="CA certificates to check this remote's server with")
+    store_sign.add_trust_options(add)
     add.add_argument("--replace", action="store_true", help="change a remote that exists")
     rm = rsub.add_parser("rm", parents=[common], help="remove a remote")
     rm.add_argument("name", metavar="NAME")
@@ -168,7 +178,7 @@ def cmd_pull(args: argparse.Namespace, store: Any, emit: Callable[[Any, List[str
     line = _ProgressLine(human) if show and not args.dry_run else None
     try:
         result = pull(store, args.remote, args.remote_ref, args.ref, options=options, jobs=args.jobs,
-                      dry_run=args.dry_run, progress=line)
+                      dry_run=args.dry_run, progress=line, trust=store_sign.trust_policy(args))
     finally:
         if line is not None:
             line.end()
@@ -181,6 +191,11 @@ def cmd_pull(args: argparse.Namespace, store: Any, emit: Callable[[Any, List[str
                  "  %d objects: %d fetched (%s), %d already here; %s image"
                  % (result.objects, result.objects_fetched, human(result.bytes_fetched),
                     result.objects - result.objects_missing, "new" if result.image_fetched else "existing")]
+    if result.signature is not None:
+        lines.append("  signed at %s by %s%s; checked in %.3f s" % (
+            result.signature["signed"], ", ".join("key " + k[:16] for k in result.signature["keys"]),
+            "" if result.signature["expires"] is None else ", expires %s" % result.signature["expires"],
+            result.verify_seconds))
     emit(result.as_dict(), lines)
     return 0
 
@@ -191,7 +206,10 @@ def cmd_remote(args: argparse.Namespace, store: Any, emit: Callable[[Any, List[s
 
     command = getattr(args, "remote_command", None)
     if command == "add":
-        settings = {"ca_path": args.ca_file} if args.ca_file else {}
+        settings: Dict[str, Any] = {"ca_path": args.ca_file} if args.ca_file else {}
+        if args.trusted_key or args.revoked_key:
+            settings["trusted_keys"] = [os.path.abspath(p) for p in args.trusted_key]
+            settings["revoked_keys"] = [os.path.abspath(p) for p in args.revoked_key]
         changed = add_remote(store, args.name, args.url, settings, replace=args.replace)
         emit({"name": args.name, "url": args.url, "changed": changed},
              ["added remote %s: %s" % (args.name, args.url) if changed else "remote %s is already %s" % (args.name, args.url)])

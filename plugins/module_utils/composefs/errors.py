@@ -92,3 +92,23 @@ class RemoteError(StoreError):
 
 class RemoteNotFound(RemoteError):
     """The remote has no such file (HTTP 404/410, or no such file under a file:// remote)."""
+
+
+class SignatureError(StoreError):
+    """A ref's signed statement is missing, malformed, not by a trusted key, or does not vouch for the image.
+
+    ``reason`` is one of :data:`SIGNATURE_REASONS` (the agent and the
+    modules tell them apart); the message starts with "signature of ref NAME",
+    or with ``where`` (a remote's URL) before it.
+    """
+
+    def __init__(self, ref: str, reason: str, message: str, where: str = "") -> None:
+        super().__init__("%ssignature of ref %s: %s" % (where + ": " if where else "", ref, message))
+        self.ref = ref
+        self.reason = reason
+        self.detail = message
+
+
+#: Why a signature was refused.
+SIGNATURE_REASONS = ("unsigned", "malformed", "untrusted", "revoked", "tampered", "wrong-ref", "wrong-image",
+                     "expired", "rollback", "future")

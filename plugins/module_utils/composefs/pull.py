@@ -39,14 +39,16 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from . import fsverity_digest
-from .errors import ComposefsError, RemoteError, RemoteNotFound, StoreError
+from .errors import ComposefsError, RemoteError, RemoteNotFound, SignatureError, StoreError
 from .image_needs import ImageObjects, image_data_objects
 from .json_text import JsonFileError, load_json_object
 from .objects import ObjectBatch
+from .ref_statement import MAX_SIGNATURES_BYTES, Statement, format_time
 from .remote_options import RemoteOptions, is_url, open_transport
 from .safe_dirs import UnsafePathError
 from .store import OBJECTS, Store, check_meta
 from .store_names import check_digest_hex, is_hex_name, split_ref_name
+from .store_signatures import read_signatures, write_signatures
 
 #: Files a remote serves that are read whole: their size limits.
 MAX_META_BYTES = 64 * 1024
@@ -82,6 +84,9 @@ class PullResult:
         self.objects_fetched = 0
         self.bytes_fetched = 0
         self.image_fetched = False
+        #: What the verified statement says (None: not asked for), and the seconds its check took.
+        self.signature: Optional[Dict[str, Any]] = None
+        self.verify_seconds = 0.0
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -89,7 +94,8 @@ class PullResult:
 
 def pull(store: Store, remote: Union[str, Any], remote_ref: str, ref: Optional[str] = None, *,
          options: Optional[RemoteOptions] = None, jobs: int = DEFAULT_JOBS, dry_run: bool = False,
-         progress: Optional[Progress] = None, max_image_bytes: int = MAX_IMAGE_BYTES) -> PullResult:
+         progress: Optional[Progress] = None, max_image_bytes: int = MAX_IMAGE_BYTES,
+         trust: Optional[Any] = None) -> PullResult:
     """Make ``ref`` (default ``remote_ref``) name the image ``remote_ref`` names in ``remote``.
 
     ``remote`` is a URL, the name of a remote configured in the store
@@ -98,19 +104,29 @@ def pull(store: Store, remote: Union[str, Any], remote_ref: str, ref: Optional[s
     ref and the image (small) to say what a pull would fetch, and writes
     nothing.  Errors are :class:`.errors.RemoteError` naming the URL of
     what failed, or the store's errors; nothing unverified is published.
+
+    ``trust`` (a :class:`.ref_trust.TrustPolicy`; for a named remote also
+    its configured ``trusted_keys``/``revoked_keys``): when it has trusted
+    keys, ``signatures/<ref>`` is fetched and verified before anything is
+    written, and stored before the ref (:mod:`.ref_trust`); a signed ref
+    keeps its name here.
     """
     split_ref_name(remote_ref)
     local_ref = remote_ref if ref is None else ref
     split_ref_name(local_ref)
     if jobs < 1:
         raise StoreError("jobs must be at least 1 (got %d)" % jobs)
-    transport, owned = _transport(store, remote, options, jobs)
+    transport, owned, trust = _transport(store, remote, options, jobs, trust)
     result = PullResult(transport.url, remote_ref, local_ref)
     try:
+        if trust is not None and local_ref != remote_ref:
+            raise StoreError("a signed ref keeps its name: the signature of %s does not vouch for %s "
+                             "(pull without --ref, or without trusted keys)" % (remote_ref, local_ref))
         with (store.lock.shared_read_only() if dry_run else store.lock.shared()):
             _check_remote_meta(transport)
             result.digest = _remote_ref(transport, remote_ref)
             result.previous = store.read_ref_or_none(local_ref)
+            signatures = None if trust is None else _verified_signatures(store, transport, remote_ref, result, trust)
             data, needed = _image(store, transport, result.digest, max_image_bytes)
             batch = ObjectBatch(store.objects_dir, mode=None, follow=False, opener=lambda: store.dir_fd(OBJECTS))
             try:
@@ -127,26 +143,62 @@ def pull(store: Store, remote: Union[str, Any], remote_ref: str, ref: Optional[s
                 batch.abort()  # after the commits: only closes the directories
             if data is not None:
                 _hex, result.image_fetched = store.write_image(data)
+            signatures_changed = signatures is not None and signatures != read_signatures(store, local_ref)
+            if signatures_changed:
+                write_signatures(store, local_ref, signatures)
             if result.previous != result.digest:
                 store.write_ref(local_ref, result.digest)
-            result.changed = result.previous != result.digest or result.objects_fetched > 0 or result.image_fetched
+            result.changed = (result.previous != result.digest or result.objects_fetched > 0 or result.image_fetched
+                              or signatures_changed)
             return result
     finally:
         if owned:
             transport.close()
 
 
-def _transport(store: Store, remote: Union[str, Any], options: Optional[RemoteOptions], jobs: int) -> Tuple[Any, bool]:
-    if not isinstance(remote, str):
-        return remote, False
-    options = options or RemoteOptions()
-    if not is_url(remote):
-        from .store_remotes import get_remote
+def _transport(store: Store, remote: Union[str, Any], options: Optional[RemoteOptions], jobs: int,
+               trust: Optional[Any]) -> Tuple[Any, bool, Optional[Any]]:
+    """(transport, whether we opened it, the trust policy that applies: None when it has no trusted key)."""
+    owned = False
+    if isinstance(remote, str):
+        options = options or RemoteOptions()
+        if not is_url(remote):
+            from .store_remotes import TRUST_SETTINGS, get_remote
 
-        config = get_remote(store, remote)
-        remote = config.pop("url")
-        options = options.with_defaults(config)
-    return open_transport(remote, options, jobs), True
+            config = get_remote(store, remote)
+            remote = config.pop("url")
+            keys = {name: config.pop(name, []) for name in TRUST_SETTINGS}
+            if any(keys.values()):
+                from .ref_trust import TrustPolicy
+
+                configured = TrustPolicy.load(keys["trusted_keys"], keys["revoked_keys"])
+                trust = configured if trust is None or trust.empty else trust.merged(
+                    TrustPolicy([], configured.revoked.values()))
+            options = options.with_defaults(config)
+        remote = open_transport(remote, options, jobs)
+        owned = True
+    return remote, owned, (None if trust is None or trust.empty else trust)
+
+
+def _verified_signatures(store: Store, transport: Any, ref: str, result: PullResult, trust: Any) -> bytes:
+    """The remote's ``signatures/<ref>`` once it vouches for the digest the remote ref names (:mod:`.ref_trust`)."""
+    from .ref_trust import verify_signature_bytes
+
+    start = time.monotonic()
+    path = "signatures/" + ref
+    try:
+        data: Optional[bytes] = transport.get_small(path, MAX_SIGNATURES_BYTES)
+    except RemoteNotFound:
+        data = None
+    try:
+        statement: Statement = verify_signature_bytes(data, ref, trust, digest=result.digest,
+                                                      held=read_signatures(store, ref), shown=transport.url + "/" + path)
+    except SignatureError as exc:
+        raise SignatureError(exc.ref, exc.reason, exc.detail, where=transport.url) from None
+    result.signature = {"keys": statement.keys, "signed": format_time(statement.signed),
+                        "expires": None if statement.expires is None else format_time(statement.expires)}
+    result.verify_seconds = time.monotonic() - start
+    return data if data is not None else b""  # never empty here: a missing file is refused above
 
 
 def _check_remote_meta(transport: Any) -> None:

@@ -12,6 +12,7 @@ Layout of ``STORE``::
     images/<digest>       composefs images, named by the fs-verity digest of the
                           image file (what ``mount -o digest=`` checks)
     refs/<name>           "<image digest>\\n"; names may contain "/" (subdirectories)
+    signatures/<name>     the signed statement of ref <name>, when it is signed (ref_trust)
     cache/digests         digest cache of source files (see store_cache)
     damaged/              where ``fsck --repair`` moves damaged objects and images
     lock, gate.lock, gc.lock   flock files (see store_lock)
@@ -82,7 +83,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import fsverity_digest, store_refs
 from .atomic_file import write_atomic_at
-from .errors import ForeignOwnerError, StoreError, UnsafeStoreError
+from .errors import ForeignOwnerError, RefNotFound, StoreError, UnsafeStoreError
 from .image_needs import ImageObjects, image_fd_objects
 from .json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
 from .objects import publish_bytes, same_file
@@ -101,10 +102,11 @@ IMAGES = b"images"
 REFS = b"refs"
 DAMAGED = b"damaged"
 CACHE = b"cache"
+SIGNATURES = b"signatures"
 
 #: Store directories: opened without following links, owner-checked.
 REQUIRED_DIRS = (OBJECTS, IMAGES, REFS)
-OPTIONAL_DIRS = (CACHE, DAMAGED)
+OPTIONAL_DIRS = (CACHE, DAMAGED, SIGNATURES)
 #: Mode of a new store and its directories; SHARED_MODE is the C tools' layout.
 PRIVATE_MODE = 0o700
 SHARED_MODE = 0o755
@@ -504,8 +506,13 @@ class Store:
         store_refs.write_ref(self._refs_fd, name, hexdigest)
 
     def remove_ref(self, name: Union[str, bytes]) -> str:
-        """Delete a ref (and its directories left empty); returns the digest it named."""
-        return store_refs.remove_ref(self._refs_fd, name)
+        """Delete a ref (and its directories left empty) and its signature; returns the digest it named."""
+        target = store_refs.remove_ref(self._refs_fd, name)
+        try:
+            store_refs.remove_named(lambda: self.dir_fd(SIGNATURES), name, "signature of ref")
+        except (FileNotFoundError, RefNotFound):
+            pass
+        return target
 
     def list_refs(self) -> List[str]:
         """Names of all refs (regular files under refs/, temp files and symlinks skipped)."""

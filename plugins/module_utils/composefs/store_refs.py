@@ -28,7 +28,7 @@ from .store_names import check_digest_hex, is_hex_name, split_ref_name
 RefsDir = Callable[[], int]
 
 
-def _ref_dirs(refs: RefsDir, parts: List[bytes], create: bool) -> List[int]:
+def _ref_dirs(refs: RefsDir, parts: List[bytes], create: bool, kind: str = "ref") -> List[int]:
     """Open fds of refs/ and each directory on the way to the ref's parent."""
     fds = [os.dup(refs())]
     try:
@@ -38,7 +38,7 @@ def _ref_dirs(refs: RefsDir, parts: List[bytes], create: bool) -> List[int]:
                 continue
             except FileNotFoundError:
                 if not create:
-                    raise RefNotFound("no ref %s" % os.fsdecode(b"/".join(parts))) from None
+                    raise RefNotFound("no %s %s" % (kind, os.fsdecode(b"/".join(parts)))) from None
             except OSError as exc:
                 if exc.errno in (errno.ENOTDIR, errno.ELOOP):
                     raise _not_a_ref_dir(parts, i) from None
@@ -61,39 +61,64 @@ def _ref_dirs(refs: RefsDir, parts: List[bytes], create: bool) -> List[int]:
         raise
 
 
-def read_ref(refs: RefsDir, name: Union[str, bytes]) -> str:
+def read_named(refs: RefsDir, name: Union[str, bytes], limit: int, kind: str = "ref") -> bytes:
+    """The bytes (at most ``limit``) of the regular file ``name`` under the directory ``refs`` returns.
+
+    Used for refs and for what is kept per ref elsewhere (``signatures/``);
+    ``kind`` names the file in messages ("ref", "signature of ref").
+    """
     parts = split_ref_name(name)
     shown = os.fsdecode(b"/".join(parts))
-    fds = _ref_dirs(refs, parts, create=False)
+    fds = _ref_dirs(refs, parts, create=False, kind=kind)
     try:
         try:
             fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fds[-1])
         except FileNotFoundError:
-            raise RefNotFound("no ref %s" % shown) from None
+            raise RefNotFound("no %s %s" % (kind, shown)) from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise StoreError("ref %s is a symbolic link: refused" % shown) from None
+                raise StoreError("%s %s is a symbolic link: refused" % (kind, shown)) from None
             raise
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise StoreError("ref %s is not a regular file (a directory of refs?)" % shown)
-            raw = os.read(fd, 256)
+                raise StoreError("%s %s is not a regular file (a directory of refs?)" % (kind, shown))
+            chunks = []
+            left = limit + 1
+            while left > 0:
+                chunk = os.read(fd, left)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
         finally:
             os.close(fd)
     finally:
         for fd in fds:
             os.close(fd)
+    raw = b"".join(chunks)
+    if len(raw) > limit:
+        raise StoreError("%s %s is damaged: larger than %d bytes" % (kind, shown, limit))
+    return raw
+
+
+def read_ref(refs: RefsDir, name: Union[str, bytes]) -> str:
+    raw = read_named(refs, name, 256)
     text = raw.strip()
     if not is_hex_name(text):
-        raise StoreError("ref %s is damaged: %r is not an image digest" % (shown, raw[:80]))
+        raise StoreError("ref %s is damaged: %r is not an image digest" % (os.fsdecode(b"/".join(split_ref_name(name))), raw[:80]))
     return text.decode("ascii")
 
 
 def write_ref(refs: RefsDir, name: Union[str, bytes], hexdigest: str) -> None:
-    parts = split_ref_name(name)
     check_digest_hex(hexdigest)
+    write_named(refs, name, hexdigest.encode("ascii") + b"\n")
+
+
+def write_named(refs: RefsDir, name: Union[str, bytes], data: bytes, kind: str = "ref") -> None:
+    """Replace the file ``name`` under ``refs`` with ``data`` durably (temp file, fsync, rename)."""
+    parts = split_ref_name(name)
     for _attempt in range(20):
-        fds = _ref_dirs(refs, parts, create=True)
+        fds = _ref_dirs(refs, parts, create=True, kind=kind)
         try:
             parent = fds[-1]
             tmp = b".tmp-ref-" + os.urandom(6).hex().encode()
@@ -104,7 +129,7 @@ def write_ref(refs: RefsDir, name: Union[str, bytes], hexdigest: str) -> None:
                 continue  # rm-ref removed the (empty) directory meanwhile: again
             try:
                 try:
-                    os.write(fd, hexdigest.encode("ascii") + b"\n")
+                    _write_all(fd, data)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -112,8 +137,8 @@ def write_ref(refs: RefsDir, name: Union[str, bytes], hexdigest: str) -> None:
                     os.rename(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
                 except OSError as exc:
                     if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-                        raise StoreError("cannot create ref %s: refs named %s/... exist"
-                                         % (os.fsdecode(b"/".join(parts)), os.fsdecode(b"/".join(parts)))) from None
+                        raise StoreError("cannot create %s %s: refs named %s/... exist"
+                                         % (kind, os.fsdecode(b"/".join(parts)), os.fsdecode(b"/".join(parts)))) from None
                     raise
             except BaseException:
                 try:
@@ -126,19 +151,31 @@ def write_ref(refs: RefsDir, name: Union[str, bytes], hexdigest: str) -> None:
         finally:
             for fd in fds:
                 os.close(fd)
-    raise StoreError("cannot create ref %s: its directory keeps disappearing" % os.fsdecode(name))
+    raise StoreError("cannot create %s %s: its directory keeps disappearing" % (kind, os.fsdecode(name)))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def remove_ref(refs: RefsDir, name: Union[str, bytes]) -> str:
     """Delete a ref (and its directories left empty); returns the digest it named."""
-    parts = split_ref_name(name)
     target = read_ref(refs, name)
-    fds = _ref_dirs(refs, parts, create=False)
+    remove_named(refs, name)
+    return target
+
+
+def remove_named(refs: RefsDir, name: Union[str, bytes], kind: str = "ref") -> None:
+    """Delete the file ``name`` under ``refs`` and the directories it leaves empty (RefNotFound if none)."""
+    parts = split_ref_name(name)
+    fds = _ref_dirs(refs, parts, create=False, kind=kind)
     try:
         try:
             os.unlink(parts[-1], dir_fd=fds[-1])
         except FileNotFoundError:
-            raise RefNotFound("no ref %s" % os.fsdecode(b"/".join(parts))) from None
+            raise RefNotFound("no %s %s" % (kind, os.fsdecode(b"/".join(parts)))) from None
         os.fsync(fds[-1])
         for i in range(len(parts) - 1, 0, -1):
             try:
@@ -148,7 +185,6 @@ def remove_ref(refs: RefsDir, name: Union[str, bytes]) -> str:
     finally:
         for fd in fds:
             os.close(fd)
-    return target
 
 
 def list_refs(refs: RefsDir) -> List[str]:
@@ -188,4 +224,4 @@ def _not_a_ref_dir(parts: List[bytes], i: int) -> StoreError:
                       % (os.fsdecode(b"/".join(parts)), os.fsdecode(b"/".join(parts[:i + 1]))))
 
 
-__all__ = ["RefsDir", "list_refs", "read_ref", "ref_targets", "remove_ref", "write_ref"]
+__all__ = ["RefsDir", "list_refs", "read_named", "read_ref", "ref_targets", "remove_named", "remove_ref", "write_named", "write_ref"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from .atomic_file import write_atomic_at
 from .errors import StoreError
@@ -28,6 +28,8 @@ REMOTES_NAME = b"remotes.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Keys a remote may carry besides its URL.
 SETTINGS = ("ca_path", "client_cert", "client_key", "username")
+#: Settings that are lists of key sources (paths): signatures from this remote are then required.
+TRUST_SETTINGS = ("trusted_keys", "revoked_keys")
 
 
 def check_remote_name(name: str) -> str:
@@ -60,11 +62,15 @@ def load_remotes(store: Store) -> Dict[str, Dict[str, Any]]:
     for name, entry in remotes.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
             raise StoreError("%s: remote %r needs a \"url\"" % (shown, name))
-        unknown = set(entry) - {"url"} - set(SETTINGS)
+        unknown = set(entry) - {"url"} - set(SETTINGS) - set(TRUST_SETTINGS)
         if unknown:
             raise StoreError("%s: remote %r has unknown keys: %s" % (shown, name, ", ".join(sorted(unknown))))
-        if any(not isinstance(entry[key], str) for key in entry):
-            raise StoreError("%s: remote %r: every value must be a string" % (shown, name))
+        for key, value in entry.items():
+            if key in TRUST_SETTINGS:
+                if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+                    raise StoreError("%s: remote %r: %s must be a list of key file paths" % (shown, name, key))
+            elif not isinstance(value, str):
+                raise StoreError("%s: remote %r: %s must be a string" % (shown, name, key))
         out[name] = dict(entry)
     return out
 
@@ -80,9 +86,14 @@ def get_remote(store: Store, name: str) -> Dict[str, Any]:
     return dict(remotes[name])
 
 
-def add_remote(store: Store, name: str, url: str, settings: Optional[Dict[str, str]] = None,
+def add_remote(store: Store, name: str, url: str, settings: Optional[Dict[str, Any]] = None,
                replace: bool = False) -> bool:
-    """Add (or with ``replace``, change) a remote; False if it was already exactly so."""
+    """Add (or with ``replace``, change) a remote; False if it was already exactly so.
+
+    ``trusted_keys``/``revoked_keys`` are lists of key file paths (absolute:
+    the store is used from any directory); each is read once here so a
+    typo fails now rather than at the first pull.
+    """
     check_remote_name(name)
     parsed = RemoteURL(url)
     if parsed.password is not None:
@@ -90,6 +101,10 @@ def add_remote(store: Store, name: str, url: str, settings: Optional[Dict[str, s
                          "(give them to each pull)" % name)
     entry: Dict[str, Any] = {"url": url}
     for key, value in (settings or {}).items():
+        if key in TRUST_SETTINGS:
+            if value:
+                entry[key] = _key_paths(name, key, value)
+            continue
         if key not in SETTINGS:
             raise StoreError("remote %s: unknown setting %s" % (name, key))
         if value is not None:
@@ -103,6 +118,18 @@ def add_remote(store: Store, name: str, url: str, settings: Optional[Dict[str, s
         remotes[name] = entry
         _save(store, remotes)
     return True
+
+
+def _key_paths(name: str, setting: str, paths: List[str]) -> List[str]:
+    from .sign_keys import load_public_keys
+
+    out = []
+    for path in paths:
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise StoreError("remote %s: %s: %r is not an absolute path of a key file or directory" % (name, setting, path))
+        load_public_keys(path)
+        out.append(path)
+    return out
 
 
 def remove_remote(store: Store, name: str) -> bool:
@@ -122,4 +149,4 @@ def _save(store: Store, remotes: Dict[str, Dict[str, Any]]) -> None:
     write_atomic_at(store.root_fd(), REMOTES_NAME, body.encode("utf-8"), mode=0o644)
 
 
-__all__ = ["SETTINGS", "add_remote", "check_remote_name", "get_remote", "load_remotes", "remove_remote"]
+__all__ = ["SETTINGS", "TRUST_SETTINGS", "add_remote", "check_remote_name", "get_remote", "load_remotes", "remove_remote"]
