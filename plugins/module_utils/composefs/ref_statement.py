@@ -87,10 +87,16 @@ def parse_time(text: str) -> int:
     m = _TIME.match(text)
     if not m:
         raise StatementError("time %r is not YYYY-MM-DDTHH:MM:SSZ" % text[:40])
-    fields = tuple(int(v) for v in m.groups())
-    epoch = calendar.timegm(fields + (0, 0, 0))
-    if time.gmtime(epoch)[:6] != fields:
-        raise StatementError("time %r does not exist" % text)
+    return _epoch(tuple(int(v) for v in m.groups()), text)
+
+
+def _epoch(fields: Tuple[int, ...], text: str) -> int:
+    try:
+        epoch = calendar.timegm(fields + (0, 0, 0))
+    except (ValueError, OverflowError):
+        epoch = None
+    if epoch is None or time.gmtime(epoch)[:6] != fields:
+        raise StatementError("time %r does not exist" % text[:40])
     return epoch
 
 
@@ -105,10 +111,7 @@ def parse_when(text: str, now: float) -> int:
         raise StatementError("%r is neither a time (2027-01-01T00:00:00Z) nor a duration (30d, 12h, 90m, 3600s)" % text[:40])
     year, month, day, hour, minute = (int(v) for v in m.groups()[:5])
     second = int(m.group(6) or 0)
-    fields = (year, month, day, hour, minute, second)
-    epoch = calendar.timegm(fields + (0, 0, 0))
-    if time.gmtime(epoch)[:6] != fields:
-        raise StatementError("time %r does not exist" % text)
+    epoch = _epoch((year, month, day, hour, minute, second), text)
     zone = m.group(7)
     if zone != "Z":
         sign = -1 if zone[0] == "+" else 1

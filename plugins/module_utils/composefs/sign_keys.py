@@ -219,10 +219,14 @@ def _public_from_text(text: str, shown: str) -> List[PublicKey]:
         except ValueError as exc:
             raise KeyFileError("%s: unreadable public key: %s" % (shown, exc)) from None
         if not isinstance(key, ed25519.Ed25519PublicKey):
-            raise KeyFileError("%s: a %s key; signed refs use ed25519 (openssl genpkey -algorithm ed25519)"
-                            % (shown, type(key).__name__.replace("_", "")))
+            raise _not_ed25519(shown, key)
         out.append(PublicKey(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw), shown))
     return out
+
+
+def _not_ed25519(shown: str, key: Any) -> KeyFileError:
+    return KeyFileError("%s: a %s key; signed refs use ed25519 (openssl genpkey -algorithm ed25519)"
+                        % (shown, type(key).__name__.lstrip("_")))
 
 
 def _private_from_text(text: str, shown: str) -> List[PrivateKey]:
@@ -250,8 +254,7 @@ def _private_from_text(text: str, shown: str) -> List[PrivateKey]:
         except (TypeError, ValueError) as exc:
             raise KeyFileError("%s: unreadable private key: %s" % (shown, exc)) from None
         if not isinstance(key, ed25519.Ed25519PrivateKey):
-            raise KeyFileError("%s: a %s key; signed refs use ed25519 (openssl genpkey -algorithm ed25519)"
-                            % (shown, type(key).__name__.replace("_", "")))
+            raise _not_ed25519(shown, key)
         out.append(PrivateKey(key, shown))
     return out
 
