@@ -126,7 +126,11 @@ def pull(store: Store, remote: Union[str, Any], remote_ref: str, ref: Optional[s
             _check_remote_meta(transport)
             result.digest = _remote_ref(transport, remote_ref)
             result.previous = store.read_ref_or_none(local_ref)
-            signatures = None if trust is None else _verified_signatures(store, transport, remote_ref, result, trust)
+            if trust is not None:
+                signatures: Optional[bytes] = _verified_signatures(store, transport, remote_ref, result, trust)
+            else:
+                signatures = None
+                _check_unsigned_move(store, local_ref, result)
             data, needed = _image(store, transport, result.digest, max_image_bytes)
             batch = ObjectBatch(store.objects_dir, mode=None, follow=False, opener=lambda: store.dir_fd(OBJECTS))
             try:
@@ -178,6 +182,14 @@ def _transport(store: Store, remote: Union[str, Any], options: Optional[RemoteOp
         remote = open_transport(remote, options, jobs)
         owned = True
     return remote, owned, (None if trust is None or trust.empty else trust)
+
+
+def _check_unsigned_move(store: Store, ref: str, result: PullResult) -> None:
+    """A ref this store holds a signature for is never moved by a pull that checks none."""
+    if result.previous is not None and result.previous != result.digest and read_signatures(store, ref) is not None:
+        raise SignatureError(ref, "unsigned", "this store holds a signed statement for the ref (signatures/%s): a pull "
+                             "without trusted keys would replace a verified image with an unverified one; give "
+                             "the trusted keys (--trusted-key, or trusted_keys for the remote)" % ref, where=result.url)
 
 
 def _verified_signatures(store: Store, transport: Any, ref: str, result: PullResult, trust: Any) -> bytes:
