@@ -284,3 +284,25 @@ def test_sign_and_verify_a_ref_in_a_store(keys, tmp_path):
     assert err.value.reason == "wrong-image"
     store.remove_ref("app/v1")
     assert read_signatures(store, "app/v1") is None
+
+
+def test_fsck_checks_the_form_of_signatures(keys, tmp_path):
+    from composefs_fleet.store_add import add_image
+    from composefs_fleet.store_fsck import check
+    from composefs_fleet.store_signatures import write_signatures
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 5000)
+    store, _ = Store.init(str(tmp_path / "store"))
+    add_image(store, str(src), "app/v1")
+    sign_ref(store, "app/v1", [keys["alice"].private])
+    assert check(store).clean and not check(store).notes
+    write_signatures(store, "app/v2", _signed(keys, ref="app/v1"))
+    write_signatures(store, "app/v3", b"{}")
+    result = check(store)
+    assert not result.clean
+    assert any("signatures/app/v2: the statement is for ref app/v1" in e for e in result.errors)
+    assert any(e.startswith("signatures/app/v3: ") and "exactly the keys" in e for e in result.errors)
+    store.write_ref("app/v1", IMAGE_B)
+    assert any("moved without a new signature" in n for n in check(store).notes)

@@ -38,7 +38,7 @@ from .errors import ComposefsError, StoreError, VerityError
 from .hash_pool import cpu_count, hash_map
 from .objects import ObjectDir
 from .safe_dirs import UnsafePathError, check_owner, ensure_dir, file_kind, open_dir, open_regular
-from .store import DAMAGED, IMAGES, OBJECTS, Store
+from .store import DAMAGED, IMAGES, OBJECTS, SIGNATURES, Store
 from .store_names import is_hex_name, split_ref_name
 from .tree import DIGEST_SIZE
 
@@ -162,6 +162,7 @@ def _scan(store: Store, result: FsckResult, threads: int) -> None:
         present = _check_objects(store, result, threads, dirs)
         examined = _check_images(store, result, present, dirs)
         _check_refs(store, result, examined, present, dirs)
+        _check_signatures(store, result)
     finally:
         dirs.close()
 
@@ -355,6 +356,45 @@ def _check_refs(store: Store, result: FsckResult, examined: Dict[str, bool], pre
             if not examined[target]:
                 state = "is damaged or misses objects" if os.path.lexists(store.image_path(target)) else "is missing"
                 result.errors.append("ref %s: image %s %s" % (shown, target, state))
+
+
+def _check_signatures(store: Store, result: FsckResult) -> None:
+    """Signed statements are well-formed and belong to a ref that names their image.
+
+    fsck has no trusted keys, so it checks form, not trust (``verify`` does
+    that); a statement for another image is a note: the ref moved without
+    being signed again, and trusting nodes will refuse it.
+    """
+    from . import store_refs
+    from .ref_statement import StatementError, decode_signatures_file, parse_statement
+    from .store_signatures import read_signatures
+
+    def signatures_fd() -> int:
+        return store.dir_fd(SIGNATURES)
+
+    try:
+        names = store_refs.list_refs(signatures_fd)
+    except (StoreError, UnsafePathError) as exc:
+        result.errors.append(str(exc))
+        return
+    for name in names:
+        shown = "signatures/%s" % name
+        try:
+            raw = read_signatures(store, name)
+            if raw is None:
+                continue
+            statement = parse_statement(decode_signatures_file(raw, shown)[0])
+        except (StoreError, StatementError) as exc:
+            result.errors.append("%s: %s" % (shown, exc))
+            continue
+        target = store.read_ref_or_none(name)
+        if statement.ref != name:
+            result.errors.append("%s: the statement is for ref %s" % (shown, statement.ref))
+        elif target is None:
+            result.notes.append("%s: no such ref (left by a crash; rm-ref removes a ref's signature)" % shown)
+        elif target != statement.image:
+            result.notes.append("%s: signed for image %s, but the ref names %s (moved without a new signature)"
+                                % (shown, statement.image, target))
 
 
 def _move_aside(store: Store, result: FsckResult) -> None:
