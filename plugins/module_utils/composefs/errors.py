@@ -51,6 +51,10 @@ class VerityMismatch(VerityError):
         self.measured = measured
 
 
+class VeritySignatureError(VerityError):
+    """A built-in fs-verity signature (PKCS#7) cannot be made or read, or the kernel refuses it."""
+
+
 class UnmountError(ComposefsError):
     """A composefs mount could not be unmounted (nothing there, not ours, busy); ``errno`` says why."""
 
