@@ -30,19 +30,21 @@ import stat
 import struct
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from .errors import VerityError, VerityMismatch, VerityNotEnabled, VerityNotSupported
+from .errors import VerityError, VerityMismatch, VerityNotEnabled, VerityNotSupported, VeritySignatureError
 from .fsverity_digest import ALGORITHMS, MAX_DIGEST_SIZE, check_params, digest_fd
 
 __all__ = [
     "FS_IOC_ENABLE_VERITY",
     "FS_IOC_GETFLAGS",
     "FS_IOC_MEASURE_VERITY",
+    "FS_IOC_READ_VERITY_METADATA",
     "digest_measured_or_computed",
     "enable_then_check",
     "enable_then_check_path",
     "enable_verity",
     "measure_or_none",
     "measure_verity",
+    "read_signature",
     "unsupported_devs",
     "verity_enabled",
 ]
@@ -89,6 +91,12 @@ _DIGEST_HEADER = struct.Struct("=HH")
 
 FS_IOC_ENABLE_VERITY = _iow("f", 133, _ENABLE_ARG.size)  # 0x40806685 on x86
 FS_IOC_MEASURE_VERITY = _iowr("f", 134, _DIGEST_HEADER.size)  # 0xc0046686 on x86
+# struct fsverity_read_metadata_arg: metadata_type, offset, length, buf_ptr, reserved (u64 each).
+_READ_METADATA_ARG = struct.Struct("=QQQQQ")
+FS_IOC_READ_VERITY_METADATA = _iowr("f", 135, _READ_METADATA_ARG.size)  # 0xc0286687 on x86
+FS_VERITY_METADATA_TYPE_SIGNATURE = 3
+# FS_VERITY_MAX_SIGNATURE_SIZE: the kernel keeps no larger built-in signature.
+_MAX_SIGNATURE_SIZE = 16128
 # Declared with sizeof(long) although the kernel reads and writes an int.
 FS_IOC_GETFLAGS = _ior("f", 1, struct.calcsize("l"))  # 0x80086601 on x86_64
 FS_VERITY_FL = 0x00100000
@@ -203,16 +211,33 @@ _ENABLE_ERRORS = {
     errno.EINTR: "interrupted",
 }
 
+# What the kernel answers for a built-in signature it does not accept (fs/verity/signature.c).
+_SIGNATURE_ERRORS = {
+    errno.ENOKEY: "the signing certificate is not in the kernel's .fs-verity keyring, or the keyring is empty "
+                  "(load it: composefs-fsverity-keys load CERT)",
+    errno.EKEYREJECTED: "the signature does not verify against the certificate in the .fs-verity keyring "
+                        "(signed for another digest or with another key)",
+    errno.EBADMSG: "the signature is not a valid PKCS#7 message",
+}
 
-def enable_verity(fd: int, algorithm: str = "sha256", block_size: int = 4096, salt: bytes = b"") -> bool:
+
+def enable_verity(fd: int, algorithm: str = "sha256", block_size: int = 4096, salt: bytes = b"",
+                  signature: Optional[bytes] = None) -> bool:
     """Enable fs-verity on a regular file opened read-only.
 
     Returns True when verity was enabled now and False when the file already
     had it (EEXIST) -- callers storing content-addressed objects treat both as
     success, but the existing parameters are not compared here; use
     :func:`measure_verity` for that.
+
+    ``signature``: a built-in signature (PKCS#7 DER, :mod:`.fsverity_sig`)
+    the kernel checks now against its ``.fs-verity`` keyring, and again
+    whenever it loads the file's verity data; a refusal raises
+    :class:`VeritySignatureError`.  A file that already had verity
+    (EEXIST) keeps what it had: :func:`read_signature` tells.
     """
     salt = bytes(salt)
+    sig = bytes(signature or b"")
     check_params(algorithm, block_size, salt)
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
@@ -220,15 +245,16 @@ def enable_verity(fd: int, algorithm: str = "sha256", block_size: int = 4096, sa
     # The kernel reads the salt through a user pointer: array.buffer_info()
     # gives the address of a buffer we keep alive across the call.
     salt_buf = array.array("B", salt or b"\0")
+    sig_buf = array.array("B", sig or b"\0")
     arg = _ENABLE_ARG.pack(
         1,
         ALGORITHMS[algorithm][0],
         block_size,
         len(salt),
         salt_buf.buffer_info()[0] if salt else 0,
+        len(sig),
         0,
-        0,
-        0,
+        sig_buf.buffer_info()[0] if sig else 0,
     )
     try:
         fcntl.ioctl(fd, FS_IOC_ENABLE_VERITY, arg)
@@ -238,6 +264,12 @@ def enable_verity(fd: int, algorithm: str = "sha256", block_size: int = 4096, sa
             return False
         if err in (errno.ENOTTY, errno.EOPNOTSUPP):
             raise _not_supported(fd, err, "enable") from exc
+        if sig and err in _SIGNATURE_ERRORS:
+            raise VeritySignatureError("the kernel refuses the fs-verity signature: %s (%s)"
+                                       % (_SIGNATURE_ERRORS[err], _errno_text(err))) from exc
+        if sig and err == errno.EMSGSIZE:
+            raise VeritySignatureError("the fs-verity signature is %d bytes, the kernel takes at most %d (%s)"
+                                       % (len(sig), _MAX_SIGNATURE_SIZE, _errno_text(err))) from exc
         if err == errno.EINVAL:
             # Parameters were validated above, so the filesystem refuses them
             # (ext4 before Linux 6.3: block size must equal the page size).
@@ -248,6 +280,30 @@ def enable_verity(fd: int, algorithm: str = "sha256", block_size: int = 4096, sa
         reason = _ENABLE_ERRORS.get(err, exc.strerror or "failed")
         raise VerityError("FS_IOC_ENABLE_VERITY failed: %s (%s)" % (reason, _errno_text(err))) from exc
     return True
+
+
+def read_signature(fd: int) -> Optional[bytes]:
+    """The built-in signature the kernel holds for a verity file (FS_IOC_READ_VERITY_METADATA,
+    Linux 5.12), None when the file was enabled without one.
+
+    :class:`VerityNotEnabled` when the file has no fs-verity,
+    :class:`VerityNotSupported` where the kernel or filesystem cannot answer.
+    """
+    buf = array.array("B", bytes(_MAX_SIGNATURE_SIZE))
+    arg = bytearray(_READ_METADATA_ARG.pack(FS_VERITY_METADATA_TYPE_SIGNATURE, 0, len(buf), buf.buffer_info()[0], 0))
+    try:
+        # With a mutable argument, ioctl() returns the call's result: the byte count.
+        size = fcntl.ioctl(fd, FS_IOC_READ_VERITY_METADATA, arg, True)
+    except OSError as exc:
+        err = exc.errno or 0
+        if err == errno.ENODATA:
+            if not verity_enabled(fd):
+                raise VerityNotEnabled("fs-verity is not enabled on this file (%s)" % _errno_text(err)) from exc
+            return None
+        if err in (errno.ENOTTY, errno.EOPNOTSUPP):
+            raise _not_supported(fd, err, "read signature") from exc
+        raise VerityError("FS_IOC_READ_VERITY_METADATA failed: %s (%s)" % (exc.strerror, _errno_text(err))) from exc
+    return buf.tobytes()[:size]
 
 
 # --- the helpers every caller uses -------------------------------------------
@@ -286,7 +342,7 @@ def measure_or_none(fd: int, st: Optional[os.stat_result] = None,
 
 
 def enable_then_check(fd: int, digest: bytes, name: str, st: Optional[os.stat_result] = None,
-                      unsupported: Optional[Dict[int, str]] = None) -> Optional[str]:
+                      unsupported: Optional[Dict[int, str]] = None, signature: Optional[bytes] = None) -> Optional[str]:
     """Enable fs-verity (sha256, 4096-byte blocks, no salt) on ``fd`` and check
     that the kernel then measures ``digest``.
 
@@ -298,6 +354,9 @@ def enable_then_check(fd: int, digest: bytes, name: str, st: Optional[os.stat_re
     objects ask once).  Raises :class:`VerityMismatch` naming ``name`` when the
     kernel measures anything else (fs-verity is then on, for that content), and
     :class:`VerityError` naming ``name`` when enabling fails otherwise.
+
+    ``signature`` goes to FS_IOC_ENABLE_VERITY (:func:`enable_verity`); a
+    refusal is :class:`VeritySignatureError` naming ``name``.
     """
     devs = unsupported_devs if unsupported is None else unsupported
     if st is None:
@@ -308,11 +367,13 @@ def enable_then_check(fd: int, digest: bytes, name: str, st: Optional[os.stat_re
     if problem is not None:
         return problem
     try:
-        enable_verity(fd)
+        enable_verity(fd, signature=signature)
         algorithm, measured = measure_verity(fd)
     except VerityNotSupported as exc:
         devs[st.st_dev] = str(exc)
         return str(exc)
+    except VeritySignatureError as exc:
+        raise VeritySignatureError("%s: %s" % (name, exc)) from exc
     except VerityError as exc:
         raise VerityError("%s: %s" % (name, exc)) from exc
     if algorithm != "sha256" or measured != digest:

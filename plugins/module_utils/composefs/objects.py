@@ -456,43 +456,46 @@ def _temp_guard(tmp: bytes, dir_fd: int, what: "_Describe", keep_if_missing: boo
 
 
 def _publish(tmp_dir: int, tmp: bytes, digest: bytes, dev: int, dst_dir: int, name: bytes,
-             what: "_Describe", where: bytes) -> None:
+             what: "_Describe", where: bytes, signature: Optional[bytes] = None) -> None:
     """fs-verity (where possible) and rename of a complete, durable temp file; removed on an error.
 
     A FileNotFoundError from the rename (``dst_dir`` removed meanwhile)
-    leaves the temp file for the caller to retry.
+    leaves the temp file for the caller to retry.  ``signature``: see :func:`publish_bytes`.
     """
     with _temp_guard(tmp, tmp_dir, what, keep_if_missing=True):
         # A filesystem that said "no fs-verity here" is not asked again for every object.
         if dev not in fsverity_ioctl.unsupported_devs:
-            _enable_verity(tmp_dir, tmp, digest, os.fsdecode(os.path.join(where, tmp)))
+            _enable_verity(tmp_dir, tmp, digest, os.fsdecode(os.path.join(where, tmp)), signature)
         os.rename(tmp, name, src_dir_fd=tmp_dir, dst_dir_fd=dst_dir)
 
 
-def _enable_verity(dir_fd: int, tmp: bytes, digest: bytes, shown: str) -> None:
+def _enable_verity(dir_fd: int, tmp: bytes, digest: bytes, shown: str, signature: Optional[bytes] = None) -> None:
     """fs-verity on the temp file ``tmp`` (where the filesystem has it), checked against ``digest``."""
     # FS_IOC_ENABLE_VERITY needs a read-only fd and no writer left open.
     fd = open_regular(tmp, dir_fd, shown)
     try:
-        fsverity_ioctl.enable_then_check(fd, digest, shown)
+        fsverity_ioctl.enable_then_check(fd, digest, shown, signature=signature)
     finally:
         os.close(fd)
 
 
-def publish_bytes(dir_fd: int, where: bytes, name: bytes, data: bytes, digest: bytes, what: str) -> None:
+def publish_bytes(dir_fd: int, where: bytes, name: bytes, data: bytes, digest: bytes, what: str,
+                  signature: Optional[bytes] = None) -> None:
     """Write ``data`` as ``name`` in ``dir_fd``: temp file, fsync, fs-verity, rename, fsync of the directory.
 
     ``digest`` is the fs-verity digest of ``data`` (checked against the
     kernel's when fs-verity gets enabled); ``where`` is the directory's path
     and ``what`` names the file, for messages.  A store's images are written
-    this way.
+    this way.  ``signature`` (PKCS#7 DER) goes to FS_IOC_ENABLE_VERITY: when
+    the kernel refuses it (:class:`.errors.VeritySignatureError`), nothing
+    is renamed into place.
     """
     def describe() -> str:
         return what
 
     tmp, dev = _write_temp(dir_fd, data, len(data), True, describe)
     try:
-        _publish(dir_fd, tmp, digest, dev, dir_fd, name, describe, where)
+        _publish(dir_fd, tmp, digest, dev, dir_fd, name, describe, where, signature)
     except FileNotFoundError:
         _unlink_at(tmp, dir_fd)
         raise

@@ -83,7 +83,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import fsverity_digest, store_refs
 from .atomic_file import write_atomic_at
-from .errors import ForeignOwnerError, RefNotFound, StoreError, UnsafeStoreError
+from .errors import ForeignOwnerError, RefNotFound, StoreError, UnsafeStoreError, VeritySignatureError
 from .image_needs import ImageObjects, image_fd_objects
 from .json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
 from .objects import publish_bytes, same_file
@@ -464,25 +464,50 @@ class Store:
         finally:
             os.close(fd)
 
-    def write_image(self, data: bytes) -> Tuple[str, bool]:
+    def write_image(self, data: bytes, signature: Optional[bytes] = None) -> Tuple[str, bool]:
         """Store image bytes under their fs-verity digest; (hex, written).
 
         Published like an object (:func:`.objects.publish_bytes`: temp file,
         fsync, fs-verity, rename, all relative to ``images/`` opened without
         following links).  A damaged image under that name is replaced.
+
+        ``signature``: its fs-verity built-in signature (PKCS#7 DER,
+        :mod:`.store_image_sig`).  It goes to FS_IOC_ENABLE_VERITY, so the
+        kernel checks it against its ``.fs-verity`` keyring before the image
+        is renamed into place (a refusal publishes nothing), and is then
+        written as ``images/<digest>.sig``.  An image already present with
+        fs-verity but without this signature in the kernel is written again
+        (the kernel takes a signature only when verity is enabled).
         """
+        from .fsverity_sig import check_signature_der
+        from .store_image_sig import kernel_signature_missing, write_image_signature
+
         digest = fsverity_digest.digest_bytes(data)
         hexd = digest.hex()
         name = hexd.encode("ascii")
         shown = "images/%s" % hexd
+        if signature is not None:
+            signature = bytes(signature)
+            check_signature_der(signature, "signature of %s" % shown)
         dir_fd = self.dir_fd(IMAGES)
         try:
             # Images are small: check it rather than publish a damaged one.
-            if same_file(dir_fd, name, len(data), digest, shown):
-                return hexd, False
+            present = same_file(dir_fd, name, len(data), digest, shown)
         except UnsafePathError:
             raise StoreError("%s is not a regular file: run 'fsck --repair'" % shown) from None
-        publish_bytes(dir_fd, self.images_dir, name, data, digest, "image %s (%d bytes) into %s" % (shown, len(data), os.fsdecode(self.path)))
+        if present and (signature is None or not kernel_signature_missing(self, hexd, signature)):
+            if signature is not None:
+                write_image_signature(self, hexd, signature)
+            return hexd, False
+        try:
+            publish_bytes(dir_fd, self.images_dir, name, data, digest,
+                          "image %s (%d bytes) into %s" % (shown, len(data), os.fsdecode(self.path)), signature)
+        except VeritySignatureError as exc:
+            # The kernel's answer without the temp file's name (enable_then_check's prefix).
+            reason = exc.__cause__ if isinstance(exc.__cause__, VeritySignatureError) else exc
+            raise VeritySignatureError("%s of %s: %s; nothing published" % (shown, os.fsdecode(self.path), reason)) from None
+        if signature is not None:
+            write_image_signature(self, hexd, signature)
         return hexd, True
 
     # ---- refs (:mod:`.store_refs`, relative to ``refs/``)

@@ -11,6 +11,10 @@ present with the right size, and every ref names a present image.
 
 ``.tmp*`` files are crash debris, not damage: reported, removed by gc.
 
+``images/<digest>.sig`` (an image's fs-verity signature) must be a regular
+file holding a PKCS#7 SignedData no larger than the kernel takes, and, when
+the kernel holds a signature for the image, that one.
+
 With ``repair``, damaged objects and images (wrong content, not a regular
 file, invalid name) are moved into ``STORE/damaged/`` under the exclusive
 lock after checking again that they are still the same damaged file; images
@@ -34,11 +38,13 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import fsverity_ioctl
-from .errors import ComposefsError, StoreError, VerityError
+from .errors import ComposefsError, StoreError, VerityError, VeritySignatureError
+from .fsverity_sig import check_signature_der
 from .hash_pool import cpu_count, hash_map
 from .objects import ObjectDir
 from .safe_dirs import UnsafePathError, check_owner, ensure_dir, file_kind, open_dir, open_regular
 from .store import DAMAGED, IMAGES, OBJECTS, SIGNATURES, Store
+from .store_image_sig import image_of_sig_name, read_image_signature, sig_name
 from .store_names import is_hex_name, split_ref_name
 from .tree import DIGEST_SIZE
 
@@ -239,21 +245,69 @@ def _check_objects(store: Store, result: FsckResult, threads: int, dirs: _Dirs) 
 def _check_images(store: Store, result: FsckResult, present: Dict[str, int], dirs: _Dirs) -> Dict[str, bool]:
     """{image digest: good} of every image examined."""
     examined: Dict[str, bool] = {}
+    signatures: List[Tuple[str, os.stat_result]] = []
     for name in sorted(_listdir(dirs.images)):
         full = os.path.join(store.images_dir, name)
         st = _lstat(name, dirs.images)
         if st is None:
             continue
         shown = "images/%s" % os.fsdecode(name)
-        if name.startswith(b".tmp"):
+        # .tmp*: images being written; .<name>.<random>.tmp: a signature being written.
+        if name.startswith(b".tmp") or (name.startswith(b".") and name.endswith(b".tmp")):
             result.notes.append("temporary file %s (crash debris; gc removes it)" % shown)
+            continue
+        signed = image_of_sig_name(name)
+        if signed is not None:
+            signatures.append((signed, st))
             continue
         if not is_hex_name(name):
             _damage(result, full, "%s: invalid image name" % shown, st)
             continue
         hexd = name.decode("ascii")
         examined[hexd] = _check_image(store, result, hexd, present, dirs)
+    for signed, st in signatures:
+        _check_signature(store, result, signed, st, signed in examined)
     return examined
+
+
+def _check_signature(store: Store, result: FsckResult, hexd: str, st: os.stat_result, image_present: bool) -> None:
+    """``images/<hexd>.sig``: a regular file holding a PKCS#7 signature, the one the kernel holds if it holds one."""
+    name = sig_name(hexd)
+    full = os.path.join(store.images_dir, name)
+    shown = "images/%s" % os.fsdecode(name)
+    if not stat.S_ISREG(st.st_mode):
+        _damage(result, full, "%s: not a regular file (%s)" % (shown, _kind(st)), st)
+        return
+    try:
+        data = read_image_signature(store, hexd)
+        if data is None:
+            return  # removed meanwhile (gc)
+        check_signature_der(data, shown)
+    except VeritySignatureError as exc:
+        _damage(result, full, "%s: damaged" % exc, st)
+        return
+    except (OSError, StoreError) as exc:
+        result.errors.append("%s: cannot read: %s" % (shown, getattr(exc, "strerror", None) or exc))
+        return
+    if not image_present:
+        result.notes.append("%s: its image is not in the store (gc removes it)" % shown)
+        return
+    try:
+        fd = store.open_image(hexd)
+    except (OSError, StoreError):
+        return  # the image's own check reports it
+    try:
+        if fsverity_ioctl.measure_or_none(fd) is None:
+            return
+        held = fsverity_ioctl.read_signature(fd)
+    except VerityError:
+        return  # a kernel before 5.12 cannot show it; nothing to compare
+    finally:
+        os.close(fd)
+    # None: fs-verity was enabled before the image was signed; the file is still what nodes get.
+    if held is not None and held != data:
+        result.errors.append("%s: differs from the fs-verity signature the kernel holds for images/%s "
+                             "(re-signed since it was written?)" % (shown, hexd))
 
 
 def _check_image(store: Store, result: FsckResult, hexd: str, present: Dict[str, int], dirs: _Dirs) -> bool:

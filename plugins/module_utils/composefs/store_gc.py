@@ -33,6 +33,10 @@ collection: guessing could delete what a running system reads.
 
 The locking protocol is in the docstring of :mod:`.store`: parse images
 without the lock, then mark again and sweep under the exclusive lock.
+
+An image's fs-verity signature (``images/<digest>.sig``,
+:mod:`.store_image_sig`) is removed with its image, and when its image is
+not kept (gone already).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from .mount_record import mounted_images as recorded_mounts
 from .mountinfo import MountInfo, of_type, read_mountinfo, top_mount
 from .image_needs import image_data_objects, is_composefs_image
 from .store import CACHE, IMAGES, OBJECTS, REFS, Store, object_entries
+from .store_image_sig import image_of_sig_name
 from .store_names import is_hex_name
 
 #: Default age after which ``objects/.tmp*`` files count as crash debris.
@@ -324,6 +329,8 @@ class GcResult:
         self.kept_images: List[str] = []
         self.removed_images: List[str] = []
         self.removed_image_bytes = 0
+        #: Digests of the images whose images/<digest>.sig went (with the image, or left without one).
+        self.removed_signatures: List[str] = []
         self.removed_objects: List[str] = []
         self.removed_object_bytes = 0
         self.removed_temp_files: List[str] = []
@@ -410,7 +417,12 @@ def _sweep(store: Store, keep_images: Set[str], keep_objects: Set[str], dry_run:
             continue
         result.removed_images.append(hexd)
         result.removed_image_bytes += size
-    if result.removed_images and not dry_run:
+    # A signature goes with its image; one whose image is gone vouches for nothing here.
+    for name in sorted(os.listdir(images)):
+        signed = image_of_sig_name(name)
+        if signed is not None and signed not in keep_images and _remove_at(images, os.fsencode(name), dry_run) is not None:
+            result.removed_signatures.append(signed)
+    if (result.removed_images or result.removed_signatures) and not dry_run:
         os.fsync(images)
     for prefix, dir_fd in store.iter_object_dirs():
         removed = False
