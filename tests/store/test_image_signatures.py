@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -192,3 +193,34 @@ def test_signature_goes_to_the_kernel_and_a_refusal_publishes_nothing(store, tmp
     with pytest.raises(VeritySignatureError):
         store.write_image(data, signature=kernel.refused)
     assert images_listing(store) == before and read_image_signature(store, good) == sig
+
+
+def test_sign_cli_writes_what_fsverity_sign_writes(tmp_path):
+    """``composefs-store sign --fsverity-key --fsverity-cert``: images/DIGEST.sig is byte for byte
+    ``fsverity sign images/DIGEST``'s output; gc removes it with its image."""
+    from store_fixtures import StoreCli
+
+    if not shutil.which("fsverity"):
+        pytest.skip("the 'fsverity' program (fsverity-utils) is not in PATH")
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    res = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:3072", "-nodes", "-keyout", str(key), "-out", str(cert),
+                          "-subj", "/O=composefs-fleet/CN=cli signer", "-days", "2"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    cli = StoreCli(tmp_path / "store")
+    src = tmp_path / "src"
+    write_tree(src, 7, files=4)
+    assert cli.run("init").returncode == 0
+    assert cli.run("add-image", src, "--ref", "app").returncode == 0
+    digest = (tmp_path / "store" / "refs" / "app").read_text().strip()
+    res = cli.run("sign", "app", "--fsverity-key", key, "--fsverity-cert", cert)
+    assert res.returncode == 0, res.stderr
+    image = tmp_path / "store" / "images" / digest
+    expected = tmp_path / "expected.sig"
+    subprocess.run(["fsverity", "sign", str(image), str(expected), "--key", str(key), "--cert", str(cert)],
+                   check=True, capture_output=True)
+    assert (tmp_path / "store" / "images" / (digest + ".sig")).read_bytes() == expected.read_bytes()
+    res = cli.run("fsck")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert cli.run("rm-ref", "app").returncode == 0
+    assert cli.run("gc").returncode == 0
+    assert os.listdir(tmp_path / "store" / "images") == []
