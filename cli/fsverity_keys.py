@@ -35,7 +35,7 @@ fs-verity file without a signature, including every object of the store.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     load = sub.add_parser("load", help="add certificates to the .fs-verity keyring")
     load.add_argument("paths", nargs="+", metavar="PATH", help="certificate file (DER or PEM) or directory of them")
     load.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -47,10 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if not args.command:
-        parser.print_usage(sys.stderr)
-        sys.stderr.write("%s: error: a COMMAND is required (see --help)\n" % PROG)
-        return 2
     from composefs_fleet import kernel_keyring
     from composefs_fleet.errors import ComposefsError
 

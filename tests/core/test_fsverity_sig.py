@@ -233,4 +233,4 @@ def test_fsverity_keys_cli_errors(signers, tmp_path):
         assert res.returncode == 1
         assert "the kernel has no .fs-verity keyring" in res.stderr and "Traceback" not in res.stderr
     res = subprocess.run([sys.executable, "-m", "composefs_fleet_cli.fsverity_keys"], capture_output=True, text=True)
-    assert res.returncode == 2 and "a COMMAND is required" in res.stderr
+    assert res.returncode == 2 and "the following arguments are required: COMMAND" in res.stderr, res.stderr
