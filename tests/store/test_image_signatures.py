@@ -25,7 +25,7 @@ from composefs_fleet.fsverity_sig import pkcs7_sign
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_fsck import check
 from composefs_fleet.store_gc import collect
-from composefs_fleet.store_image_sig import read_image_signature, write_image_signature
+from composefs_fleet.store_image_sig import ensure_image_signature, read_image_signature, write_image_signature
 
 from store_fixtures import store, write_tree  # noqa: F401  (fixtures)
 
@@ -193,6 +193,32 @@ def test_signature_goes_to_the_kernel_and_a_refusal_publishes_nothing(store, tmp
     with pytest.raises(VeritySignatureError):
         store.write_image(data, signature=kernel.refused)
     assert images_listing(store) == before and read_image_signature(store, good) == sig
+
+
+def test_ensure_image_signature_for_an_image_already_present(store, tmp_path, signer, kernel):
+    """What a pull does when it has the image already: the kernel gets the signature, the .sig is written."""
+    data = b"an image a pull found present" * 200
+    digest, _ = store.write_image(data)
+    sig = signer(digest)
+    assert ensure_image_signature(store, digest, sig) is True
+    assert kernel.enabled == [None, sig] and read_image_signature(store, digest) == sig
+    assert ensure_image_signature(store, digest, sig) is False  # nothing left to do
+    assert kernel.enabled == [None, sig]
+    with pytest.raises(VeritySignatureError, match="ENOKEY"):
+        ensure_image_signature(store, digest, kernel.refused)
+    assert read_image_signature(store, digest) == sig and kernel.enabled == [None, sig]
+    # Without fs-verity (this host): only the .sig is written.
+    other, _ = store.write_image(data + b"x")
+    kernel.held.clear()
+    assert ensure_image_signature(store, other, signer(other)) is True
+    assert read_image_signature(store, other) == signer(other) and kernel.enabled[-1] is None
+    # A damaged image is never published again under its name.
+    path = Path(os.fsdecode(store.image_path(other)))
+    st = path.stat()
+    kernel.held[(st.st_dev, st.st_ino)] = (b"", None)  # "fs-verity without a signature"
+    path.write_bytes(b"damaged")  # same inode
+    with pytest.raises(StoreError, match="images/%s is damaged" % other):
+        ensure_image_signature(store, other, signer("12" * 32))
 
 
 def test_sign_cli_writes_what_fsverity_sign_writes(tmp_path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Union
 
-from . import fsverity_ioctl
+from . import fsverity_digest, fsverity_ioctl
 from .atomic_file import write_atomic_at
 from .errors import StoreError, VerityNotEnabled, VerityNotSupported, VeritySignatureError
 from .fsverity_sig import MAX_SIGNATURE_SIZE, check_signature_der
@@ -27,6 +27,7 @@ from .store_names import check_digest_hex, is_hex_name
 
 __all__ = [
     "SIG_SUFFIX",
+    "ensure_image_signature",
     "image_of_sig_name",
     "kernel_signature_missing",
     "read_image_signature",
@@ -111,3 +112,33 @@ def kernel_signature_missing(store: Store, hexdigest: str, signature: bytes) -> 
             return False
     finally:
         os.close(fd)
+
+
+def ensure_image_signature(store: Store, hexdigest: str, der: bytes) -> bool:
+    """Give the image ``images/<hexdigest>`` already in the store its signature ``der``; True when anything was written.
+
+    For a pull that finds the image present: where its fs-verity lacks this
+    signature in the kernel, the image is read and written again with it
+    (:meth:`.store.Store.write_image`, the kernel checks it before the
+    rename; a refusal changes nothing), and ``images/<hexdigest>.sig`` is
+    written.  A damaged image is an error, never re-published under its name.
+    """
+    der = bytes(der)
+    check_signature_der(der, "images/%s" % os.fsdecode(sig_name(hexdigest)))
+    if not kernel_signature_missing(store, hexdigest, der):
+        return write_image_signature(store, hexdigest, der)
+    fd = store.open_image(hexdigest)
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if fsverity_digest.digest_bytes(data).hex() != hexdigest:
+        raise StoreError("images/%s is damaged (its content has another digest): run 'fsck --repair'" % hexdigest)
+    store.write_image(data, signature=der)
+    return True
