@@ -64,6 +64,35 @@ def kernel_signature(path):
         os.close(fd)
 
 
+def open_cold(path):
+    """Open ``path`` after the inode cache is dropped, so the kernel loads its fs-verity data (and checks its signature) again."""
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return "ok"
+
+
+def reopen_without_key(path):
+    """The signature is checked whenever the kernel loads the file's verity data, not only at enable:
+    without the certificate in the keyring the signed image cannot be opened."""
+    import ctypes
+
+    keyctl_unlink, sys_keyctl = 9, 250  # x86_64, the guest's architecture
+    libc = ctypes.CDLL(None, use_errno=True)
+    ring = kernel_keyring.fsverity_keyring_id()
+    for serial, _desc in kernel_keyring.keyring_keys():
+        if libc.syscall(ctypes.c_long(sys_keyctl), ctypes.c_int(keyctl_unlink), ctypes.c_int32(serial),
+                        ctypes.c_int32(ring)) != 0:
+            raise OSError(ctypes.get_errno(), "keyctl unlink")
+    without = open_cold(path)
+    kernel_keyring.load_certificates([CERT_DIR])
+    return without, open_cold(path)
+
+
 def install_unit(out):
     """The boot unit, as the node role installs it: wrapper, certificates, unit; then started."""
     wrapper = ("#!/bin/sh\nPYTHONPATH=/opt/composefs-fleet/lib exec python3 -c "
@@ -138,6 +167,7 @@ def main():
     out["reads"] = reads
     out["umount"] = sh(["umount", mnt])
     out["fsck_errors"] = check(store).errors
+    out["open_without_key"], out["open_after_reload"] = reopen_without_key(image_path)
 
     # Refusals, each in a fresh store: nothing may appear in images/.
     refusals = {}

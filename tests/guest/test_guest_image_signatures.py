@@ -11,7 +11,9 @@ the kernel then holds (FS_IOC_READ_VERITY_METADATA) byte for byte as
 ``images/<digest>.sig``; it mounts with its digest pinned; a signature by a
 certificate not in the keyring, and one of the trusted key over another
 digest, are refused by the kernel with nothing published.  Keys and
-certificates are made on the host by openssl.
+certificates are made on the host by openssl.  The signature is checked
+again whenever the kernel loads the image's verity data: emptied keyring,
+evicted inode, and the image cannot be opened.
 """
 from __future__ import annotations
 
@@ -82,6 +84,13 @@ def test_signed_image_gets_fs_verity_with_its_signature_and_mounts(result):
     assert result["reads"] == {"a.bin": "ok", "sub/b.bin": "ok", "tiny": "ok"}
     assert result["umount"]["rc"] == 0, result["umount"]
     assert result["fsck_errors"] == []
+
+
+def test_signature_is_checked_again_when_the_image_is_opened_cold(result):
+    # With the keyring emptied and the inode evicted, the kernel refuses to open the signed image;
+    # with the certificate loaded again, it opens: why the keys unit runs before the mounts.
+    assert result["open_without_key"] == "ENOKEY", result["dmesg"]
+    assert result["open_after_reload"] == "ok"
 
 
 def test_kernel_refuses_foreign_and_wrong_signatures_and_nothing_is_published(result):
