@@ -11,6 +11,8 @@ Layout of ``STORE``::
                           --digest-store`` directory
     images/<digest>       composefs images, named by the fs-verity digest of the
                           image file (what ``mount -o digest=`` checks)
+    images/<digest>.sig   its fs-verity built-in signature (PKCS#7 DER), when it is
+                          signed (store_image_sig); given to the kernel with fs-verity
     refs/<name>           "<image digest>\\n"; names may contain "/" (subdirectories)
     signatures/<name>     the signed statement of ref <name>, when it is signed (ref_trust)
     cache/digests         digest cache of source files (see store_cache)
