@@ -194,7 +194,7 @@ def _load_key(key_pem: bytes, password: Optional[bytes]) -> Any:
         raise VeritySignatureError("the fs-verity signing key: %s" % exc) from None
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise VeritySignatureError("the fs-verity signing key is not a PEM (or DER) private key: %s"
-                                   % (str(exc).split("\n")[0] or type(exc).__name__)) from None
+                                   % (str(exc).splitlines() or [type(exc).__name__])[0]) from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise VeritySignatureError("the fs-verity signing key is %s, not RSA: only RSA signatures are deterministic "
                                    "(byte-identical to 'fsverity sign') and accepted by every kernel"
