@@ -4,8 +4,8 @@
 """fs-verity in the kernel: the ioctls, what their errors mean, and the one way
 the project measures and enables fs-verity on a file.
 
-The raw calls (:func:`enable_verity`, :func:`measure_verity`,
-:func:`verity_enabled`) raise :class:`VerityNotEnabled` / :class:`VerityNotSupported`
+The raw calls (:func:`enable_verity`, which also takes a built-in signature,
+:func:`measure_verity`, :func:`read_signature`, :func:`verity_enabled`) raise :class:`VerityNotEnabled` / :class:`VerityNotSupported`
 with a reason (kernel config, filesystem type, errno).  On top of them, every
 caller (store, objects, verity_files, fsck, the agent) uses the same three
 helpers, so that they agree on what "no fs-verity" means and on what a
