@@ -87,6 +87,10 @@ class PullResult:
         #: What the verified statement says (None: not asked for), and the seconds its check took.
         self.signature: Optional[Dict[str, Any]] = None
         self.verify_seconds = 0.0
+        #: The remote has images/<digest>.sig (fs-verity built-in signature); it was written here
+        #: (image_signed: with the image, or given to the kernel for an image already here).
+        self.image_signature = False
+        self.image_signed = False
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -132,6 +136,7 @@ def pull(store: Store, remote: Union[str, Any], remote_ref: str, ref: Optional[s
                 signatures = None
                 _check_unsigned_move(store, local_ref, result)
             data, needed = _image(store, transport, result.digest, max_image_bytes)
+            image_sig = _image_signature(transport, result.digest)
             batch = ObjectBatch(store.objects_dir, mode=None, follow=False, opener=lambda: store.dir_fd(OBJECTS))
             try:
                 missing = _missing(store, batch, needed)
@@ -145,15 +150,21 @@ def pull(store: Store, remote: Union[str, Any], remote_ref: str, ref: Optional[s
                 _check_fetched(store, batch, missing)
             finally:
                 batch.abort()  # after the commits: only closes the directories
+            result.image_signature = image_sig is not None
             if data is not None:
-                _hex, result.image_fetched = store.write_image(data)
+                _hex, result.image_fetched = store.write_image(data, signature=image_sig)
+                result.image_signed = image_sig is not None
+            elif image_sig is not None:
+                from .store_image_sig import ensure_image_signature
+
+                result.image_signed = ensure_image_signature(store, result.digest, image_sig)
             signatures_changed = signatures is not None and signatures != read_signatures(store, local_ref)
             if signatures_changed:
                 write_signatures(store, local_ref, signatures)
             if result.previous != result.digest:
                 store.write_ref(local_ref, result.digest)
             result.changed = (result.previous != result.digest or result.objects_fetched > 0 or result.image_fetched
-                              or signatures_changed)
+                              or signatures_changed or result.image_signed)
             return result
     finally:
         if owned:
@@ -259,6 +270,26 @@ def _image(store: Store, transport: Any, digest: str, limit: int) -> Tuple[Optio
         raise RemoteError(shown, "cannot be stored: %s%s" % (
             needed.problems[0], " (and %d more problems)" % (len(needed.problems) - 1) if len(needed.problems) > 1 else ""))
     return data, needed
+
+
+def _image_signature(transport: Any, digest: str) -> Optional[bytes]:
+    """The remote's ``images/<digest>.sig`` (fs-verity built-in signature), None if it has none.
+
+    Only its form is checked here; the kernel checks the signature itself
+    when the image gets fs-verity (a refusal publishes nothing).
+    """
+    from .fsverity_sig import MAX_SIGNATURE_SIZE, check_signature_der
+
+    path = "images/%s.sig" % digest
+    try:
+        data = transport.get_small(path, MAX_SIGNATURE_SIZE)
+    except RemoteNotFound:
+        return None
+    try:
+        check_signature_der(data, "the signature")
+    except ComposefsError as exc:
+        raise RemoteError(transport.url + "/" + path, "not a usable fs-verity signature: %s" % exc) from None
+    return data
 
 
 def _have_image(store: Store, digest: str) -> bool:

@@ -126,9 +126,17 @@ def _texts(source: str) -> List[Any]:
         raise KeyFileError("key file %s: %s" % (source, exc.strerror or exc)) from None
     if stat.S_ISDIR(st.st_mode):
         out = []
-        for name in sorted(os.listdir(source)):
+        try:
+            names = sorted(os.listdir(source))
+        except OSError as exc:
+            raise KeyFileError("key directory %s: %s" % (source, exc.strerror or exc)) from None
+        for name in names:
             path = os.path.join(source, name)
-            if name.startswith(".") or not stat.S_ISREG(os.stat(path).st_mode):
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError as exc:
+                raise KeyFileError("key file %s: %s" % (path, exc.strerror or exc)) from None
+            if name.startswith(".") or not regular:
                 continue
             out.append((_read_text(path), "key file %s" % path))
         return out

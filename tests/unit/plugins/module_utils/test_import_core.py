@@ -25,11 +25,23 @@ CORE_MODULES = sorted(info.name for info in pkgutil.iter_modules([CORE_DIR]))
 STDLIB = getattr(sys, 'stdlib_module_names', None)  # Python 3.10+
 
 
-def _absolute_imports(path):
-    """Top-level names of the absolute imports in the module at path."""
+#: Packages the user chose for optional features, imported only inside the functions that need
+#: them (a node without them runs everything else): signatures, zstd layers (Python 3.14 has it).
+OPTIONAL = {'cryptography', 'zstandard', 'compression'}
+
+
+def _absolute_imports(path, lazy=False):
+    """Top-level names of the absolute imports in the module at path: those at module level, or
+    (``lazy``) those inside functions."""
     with open(path, 'rb') as source:
         tree = ast.parse(source.read(), path)
+    in_functions = set()
     for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            in_functions.update(id(inner) for inner in ast.walk(node) if inner is not node)
+    for node in ast.walk(tree):
+        if (id(node) in in_functions) != lazy:
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield alias.name.split('.')[0]
@@ -51,12 +63,16 @@ def test_module_imports_from_collection(name):
 @pytest.mark.parametrize('name', CORE_MODULES)
 def test_imports_are_relative_or_stdlib(name):
     names = set(_absolute_imports(os.path.join(CORE_DIR, name + '.py')))
+    assert not (names & OPTIONAL), 'optional packages imported at module level: %s' % sorted(names & OPTIONAL)
     # AnsiballZ only ships module_utils reached through relative (or
     # ansible_collections) imports; an installed-package name would break on a target.
     assert 'composefs_fleet' not in names
     assert 'ansible_collections' not in names
+    lazy = set(_absolute_imports(os.path.join(CORE_DIR, name + '.py'), lazy=True))
+    assert not ({'composefs_fleet', 'ansible_collections'} & lazy)
     if STDLIB is not None:
         assert names - {'__future__'} <= set(STDLIB), 'non-stdlib imports: %s' % sorted(names - set(STDLIB))
+        assert lazy <= set(STDLIB) | OPTIONAL, 'non-stdlib imports in functions: %s' % sorted(lazy - set(STDLIB) - OPTIONAL)
 
 
 DUMP = (
