@@ -19,12 +19,13 @@ import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from composefs_fleet import fsverity_digest, fsverity_ioctl, mount_record, mountinfo
-from composefs_fleet.errors import ComposefsError, VerityError, VerityMismatch
-from composefs_fleet.mount_state import LAYOUT, LiveMount, differences
+from composefs_fleet.errors import ComposefsError, SignatureError, VerityError, VerityMismatch
 from composefs_fleet.image_needs import image_file_objects
-from composefs_fleet.store import DAMAGED, META_NAME
+from composefs_fleet.mount_state import LAYOUT, LiveMount, differences
+from composefs_fleet.ref_trust import TrustPolicy, verify_ref
+from composefs_fleet.store import DAMAGED, META_NAME, Store
 
-from .config import Config, MountSpec
+from .config import Config, MountSpec, load_policy
 from .findings import Finding
 from .remount import remount, request_for
 
@@ -41,6 +42,9 @@ class PassResult:
         self.findings: List[Finding] = []
         self.objects = 0
         self.mounts = 0
+        self.signatures = 0  # signed statements of mounted refs checked
+        # (mount, ref, expiry in Unix time) of each statement that verified and has an expiry.
+        self.expiries: List[Tuple[str, str, int]] = []
         self.started = time.monotonic()
         self.duration = 0.0
 
@@ -146,9 +150,17 @@ class Checker:
             self._add("check-failed", "cannot read mountinfo: %s" % exc.strerror, {})
         checked: Dict[str, Set[bytes]] = {}  # basedir -> objects checked this pass
         used_images: Set[str] = set()
+        policy, policy_error = self._policy(config)
         for spec in config.mounts:
             result.mounts += 1
-            self._guard(lambda: self._check_mount(spec, entries, checked, used_images), mount=spec.where)
+            unvouched = False
+            if spec.ref is not None and (policy_error is not None or (policy is not None and not policy.empty)):
+                # Fail closed: unless the check ends with a valid statement, the mount is not made again.
+                outcome: List[bool] = []
+                self._guard(lambda: outcome.append(self._check_signature(spec, policy, policy_error)),
+                            mount=spec.where, ref=spec.ref)
+                unvouched = outcome != [True]
+            self._guard(lambda: self._check_mount(spec, entries, checked, used_images, unvouched), mount=spec.where)
         for digest in list(self.image_objects):
             if digest not in used_images:
                 del self.image_objects[digest]  # no longer mounted: let the memory go
@@ -179,9 +191,47 @@ class Checker:
             self._add("store-unreadable", "store %s cannot be read: %s" % (store, _why(exc)),
                       {"store": store, "path": os.fsdecode(exc.filename or store)})
 
+    # -- signed refs --------------------------------------------------------------
+    def _policy(self, config: Config) -> Tuple[Optional[TrustPolicy], Optional[str]]:
+        """(the pass's trust policy, why it cannot be loaded): read every pass, so a key added to a
+        revocation directory counts from the next pass; (None, None) when no mount is checked."""
+        if not config.signed_mounts:
+            return None, None
+        try:
+            return load_policy(config), None
+        except (ComposefsError, OSError) as exc:
+            return None, _why(exc)
+
+    def _check_signature(self, spec: MountSpec, policy: Optional[TrustPolicy], policy_error: Optional[str]) -> bool:
+        """Whether the ref's signed statement vouches for the mount's image now (else a finding says why)."""
+        ref = str(spec.ref)
+        self.result.signatures += 1
+        fields: Dict[str, object] = {"mount": spec.where, "image_digest": spec.digest, "ref": ref,
+                                     "store": spec.store, "path": os.path.join(spec.store, "signatures", ref)}
+        if policy is None:
+            self._add("signature-invalid", "signature of ref %s (mounted at %s) cannot be checked: the keys cannot be "
+                      "read: %s" % (ref, spec.where, policy_error), dict(fields, reason="keys"))
+            return False
+        try:
+            with Store.open(spec.store, notice=None) as store:
+                statement = verify_ref(store, ref, policy, digest=spec.digest)
+        except SignatureError as exc:
+            kind = "signature-expired" if exc.reason == "expired" else "signature-invalid"
+            self._add(kind, "%s (mounted at %s)" % (exc, spec.where), dict(fields, reason=exc.reason))
+            return False
+        except (ComposefsError, OSError) as exc:
+            # Not an answer about the signature (store unreadable, cryptography missing), yet
+            # nothing vouches for the image: still a finding of this kind.
+            self._add("signature-invalid", "signature of ref %s (mounted at %s) cannot be checked: %s"
+                      % (ref, spec.where, _why(exc)), dict(fields, reason="error"))
+            return False
+        if statement.expires is not None:
+            self.result.expiries.append((spec.where, ref, statement.expires))
+        return True
+
     # -- mounts -------------------------------------------------------------------
     def _check_mount(self, spec: MountSpec, entries: List[mountinfo.MountInfo],
-                     checked: Dict[str, Set[bytes]], used_images: Set[str]) -> None:
+                     checked: Dict[str, Set[bytes]], used_images: Set[str], unvouched: bool = False) -> None:
         fields = {"mount": spec.where, "image_digest": spec.digest}
         image_ok, image_verity = self._check_image(spec, fields)
         top = mountinfo.top_mount(spec.where, entries)
@@ -193,6 +243,11 @@ class Checker:
             if not image_ok:
                 self._add("mount-remount-failed", "not mounting %s again: its image file is not the expected one"
                           % spec.where, fields)
+                return
+            if unvouched:
+                # Repair, never bless: no signature vouches for the image now.
+                self._add("mount-remount-failed", "not mounting %s again: the signature of ref %s does not vouch "
+                          "for image %s" % (spec.where, spec.ref, spec.digest), dict(fields, ref=spec.ref))
                 return
             try:
                 how = remount(spec, pin=image_verity)

@@ -14,8 +14,11 @@ import os
 import reprlib
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from composefs_fleet.errors import ComposefsError
 from composefs_fleet.json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
+from composefs_fleet.ref_trust import TrustPolicy
 from composefs_fleet.safe_dirs import READ_FLAGS, UnsafePathError, open_regular
+from composefs_fleet.store_names import split_ref_name
 
 DEFAULT_PATH = "/etc/composefs-fleet/agent.json"
 FORMAT_VERSION = 1
@@ -31,10 +34,10 @@ class ConfigError(Exception):
 
 
 class MountSpec:
-    __slots__ = ("where", "image", "digest", "basedirs", "verity", "remount", "upperdir", "workdir")
+    __slots__ = ("where", "image", "digest", "basedirs", "verity", "remount", "upperdir", "workdir", "ref")
 
     def __init__(self, where: str, image: str, digest: str, basedirs: List[str], verity: str, remount: bool,
-                 upperdir: Optional[str], workdir: Optional[str]) -> None:
+                 upperdir: Optional[str], workdir: Optional[str], ref: Optional[str] = None) -> None:
         self.where = where
         self.image = image
         self.digest = digest
@@ -43,19 +46,36 @@ class MountSpec:
         self.remount = remount
         self.upperdir = upperdir
         self.workdir = workdir
+        # The ref the image was mounted by; its signature is checked every pass (with trusted keys).
+        self.ref = ref
+
+    @property
+    def store(self) -> str:
+        """The store of the image (``<store>/images/<digest>``, as validated when ``ref`` is set)."""
+        return os.path.dirname(os.path.dirname(self.image))
 
 
 class Config:
-    __slots__ = ("path", "interval", "quarantine", "textfile", "stores", "mounts")
+    __slots__ = ("path", "interval", "quarantine", "textfile", "stores", "mounts", "trusted_keys", "revoked_keys")
 
     def __init__(self, path: str, interval: float, quarantine: bool, textfile: str, stores: List[str],
-                 mounts: List[MountSpec]) -> None:
+                 mounts: List[MountSpec], trusted_keys: Optional[List[str]] = None,
+                 revoked_keys: Optional[List[str]] = None) -> None:
         self.path = path
         self.interval = interval
         self.quarantine = quarantine
         self.textfile = textfile
         self.stores = stores
         self.mounts = mounts
+        # Key files or directories (sign_keys' sources); read again every pass, so a key
+        # dropped into a revocation directory counts from the next pass on.
+        self.trusted_keys = list(trusted_keys or [])
+        self.revoked_keys = list(revoked_keys or [])
+
+    @property
+    def signed_mounts(self) -> List[MountSpec]:
+        """Mounts whose ref's signature is checked: those with a ref, when trusted keys are configured."""
+        return [m for m in self.mounts if m.ref is not None] if self.trusted_keys else []
 
 
 # Values quoted in problems: short, and shallow (a deeply nested value must
@@ -70,9 +90,9 @@ def _show(value: Any) -> str:
     return _SHOW.repr(value)
 
 
-_TOP = {"version", "interval", "quarantine", "textfile", "stores", "mounts"}
+_TOP = {"version", "interval", "quarantine", "textfile", "stores", "mounts", "trusted_keys", "revoked_keys"}
 _STORE = {"path"}
-_MOUNT = {"where", "image", "digest", "basedirs", "verity", "remount", "upperdir", "workdir"}
+_MOUNT = {"where", "image", "digest", "basedirs", "verity", "remount", "upperdir", "workdir", "ref"}
 
 
 def _abs_path(value: Any, what: str, problems: List[str], optional: bool = False) -> Optional[str]:
@@ -90,6 +110,33 @@ def _hex64(value: Any, what: str, problems: List[str]) -> Optional[str]:
         problems.append("%s must be 64 hex digits (an fs-verity sha256 digest), got %s" % (what, _show(value)))
         return None
     return value.lower()
+
+
+def _ref(value: Any, what: str, image: Optional[str], digest: Optional[str], problems: List[str]) -> Optional[str]:
+    """A ref name; its signature lives in the image's store, so the image must be that store's file."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        problems.append("%s must be a ref name (like app/v1), got %s" % (what, _show(value)))
+        return None
+    try:
+        split_ref_name(value)
+    except ComposefsError as exc:
+        problems.append("%s: %s" % (what, exc))
+        return None
+    if image and digest and (os.path.basename(os.path.dirname(image)) != "images" or os.path.basename(image) != digest):
+        problems.append("%s needs the image file in its store, STORE/images/%s (the signature is STORE/signatures/%s),"
+                        " got %s" % (what, digest, value, _show(image)))
+        return None
+    return value
+
+
+def _key_paths(raw: Any, what: str, problems: List[str]) -> List[str]:
+    if not isinstance(raw, list):
+        problems.append("%s must be a list of absolute paths (key files or directories)" % what)
+        return []
+    paths = [_abs_path(p, "%s[%d]" % (what, i), problems) for i, p in enumerate(raw)]
+    return [p for p in paths if p]
 
 
 def _unknown(obj: Dict[str, Any], allowed: set, what: str, problems: List[str]) -> None:
@@ -143,9 +190,11 @@ def parse(data: bytes, path: str = "<config>") -> Config:
         if store:
             stores.append(store)
     mounts = _mounts(doc.get("mounts", []), problems)
+    trusted = _key_paths(doc.get("trusted_keys", []), "trusted_keys", problems)
+    revoked = _key_paths(doc.get("revoked_keys", []), "revoked_keys", problems)
     if problems:
         raise ConfigError(path, problems)
-    return Config(path, float(interval), bool(quarantine), textfile, stores, mounts)
+    return Config(path, float(interval), bool(quarantine), textfile, stores, mounts, trusted, revoked)
 
 
 def _mounts(raw: Any, problems: List[str]) -> List[MountSpec]:
@@ -175,11 +224,12 @@ def _mounts(raw: Any, problems: List[str]) -> List[MountSpec]:
         workdir = _abs_path(item.get("workdir"), what + ".workdir", problems, optional=True)
         if (upperdir is None) != (workdir is None) and len(problems) == n:
             problems.append("%s: upperdir and workdir go together" % what)
+        ref = _ref(item.get("ref"), what + ".ref", image, digest, problems)
         if where in seen:
             problems.append("%s: %s is listed twice" % (what, where))
         seen.add(where)
         if len(problems) == n and where and image and digest:
-            mounts.append(MountSpec(where, image, digest, basedirs, verity, remount, upperdir, workdir))
+            mounts.append(MountSpec(where, image, digest, basedirs, verity, remount, upperdir, workdir, ref))
     return mounts
 
 
@@ -196,4 +246,32 @@ def load(path: str) -> Config:
         raise ConfigError(path, ["cannot read it: %s" % (exc.strerror or exc)]) from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(path, ["larger than %d bytes" % MAX_CONFIG_BYTES])
-    return parse(data, path)
+    config = parse(data, path)
+    problems = key_problems(config)
+    if problems:
+        raise ConfigError(path, problems)
+    return config
+
+
+def load_policy(config: Config) -> TrustPolicy:
+    """The trust policy of ``config``'s key files (StoreError naming the file that cannot be used)."""
+    return TrustPolicy.load(config.trusted_keys, config.revoked_keys)
+
+
+def key_problems(config: Config) -> List[str]:
+    """Why the configured keys cannot be used (empty when they can, or when none is configured).
+
+    Checked when the file is loaded, so ``--check-config`` (the role's
+    validation) and a reload refuse a key path that is missing or holds
+    something that is not an ed25519 public key; every pass reads the keys
+    again.  An empty key directory is no problem: no trusted key means no
+    signature is asked for (the core's rule), and the config-loaded entry
+    says so.
+    """
+    if not config.trusted_keys and not config.revoked_keys:
+        return []
+    try:
+        load_policy(config)
+    except (ComposefsError, OSError) as exc:
+        return ["keys: %s" % exc]
+    return []

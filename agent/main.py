@@ -79,8 +79,9 @@ class Agent:
             config.textfile = self.args.textfile
         self.config = config
         self.config_valid = True
-        self.journal.entry("config-loaded", "configuration %s loaded: %d stores, %d mounts, every %gs"
-                           % (config.path, len(config.stores), len(config.mounts), config.interval),
+        self.journal.entry("config-loaded", "configuration %s loaded: %d stores, %d mounts, every %gs%s"
+                           % (config.path, len(config.stores), len(config.mounts), config.interval,
+                              _signatures_note(config)),
                            {"path": config.path})
         return True
 
@@ -115,11 +116,11 @@ class Agent:
         fields: Dict[str, object] = {
             "pass": result.number, "healthy": 1 if result.healthy else 0, "findings": len(unresolved),
             "repairs": sum(repairs.values()), "objects": result.objects, "mounts": result.mounts,
-            "duration": "%.6f" % result.duration,
+            "signatures": result.signatures, "duration": "%.6f" % result.duration,
         }
         if config.textfile:
             text = render(problems, repairs, result.healthy, result.duration, time.time(), result.objects,
-                          result.mounts, self.passes, self.config_valid)
+                          result.mounts, self.passes, self.config_valid, result.signatures, result.expiries)
             try:
                 write(config.textfile, text)
             except OSError as exc:
@@ -172,6 +173,20 @@ class Agent:
         return 0
 
 
+def _signatures_note(config: config_mod.Config) -> str:
+    """What the config-loaded entry says about signed refs (nothing when none is configured)."""
+    signed = config.signed_mounts
+    if not signed:
+        return ""
+    try:
+        empty = config_mod.load_policy(config).empty
+    except Exception:  # pylint: disable=broad-except  # each pass reports unusable keys as a finding
+        empty = False
+    if empty:
+        return "; signatures of %d refs NOT checked: no public key in %s" % (len(signed), ", ".join(config.trusted_keys))
+    return "; signatures of %d refs checked" % len(signed)
+
+
 def _drain(fd: int) -> None:
     try:
         while os.read(fd, 512):
@@ -220,7 +235,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_FINDINGS
     if args.json:
         json.dump({"pass": result.number, "healthy": result.healthy, "objects": result.objects,
-                   "mounts": result.mounts, "duration": result.duration,
+                   "mounts": result.mounts, "signatures": result.signatures, "duration": result.duration,
                    "findings": [f.as_dict() for f in result.findings]}, sys.stdout, indent=1, sort_keys=True)
         print()
     return EXIT_HEALTHY if result.healthy else EXIT_FINDINGS

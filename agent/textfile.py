@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Sequence, Tuple
 
 from composefs_fleet.atomic_file import write_atomic
 
@@ -16,7 +16,8 @@ PREFIX = "composefs_fleet_agent_"
 
 
 def render(findings: Dict[str, int], repairs: Dict[str, int], healthy: bool, duration: float,
-           timestamp: float, objects: int, mounts: int, passes: int, config_valid: bool) -> str:
+           timestamp: float, objects: int, mounts: int, passes: int, config_valid: bool,
+           signatures: int = 0, expiries: Sequence[Tuple[str, str, int]] = ()) -> str:
     out: List[str] = []
 
     def metric(name: str, help_text: str, values: Dict[str, float], label: str = "") -> None:
@@ -37,7 +38,22 @@ def render(findings: Dict[str, int], repairs: Dict[str, int], healthy: bool, dur
     metric("passes_total", "Passes since the agent started.", {"": passes})
     metric("config_valid", "0 when the last configuration load failed (the previous one is in use).",
            {"": 1 if config_valid else 0})
+    metric("signatures_checked", "Signed statements of mounted refs checked by the last pass.", {"": signatures})
+    # Alerting on this one warns before a statement expires (signature-expired comes only after).
+    name = PREFIX + "signature_expiry_timestamp_seconds"
+    out.append("# HELP %s When the signed statement of a mounted ref expires (Unix time; verified ones with an "
+               "expiry)." % name)
+    out.append("# TYPE %s gauge" % name)
+    for where, ref, expires in expiries:
+        out.append('%s{mount="%s",ref="%s"} %d' % (name, _label(where), _label(ref), expires))
     return "\n".join(out) + "\n"
+
+
+def _label(value: str) -> str:
+    """A label value in the text exposition format (UTF-8; backslash, quote and newline escaped)."""
+    # A path's bytes that are not UTF-8 (surrogate escapes) are shown as \udcXX escapes.
+    text = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _number(value: float) -> str:
@@ -49,4 +65,4 @@ def _number(value: float) -> str:
 
 
 def write(path: str, text: str) -> None:
-    write_atomic(path, text.encode("ascii"), mode=0o644)
+    write_atomic(path, text.encode("utf-8"), mode=0o644)

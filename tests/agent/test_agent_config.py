@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,50 @@ def test_message_ids_are_fixed_unique_and_documented():
         assert "`%s`" % kind in readme and info.message_id in readme, kind
     assert set(REPAIRS) == {"mount-remounted", "object-verity-enabled", "object-quarantined"}
     assert not set(PROBLEMS) & set(REPAIRS)
+
+
+def test_ref_and_keys_are_read():
+    image = "/var/lib/cfs/images/" + DIGEST
+    cfg = _parse({"trusted_keys": ["/etc/k/trusted.d/"], "revoked_keys": ["/etc/k/revoked.pub"],
+                  "mounts": [_mount(ref="app/v1", image=image), _mount(where="/srv/other")]})
+    assert cfg.trusted_keys == ["/etc/k/trusted.d"] and cfg.revoked_keys == ["/etc/k/revoked.pub"]
+    assert (cfg.mounts[0].ref, cfg.mounts[0].store, cfg.mounts[1].ref) == ("app/v1", "/var/lib/cfs", None)
+    assert [m.where for m in cfg.signed_mounts] == ["/srv/app"]
+    # Without trusted keys a ref is kept but nothing is checked.
+    assert _parse({"mounts": [_mount(ref="app/v1", image=image)]}).signed_mounts == []
+
+
+def test_bad_refs_and_key_lists_are_listed():
+    doc = {"trusted_keys": "/etc/k", "revoked_keys": ["relative.pub", 3],
+           "mounts": [_mount(ref="../etc"), _mount(where="/a", ref=7),
+                      _mount(where="/b", ref="app/v1", image="/var/lib/cfs/app.img"),
+                      _mount(where="/c", ref="app/v1", image="/var/lib/cfs/images/" + "cd" * 32)]}
+    with pytest.raises(config.ConfigError) as err:
+        _parse(doc)
+    text = "\n".join(err.value.problems)
+    for needle in ("trusted_keys must be a list of absolute paths", "revoked_keys[0] must be an absolute path",
+                   "revoked_keys[1] must be an absolute path", "mounts[0].ref: ref name '../etc' contains '..'",
+                   "mounts[1].ref must be a ref name (like app/v1), got 7",
+                   "mounts[2].ref needs the image file in its store, STORE/images/%s" % DIGEST,
+                   "mounts[3].ref needs the image file in its store"):
+        assert needle in text, (needle, text)
+
+
+def test_check_config_refuses_keys_it_cannot_use(tmp_path: Path):
+    """A missing key path, or a private key given as trusted, fails --check-config (the role's validation)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (it makes the test's ed25519 key)")
+    pytest.importorskip("cryptography", reason="the Python package cryptography (python3-cryptography) is missing")
+    private, public = tmp_path / "k.pem", tmp_path / "k.pub"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(private)], check=True)
+    subprocess.run(["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)], check=True)
+    argv = [sys.executable, "-m", "composefs_fleet_agent", "--check-config", "--config"]
+    cases = {"good": ([str(public)], 0, "valid"),
+             "missing": ([str(tmp_path / "none.pub")], 2, "keys: key file %s: No such file" % (tmp_path / "none.pub")),
+             "private": ([str(private)], 2, "holds a private key; trust needs the public key only")}
+    for name, (trusted, rc, needle) in cases.items():
+        path = tmp_path / (name + ".json")
+        path.write_text(json.dumps({"trusted_keys": trusted, "mounts": [_mount()]}))
+        res = subprocess.run(argv + [str(path)], capture_output=True, text=True)
+        assert res.returncode == rc and needle in res.stdout + res.stderr, (name, res.stdout, res.stderr)
+        assert "Traceback" not in res.stderr
