@@ -10,7 +10,7 @@ configuration its trusted and revoked keys; the role's validation
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import shutil
 import subprocess
@@ -27,17 +27,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _pull_play() -> ModuleType:
-    """tests/collection/pull_play.py (its playbook runner), loaded by path: tests/collection is on
-    sys.path only when its own tests are collected."""
-    module = sys.modules.get("pull_play")
-    if module is None:
-        spec = importlib.util.spec_from_file_location("pull_play", str(REPO / "tests/collection/pull_play.py"))
-        if spec is None or spec.loader is None:
-            raise ImportError("tests/collection/pull_play.py cannot be loaded")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["pull_play"] = module
-        spec.loader.exec_module(module)
-    return module
+    """tests/collection/pull_play.py (its playbook runner): tests/collection is on sys.path only when
+    its own tests are collected."""
+    if str(REPO / "tests" / "collection") not in sys.path:
+        sys.path.append(str(REPO / "tests" / "collection"))
+    return importlib.import_module("pull_play")
 
 
 def test_role_writes_ref_and_keys_and_refuses_a_missing_key(tmp_path: Path):
@@ -57,12 +51,15 @@ def test_role_writes_ref_and_keys_and_refuses_a_missing_key(tmp_path: Path):
     subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(tmp_path / "k.pem")], check=True)
     subprocess.run(["openssl", "pkey", "-in", str(tmp_path / "k.pem"), "-pubout", "-out", str(trusted / "k.pub")],
                    check=True)
+    # The agent's command (agent_install: false): the console script next to this Python, which
+    # imports the agent from PYTHONPATH (this checkout's, as for every CLI the tests run).
+    installed = Path(sys.executable).parent / "composefs-fleet-agent"
+    if not installed.is_file():
+        pytest.skip("%s is not installed (pip install -e . installs it)" % installed)
     bindir = tmp_path / "bin"
     bindir.mkdir()
     agent = bindir / "composefs-fleet-agent"
-    agent.write_text("#!/bin/sh\nPYTHONPATH=%s exec %s -m composefs_fleet_agent \"$@\"\n"
-                     % (REPO / ".shim", sys.executable))
-    agent.chmod(0o755)
+    agent.symlink_to(installed)
     config = tmp_path / "agent.json"
     (tmp_path / "units").mkdir()
     agent_vars = {"agent_install": False, "agent_bin_dir": str(bindir), "agent_config": str(config),
