@@ -55,8 +55,7 @@ KINDS: Dict[str, Kind] = {
     "object-quarantined": Kind("61d5bd90567347d18803e309f58b319d", NOTICE, True,
                                "a mismatching object was moved aside"),
     "signature-invalid": Kind("c84562bc059b477e82f2d8968bd1f313", ERR, False,
-                              "a mounted ref's signature does not vouch for its image (unsigned, untrusted, "
-                              "revoked, tampered, another ref or image, keys unusable)"),
+                              "a mounted ref's signature does not vouch for its image (COMPOSEFS_REASON says why)"),
     "signature-expired": Kind("f8e870bf92d749589c7286171ca9c198", WARNING, False,
                               "a mounted ref's signed statement has expired: sign it again"),
     "check-failed": Kind("b7d347472b264d03826045308170c77b", ERR, False, "a check failed unexpectedly"),
