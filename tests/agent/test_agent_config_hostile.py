@@ -92,3 +92,27 @@ def test_fifo_as_config_is_refused_without_waiting(tmp_path):
     os.mkfifo(str(fifo))
     with pytest.raises(config.ConfigError, match="not a regular file"):
         config.load(str(fifo))
+
+
+def test_hostile_keys_and_refs_are_refused_without_hanging(tmp_path: Path):
+    """A FIFO or a device as a key file must not block --check-config (nor a reload); a huge or nested
+    ref is refused with a short message."""
+    pytest.importorskip("cryptography", reason="the Python package cryptography (python3-cryptography) is missing")
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(str(fifo))
+    digest = "ab" * 32
+    mount = {"where": "/srv/app", "image": "/s/images/" + digest, "digest": digest, "basedirs": ["/s/objects"]}
+    cases = {
+        "fifo": ({"trusted_keys": [str(fifo)]}, "keys: key file %s: not a regular file" % fifo),
+        "device": ({"revoked_keys": ["/dev/zero"]}, "keys: key file /dev/zero: not a regular file"),
+        "nested": ({"trusted_keys": [[[["/k"]]]]}, "trusted_keys[0] must be an absolute path, got [[[...]]]"),
+        "long-ref": ({"mounts": [dict(mount, ref="a" * 5000)]}, "mounts[0].ref: ref name too long"),
+        "nested-ref": ({"mounts": [dict(mount, ref={"a": [[["b"]]]})]}, "mounts[0].ref must be a ref name"),
+    }
+    for name, (doc, needle) in cases.items():
+        path = tmp_path / (name + ".json")
+        path.write_text(json.dumps(doc))
+        res = subprocess.run(AGENT + ["--check-config", "--config", str(path)], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 2 and needle in res.stderr, (name, res.stderr)
+        assert "Traceback" not in res.stderr and len(res.stderr) < 1000, (name, res.stderr)

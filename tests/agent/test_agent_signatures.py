@@ -131,6 +131,20 @@ def test_the_sign_cli_s_statement_verifies_too(signed: Signed):
     assert not [k for k in signed.node.metrics() if k.startswith("signature_expiry")]
 
 
+def test_ostree_format_key_files_are_trusted_and_revoked_too(signed: Signed):
+    """ostree's ed25519 public key file: base64 of the raw 32 bytes (openssl pkey -outform DER -pubout | tail -c 32)."""
+    der = subprocess.run(["openssl", "pkey", "-in", str(signed.keys["other"][0]), "-pubout", "-outform", "DER"],
+                         check=True, capture_output=True).stdout
+    for key in signed.trusted_dir.iterdir():
+        key.unlink()
+    (signed.trusted_dir / "other.ed25519").write_text(base64.b64encode(der[-32:]).decode() + "\n")
+    signed.sign("other")
+    res = run_once(signed.config())
+    assert res.returncode == 0, res.stderr
+    (signed.revoked_dir / "other.ed25519").write_text(base64.b64encode(der[-32:]).decode() + "\n")
+    _refused(signed, "signature-invalid", "revoked", "signed only by revoked key")
+
+
 def test_unsigned_ref_is_invalid(signed: Signed):
     _refused(signed, "signature-invalid", "unsigned", "signatures/app/v1 is missing")
 
