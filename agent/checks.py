@@ -199,8 +199,10 @@ class Checker:
             return None, None
         try:
             return load_policy(config), None
-        except (ComposefsError, OSError) as exc:
-            return None, _why(exc)
+        except ComposefsError as exc:
+            return None, str(exc)
+        except OSError as exc:  # from a key directory's listing: name the entry
+            return None, "%s: %s" % (os.fsdecode(exc.filename or "?"), _why(exc))
 
     def _check_signature(self, spec: MountSpec, policy: Optional[TrustPolicy], policy_error: Optional[str]) -> bool:
         """Whether the ref's signed statement vouches for the mount's image now (else a finding says why)."""

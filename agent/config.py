@@ -272,6 +272,8 @@ def key_problems(config: Config) -> List[str]:
         return []
     try:
         load_policy(config)
-    except (ComposefsError, OSError) as exc:
+    except ComposefsError as exc:
         return ["keys: %s" % exc]
+    except OSError as exc:  # from a key directory's listing (a dangling link in it, say)
+        return ["keys: %s: %s" % (os.fsdecode(exc.filename or "?"), exc.strerror or exc)]
     return []

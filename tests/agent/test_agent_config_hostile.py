@@ -100,11 +100,15 @@ def test_hostile_keys_and_refs_are_refused_without_hanging(tmp_path: Path):
     pytest.importorskip("cryptography", reason="the Python package cryptography (python3-cryptography) is missing")
     fifo = tmp_path / "key.fifo"
     os.mkfifo(str(fifo))
+    keydir = tmp_path / "trusted.d"
+    keydir.mkdir()
+    (keydir / "gone.pub").symlink_to(tmp_path / "no-such-key")
     digest = "ab" * 32
     mount = {"where": "/srv/app", "image": "/s/images/" + digest, "digest": digest, "basedirs": ["/s/objects"]}
     cases = {
         "fifo": ({"trusted_keys": [str(fifo)]}, "keys: key file %s: not a regular file" % fifo),
         "device": ({"revoked_keys": ["/dev/zero"]}, "keys: key file /dev/zero: not a regular file"),
+        "dangling": ({"trusted_keys": [str(keydir)]}, "keys: %s: No such file or directory" % (keydir / "gone.pub")),
         "nested": ({"trusted_keys": [[[["/k"]]]]}, "trusted_keys[0] must be an absolute path, got [[[...]]]"),
         "long-ref": ({"mounts": [dict(mount, ref="a" * 5000)]}, "mounts[0].ref: ref name too long"),
         "nested-ref": ({"mounts": [dict(mount, ref={"a": [[["b"]]]})]}, "mounts[0].ref must be a ref name"),
