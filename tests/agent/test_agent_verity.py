@@ -10,13 +10,13 @@ others are the kernel's replies stood in for (tests/guest runs them for real).
 from __future__ import annotations
 
 import os
-import types
 
 import pytest
 
 from composefs_fleet import fsverity_digest, fsverity_ioctl
 from composefs_fleet.errors import VerityError, VerityNotEnabled, VerityNotSupported
 from composefs_fleet_agent.checks import Checker, PassResult
+from composefs_fleet_agent.config import Config
 
 
 class Kernel:
@@ -102,7 +102,7 @@ def test_filesystem_without_verity_is_asked_once_per_pass(tmp_path, monkeypatch,
     _check(checker, tmp_path, data=b"other" * 100, require=require, name="obj2")
     assert calls == ["measure"] and checker._no_verity_devs
     # ... until the next pass: device numbers of unmounted filesystems are reused.
-    checker.run(types.SimpleNamespace(stores=[], mounts=[]), 2, False)
+    checker.run(Config("<test>", 300.0, False, "", [], []), 2, False)
     assert not checker._no_verity_devs
 
 
