@@ -39,10 +39,8 @@ def keys(tmp_path_factory) -> Dict[str, Tuple[Path, Path]]:
     """name -> (private PEM, public PEM), made by openssl."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed (it makes the test's ed25519 keys)")
-    try:
-        import cryptography  # noqa: F401
-    except ImportError:
-        pytest.skip("the Python package cryptography is not installed (python3-cryptography): signed refs need it")
+    pytest.importorskip("cryptography", reason="the Python package cryptography (python3-cryptography) is missing: "
+                        "signed refs need it")
     base = tmp_path_factory.mktemp("keys")
     out = {}
     for name in ("trusted", "other", "stranger"):
