@@ -250,3 +250,27 @@ def test_sign_cli_writes_what_fsverity_sign_writes(tmp_path):
     assert cli.run("rm-ref", "app").returncode == 0
     assert cli.run("gc").returncode == 0
     assert os.listdir(tmp_path / "store" / "images") == []
+
+
+def test_a_pull_brings_the_image_signature_with_the_image(store, tmp_path, signer):
+    """A file:// remote serving images/<digest>.sig: the node stores it byte for byte, and a
+    second pull changes nothing; a remote .sig that is no PKCS#7 stops the pull before anything
+    is written."""
+    from composefs_fleet.pull import pull
+    from composefs_fleet.store import Store
+
+    source = Store.init(str(tmp_path / "source"))[0]
+    digest, _data = added(source, tmp_path, 7, "app/v1")
+    sig = signer(digest)
+    write_image_signature(source, digest, sig)
+    first = pull(store, "file://%s" % source.path.decode(), "app/v1")
+    assert first.image_fetched and first.image_signature and first.image_signed
+    assert read_image_signature(store, digest) == sig
+    again = pull(store, "file://%s" % source.path.decode(), "app/v1")
+    assert not again.changed and again.image_signature
+    # A damaged .sig on the remote: refused by name, the node keeps what it had.
+    node = Store.init(str(tmp_path / "node"))[0]
+    (Path(os.fsdecode(source.images_dir)) / (digest + ".sig")).write_bytes(b"\x30\x03\x02\x01\x00")
+    with pytest.raises(StoreError, match=r"images/%s\.sig: not a usable fs-verity signature" % digest):
+        pull(node, "file://%s" % source.path.decode(), "app/v1")
+    assert images_listing(node) == [] and not os.listdir(os.fsdecode(node.objects_dir))
