@@ -202,3 +202,78 @@ def test_guest_pulls_through_a_reverse_tunnel_and_mounts_with_verity_require(gue
     assert "connection refused" in closed.stderr, closed.stderr
     assert "Traceback" not in closed.stderr
     assert closed_requests == [], closed_requests
+
+
+SIGNED_REF = "app/signed"
+SIGNED_STORE = "/var/lib/cfpull/signed"
+# In the guest, one process: the kernel keyring gets the image signer's certificate; then a pull
+# with the trusted ed25519 key fetches the statement, the image (with images/<digest>.sig, given to
+# FS_IOC_ENABLE_VERITY) and the objects; the signature the kernel holds is read back.
+_SIGNED_PULL = r"""
+import json, os, subprocess, sys
+from composefs_fleet import fsverity_ioctl, kernel_keyring
+from composefs_fleet.fsverity_sig import cert_der
+spec = json.loads(sys.stdin.readline())
+out = {}
+os.makedirs("/var/tmp/cfsigned", exist_ok=True)
+with open("/var/tmp/cfsigned/fleet.pub", "w") as f:
+    f.write(spec["pub"])
+with open("/var/tmp/cfsigned/other.pub", "w") as f:
+    f.write(spec["other_pub"])
+kernel_keyring.add_certificate(cert_der(spec["cert"].encode()))
+def pull(*extra):
+    res = subprocess.run(["composefs-store", "--repo", spec["store"], "pull", "--json", spec["url"], spec["ref"]]
+                         + list(extra), capture_output=True, text=True)
+    return {"rc": res.returncode, "out": res.stdout, "err": res.stderr}
+subprocess.run(["composefs-store", "--repo", spec["store"], "init"], check=True, capture_output=True)
+out["untrusted"] = pull("--trusted-key", "/var/tmp/cfsigned/other.pub")
+out["listing_after_refusal"] = sorted(os.listdir(spec["store"] + "/images")) + sorted(os.listdir(spec["store"] + "/objects"))
+out["pull"] = pull("--trusted-key", "/var/tmp/cfsigned/fleet.pub")
+image = spec["store"] + "/images/" + spec["digest"]
+fd = os.open(image, os.O_RDONLY)
+try:
+    out["kernel_signature"] = fsverity_ioctl.read_signature(fd).hex()
+    out["measured"] = fsverity_ioctl.measure_verity(fd)[1].hex()
+finally:
+    os.close(fd)
+with open(image + ".sig", "rb") as f:
+    out["sig_file"] = f.read().hex()
+out["verify"] = subprocess.run(["composefs-store", "--repo", spec["store"], "verify", spec["ref"], "--trusted-key",
+                                "/var/tmp/cfsigned/fleet.pub"], capture_output=True, text=True).returncode
+print(json.dumps(out))
+"""
+
+
+def test_guest_pull_verifies_the_signed_ref_and_hands_the_image_signature_to_the_kernel(guest, nginx, tmp_path):
+    src, store = tmp_path / "src", tmp_path / "store"
+    _make_source(src)
+    _store_cli("--repo", str(store), "init")
+    digest = _store_cli("--repo", str(store), "--json", "add-image", str(src), "--ref", SIGNED_REF)["digest"]
+    keys = {}
+    for name in ("fleet", "other"):
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(tmp_path / (name + ".key"))], check=True)
+        keys[name] = subprocess.run(["openssl", "pkey", "-in", str(tmp_path / (name + ".key")), "-pubout"], check=True,
+                                    capture_output=True, text=True).stdout
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "rsa.key"),
+                    "-out", str(tmp_path / "rsa.crt"), "-subj", "/CN=fleet pull signer", "-days", "2"],
+                   check=True, capture_output=True)
+    _store_cli("--repo", str(store), "sign", SIGNED_REF, "--key", str(tmp_path / "fleet.key"),
+               "--fsverity-key", str(tmp_path / "rsa.key"), "--fsverity-cert", str(tmp_path / "rsa.crt"))
+    sig_file = (store / "images" / (digest + ".sig")).read_bytes()
+    server = nginx(store)
+    with guest.vm.reverse_tunnel(server.port) as port:
+        spec = {"url": "http://127.0.0.1:%d%s/" % (port, server.prefix), "ref": SIGNED_REF, "store": SIGNED_STORE,
+                "digest": digest, "pub": keys["fleet"], "other_pub": keys["other"],
+                "cert": (tmp_path / "rsa.crt").read_text()}
+        res = guest.vm.run(["env", "PYTHONPATH=%s/lib" % guest_vm.GUEST_ROOT, "python3", "-c", _SIGNED_PULL],
+                           input=(json.dumps(spec) + "\n").encode(), timeout=300)
+    out = json.loads(res.stdout)
+    # A key the statement was not signed with: refused before the image or any object was written.
+    assert out["untrusted"]["rc"] == 1 and "none of them a trusted key" in out["untrusted"]["err"], out["untrusted"]
+    assert out["listing_after_refusal"] == []
+    pulled = json.loads(out["pull"]["out"])
+    assert out["pull"]["rc"] == 0 and pulled["signature"]["keys"] and pulled["image_signed"] is True, out["pull"]
+    # The kernel accepted the image's PKCS#7 signature (its certificate is in .fs-verity) and holds exactly it.
+    assert out["kernel_signature"] == out["sig_file"] == sig_file.hex()
+    assert out["measured"] == digest
+    assert out["verify"] == 0
