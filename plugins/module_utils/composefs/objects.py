@@ -591,6 +591,33 @@ class ObjectBatch:
             self._pending.append((tmp, digest, dev))
         return True
 
+    def add_unnamed(self, src: Callable[[int], bytes], size: Optional[int] = None) -> Tuple[bytes, bool]:
+        """Stage content whose digest is known only once it is written (a stream).
+
+        ``src`` writes the content into the temp file's descriptor and returns
+        its fs-verity digest.  (digest, staged): not staged (the temp file
+        removed) when the store or this batch has it already.
+        """
+        found: List[bytes] = []
+
+        def write(fd: int) -> None:
+            found.append(src(fd))
+
+        shown = os.fsdecode(self.dir.path)
+        tmp, dev = _write_temp(self.dir.fd, write, size, False,
+                               lambda: "a new object%s into %s" % ("" if size is None else " (%d bytes)" % size, shown))
+        digest = found[0]
+        _check_digest(digest)
+        with self._lock:
+            duplicate = digest in self._digests
+            self._digests.add(digest)
+        if duplicate or self.dir.lstat(digest) is not None:
+            self.dir.discard(tmp)
+            return digest, False
+        with self._lock:
+            self._pending.append((tmp, digest, dev))
+        return digest, True
+
     def take_pending(self) -> List[Tuple[bytes, bytes, int]]:
         """Hand over the staged (temp name, digest, st_dev) entries: another process commits them.
 

@@ -15,6 +15,7 @@ Layout of ``STORE``::
                           signed (store_image_sig); given to the kernel with fs-verity
     refs/<name>           "<image digest>\\n"; names may contain "/" (subdirectories)
     signatures/<name>     the signed statement of ref <name>, when it is signed (ref_trust)
+    oci/<digest>          the OCI manifest and config an image was imported from (oci_import)
     cache/digests         digest cache of source files (see store_cache)
     damaged/              where ``fsck --repair`` moves damaged objects and images
     lock, gate.lock, gc.lock   flock files (see store_lock)
@@ -105,10 +106,11 @@ REFS = b"refs"
 DAMAGED = b"damaged"
 CACHE = b"cache"
 SIGNATURES = b"signatures"
+OCI_ORIGINS = b"oci"
 
 #: Store directories: opened without following links, owner-checked.
 REQUIRED_DIRS = (OBJECTS, IMAGES, REFS)
-OPTIONAL_DIRS = (CACHE, DAMAGED, SIGNATURES)
+OPTIONAL_DIRS = (CACHE, DAMAGED, SIGNATURES, OCI_ORIGINS)
 #: Mode of a new store and its directories; SHARED_MODE is the C tools' layout.
 PRIVATE_MODE = 0o700
 SHARED_MODE = 0o755

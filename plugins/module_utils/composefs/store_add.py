@@ -86,6 +86,10 @@ class AddResult:
         self.files_hashed = 0
         self.bytes_hashed = 0
         self.cache_hits = 0
+        #: For an OCI source: the manifest and config digests, and the number of layers.
+        self.oci_manifest: Optional[str] = None
+        self.oci_config: Optional[str] = None
+        self.oci_layers = 0
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -112,12 +116,16 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
               skip_xattrs: bool = False, user_xattrs: bool = False, hardlinks: bool = False,
               threads: Optional[int] = None, use_cache: bool = True,
               objects_from: Optional[PathLike] = None, min_version: int = 0, max_version: int = 1,
-              stdin: Any = None, dry_run: bool = False, expected_digest: Optional[str] = None) -> AddResult:
+              stdin: Any = None, dry_run: bool = False, expected_digest: Optional[str] = None,
+              platform: Optional[str] = None) -> AddResult:
     """Build (or take) an image from ``source``, store it and its objects, point ``ref`` at it.
 
     ``dry_run``: write nothing, return what an add would do (module docstring).
     ``expected_digest``: raise :class:`DigestMismatch` before publishing
-    anything if the image's digest differs.
+    anything if the image's digest differs.  ``source`` may also name an OCI
+    image (``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``,
+    ``docker-archive:FILE[:TAG]``; :mod:`.oci_import`), ``platform`` choosing
+    among a multi-platform image's (default: this machine's).
     """
     split_ref_name(ref)
     if skip_xattrs and user_xattrs:
@@ -139,8 +147,10 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
             kind, root, data = _load_source(store, batch, source, result, use_epoch=use_epoch, skip_devices=skip_devices,
                                             skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
                                             threads=threads, use_cache=use_cache, stdin=stdin, plan=plan,
-                                            known=known)
+                                            known=known, platform=platform)
             result.source_kind = kind
+            if kind == "oci":
+                batch.commit(close=False)  # every layer passed its checks: its objects may get names
             needed = image_objects(root)
             if needed.problems:
                 raise StoreError("%s: cannot be stored: %s%s" % (
@@ -186,6 +196,10 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
                         memo.save(memo_key)
                     except OSError:
                         pass  # only a performance aid
+            if kind == "oci":
+                from .oci_import import record_origin
+
+                record_origin(store, result.digest, result, os.fsdecode(source))
             # An unchanged ref is left alone: rewriting it would only cost a
             # write and two fsyncs on every no-change run.
             if result.previous != result.digest:
@@ -246,7 +260,19 @@ def _present(objdir: ObjectDir, hexd: str, size: Optional[int], source: str) -> 
 def _load_source(store: Store, batch: ObjectBatch, source: PathLike, result: AddResult, *, use_epoch: bool, skip_devices: bool,
                  skip_xattrs: bool, user_xattrs: bool, hardlinks: bool, threads: Optional[int],
                  use_cache: bool, stdin: Any, plan: Optional[_Plan] = None,
-                 known: Optional[Set[str]] = None) -> Tuple[str, Node, Optional[bytes]]:
+                 known: Optional[Set[str]] = None, platform: Optional[str] = None) -> Tuple[str, Node, Optional[bytes]]:
+    from .oci_source import is_oci_source
+
+    if is_oci_source(source):
+        from .oci_import import tree_from_oci
+
+        if plan is not None:
+            raise StoreError("an OCI source streams its files into the store: a dry run or an expected digest "
+                             "would have to import it first; import it, then compare")
+        root = tree_from_oci(str(source), batch, result, platform=platform)
+        apply_source_options(root, use_epoch=use_epoch, skip_devices=skip_devices,
+                             skip_xattrs=skip_xattrs, user_xattrs=user_xattrs)
+        return "oci", root, None
     src = os.fsencode(source)
     if src == b"-":
         from .dump import parse_dump
