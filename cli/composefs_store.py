@@ -48,6 +48,7 @@ examples:
   composefs-store --repo /var/lib/cfs init
   composefs-store --repo /var/lib/cfs add-image ./rootfs --ref app/v1
   composefs-store --repo /var/lib/cfs add-image image.cfs --ref app/v2 --objects-from ./objects
+  composefs-store --repo /var/lib/cfs add-image oci-archive:app.tar:latest --ref app/v3
   composefs-store --repo /var/lib/cfs rm-ref app/v1
   composefs-store --repo /var/lib/cfs gc --dry-run
   composefs-store --repo /var/lib/cfs fsck --repair
@@ -95,12 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "list the objects and read the images) instead of 0700")
 
     add = sub.add_parser("add-image", parents=[common],
-                         help="add an image from a directory, a dump file or an image",
+                         help="add an image from a directory, a dump file, an image or an OCI container image",
                          description="Build an image from SOURCE and store it with its objects, then point "
                                      "the ref at it.  SOURCE is a directory (scanned like mkcomposefs does; "
                                      "the image is byte-identical to `mkcomposefs --digest-store`), a "
                                      "composefs-dump(5) file ('-' for stdin), or an existing composefs image "
-                                     "(stored as it is).  Dumps and images carry no file contents: their "
+                                     "(stored as it is), or an OCI container image: oci:DIR[:TAG] (an image "
+                                     "layout), oci-archive:FILE[:TAG] or docker-archive:FILE[:TAG] (as skopeo "
+                                     "names them).  An OCI image's layers are streamed, never unpacked to disk: "
+                                     "files go straight into the store, whiteouts are applied as the image spec "
+                                     "says, every blob and layer is checked against its digest and the "
+                                     "config's diff_ids, and nothing is published unless all match.  Dumps and "
+                                     "images carry no file contents: their "
                                      "objects must be in the store or in --objects-from.  Unchanged files of a "
                                      "directory are not hashed again (digest cache, see --no-cache).")
     add.add_argument("source", metavar="SOURCE")
@@ -118,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--max-version", type=int, default=1, choices=(0, 1), help="maximum image format version")
     add.add_argument("--expected-digest", metavar="HEX",
                      help="fail, and publish nothing, unless the image's fs-verity digest is HEX")
+    add.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                     help="for a multi-platform OCI image: which one (default: this machine's, e.g. linux/amd64)")
     add.add_argument("--dry-run", action="store_true",
                      help="say what the add would do (digest, new objects); write nothing in the store")
 
@@ -190,13 +199,18 @@ def _cmd_add(args: argparse.Namespace) -> int:
         raise _Fail("--threads must be at least 1")
     if args.min_version > args.max_version:
         raise _Fail("--min-version is larger than --max-version")
+    if args.platform is not None:
+        from composefs_fleet.oci_source import is_oci_source
+
+        if not is_oci_source(args.source):
+            raise _Fail("--platform applies to OCI sources (oci:, oci-archive:, docker-archive:)")
     store = _open(args)
     result = add_image(store, args.source, args.ref, use_epoch=args.use_epoch, skip_devices=args.skip_devices,
                        skip_xattrs=args.skip_xattrs, user_xattrs=args.user_xattrs,
                        hardlinks=args.hardlinks, threads=args.threads, use_cache=not args.no_cache,
                        objects_from=args.objects_from, min_version=args.min_version,
                        max_version=args.max_version, expected_digest=args.expected_digest,
-                       dry_run=args.dry_run)
+                       dry_run=args.dry_run, platform=args.platform)
     moved = "" if result.previous in (None, result.digest) else " (was %s)" % result.previous
     lines = [
         "%s%s %s%s" % ("would add " if args.dry_run else "", result.digest, result.ref, moved),

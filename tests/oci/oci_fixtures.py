@@ -207,3 +207,52 @@ def tree_facts(root: Path) -> Dict[str, tuple]:
             size = st.st_size if not os.path.isdir(path) else 0
             facts[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, size, what, tuple(xattrs), st.st_rdev)
     return facts
+
+
+def guest_root_disk() -> Path:
+    """The guest's root filesystem image (a real Debian trixie tree), built if it can be."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "guest"))
+    import guest_vm  # type: ignore[import-not-found]
+
+    if not guest_vm.image_complete():
+        reason = guest_vm.missing_requirements()
+        if reason:
+            unavailable("a Debian root filesystem is needed: " + reason)
+        guest_vm.build_image(quiet=True)
+    return guest_vm.image_dir() / "disk.raw"
+
+
+def debian_layout(work: Path) -> Layout:
+    """A 3-layer gzip image of the guest's Debian tree: the system without /usr/share, then
+    /usr/share, then removals (locales, zoneinfo) and a changed /etc/hostname."""
+    disk = guest_root_disk()
+    mnt = work / "debian-root"
+    mnt.mkdir()
+    run("mount", "-o", "ro,loop,noload", disk, mnt)
+    try:
+        layout = Layout(work / "debian")
+        root = layout.rootfs
+
+        def system(rootfs: Path) -> None:
+            for entry in sorted(os.listdir(mnt)):
+                if entry in ("lost+found", "proc", "sys", "dev", "run", "tmp"):
+                    continue
+                run("cp", "-a", mnt / entry, rootfs / entry)
+            shutil.rmtree(rootfs / "usr" / "share")
+
+        def share(rootfs: Path) -> None:
+            run("cp", "-a", mnt / "usr" / "share", rootfs / "usr" / "share")
+
+        def removals(rootfs: Path) -> None:
+            for gone in ("usr/share/locale", "usr/share/zoneinfo", "usr/share/i18n"):
+                if (rootfs / gone).exists():
+                    shutil.rmtree(rootfs / gone)
+            (rootfs / "etc" / "hostname").write_text("imported\n")
+
+        layout.layer(system)
+        layout.layer(share)
+        layout.layer(removals)
+        assert root.is_dir()
+        return layout
+    finally:
+        run("umount", mnt)

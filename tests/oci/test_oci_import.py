@@ -326,3 +326,29 @@ def test_imported_image_mounts_as_the_unpacked_tree(rich, store, tmp_path, kerne
     ours.pop("."), theirs.pop(".")
     assert ours.keys() == theirs.keys()
     assert {k: v for k, v in ours.items() if v != theirs[k]} == {}
+
+
+def test_dry_run_and_expected_digest_publish_nothing(rich, store):
+    import json
+
+    from oci_fixtures import store_files
+
+    before = store_files(store)
+    dry = json.loads(store_cli("--repo", store, "--json", "add-image", "--dry-run", "oci:" + rich.ref,
+                               "--ref", "d").stdout)
+    assert store_files(store) == before
+    assert dry["objects_written"] > 0 and dry["image_written"]
+    res = store_cli("--repo", store, "add-image", "--expected-digest", "0" * 64, "oci:" + rich.ref, "--ref", "d",
+                    check=False)
+    assert res.returncode == 1 and "not the expected" in res.stderr, res.stderr
+    assert store_files(store) == before
+    real = json.loads(store_cli("--repo", store, "--json", "add-image", "--expected-digest", dry["digest"],
+                                "oci:" + rich.ref, "--ref", "d").stdout)
+    assert real["digest"] == dry["digest"] and real["objects_written"] == dry["objects_written"]
+    assert real["bytes_written"] == dry["bytes_written"]
+
+
+def test_platform_needs_an_oci_source(store, tmp_path):
+    (tmp_path / "tree").mkdir()
+    res = store_cli("--repo", store, "add-image", "--platform", "linux/amd64", tmp_path / "tree", "--ref", "x", check=False)
+    assert res.returncode == 2 and "--platform applies to OCI sources" in res.stderr

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, BinaryIO, Dict, Optional
+from typing import Any, BinaryIO, Dict, Optional, Set
 
 from .errors import StoreError
 from .fsverity_digest import FsVerityHasher
@@ -50,17 +50,29 @@ def _stream_into(handle: BinaryIO, size: int, shown: str) -> Any:
     return write
 
 
-def tree_from_oci(source: str, batch: ObjectBatch, result: Any, platform: Optional[str] = None) -> Node:
-    """The merged tree of the image ``source`` names; new objects staged in ``batch`` (not committed)."""
+def tree_from_oci(source: str, batch: ObjectBatch, result: Any, platform: Optional[str] = None,
+                  stage: bool = True, known: Optional[Set[str]] = None) -> Node:
+    """The merged tree of the image ``source`` names; new objects staged in ``batch`` (not committed).
+
+    ``stage=False`` (a dry run): contents are hashed, not written; those the
+    store lacks are counted as new.  ``known`` gets the hex digest of every
+    object the tree uses that is staged or (dry run) accounted for.
+    """
     blobs, kind, tag = open_source(source)
+    seen: Set[bytes] = set()
     try:
         image = resolve(blobs, kind, tag, platform)
         root = Node(0o040755)
         counts = {"new": 0, "bytes": 0}
 
         def sink(handle: BinaryIO, size: int, shown: str) -> bytes:
-            digest, staged = batch.add_unnamed(_stream_into(handle, size, shown), size)
-            if staged:
+            if stage:
+                digest, new = batch.add_unnamed(_stream_into(handle, size, shown), size)
+            else:
+                digest = _digest_only(handle, size, shown)
+                new = digest not in seen and batch.dir.lstat(digest) is None
+            seen.add(digest)
+            if new:
                 counts["new"] += 1
                 counts["bytes"] += size
             return digest
@@ -83,9 +95,23 @@ def tree_from_oci(source: str, batch: ObjectBatch, result: Any, platform: Option
         result.oci_manifest = image.manifest.digest
         result.oci_config = image.config.digest
         result.oci_layers = len(image.layers)
+        if known is not None:
+            known.update(digest.hex() for digest in seen)
         return root
     finally:
         blobs.close()
+
+
+def _digest_only(handle: BinaryIO, size: int, shown: str) -> bytes:
+    hasher = FsVerityHasher()
+    left = size
+    while left > 0:
+        chunk = handle.read(min(CHUNK, left))
+        if not chunk:
+            raise OciError("%s: truncated (%d of %d bytes)" % (shown, size - left, size))
+        hasher.update(chunk)
+        left -= len(chunk)
+    return hasher.digest()
 
 
 def record_origin(store: Store, digest: str, result: Any, source: str) -> None:

@@ -107,9 +107,10 @@ class DigestMismatch(StoreError):
 class _Plan:
     """Objects a directory source needs that are not in the store yet, found but not copied."""
 
-    def __init__(self) -> None:
+    def __init__(self, dry_run: bool = False) -> None:
         self.copies: List[Tuple[bytes, bytes, int, Key]] = []  # (digest, source path, size, fstat key)
         self.cache: Optional[DigestCache] = None
+        self.dry_run = dry_run
 
 
 def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = False, skip_devices: bool = False,
@@ -137,7 +138,7 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
     result.ref = ref
     # Objects of a directory source are copied while hashing, unless they
     # must wait for the digest check (or never be copied at all).
-    plan = _Plan() if dry_run or expected is not None else None
+    plan = _Plan(dry_run) if dry_run or expected is not None else None
     # Objects this run has seen present (or is copying): checked once, not again.
     known: Set[str] = set()
     # The store's objects/ (opened once, owner-checked); new XX directories get its mode.
@@ -149,8 +150,6 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
                                             threads=threads, use_cache=use_cache, stdin=stdin, plan=plan,
                                             known=known, platform=platform)
             result.source_kind = kind
-            if kind == "oci":
-                batch.commit(close=False)  # every layer passed its checks: its objects may get names
             needed = image_objects(root)
             if needed.problems:
                 raise StoreError("%s: cannot be stored: %s%s" % (
@@ -175,10 +174,13 @@ def add_image(store: Store, source: PathLike, ref: str, *, use_epoch: bool = Fal
                 result.digest = fsverity_digest.digest_bytes(data).hex()
             if expected is not None and result.digest != expected:
                 raise DigestMismatch(expected, result.digest)
+            if kind == "oci" and not dry_run:
+                batch.commit(close=False)  # every layer passed its checks and the image is wanted: publish
             if dry_run:
                 copies = plan.copies if plan is not None else []
-                result.objects_written = len(copies)
-                result.bytes_written = sum(size for _d, _p, size, _k in copies)
+                if kind != "oci":  # an OCI source counted its new objects while it was read
+                    result.objects_written = len(copies)
+                    result.bytes_written = sum(size for _d, _p, size, _k in copies)
                 _ensure_objects(store, batch, needed, kind, objects_from, result, known, dry_run=True)
                 result.image_written = not (image_present or _image_present(store, result.digest, len(data)))
                 result.previous = store.read_ref_or_none(ref)
@@ -266,10 +268,10 @@ def _load_source(store: Store, batch: ObjectBatch, source: PathLike, result: Add
     if is_oci_source(source):
         from .oci_import import tree_from_oci
 
-        if plan is not None:
-            raise StoreError("an OCI source streams its files into the store: a dry run or an expected digest "
-                             "would have to import it first; import it, then compare")
-        root = tree_from_oci(str(source), batch, result, platform=platform)
+        # A dry run reads and checks everything but stages nothing; otherwise the new objects are
+        # staged now and published by add_image once the image's digest is known to be wanted.
+        root = tree_from_oci(str(source), batch, result, platform=platform, stage=plan is None or not plan.dry_run,
+                             known=known)
         apply_source_options(root, use_epoch=use_epoch, skip_devices=skip_devices,
                              skip_xattrs=skip_xattrs, user_xattrs=user_xattrs)
         return "oci", root, None
