@@ -167,6 +167,8 @@ def test_implicit_parents_are_0755_root_time_zero(store, tmp_path):
     store_cli("--repo", store, "add-image", "oci:" + layout.ref, "--ref", "r")
     dump = store_dump(store, "r")
     lines = {line.split(" ")[0]: line for line in dump.splitlines()}
+    # No "./" entry in any layer: the root is 0755, root-owned, time 0 (the documented rule).
+    assert lines["/"].split(" ")[2:8] == ["40755", "3", "0", "0", "0", "0.0"], lines["/"]
     for parent in ("/a", "/a/b"):
         fields = lines[parent].split(" ")
         assert fields[2] == "40755" and fields[4:6] == ["0", "0"] and fields[7] == "0.0", lines[parent]
@@ -352,3 +354,16 @@ def test_platform_needs_an_oci_source(store, tmp_path):
     (tmp_path / "tree").mkdir()
     res = store_cli("--repo", store, "add-image", "--platform", "linux/amd64", tmp_path / "tree", "--ref", "x", check=False)
     assert res.returncode == 2 and "--platform applies to OCI sources" in res.stderr
+
+
+def test_zstd_without_a_library_names_the_package(rich, store, tmp_path, monkeypatch):
+    from composefs_fleet.errors import StoreError
+    from composefs_fleet.store import Store
+    from composefs_fleet.store_add import add_image
+
+    run("skopeo", "copy", "--quiet", "--dest-compress-format", "zstd", "oci:" + rich.ref, "oci:%s:t" % (tmp_path / "z"))
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    monkeypatch.setitem(sys.modules, "compression", None)
+    with pytest.raises(StoreError, match="python3-zstandard"):
+        add_image(Store.open(str(store)), "oci:%s:t" % (tmp_path / "z"), "z")
+    assert not os.listdir(store / "images")
