@@ -367,3 +367,16 @@ def test_zstd_without_a_library_names_the_package(rich, store, tmp_path, monkeyp
     with pytest.raises(StoreError, match="python3-zstandard"):
         add_image(Store.open(str(store)), "oci:%s:t" % (tmp_path / "z"), "z")
     assert not os.listdir(store / "images")
+
+
+def test_gc_removes_the_origin_record_with_its_image(rich, store):
+    import json
+
+    digest = json.loads(store_cli("--repo", store, "--json", "add-image", "oci:" + rich.ref, "--ref", "g").stdout)["digest"]
+    assert (store / "oci" / digest).is_file()
+    store_cli("--repo", store, "gc")
+    assert (store / "oci" / digest).is_file()  # its image is kept by the ref
+    store_cli("--repo", store, "rm-ref", "g")
+    res = json.loads(store_cli("--repo", store, "--json", "gc").stdout)
+    assert res["removed_origins"] == [digest] and not (store / "oci" / digest).exists()
+    assert store_cli("--repo", store, "fsck").returncode == 0

@@ -53,7 +53,7 @@ from .loopdev import bound_devices
 from .mount_record import mounted_images as recorded_mounts
 from .mountinfo import MountInfo, of_type, read_mountinfo, top_mount
 from .image_needs import image_data_objects, is_composefs_image
-from .store import CACHE, IMAGES, OBJECTS, REFS, Store, object_entries
+from .store import CACHE, IMAGES, OBJECTS, OCI_ORIGINS, REFS, Store, object_entries
 from .store_image_sig import image_of_sig_name
 from .store_names import is_hex_name
 
@@ -331,6 +331,8 @@ class GcResult:
         self.removed_image_bytes = 0
         #: Digests of the images whose images/<digest>.sig went (with the image, or left without one).
         self.removed_signatures: List[str] = []
+        #: Digests of the images whose oci/<digest> record (OCI origin) went with them.
+        self.removed_origins: List[str] = []
         self.removed_objects: List[str] = []
         self.removed_object_bytes = 0
         self.removed_temp_files: List[str] = []
@@ -424,6 +426,7 @@ def _sweep(store: Store, keep_images: Set[str], keep_objects: Set[str], dry_run:
             result.removed_signatures.append(signed)
     if (result.removed_images or result.removed_signatures) and not dry_run:
         os.fsync(images)
+    _sweep_origins(store, keep_images, dry_run, result)
     for prefix, dir_fd in store.iter_object_dirs():
         removed = False
         for name, st in object_entries(dir_fd):
@@ -463,6 +466,21 @@ def _sweep(store: Store, keep_images: Set[str], keep_objects: Set[str], dry_run:
             if name.startswith(b".tmp-ref-") and _remove_at(dir_fd, name, dry_run) is not None:
                 result.removed_temp_files.append(os.fsdecode(os.path.normpath(os.path.join(store.refs_dir, dirpath,
                                                                                            name))))
+
+
+def _sweep_origins(store: Store, keep_images: Set[str], dry_run: bool, result: GcResult) -> None:
+    """``oci/<digest>`` (where an image came from) goes with its image."""
+    try:
+        origins = store.dir_fd(OCI_ORIGINS)
+    except FileNotFoundError:
+        return
+    removed = False
+    for name in sorted(os.listdir(origins)):
+        if is_hex_name(name) and name not in keep_images and _remove_at(origins, os.fsencode(name), dry_run) is not None:
+            result.removed_origins.append(name)
+            removed = True
+    if removed and not dry_run:
+        os.fsync(origins)
 
 
 def _remove_at(dir_fd: int, name: bytes, dry_run: bool) -> Optional[int]:
