@@ -108,7 +108,7 @@ def test_hostile_keys_and_refs_are_refused_without_hanging(tmp_path: Path):
     cases = {
         "fifo": ({"trusted_keys": [str(fifo)]}, "keys: key file %s: not a regular file" % fifo),
         "device": ({"revoked_keys": ["/dev/zero"]}, "keys: key file /dev/zero: not a regular file"),
-        "dangling": ({"trusted_keys": [str(keydir)]}, "keys: %s: No such file or directory" % (keydir / "gone.pub")),
+        "dangling": ({"trusted_keys": [str(keydir)]}, "key file %s: No such file or directory" % (keydir / "gone.pub")),
         "nested": ({"trusted_keys": [[[["/k"]]]]}, "trusted_keys[0] must be an absolute path, got [[[...]]]"),
         "long-ref": ({"mounts": [dict(mount, ref="a" * 5000)]}, "mounts[0].ref: ref name too long"),
         "nested-ref": ({"mounts": [dict(mount, ref={"a": [[["b"]]]})]}, "mounts[0].ref must be a ref name"),
