@@ -31,13 +31,13 @@ from __future__ import annotations
 import time
 from typing import Dict, Iterable, List, Optional
 
-from .errors import SignatureError
+from .errors import SignatureError, StoreError
 from .ref_statement import (Statement, StatementError, decode_signatures_file, encode_signatures_file,
                             format_statement, format_time, parse_statement)
 from .sign_keys import PublicKey, load_private_keys, load_public_keys
 from .store import Store
 from .store_names import split_ref_name
-from .store_signatures import read_signatures, write_signatures
+from .store_signatures import KIND, read_signatures, write_signatures
 
 #: Seconds a statement's signing time may lie ahead of this machine's clock (clock skew).
 FUTURE_TOLERANCE = 300
@@ -184,7 +184,18 @@ def verify_ref(store: Store, ref: str, policy: TrustPolicy, digest: Optional[str
     default: the one ``refs/<ref>`` names)."""
     if digest is None:
         digest = store.read_ref(ref)
-    return verify_signature_bytes(read_signatures(store, ref), ref, policy, digest=digest, now=now)
+    try:
+        data = read_signatures(store, ref)
+    except SignatureError:
+        raise
+    except StoreError as exc:
+        # Oversized, a planted symlink, a directory: a signature failure like any other, so callers
+        # that tell reasons apart (agent, modules) report it as one instead of a store error.
+        canonical = b"/".join(split_ref_name(ref)).decode("utf-8", "surrogateescape")
+        what = str(exc)
+        what = what[len(KIND):].lstrip() if what.startswith(KIND) else what  # "signature of ref X is ..." -> "X is ..."
+        raise SignatureError(canonical, "malformed", "signatures/%s" % what) from None
+    return verify_signature_bytes(data, ref, policy, digest=digest, now=now)
 
 
 __all__ = ["FUTURE_TOLERANCE", "TrustPolicy", "sign_ref", "sign_statement", "verify_ref", "verify_signature_bytes"]
