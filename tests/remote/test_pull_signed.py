@@ -307,3 +307,74 @@ def test_remote_add_refuses_a_missing_or_private_key(node: Node, keys, tmp_path:
     res = node.run("remote", "add", "origin", "http://127.0.0.1:9/cfs", "--trusted-key", keys["a"].private)
     assert res.returncode == 1 and "private key" in res.stderr, res.stderr
     assert not (node.repo / "remotes.json").exists()
+
+
+# ------------------------------------------------------------- more details --
+
+def test_newer_statement_for_the_same_image_replaces_the_held_one(served: Source, node: Node, nginx, keys,
+                                                                   tmp_path: Path) -> None:
+    now = time.time()
+    digest = served.digests["app/v1"]
+    write_signatures(served.path, "app/v1", signatures_file(statement("app/v1", digest, now - 120), [keys["a"]], tmp_path))
+    srv = nginx(served.path)
+    node.pull_ok(srv.url, "app/v1", *trust(keys["a"]))
+    renewed = signatures_file(statement("app/v1", digest, now - 60, now + HOUR), [keys["a"]], tmp_path)
+    write_signatures(served.path, "app/v1", renewed)
+    before = store_files(node.repo)
+    mark = len(srv.entries())
+    out = node.pull_ok(srv.url, "app/v1", *trust(keys["a"]))
+    assert out["changed"] is True and out["objects_fetched"] == 0 and out["image_fetched"] is False
+    assert out["signature"]["expires"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(now + HOUR)))
+    after = store_files(node.repo)
+    assert {k for k in after if after[k] != before.get(k)} == {"signatures/app/v1"}
+    assert (node.repo / "signatures" / "app" / "v1").read_bytes() == renewed
+    assert not [e.path for e in srv.entries()[mark:] if e.path.startswith(("images/", "objects/"))]
+
+
+def test_dry_run_verifies_and_writes_nothing(served: Source, node: Node, nginx, keys) -> None:
+    sign_served(served, "app/v1", keys["b"])
+    srv = nginx(served.path)
+    before = store_files(node.repo)
+    res = node.pull(srv.url, "app/v1", "--dry-run", *trust(keys["a"]))
+    assert res.returncode == 1 and "none of them a trusted key" in res.stderr, res.stderr
+    sign_served(served, "app/v1", keys["a"])
+    out = node.pull_ok(srv.url, "app/v1", "--dry-run", *trust(keys["a"]))
+    assert out["signature"]["keys"] == [keys["a"].id]
+    assert store_files(node.repo) == before
+
+
+def test_oversized_remote_signatures_file_is_refused(served: Source, node: Node, nginx, keys) -> None:
+    """At most 64 KiB is read: a server sending more is refused before anything is written."""
+    data = sign_served(served, "app/v1", keys["a"])
+    write_signatures(served.path, "app/v1", data + b" " * (64 * 1024))
+    srv = nginx(served.path)
+    before = store_files(node.repo)
+    res = node.pull(srv.url, "app/v1", *trust(keys["a"]))
+    assert_failed(res, srv.url + "/signatures/app/v1", "65536")
+    assert store_files(node.repo) == before
+    assert not [e.path for e in srv.entries() if e.path.startswith(("images/", "objects/"))]
+
+
+def test_remote_key_file_gone_is_a_clear_error(served: Source, node: Node, nginx, keys, tmp_path: Path) -> None:
+    key = tmp_path / "fleet.pub"
+    key.write_bytes(keys["a"].public.read_bytes())
+    sign_served(served, "app/v1", keys["a"])
+    srv = nginx(served.path)
+    assert node.run("remote", "add", "origin", srv.url, "--trusted-key", key).returncode == 0
+    key.unlink()
+    before = store_files(node.repo)
+    res = node.pull("origin", "app/v1")
+    assert res.returncode == 1 and str(key) in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert store_files(node.repo) == before
+    assert srv.entries() == []
+
+
+def test_human_output_reports_the_signature(served: Source, node: Node, nginx, keys) -> None:
+    sign_served(served, "app/v1", keys["a"], expires="2099-01-01T00:00:00Z")
+    srv = nginx(served.path)
+    res = node.pull(srv.url, "app/v1", *trust(keys["a"]))
+    assert res.returncode == 0, res.stderr
+    line = [ln for ln in res.stdout.splitlines() if "signed at" in ln]
+    assert len(line) == 1, res.stdout
+    assert "by key %s" % keys["a"].id[:16] in line[0] and "expires 2099-01-01T00:00:00Z" in line[0], line
+    assert "checked in" in line[0], line
