@@ -35,9 +35,14 @@ of each command, which a busy machine disturbs less than the wall clock,
 and the ``sync`` after each wget run (what it would take to make wget's
 files durable, as ours are).
 
+--signed: the ref is signed (an ed25519 key made by openssl, ``composefs-store
+sign``) and ours pulls with ``--trusted-key``: each of our runs also reports
+the seconds the pull spent fetching and verifying the signed statement
+(``verify_seconds`` of its JSON result) next to its total.
+
 Run from the repository root: .venv/bin/python bench/bench_pull.py
 Options: --objects, --total-mb, --rounds, --jobs, --workdir, --json,
---present, --seed, --only a|b, --profile (instead of the rounds: one
+--present, --seed, --only a|b, --signed, --profile (instead of the rounds: one
 in-process pull, into an empty store or with --only b into a 90% filled one,
 with the wall and thread CPU time of each phase; --cprofile adds a cProfile
 of the transfer threads, whose times include waiting for the GIL).
@@ -177,12 +182,29 @@ def timed(argv: List[str]) -> Tuple[float, float, str]:
     return elapsed, cpu, proc.stdout
 
 
-def run_ours(dest: str, url: str, jobs: int, expect: int) -> Tuple[float, float]:
-    elapsed, cpu, out = timed(STORE_CLI + ["--repo", dest, "pull", "--json", "--jobs", str(jobs), url, REF])
+def run_ours(dest: str, url: str, jobs: int, expect: int, trusted: List[str]) -> Tuple[float, float, float]:
+    """(wall time, CPU time, the pull's own verify_seconds: 0 unless ``trusted`` keys make it verify)."""
+    trust = [arg for key in trusted for arg in ("--trusted-key", key)]
+    elapsed, cpu, out = timed(STORE_CLI + ["--repo", dest, "pull", "--json", "--jobs", str(jobs)] + trust + [url, REF])
     res = json.loads(out)
     if res["objects_fetched"] != expect:
         raise SystemExit("bench: pull fetched %d objects, expected %d: %s" % (res["objects_fetched"], expect, out))
-    return elapsed, cpu
+    if trusted and not res.get("signature"):
+        raise SystemExit("bench: a pull with --trusted-key reported no verified signature: %s" % out)
+    return elapsed, cpu, float(res.get("verify_seconds") or 0.0)
+
+
+def sign_source(src: str, keydir: str) -> str:
+    """Sign the source store's ref now with a fresh ed25519 key (openssl); the public key's path."""
+    os.makedirs(keydir, exist_ok=True)
+    private, public = os.path.join(keydir, "bench.key"), os.path.join(keydir, "bench.pub")
+    for argv in (["openssl", "genpkey", "-algorithm", "ed25519", "-out", private],
+                 ["openssl", "pkey", "-in", private, "-pubout", "-out", public],
+                 STORE_CLI + ["--repo", src, "sign", REF, "--key", private]):
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        if proc.returncode != 0:
+            raise SystemExit("bench: %s failed (exit %d): %s" % (" ".join(argv), proc.returncode, proc.stderr[-2000:]))
+    return public
 
 
 def run_wget(dest: str, urls: str, expect_bytes: int) -> Tuple[float, float, float]:
@@ -217,27 +239,34 @@ def load() -> str:
     return "%.2f %.2f %.2f" % os.getloadavg()
 
 
-def scenario(name: str, rounds: int, ours_run, wget_run, prepare_ours, prepare_wget, nbytes: int) -> dict:
+def scenario(name: str, rounds: int, ours_run, wget_run, prepare_ours, prepare_wget, nbytes: int,
+             signed: bool = False) -> dict:
     rows = []
     for n in range(1, rounds + 1):
         before = load()
         prepare_wget()
         t_wget, cpu_wget, t_sync = wget_run()
         prepare_ours()
-        t_ours, cpu_ours = ours_run()
+        t_ours, cpu_ours, t_verify = ours_run()
         row = {"round": n, "wget": t_wget, "wget_cpu": cpu_wget, "wget_sync": t_sync, "ours": t_ours,
-               "ours_cpu": cpu_ours, "load_before": before}
+               "ours_cpu": cpu_ours, "ours_verify": t_verify, "load_before": before}
         rows.append(row)
         print("  round %d: wget %.3f s (%.1f MB/s, CPU %.2f s; sync after it %.3f s), ours %.3f s (%.1f MB/s, "
-              "CPU %.2f s), ours/wget time %.2f  [load %s]"
+              "CPU %.2f s%s), ours/wget time %.2f  [load %s]"
               % (n, t_wget, nbytes / t_wget / 1e6, cpu_wget, t_sync, t_ours, nbytes / t_ours / 1e6, cpu_ours,
-                 t_ours / t_wget, before), flush=True)
+                 "; signature fetched and verified in %.4f s" % t_verify if signed else "", t_ours / t_wget, before),
+              flush=True)
     time_ratio = statistics.median(r["ours"] / r["wget"] for r in rows)
     cpu_wget = statistics.median(r["wget_cpu"] for r in rows)
     cpu_ours = statistics.median(r["ours_cpu"] for r in rows)
     print("  CPU time (user+sys, median): wget %.2f s, ours %.2f s (ours/wget %.2f)"
           % (cpu_wget, cpu_ours, cpu_ours / max(cpu_wget, 1e-6)), flush=True)
-    return {"scenario": name, "rounds": rows, "bytes": nbytes,
+    verify = statistics.median(r["ours_verify"] for r in rows)
+    if signed:
+        total = statistics.median(r["ours"] for r in rows)
+        print("  signed pull (median): verify_seconds %.4f s of %.3f s total (%.2f%%)"
+              % (verify, total, 100 * verify / total), flush=True)
+    return {"scenario": name, "rounds": rows, "bytes": nbytes, "signed": signed, "median_verify_s": verify,
             "median_wget_s": statistics.median(r["wget"] for r in rows),
             "median_ours_s": statistics.median(r["ours"] for r in rows),
             "median_wget_cpu_s": cpu_wget, "median_ours_cpu_s": cpu_ours,
@@ -278,7 +307,7 @@ class PhaseTimes:
         setattr(owner, attr, timed_call)
 
 
-def profile(url: str, dest: str, jobs: int, cprofile: bool, prepare) -> None:
+def profile(url: str, dest: str, jobs: int, cprofile: bool, prepare, trusted: List[str]) -> None:
     import http.client
 
     from composefs_fleet import file_copy, fsverity_digest, objects, pull, remote_http
@@ -317,7 +346,12 @@ def profile(url: str, dest: str, jobs: int, cprofile: bool, prepare) -> None:
         threading.setprofile(start_thread_profile)
     t0 = os.times()
     start = time.perf_counter()
-    res = pull.pull(store, url, REF, jobs=jobs)
+    if trusted:
+        from composefs_fleet.ref_trust import TrustPolicy
+
+        res = pull.pull(store, url, REF, jobs=jobs, trust=TrustPolicy.load(trusted))
+    else:
+        res = pull.pull(store, url, REF, jobs=jobs)
     wall = time.perf_counter() - start
     t1 = os.times()
     threading.setprofile(None)
@@ -325,6 +359,9 @@ def profile(url: str, dest: str, jobs: int, cprofile: bool, prepare) -> None:
           "sys %.2f s (%.0f%% of one core)  [load %s]"
           % (jobs, res.objects_fetched, res.bytes_fetched / 1e6, wall, res.bytes_fetched / wall / 1e6,
              t1.user - t0.user, t1.system - t0.system, 100 * (t1.user - t0.user + t1.system - t0.system) / wall, load()))
+    if trusted:
+        print("  signed: the statement was fetched and verified in %.4f s (verify_seconds) of the %.3f s"
+              % (res.verify_seconds, wall))
     print("  %-42s %10s %10s %8s   (summed over the %d threads; nested phases overlap)"
           % ("phase", "wall", "thread CPU", "calls", jobs))
     for phase, seconds in sorted(phases.wall.items(), key=lambda kv: -kv[1]):
@@ -353,6 +390,8 @@ def main() -> int:
     parser.add_argument("--only", choices=("a", "b"))
     parser.add_argument("--json", action="store_true", help="print the figures as JSON at the end")
     parser.add_argument("--profile", action="store_true", help="time the phases of one in-process pull instead")
+    parser.add_argument("--signed", action="store_true",
+                        help="sign the ref (ed25519, openssl key) and pull with --trusted-key; report verify_seconds")
     parser.add_argument("--cprofile", action="store_true", help="with --profile: also cProfile the transfer threads")
     parser.add_argument("--min-ratio", type=float, default=1.0, help="(a) goal: throughput ours/wget at least this")
     parser.add_argument("--max-ratio", type=float, default=1.2, help="(b) goal: time ours/wget at most this")
@@ -372,9 +411,15 @@ def main() -> int:
     total = sum(objects.values())
     warm(src, objects)
     run = tempfile.mkdtemp(prefix="bench-pull-run-", dir=workdir)
+    trusted: List[str] = []
+    if args.signed:
+        if shutil.which("openssl") is None:
+            print("bench: --signed needs openssl (Debian package openssl)", file=sys.stderr)
+            return 2
+        trusted = [sign_source(src, os.path.join(run, "keys"))]
     nginx = start_nginx(src, os.path.join(run, "nginx"))
     url = nginx.url
-    report = {"objects": len(objects), "bytes": total, "jobs": args.jobs, "workdir": workdir,
+    report = {"objects": len(objects), "bytes": total, "jobs": args.jobs, "workdir": workdir, "signed": args.signed,
               "load_start": load(), "scenarios": []}
     print("source: %d objects, %.0f MB (%s), served by nginx at %s; jobs=%d; load %s"
           % (len(objects), total / 1e6, src, url, args.jobs, report["load_start"]), flush=True)
@@ -388,19 +433,19 @@ def main() -> int:
         present = sorted(set(hexes) - set(missing))
         if args.profile:
             if args.only == "b":
-                profile(url, ours_dest, args.jobs, args.cprofile, lambda: prefill(ours_dest, src, present))
+                profile(url, ours_dest, args.jobs, args.cprofile, lambda: prefill(ours_dest, src, present), trusted)
             else:
-                profile(url, ours_dest, args.jobs, args.cprofile, lambda: Store.init(ours_dest, notice=None))
+                profile(url, ours_dest, args.jobs, args.cprofile, lambda: Store.init(ours_dest, notice=None), trusted)
             return 0
         if args.only != "b":
             urls = os.path.join(run, "all.txt")
             write_urls(urls, url, hexes)
             print("(a) full pull into an empty store, %d objects, %.0f MB:" % (len(hexes), total / 1e6), flush=True)
             res = scenario("full", args.rounds,
-                           lambda: run_ours(ours_dest, url, args.jobs, len(hexes)),
+                           lambda: run_ours(ours_dest, url, args.jobs, len(hexes), trusted),
                            lambda: run_wget(wget_dest, urls, total),
                            lambda: (shutil.rmtree(ours_dest, ignore_errors=True), Store.init(ours_dest, notice=None)),
-                           lambda: reset_dir(wget_dest), total)
+                           lambda: reset_dir(wget_dest), total, signed=args.signed)
             res["ours_mb_s"] = total / res["median_ours_s"] / 1e6
             res["wget_mb_s"] = total / res["median_wget_s"] / 1e6
             report["scenarios"].append(res)
@@ -416,10 +461,10 @@ def main() -> int:
             print("(b) %.0f%% present: %d objects (%.0f MB) missing of %d:"
                   % (100 * args.present, len(missing), missing_bytes / 1e6, len(hexes)), flush=True)
             res = scenario("partial", args.rounds,
-                           lambda: run_ours(ours_dest, url, args.jobs, len(missing)),
+                           lambda: run_ours(ours_dest, url, args.jobs, len(missing), trusted),
                            lambda: run_wget(wget_dest, urls, missing_bytes),
                            lambda: (shutil.rmtree(ours_dest, ignore_errors=True), prefill(ours_dest, src, present)),
-                           lambda: reset_dir(wget_dest), missing_bytes)
+                           lambda: reset_dir(wget_dest), missing_bytes, signed=args.signed)
             res["missing_objects"] = len(missing)
             report["scenarios"].append(res)
             good = res["median_time_ratio"] <= args.max_ratio
