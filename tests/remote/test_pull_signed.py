@@ -23,7 +23,7 @@ import pytest
 
 from pull_fixtures import Node, Source, assert_failed, assert_has_image  # type: ignore[import-not-found]
 from pull_fixtures import nginx, node, served, source_template  # type: ignore[import-not-found]  # noqa: F401  (fixtures)
-from signing_fixtures import (Key, keys, signatures_file, statement, store_files,  # type: ignore[import-not-found]  # noqa: F401
+from signing_fixtures import (Key, hidden_cryptography, keys, signatures_file, statement, store_files,  # type: ignore[import-not-found]  # noqa: F401
                               tampered_signature, tampered_statement, write_ref, write_signatures)
 
 pytestmark = pytest.mark.network
@@ -265,6 +265,9 @@ def test_rename_with_ref_is_refused_for_a_signed_pull(served: Source, node: Node
     assert "signed ref keeps its name" in res.stderr and "prod/app" in res.stderr, res.stderr
     assert store_files(node.repo) == before
     assert srv.entries() == []   # refused before a single request
+    out = node.pull_ok(srv.url, "app/v1", "--ref", "app/v1", *trust(keys["a"]))   # its own name: fine
+    assert out["signature"]["keys"] == [keys["a"].id]
+    assert_has_image(node, served, "app/v1")
 
 
 # ------------------------------------------------------ trust kept per remote --
@@ -296,6 +299,9 @@ def test_trust_configured_per_remote(served: Source, node: Node, nginx, keys) ->
     assert store_files(node.repo) == before
 
     sign_served(served, "app/v1", keys["a"])
+    res = node.pull("origin", "app/v1", "--ref", "prod/app")   # the remote's keys make it a signed pull
+    assert res.returncode == 1 and "signed ref keeps its name" in res.stderr, res.stderr
+    assert store_files(node.repo) == before
     out = node.pull_ok("origin", "app/v1")
     assert out["signature"]["keys"] == [keys["a"].id]
     assert_has_image(node, served, "app/v1")
@@ -312,7 +318,7 @@ def test_remote_add_refuses_a_missing_or_private_key(node: Node, keys, tmp_path:
 # ------------------------------------------------------------- more details --
 
 def test_newer_statement_for_the_same_image_replaces_the_held_one(served: Source, node: Node, nginx, keys,
-                                                                   tmp_path: Path) -> None:
+                                                                  tmp_path: Path) -> None:
     now = time.time()
     digest = served.digests["app/v1"]
     write_signatures(served.path, "app/v1", signatures_file(statement("app/v1", digest, now - 120), [keys["a"]], tmp_path))
@@ -378,3 +384,17 @@ def test_human_output_reports_the_signature(served: Source, node: Node, nginx, k
     assert len(line) == 1, res.stdout
     assert "by key %s" % keys["a"].id[:16] in line[0] and "expires 2099-01-01T00:00:00Z" in line[0], line
     assert "checked in" in line[0], line
+
+
+def test_without_cryptography_a_signed_pull_fails_clearly_and_writes_nothing(served: Source, node: Node, nginx, keys,
+                                                                             tmp_path: Path) -> None:
+    sign_served(served, "app/v1", keys["a"])
+    srv = nginx(served.path)
+    env = hidden_cryptography(tmp_path)
+    before = store_files(node.repo)
+    res = node.pull(srv.url, "app/v1", "--trusted-key", keys["a"].ostree_public, env=env)
+    assert res.returncode == 1 and "python3-cryptography" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert store_files(node.repo) == before
+    assert not [e.path for e in srv.entries() if e.path.startswith(("images/", "objects/"))]
+    out = node.pull_ok(srv.url, "app/v1", env=env)   # without trusted keys nothing needs it
+    assert out["signature"] is None

@@ -49,7 +49,7 @@ def openssl_missing() -> str:
 
 def cryptography_missing() -> str:
     try:
-        from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: F401
+        from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: F401  (only whether it imports)
     except ImportError:
         return "the Python package cryptography is not installed (Debian: python3-cryptography)"
     return ""
@@ -128,6 +128,15 @@ def keys(tmp_path_factory) -> KeySet:
             pytest.skip(reason)
         unavailable(reason)
     return KeySet(tmp_path_factory.mktemp("keys"))
+
+
+def hidden_cryptography(tmp_path: Path) -> Dict[str, str]:
+    """Environment variables under which Python cannot import cryptography: a package of that name, first on
+    PYTHONPATH, that raises ImportError (as on a node without python3-cryptography)."""
+    fake = tmp_path / "no-cryptography" / "cryptography"
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "__init__.py").write_text('raise ImportError("cryptography hidden by the test")\n')
+    return {"PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
 
 
 # -------------------------------------------------------------- statements --

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 from pathlib import Path
 from typing import List
 
 import pytest
 
-from signing_fixtures import (Key, keys, openssl_sign, openssl_verifies, signatures_file,  # noqa: F401  (fixtures)
+from signing_fixtures import (Key, hidden_cryptography, keys, openssl_sign, openssl_verifies, signatures_file,  # noqa: F401  (fixtures)
                               statement, store_files, tampered_signature, tampered_statement, write_ref,
                               write_signatures)
 from store_fixtures import StoreCli, write_tree
@@ -407,8 +408,8 @@ def test_api_verify_ref_reasons_and_boundaries(repo: Repo, keys, tmp_path: Path)
     policy = TrustPolicy.load(trusted=[keys["a"].public_pem()], revoked=[str(keys["c"].public)])
     assert not policy.empty and TrustPolicy.load().empty
     st = verify_ref(store, "app/v1", policy, now=expires - 1)
-    assert (st.ref, st.image, st.signed, st.expires, st.keys) == ("app/v1", repo.digests["app/v1"], signed, expires,
-                                                                 [keys["a"].id])
+    assert (st.ref, st.image, st.signed, st.expires) == ("app/v1", repo.digests["app/v1"], signed, expires)
+    assert st.keys == [keys["a"].id]
     assert verify_ref(store, "app/v1", policy, now=signed - 300).signed == signed
     cases = [(dict(now=expires), "expired"), (dict(now=signed - 301), "future"),
              (dict(now=signed, digest=repo.digests["app/v2"]), "wrong-image")]
@@ -441,3 +442,20 @@ def test_api_rollback_against_the_held_statement(keys, tmp_path: Path) -> None:
         with pytest.raises(SignatureError) as info:
             verify_signature_bytes(data, "app/v1", policy, digest=v1, now=now, held=held)
         assert info.value.reason == "rollback"
+
+
+def test_without_cryptography_sign_and_verify_name_the_package(repo: Repo, keys, tmp_path: Path) -> None:
+    """cryptography is imported only for keys: without it the store works and signing says what to install."""
+    repo.sign("app/v1", keys["a"])
+    env = {"env": {**os.environ, **hidden_cryptography(tmp_path)}}
+    before = store_files(repo.repo)
+    for argv in (["verify", "app/v1", "--trusted-key", keys["a"].public],
+                 ["verify", "app/v1", "--trusted-key", keys["a"].ostree_public],
+                 ["sign", "app/v1", "--key", keys["a"].private]):
+        res = repo.run(*argv, **env)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert "python3-cryptography" in res.stderr and res.stderr.startswith("composefs-store: %s: " % argv[0]), res.stderr
+    assert store_files(repo.repo) == before
+    for argv in (["ls"], ["refs"], ["fsck"]):
+        res = repo.run(*argv, **env)
+        assert res.returncode == 0, (argv, res.stderr)
