@@ -398,3 +398,20 @@ def test_without_cryptography_a_signed_pull_fails_clearly_and_writes_nothing(ser
     assert not [e.path for e in srv.entries() if e.path.startswith(("images/", "objects/"))]
     out = node.pull_ok(srv.url, "app/v1", env=env)   # without trusted keys nothing needs it
     assert out["signature"] is None
+
+
+def test_pull_without_keys_does_not_move_a_signed_ref(served: Source, node: Node, nginx, keys, tmp_path: Path) -> None:
+    """Once the node holds a statement for a ref, a pull that checks none must not replace its image."""
+    # A minute ago: the statement signed below for another image must be newer, not of the same second.
+    write_signatures(served.path, "app/v1", signatures_file(statement("app/v1", served.digests["app/v1"], time.time() - 60),
+                                                            [keys["a"]], tmp_path))
+    srv = nginx(served.path)
+    node.pull_ok(srv.url, "app/v1", *trust(keys["a"]))
+    assert node.pull_ok(srv.url, "app/v1")["changed"] is False   # the same image: nothing to refuse
+    write_ref(served.path, "app/v1", served.digests["app/v2"])
+    sign_served(served, "app/v1", keys["a"])
+    refused(node, srv, "app/v1", [], ["holds a signed statement", "--trusted-key"], store_files(node.repo),
+            mark=len(srv.entries()))
+    out = node.pull_ok(srv.url, "app/v1", *trust(keys["a"]))
+    assert out["digest"] == served.digests["app/v2"]
+    assert_has_image(node, served, "app/v2", "app/v1")

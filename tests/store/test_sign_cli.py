@@ -13,6 +13,7 @@ will not make (expired, from the future, malformed) are signed by openssl.
 from __future__ import annotations
 
 import base64
+import calendar
 import json
 import os
 import time
@@ -91,7 +92,7 @@ def test_sign_writes_the_contract_file_verified_by_openssl(repo: Repo, keys, tmp
     lines = doc["statement"].split("\n")
     assert lines[:3] == ["composefs-fleet signed-ref 1", "ref: app/v1", "image: fsverity-sha256:" + repo.digests["app/v1"]]
     assert lines[3].startswith("signed: ") and lines[4:] == [""]   # no expiry, and a final newline
-    signed = time.mktime(time.strptime(lines[3][8:], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    signed = calendar.timegm(time.strptime(lines[3][8:], "%Y-%m-%dT%H:%M:%SZ"))
     assert before <= signed <= after
     assert doc["signatures"] == [{"key": keys["a"].id, "ed25519": doc["signatures"][0]["ed25519"]}]
     sig = base64.b64decode(doc["signatures"][0]["ed25519"], validate=True)
@@ -129,7 +130,7 @@ def test_sign_with_two_keys_either_verifies(repo: Repo, keys) -> None:
 @pytest.mark.parametrize("when, seconds", [("30d", 30 * 86400), ("12h", 12 * HOUR), ("90m", 90 * 60), ("3600s", 3600)])
 def test_expires_as_a_duration(repo: Repo, keys, when: str, seconds: int) -> None:
     out = repo.sign("app/v1", keys["a"], extra=["--expires", when])
-    signed = int(time.mktime(time.strptime(out["signed"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone)
+    signed = calendar.timegm(time.strptime(out["signed"], "%Y-%m-%dT%H:%M:%SZ"))
     assert out["expires"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(signed + seconds))
     assert ("\nexpires: %s\n" % out["expires"]) in json.loads(repo.signatures())["statement"]
 
