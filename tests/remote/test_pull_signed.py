@@ -415,3 +415,37 @@ def test_pull_without_keys_does_not_move_a_signed_ref(served: Source, node: Node
     out = node.pull_ok(srv.url, "app/v1", *trust(keys["a"]))
     assert out["digest"] == served.digests["app/v2"]
     assert_has_image(node, served, "app/v2", "app/v1")
+
+
+def test_publication_order_objects_image_signature_ref(served: Source, nginx, keys, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    """Objects, then the image, then signatures/<ref>, the ref last: a pull cut short never leaves the ref naming
+    an image its statement does not vouch for (which the next verify would report as wrong-image)."""
+    from composefs_fleet import pull as pull_module
+    from composefs_fleet.objects import ObjectBatch
+    from composefs_fleet.ref_trust import TrustPolicy
+    from composefs_fleet.store import Store
+
+    sign_served(served, "app/v1", keys["a"])
+    srv = nginx(served.path)
+    events: List[str] = []
+
+    def recording(name: str, original):
+        def call(*args, **kwargs):
+            events.append(name)
+            return original(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(ObjectBatch, "commit", recording("objects", ObjectBatch.commit))
+    monkeypatch.setattr(Store, "write_image", recording("image", Store.write_image))
+    monkeypatch.setattr(pull_module, "write_signatures", recording("signature", pull_module.write_signatures))
+    monkeypatch.setattr(Store, "write_ref", recording("ref", Store.write_ref))
+    store, _created = Store.init(tmp_path / "node", notice=None)
+    try:
+        result = pull_module.pull(store, srv.url, "app/v1", trust=TrustPolicy.load([str(keys["a"].public)]))
+    finally:
+        store.close()
+    assert result.signature is not None and result.signature["keys"] == [keys["a"].id]
+    assert "objects" in events
+    last_objects = max(i for i, e in enumerate(events) if e == "objects")
+    assert events[last_objects + 1:] == ["image", "signature", "ref"], events
