@@ -31,12 +31,14 @@ blocks the readers of mounted images.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from . import fsverity_digest
 from .errors import ComposefsError, RemoteError, RemoteNotFound, SignatureError, StoreError
@@ -47,6 +49,7 @@ from .ref_statement import MAX_SIGNATURES_BYTES, Statement, format_time
 from .remote_options import RemoteOptions, is_url, open_transport
 from .safe_dirs import UnsafePathError
 from .store import OBJECTS, Store, check_meta
+from .store_lock import flock_wait
 from .store_names import check_digest_hex, is_hex_name, split_ref_name
 from .store_signatures import read_signatures, write_signatures
 
@@ -134,7 +137,7 @@ def pull(store: Store, remote: Union[str, Any], remote_ref: str, ref: Optional[s
                 signatures: Optional[bytes] = _verified_signatures(store, transport, remote_ref, result, trust)
             else:
                 signatures = None
-                _check_unsigned_move(store, local_ref, result)
+                _check_unsigned_move(store, local_ref, result.previous, result)
             data, needed = _image(store, transport, result.digest, max_image_bytes)
             image_sig = _image_signature(transport, result.digest)
             batch = ObjectBatch(store.objects_dir, mode=None, follow=False, opener=lambda: store.dir_fd(OBJECTS))
@@ -158,11 +161,19 @@ def pull(store: Store, remote: Union[str, Any], remote_ref: str, ref: Optional[s
                 from .store_image_sig import ensure_image_signature
 
                 result.image_signed = ensure_image_signature(store, result.digest, image_sig)
-            signatures_changed = signatures is not None and signatures != read_signatures(store, local_ref)
-            if signatures_changed:
-                write_signatures(store, local_ref, signatures)
-            if result.previous != result.digest:
-                store.write_ref(local_ref, result.digest)
+            with _ref_update(store):
+                # Decided again under the lock: a pull that ran meanwhile may have stored a newer statement
+                # (ours would then be a rollback) or a first one (an unsigned pull must then not move the ref).
+                current = store.read_ref_or_none(local_ref)
+                if signatures is not None:
+                    _verify_statement(store, transport, remote_ref, result, trust, signatures)
+                else:
+                    _check_unsigned_move(store, local_ref, current, result)
+                signatures_changed = signatures is not None and signatures != read_signatures(store, local_ref)
+                if signatures_changed:
+                    write_signatures(store, local_ref, signatures)
+                if current != result.digest:
+                    store.write_ref(local_ref, result.digest)
             result.changed = (result.previous != result.digest or result.objects_fetched > 0 or result.image_fetched
                               or signatures_changed or result.image_signed)
             return result
@@ -195,9 +206,24 @@ def _transport(store: Store, remote: Union[str, Any], options: Optional[RemoteOp
     return remote, owned, (None if trust is None or trust.empty else trust)
 
 
-def _check_unsigned_move(store: Store, ref: str, result: PullResult) -> None:
+@contextmanager
+def _ref_update(store: Store) -> Iterator[None]:
+    """One pull at a time re-checks a statement and moves a ref (a check then a write, atomic together).
+
+    flock(2) on a new open file description of the store directory itself: no
+    new file in the store, and threads of one process exclude each other too.
+    """
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=store.root_fd())
+    try:
+        flock_wait(fd, fcntl.LOCK_EX, "another pull is moving a ref", store.lock.notice)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_unsigned_move(store: Store, ref: str, previous: Optional[str], result: PullResult) -> None:
     """A ref this store holds a signature for is never moved by a pull that checks none."""
-    if result.previous is not None and result.previous != result.digest and read_signatures(store, ref) is not None:
+    if previous is not None and previous != result.digest and read_signatures(store, ref) is not None:
         raise SignatureError(ref, "unsigned", "this store holds a signed statement for the ref (signatures/%s): a pull "
                              "without trusted keys would replace a verified image with an unverified one; give "
                              "the trusted keys (--trusted-key, or trusted_keys for the remote)" % ref, where=result.url)
@@ -205,23 +231,28 @@ def _check_unsigned_move(store: Store, ref: str, result: PullResult) -> None:
 
 def _verified_signatures(store: Store, transport: Any, ref: str, result: PullResult, trust: Any) -> bytes:
     """The remote's ``signatures/<ref>`` once it vouches for the digest the remote ref names (:mod:`.ref_trust`)."""
-    from .ref_trust import verify_signature_bytes
-
     start = time.monotonic()
-    path = "signatures/" + ref
     try:
-        data: Optional[bytes] = transport.get_small(path, MAX_SIGNATURES_BYTES)
+        data: Optional[bytes] = transport.get_small("signatures/" + ref, MAX_SIGNATURES_BYTES)
     except RemoteNotFound:
         data = None
-    try:
-        statement: Statement = verify_signature_bytes(data, ref, trust, digest=result.digest,
-                                                      held=read_signatures(store, ref), shown=transport.url + "/" + path)
-    except SignatureError as exc:
-        raise SignatureError(exc.ref, exc.reason, exc.detail, where=transport.url) from None
+    statement = _verify_statement(store, transport, ref, result, trust, data)
     result.signature = {"keys": statement.keys, "signed": format_time(statement.signed),
                         "expires": None if statement.expires is None else format_time(statement.expires)}
     result.verify_seconds = time.monotonic() - start
     return data if data is not None else b""  # never empty here: a missing file is refused above
+
+
+def _verify_statement(store: Store, transport: Any, ref: str, result: PullResult, trust: Any,
+                      data: Optional[bytes]) -> Statement:
+    """:func:`.ref_trust.verify_signature_bytes` against the statement this store holds now; errors name the remote."""
+    from .ref_trust import verify_signature_bytes
+
+    try:
+        return verify_signature_bytes(data, ref, trust, digest=result.digest, held=read_signatures(store, ref),
+                                      shown=transport.url + "/signatures/" + ref)
+    except SignatureError as exc:
+        raise SignatureError(exc.ref, exc.reason, exc.detail, where=transport.url) from None
 
 
 def _check_remote_meta(transport: Any) -> None:
