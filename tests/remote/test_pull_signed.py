@@ -449,3 +449,62 @@ def test_publication_order_objects_image_signature_ref(served: Source, nginx, ke
     assert "objects" in events
     last_objects = max(i for i, e in enumerate(events) if e == "objects")
     assert events[last_objects + 1:] == ["image", "signature", "ref"], events
+
+
+def test_concurrent_pull_of_an_older_statement_is_refused(served: Source, nginx, keys, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """Two pulls of app/v1 at once: one from a stale mirror (app/v1 -> v1, signed an hour ago), one from the
+    publisher (app/v1 -> v2, signed a minute ago).  The stale one has verified its statement against what the
+    node held then (nothing) when the fresh one completes; it must still not publish: rollback."""
+    import threading
+
+    from composefs_fleet import pull as pull_module
+    from composefs_fleet.errors import SignatureError
+    from composefs_fleet.ref_trust import TrustPolicy
+    from composefs_fleet.store import Store
+
+    now = time.time()
+    stale = served.copy(tmp_path / "stale")
+    write_signatures(stale.path, "app/v1", signatures_file(statement("app/v1", served.digests["app/v1"], now - HOUR),
+                                                           [keys["a"]], tmp_path))
+    write_ref(served.path, "app/v1", served.digests["app/v2"])
+    write_signatures(served.path, "app/v1", signatures_file(statement("app/v1", served.digests["app/v2"], now - 60),
+                                                            [keys["a"]], tmp_path))
+    fresh_srv, stale_srv = nginx(served.path), nginx(stale.path)
+    verified, resume = threading.Event(), threading.Event()
+    original = pull_module._verified_signatures
+
+    def held_back(store, transport, ref, result, trust):
+        out = original(store, transport, ref, result, trust)
+        if transport.url == stale_srv.url:
+            verified.set()
+            resume.wait(60)
+        return out
+
+    monkeypatch.setattr(pull_module, "_verified_signatures", held_back)
+    policy = TrustPolicy.load([str(keys["a"].public)])
+    store, _created = Store.init(tmp_path / "node", notice=None)
+    errors: List[Exception] = []
+
+    def stale_pull() -> None:
+        try:
+            pull_module.pull(store, stale_srv.url, "app/v1", trust=policy)
+        except Exception as exc:  # the outcome under test
+            errors.append(exc)
+
+    thread = threading.Thread(target=stale_pull)
+    thread.start()
+    try:
+        assert verified.wait(60), "the stale pull did not get to its verification"
+        pull_module.pull(store, fresh_srv.url, "app/v1", trust=policy)
+    finally:
+        resume.set()
+        thread.join(60)
+    try:
+        assert len(errors) == 1 and isinstance(errors[0], SignatureError), errors
+        assert errors[0].reason == "rollback" and stale_srv.url in str(errors[0]), errors[0]
+        assert store.read_ref("app/v1") == served.digests["app/v2"]
+        assert (tmp_path / "node" / "signatures" / "app" / "v1").read_bytes() == \
+            (served.path / "signatures" / "app" / "v1").read_bytes()
+    finally:
+        store.close()
