@@ -508,3 +508,18 @@ def test_concurrent_pull_of_an_older_statement_is_refused(served: Source, nginx,
             (served.path / "signatures" / "app" / "v1").read_bytes()
     finally:
         store.close()
+
+
+def test_signed_pull_from_a_file_remote(served: Source, node: Node, keys) -> None:
+    """The statement travels over every transport: a file:// remote refuses and accepts as nginx does."""
+    url = "file://" + str(served.path)
+    sign_served(served, "app/v1", keys["b"])
+    before = store_files(node.repo)
+    res = node.pull(url, "app/v1", *trust(keys["a"]))
+    assert_failed(res, url, r"signature of ref app/v1: ", "none of them a trusted key")
+    assert store_files(node.repo) == before
+    data = sign_served(served, "app/v1", keys["a"])
+    out = node.pull_ok(url, "app/v1", *trust(keys["a"]))
+    assert out["signature"]["keys"] == [keys["a"].id]
+    assert (node.repo / "signatures" / "app" / "v1").read_bytes() == data
+    assert_has_image(node, served, "app/v1")
