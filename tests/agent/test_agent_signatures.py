@@ -253,7 +253,7 @@ def test_unreadable_store_signature_is_invalid_not_a_crash(signed: Signed):
     res = run_once(signed.config())
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert kinds(res.stderr) == ["config-loaded", "signature-invalid", "pass-summary"], res.stderr
-    assert "reason=error" in _lines(res.stderr, "signature-invalid")[0]
+    assert "reason=malformed" in _lines(res.stderr, "signature-invalid")[0]
 
 
 def test_no_trusted_key_means_no_check(signed: Signed):

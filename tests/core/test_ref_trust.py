@@ -306,3 +306,12 @@ def test_fsck_checks_the_form_of_signatures(keys, tmp_path):
     assert any(e.startswith("signatures/app/v3: ") and "exactly the keys" in e for e in result.errors)
     store.write_ref("app/v1", IMAGE_B)
     assert any("moved without a new signature" in n for n in check(store).notes)
+
+
+def test_an_empty_trust_source_is_refused_not_ignored(keys, tmp_path):
+    empty = tmp_path / "trusted.d"
+    empty.mkdir()
+    with pytest.raises(StoreError, match="no key in it; an empty trust source would turn signature checks off"):
+        TrustPolicy.load([str(empty)])
+    assert TrustPolicy.load([str(empty)], allow_empty=True).empty
+    assert not TrustPolicy.load([keys["alice"].public], [str(empty)]).empty  # an empty revocation list is fine

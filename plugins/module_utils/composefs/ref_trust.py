@@ -34,7 +34,7 @@ from typing import Dict, Iterable, List, Optional
 from .errors import SignatureError, StoreError
 from .ref_statement import (Statement, StatementError, decode_signatures_file, encode_signatures_file,
                             format_statement, format_time, parse_statement)
-from .sign_keys import PublicKey, load_private_keys, load_public_keys
+from .sign_keys import KeyFileError, PublicKey, load_private_keys, load_public_keys
 from .store import Store
 from .store_names import split_ref_name
 from .store_signatures import KIND, read_signatures, write_signatures
@@ -51,10 +51,21 @@ class TrustPolicy:
         self.trusted: Dict[str, PublicKey] = {key.id: key for key in trusted}
 
     @classmethod
-    def load(cls, trusted: Iterable[str] = (), revoked: Iterable[str] = ()) -> "TrustPolicy":
-        """Keys from files, directories or PEM texts (:func:`.sign_keys.load_public_keys`)."""
-        return cls([key for source in trusted for key in load_public_keys(source)],
-                   [key for source in revoked for key in load_public_keys(source)])
+    def load(cls, trusted: Iterable[str] = (), revoked: Iterable[str] = (), allow_empty: bool = False) -> "TrustPolicy":
+        """Keys from files, directories or PEM texts (:func:`.sign_keys.load_public_keys`).
+
+        A trusted source that yields no key (an empty directory) is an error
+        unless ``allow_empty``: given trust must never turn verification off
+        silently.  Revocation lists may be empty.
+        """
+        keys: List[PublicKey] = []
+        for source in trusted:
+            found = load_public_keys(source)
+            if not found and not allow_empty:
+                raise KeyFileError("trusted keys %s: no key in it; an empty trust source would turn signature "
+                                   "checks off" % ("(PEM text)" if "-----BEGIN" in source else source))
+            keys += found
+        return cls(keys, [key for source in revoked for key in load_public_keys(source)])
 
     @property
     def empty(self) -> bool:
