@@ -64,6 +64,18 @@ class Layout:
         run("umoci", "new", "--image", "%s:%s" % (path, tag))
         run("umoci", "unpack", "--image", "%s:%s" % (path, tag), self.bundle)
 
+    @classmethod
+    def existing(cls, path: Path, tag: str = "t") -> "Layout":
+        """A layout already on disk (to read or damage), without a bundle."""
+        layout = cls.__new__(cls)
+        layout.path, layout.tag = path, tag
+        layout.bundle = path.parent / (path.name + ".bundle")
+        return layout
+
+    def copy(self, path: Path) -> "Layout":
+        shutil.copytree(self.path, path)
+        return Layout.existing(path, self.tag)
+
     @property
     def ref(self) -> str:
         return "%s:%s" % (self.path, self.tag)

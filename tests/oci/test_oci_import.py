@@ -147,8 +147,7 @@ def test_every_source_form_gives_the_same_image(rich, store, tmp_path, form):
         source = "oci-archive:%s:t" % (tmp_path / "a.tar")
     elif form == "zstd":
         run("skopeo", "copy", "--quiet", "--dest-compress-format", "zstd", "oci:" + rich.ref, "oci:%s:t" % (tmp_path / "z"))
-        manifest = Layout.__new__(Layout)
-        manifest.path, manifest.tag = tmp_path / "z", "t"
+        manifest = Layout.existing(tmp_path / "z")
         assert all(layer["mediaType"].endswith("+zstd") for layer in manifest.manifest()["layers"])
         source = "oci:%s:t" % (tmp_path / "z")
     else:
@@ -196,14 +195,11 @@ def test_hostile_layers_are_refused_and_nothing_is_published(store, tmp_path, me
 
 
 def test_damaged_blobs_are_refused_by_name(rich, store, tmp_path):
-    import shutil
 
     from oci_fixtures import store_files
 
     copy = tmp_path / "copy"
-    shutil.copytree(rich.path, copy)
-    layout = Layout.__new__(Layout)
-    layout.path, layout.tag = copy, rich.tag
+    layout = rich.copy(copy)
     layer = layout.manifest()["layers"][0]
     blob = layout.blob(layer["digest"])
     data = bytearray(blob.read_bytes())
@@ -227,12 +223,9 @@ def test_damaged_blobs_are_refused_by_name(rich, store, tmp_path):
 
 def test_a_layer_that_is_not_its_diff_id_is_refused(rich, store, tmp_path):
     import json
-    import shutil
 
     copy = tmp_path / "copy"
-    shutil.copytree(rich.path, copy)
-    layout = Layout.__new__(Layout)
-    layout.path, layout.tag = copy, rich.tag
+    layout = rich.copy(copy)
     manifest = layout.manifest()
     config = layout.config()
     config["rootfs"]["diff_ids"][1] = "sha256:" + "0" * 64
@@ -262,12 +255,9 @@ def test_decompression_bombs_are_refused(store, tmp_path, monkeypatch):
 
 def test_tags_platforms_and_nested_indexes(rich, store, tmp_path):
     import json
-    import shutil
 
     copy = tmp_path / "multi"
-    shutil.copytree(rich.path, copy)
-    layout = Layout.__new__(Layout)
-    layout.path, layout.tag = copy, rich.tag
+    layout = rich.copy(copy)
     manifest_desc = layout.index()["manifests"][0]
     amd = dict(manifest_desc, platform={"os": "linux", "architecture": "amd64"})
     amd.pop("annotations", None)

@@ -34,20 +34,19 @@ from .tree import Node
 CHUNK = 1 << 20
 
 
-def _stream_into(handle: BinaryIO, size: int, shown: str) -> Any:
-    """A writer for ObjectBatch.add_unnamed: copy ``size`` bytes of ``handle``, return their fs-verity digest."""
-    def write(fd: int) -> bytes:
-        hasher = FsVerityHasher()
-        left = size
-        while left > 0:
-            chunk = handle.read(min(CHUNK, left))
-            if not chunk:
-                raise OciError("%s: truncated (%d of %d bytes)" % (shown, size - left, size))
-            hasher.update(chunk)
+def _copy_hashing(handle: BinaryIO, size: int, shown: str, fd: Optional[int] = None) -> bytes:
+    """Read ``size`` bytes of ``handle`` (written to ``fd`` if given); their fs-verity digest."""
+    hasher = FsVerityHasher()
+    left = size
+    while left > 0:
+        chunk = handle.read(min(CHUNK, left))
+        if not chunk:
+            raise OciError("%s: truncated (%d of %d bytes)" % (shown, size - left, size))
+        hasher.update(chunk)
+        if fd is not None:
             write_all(fd, chunk)
-            left -= len(chunk)
-        return hasher.digest()
-    return write
+        left -= len(chunk)
+    return hasher.digest()
 
 
 def tree_from_oci(source: str, batch: ObjectBatch, result: Any, platform: Optional[str] = None,
@@ -67,9 +66,9 @@ def tree_from_oci(source: str, batch: ObjectBatch, result: Any, platform: Option
 
         def sink(handle: BinaryIO, size: int, shown: str) -> bytes:
             if stage:
-                digest, new = batch.add_unnamed(_stream_into(handle, size, shown), size)
+                digest, new = batch.add_unnamed(lambda fd: _copy_hashing(handle, size, shown, fd), size)
             else:
-                digest = _digest_only(handle, size, shown)
+                digest = _copy_hashing(handle, size, shown)
                 new = digest not in seen and batch.dir.lstat(digest) is None
             seen.add(digest)
             if new:
@@ -100,18 +99,6 @@ def tree_from_oci(source: str, batch: ObjectBatch, result: Any, platform: Option
         return root
     finally:
         blobs.close()
-
-
-def _digest_only(handle: BinaryIO, size: int, shown: str) -> bytes:
-    hasher = FsVerityHasher()
-    left = size
-    while left > 0:
-        chunk = handle.read(min(CHUNK, left))
-        if not chunk:
-            raise OciError("%s: truncated (%d of %d bytes)" % (shown, size - left, size))
-        hasher.update(chunk)
-        left -= len(chunk)
-    return hasher.digest()
 
 
 def record_origin(store: Store, digest: str, result: Any, source: str) -> None:

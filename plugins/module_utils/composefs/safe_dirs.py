@@ -100,6 +100,19 @@ def open_regular(name: PathArg, dir_fd: Optional[int] = None, shown: Optional[st
     return fd
 
 
+def read_at_most(fd: int, limit: int) -> bytes:
+    """Up to ``limit + 1`` bytes of ``fd``: a result longer than ``limit`` says the file is too large."""
+    chunks = []
+    left = limit + 1
+    while left > 0:
+        chunk = os.read(fd, left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def file_kind(mode: int) -> str:
     """A word for the type in ``mode``, for messages."""
     for test, word in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"),

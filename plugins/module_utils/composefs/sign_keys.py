@@ -33,6 +33,7 @@ import stat
 from typing import Any, List
 
 from .errors import StoreError
+from .safe_dirs import read_at_most
 
 #: Key files are small; anything larger is a mistake (a wrong path), not a key list.
 MAX_KEY_FILE_BYTES = 1 << 20
@@ -151,17 +152,9 @@ def _read_text(path: str) -> str:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise KeyFileError("key file %s: not a regular file" % path)
-        chunks = []
-        left = MAX_KEY_FILE_BYTES + 1
-        while left > 0:
-            chunk = os.read(fd, left)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
+        raw = read_at_most(fd, MAX_KEY_FILE_BYTES)
     finally:
         os.close(fd)
-    raw = b"".join(chunks)
     if len(raw) > MAX_KEY_FILE_BYTES:
         raise KeyFileError("key file %s: larger than %d bytes; not a key file" % (path, MAX_KEY_FILE_BYTES))
     try:

@@ -21,7 +21,7 @@ import stat
 from typing import Callable, Dict, List, Union
 
 from .errors import RefNotFound, StoreError
-from .safe_dirs import DIR_FLAGS
+from .safe_dirs import DIR_FLAGS, read_at_most
 from .store_names import check_digest_hex, is_hex_name, split_ref_name
 
 #: Returns the descriptor of the store's ``refs/`` (FileNotFoundError if there is none).
@@ -82,20 +82,12 @@ def read_named(refs: RefsDir, name: Union[str, bytes], limit: int, kind: str = "
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise StoreError("%s %s is not a regular file (a directory of refs?)" % (kind, shown))
-            chunks = []
-            left = limit + 1
-            while left > 0:
-                chunk = os.read(fd, left)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                left -= len(chunk)
+            raw = read_at_most(fd, limit)
         finally:
             os.close(fd)
     finally:
         for fd in fds:
             os.close(fd)
-    raw = b"".join(chunks)
     if len(raw) > limit:
         raise StoreError("%s %s is damaged: larger than %d bytes" % (kind, shown, limit))
     return raw
