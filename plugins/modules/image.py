@@ -23,7 +23,14 @@ description:
     The TLS and credential options are named as M(ansible.builtin.get_url) names them.
   - The image is byte-identical to what C C(mkcomposefs --digest-store=STORE/objects) 1.0.8 builds from the
     same source with the same options, so its digest can be pinned and compared with images built elsewhere.
-  - O(state=absent) removes the ref only.
+  - O(state=absent) removes the ref only (and its signed statement).
+  - "Signed refs: with O(trusted_keys), the ref must be signed by one of those keys for the image it names, or nothing
+    is changed.  A pull fetches the remote's signed statement (C(signatures/<ref>)) and verifies it before any object
+    or image is written, and keeps it in O(store) (a signed pull keeps the ref's name: O(remote_ref) must be O(ref)).
+    A build from O(src) must produce exactly the image that the ref's signed statement names: the statement
+    O(store) already holds for O(ref), or the signatures file O(signature) (then kept in O(store) once the ref names
+    the image).  The image is built and its digest compared before anything is stored; on a mismatch the module
+    fails and the ref does not move."
   - "Idempotence: the module reports a change only when the ref is created or moved, or when the image or
     any object had to be written into the store.  With O(remote), every run reads the remote's C(meta.json),
     the remote ref and (unless the store has it) the image, and lists which of its objects are in the store;
@@ -181,6 +188,16 @@ options:
         objects missing in the store are copied when O(src) is a dump or an image. Each copied object is
         verified against its name.
     type: path
+  signature:
+    description:
+      - With O(src) and O(trusted_keys), a signatures file (as C(composefs-store sign) writes C(signatures/<ref>))
+        whose statement names the image that O(src) must build; by default the statement O(store) already holds for
+        O(ref).
+      - Verified with O(trusted_keys) and O(revoked_keys) (and against the statement O(store) holds, which it must
+        not be older than) before anything is built into the store; stored as C(signatures/<ref>) once the ref names
+        the image.
+      - Mutually exclusive with O(remote).
+    type: path
   use_cache:
     description:
       - Use the store's digest cache (see above). V(false) hashes every file on every run.
@@ -195,6 +212,7 @@ options:
     default: false
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - composefs.fleet.trust
 attributes:
   check_mode:
     support: full
@@ -204,6 +222,7 @@ attributes:
       many bytes a pull would fetch; no object is fetched.
   diff_mode:
     support: full
+    details: The ref's digest before and after; with O(trusted_keys) also the signing time of the ref's statement.
   platform:
     platforms: posix
 notes:
@@ -221,7 +240,8 @@ notes:
     O(allow_foreign_owner=true) (see M(composefs.fleet.store)); this module never creates a store, so a new
     store's mode is chosen by M(composefs.fleet.store) (its O(composefs.fleet.store#module:shared_layout)).
 requirements:
-  - Python 3.8 or later on the managed node; only the standard library.
+  - Python 3.8 or later on the managed node; only the standard library, and the Python package C(cryptography) with
+    O(trusted_keys).
 seealso:
   - module: composefs.fleet.store
   - module: composefs.fleet.mount
@@ -276,6 +296,25 @@ EXAMPLES = r"""
       Authorization: "Bearer {{ vault_image_token }}"
   check_mode: true
   register: plan
+
+- name: Pull app/v2 only if a key the node trusts signed it for that image (no key material in the output)
+  composefs.fleet.image:
+    store: /var/lib/composefs
+    ref: app/v2
+    remote: https://images.example.com/stores/app
+    trusted_keys:
+      - /etc/composefs-fleet/keys/trusted.d
+    revoked_keys:
+      - /etc/composefs-fleet/keys/revoked.d
+
+- name: Build app/v2 on the node; it must be the image the release manager signed
+  composefs.fleet.image:
+    store: /var/lib/composefs
+    ref: app/v2
+    src: /srv/build/app
+    signature: /srv/build/app-v2.sig
+    trusted_keys:
+      - "{{ lookup('ansible.builtin.file', 'keys/release.pub') }}"
 
 - name: Drop the old ref (objects go with the next composefs-store gc)
   composefs.fleet.image:
@@ -351,6 +390,29 @@ image:
       type: int
       returned: always
       sample: 8988
+    signature:
+      description: With O(trusted_keys), what the verified statement says; null otherwise.
+      type: dict
+      returned: always
+      contains:
+        keys:
+          description: Ids (sha256 of the raw public key, hex) of the trusted keys whose signatures verified.
+          type: list
+          elements: str
+          sample: [3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29]
+        signed:
+          description: The statement's signing time (UTC).
+          type: str
+          sample: "2026-12-04T14:40:29Z"
+        expires:
+          description: The statement's expiry (UTC), null if it has none.
+          type: str
+          sample: "2027-01-01T00:00:00Z"
+    signature_written:
+      description: Whether the O(signature) file was (check mode, would be) stored as the ref's statement.
+      type: bool
+      returned: always
+      sample: true
 pull:
   description: What the pull found and fetched (in check mode, what it would fetch).
   returned: when O(remote) is given
@@ -411,6 +473,18 @@ pull:
       type: bool
       returned: always
       sample: true
+    signature:
+      description: With O(trusted_keys), what the remote's verified statement says (as RV(image.signature)); null
+        without.
+      type: dict
+      returned: always
+      sample: {"keys": ["3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"],
+               "signed": "2026-12-04T14:40:29Z", "expires": null}
+    verify_seconds:
+      description: Seconds the signature check took (0 without O(trusted_keys)).
+      type: float
+      returned: always
+      sample: 0.0004
 removed:
   description: Whether the ref was (check mode, would be) removed.
   returned: when O(state=absent)
@@ -426,12 +500,17 @@ from urllib.parse import unquote, urlsplit
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.composefs.errors import ComposefsError, RefNotFound, RemoteError, StoreError
+from ..module_utils.composefs.errors import ComposefsError, RefNotFound, RemoteError, SignatureError, StoreError
 from ..module_utils.composefs.pull import pull
+from ..module_utils.composefs.ref_statement import MAX_SIGNATURES_BYTES
+from ..module_utils.composefs.ref_trust import verify_signature_bytes
 from ..module_utils.composefs.remote_options import RemoteOptions, is_url
+from ..module_utils.composefs.safe_dirs import UnsafePathError, open_regular
 from ..module_utils.composefs.store import Store
 from ..module_utils.composefs.store_names import is_hex_name, split_ref_name
-from ..module_utils.composefs.store_add import add_image
+from ..module_utils.composefs.store_add import DigestMismatch, add_image
+from ..module_utils.composefs.store_signatures import read_signatures, write_signatures
+from ..module_utils.composefs.trust_options import load_policy, ref_name, signed_time, statement_info
 
 _RESULT_KEYS = ("digest", "ref", "source_kind", "image_written", "objects", "objects_written", "bytes_written",
                 "files_hashed", "bytes_hashed", "cache_hits")
@@ -447,7 +526,7 @@ def _not_created(location):
 
 
 _PULL_KEYS = ("url", "remote_ref", "ref", "digest", "objects", "objects_missing", "bytes_missing",
-              "objects_fetched", "bytes_fetched", "image_fetched")
+              "objects_fetched", "bytes_fetched", "image_fetched", "signature", "verify_seconds")
 #: Options that shape an image built from src; a pulled image is taken as it is.
 _SRC_ONLY = ("format_version", "use_epoch", "skip_xattrs", "user_xattrs", "skip_devices")
 
@@ -466,8 +545,12 @@ def _open_store(module, params):
     return Store.open(params["store"], notice=None, allow_foreign=params["allow_foreign_owner"])
 
 
-def _ref_diff(ref, before, after):
-    return {"before": {"ref": ref, "digest": before}, "after": {"ref": ref, "digest": after}}
+def _ref_diff(ref, before, after, signed=None):
+    """The ref's digest before and after; with trust (``signed``: (before, after) signing times) also those."""
+    out = {"before": {"ref": ref, "digest": before}, "after": {"ref": ref, "digest": after}}
+    if signed is not None:
+        out["before"]["signed"], out["after"]["signed"] = signed
+    return out
 
 
 def _remote_options(params):
@@ -480,8 +563,9 @@ def _remote_options(params):
         timeout=params["timeout"])
 
 
-def _pull(module, params):
+def _pull(module, params, policy):
     location = params["store"]
+    held = None
     if _planned_store(module, location):
         if not is_url(params["remote"]):
             module.fail_json(msg="store %s does not exist yet, so it has no remote named %s; give a URL"
@@ -491,41 +575,100 @@ def _pull(module, params):
         try:
             store = Store.init(os.path.join(scratch, "store"), notice=None)[0]
             with store:
-                result = _pull_into(store, params, dry_run=True)
+                result = _pull_into(store, params, policy, dry_run=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     else:
         store = Store.open(location, notice=None, allow_foreign=params["allow_foreign_owner"])
-        result = _pull_into(store, params, dry_run=module.check_mode)
+        if policy is not None:
+            held = read_signatures(store, params["ref"])
+        result = _pull_into(store, params, policy, dry_run=module.check_mode)
     info = dict((key, getattr(result, key)) for key in _PULL_KEYS)
     info["previous_digest"] = result.previous
     out = dict(changed=bool(result.changed), digest=result.digest, pull=info)
     if module._diff:
-        out["diff"] = _ref_diff(params["ref"], result.previous, result.digest)
+        signed = None
+        if policy is not None:
+            signed = (signed_time(held, params["ref"]), (result.signature or {}).get("signed"))
+        out["diff"] = _ref_diff(params["ref"], result.previous, result.digest, signed)
     return out
 
 
-def _pull_into(store, params, dry_run):
+def _pull_into(store, params, policy, dry_run):
     return pull(store, params["remote"], params["remote_ref"] or params["ref"], ref=params["ref"],
-                options=_remote_options(params), jobs=params["jobs"], dry_run=dry_run)
+                options=_remote_options(params), jobs=params["jobs"], dry_run=dry_run, trust=policy)
 
 
-def _present(module, params):
+def _read_signature_file(path):
+    """The bytes of the ``signature`` option's file (a regular file, at most what a signatures file may be)."""
+    try:
+        fd = open_regular(path)
+    except (UnsafePathError, OSError) as exc:
+        raise StoreError("signature %s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_SIGNATURES_BYTES + 1)
+    if len(data) > MAX_SIGNATURES_BYTES:
+        raise StoreError("signature %s: larger than %d bytes; not a signatures file" % (path, MAX_SIGNATURES_BYTES))
+    return data
+
+
+def _signed_build(store, params, policy):
+    """(statement, its signatures file if it is to be stored, the one the store holds) for a build from src.
+
+    Verified before anything is built: the build must then produce the
+    image the statement names (add_image's expected digest).
+    """
+    ref = params["ref"]
+    held = read_signatures(store, ref)
+    if params["signature"] is None:
+        statement = verify_signature_bytes(held, ref, policy)
+        return statement, None, held
+    data = _read_signature_file(params["signature"])
+    statement = verify_signature_bytes(data, ref, policy, held=held, shown="signature %s" % params["signature"])
+    return statement, (None if data == held else data), held
+
+
+def _present(module, params, policy):
     if params["remote"] is not None:
-        return _pull(module, params)
+        return _pull(module, params, policy)
     store = _open_store(module, params)
-    result = add_image(
-        store, params["src"], params["ref"],
-        use_epoch=params["use_epoch"], skip_devices=params["skip_devices"], skip_xattrs=params["skip_xattrs"],
-        user_xattrs=params["user_xattrs"], use_cache=params["use_cache"], objects_from=params["objects_from"],
-        min_version=params["format_version"], max_version=1, expected_digest=params["expected_digest"],
-        dry_run=module.check_mode)
-    changed = result.previous != result.digest or result.image_written or result.objects_written > 0
+    expected = params["expected_digest"]
+    statement = new_signature = held = None
+    if policy is not None:
+        statement, new_signature, held = _signed_build(store, params, policy)
+        if expected is not None and expected != statement.image:
+            raise SignatureError(ref_name(params["ref"]), "wrong-image", "the statement vouches for image %s, "
+                                 "expected_digest is %s" % (statement.image, expected))
+        expected = statement.image
+    try:
+        result = add_image(
+            store, params["src"], params["ref"],
+            use_epoch=params["use_epoch"], skip_devices=params["skip_devices"], skip_xattrs=params["skip_xattrs"],
+            user_xattrs=params["user_xattrs"], use_cache=params["use_cache"], objects_from=params["objects_from"],
+            min_version=params["format_version"], max_version=1, expected_digest=expected,
+            dry_run=module.check_mode)
+    except DigestMismatch as exc:
+        if statement is None:
+            raise
+        raise SignatureError(ref_name(params["ref"]), "wrong-image", "the statement vouches for image %s, the "
+                             "image built from %s is %s: nothing was stored, the ref was not moved"
+                             % (statement.image, params["src"], exc.actual)) from None
+    if new_signature is not None and not module.check_mode:
+        # After the ref, as a pull does not: add_image publishes objects, image and ref in one
+        # call. A failure in between leaves the ref with its old statement, which the agent reports
+        # (wrong image); the next run stores this one.
+        with store.lock.shared():
+            write_signatures(store, params["ref"], new_signature)
+    changed = (result.previous != result.digest or result.image_written or result.objects_written > 0
+               or new_signature is not None)
     image = dict((key, getattr(result, key)) for key in _RESULT_KEYS)
     image["previous_digest"] = result.previous
+    image["signature"] = None if statement is None else statement_info(statement)
+    image["signature_written"] = new_signature is not None
     out = dict(changed=bool(changed), digest=result.digest, image=image)
     if module._diff:
-        out["diff"] = _ref_diff(params["ref"], result.previous, result.digest)
+        signed = None if statement is None else (signed_time(held, params["ref"]), statement_info(statement)["signed"])
+        out["diff"] = _ref_diff(params["ref"], result.previous, result.digest, signed)
     return out
 
 
@@ -573,6 +716,9 @@ def main():
             skip_devices=dict(type="bool", default=False),
             expected_digest=dict(type="str"),
             objects_from=dict(type="path"),
+            signature=dict(type="path"),
+            trusted_keys=dict(type="list", elements="str", no_log=True),
+            revoked_keys=dict(type="list", elements="str", no_log=True),
             use_cache=dict(type="bool", default=True),
             allow_foreign_owner=dict(type="bool", default=False),
             remote=dict(type="str"),
@@ -589,7 +735,8 @@ def main():
         ),
         required_if=[("state", "present", ["src", "remote"], True)],
         mutually_exclusive=[("skip_xattrs", "user_xattrs"), ("src", "remote"), ("objects_from", "remote"),
-                            ("expected_digest", "remote")],
+                            ("expected_digest", "remote"), ("signature", "remote")],
+        required_by={"signature": "trusted_keys"},
         supports_check_mode=True,
     )
     params = module.params
@@ -609,9 +756,12 @@ def main():
     try:
         split_ref_name(params["ref"])
         if params["state"] == "present":
-            out = _present(module, params)
+            out = _present(module, params, load_policy(params["trusted_keys"], params["revoked_keys"], module.tmpdir))
         else:
             out = _absent(module, params)
+    except SignatureError as exc:
+        # Nothing was published: the statement is checked before the image, objects or ref are written.
+        module.fail_json(msg=str(exc), reason=exc.reason)
     except RemoteError as exc:
         # The message names the URL (without credentials) and what failed.
         module.fail_json(msg="pull: %s" % exc, url=exc.url)

@@ -24,6 +24,10 @@ description:
     kernel does not show it). A mount that differs from the request (another image, other basedirs, another
     verity mode, other upper or work directories, or no record, so that its image is unknown) is left alone with
     O(state=mounted), which warns and lists RV(differences); O(state=remounted) replaces it.
+  - "Signed refs: with O(require_signature=true), O(image) must be a ref in O(store) whose signed statement
+    (C(signatures/<ref>), see C(composefs-store sign)) is by one of O(trusted_keys), not revoked, names this ref and
+    the image the ref names, and has not expired; otherwise the task fails before anything is mounted, unmounted
+    or written."
 author:
   - composefs-fleet contributors (@composefs-fleet)
 options:
@@ -111,9 +115,20 @@ options:
       - Matters only when O(image) names an image in O(store) (a ref or digest), the case where the store is opened.
     type: bool
     default: false
+  require_signature:
+    description:
+      - The ref O(image) names must verify with O(trusted_keys) and O(revoked_keys) (see above) for
+        O(state=mounted), O(state=present) and O(state=remounted); else the task fails and nothing is mounted or
+        written.
+      - O(image) must then be a ref (a digest or an image file has no signed statement), and O(trusted_keys) is
+        required.
+      - The check is made every time the task runs, also when the mount is already there.
+    type: bool
+    default: false
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - composefs.fleet.attributes
+  - composefs.fleet.trust
 notes:
   - Needs root (CAP_SYS_ADMIN). Linux 6.5+ for data-only overlay layers; fs-verity checks need 6.6+ and a basedir
     filesystem with fs-verity.
@@ -133,6 +148,7 @@ notes:
     collection's C(mount.composefs) helper) writes its record again. Mounts made by other tools have none.
 requirements:
   - Linux with EROFS and overlayfs.
+  - The Python package C(cryptography) on the node with O(require_signature=true).
 seealso:
   - module: composefs.fleet.store
     description: Create the object store.
@@ -176,6 +192,18 @@ EXAMPLES = r"""
     upperdir: /var/lib/scratch/upper
     workdir: /var/lib/scratch/work
     verity: require
+    state: mounted
+
+- name: Mount app/current only if a key the node trusts signed that ref for the image it names
+  composefs.fleet.mount:
+    path: /srv/app
+    store: /var/lib/composefs/store
+    image: app/current
+    require_signature: true
+    trusted_keys:
+      - /etc/composefs-fleet/keys/trusted.d
+    revoked_keys:
+      - /etc/composefs-fleet/keys/revoked.d
     state: mounted
 
 - name: Remove the mount and its unit
@@ -242,6 +270,20 @@ mount:
       type: str
       returned: always
       sample: /run/composefs-fleet/mounts/srv-app.mount@4026531832.json
+    ref:
+      description:
+        - The ref O(image) names in O(store), null when O(image) is a digest or a file (or is not needed by the
+          state).
+        - What the node agent re-verifies for this mount (its configuration's C(ref)).
+      type: str
+      returned: always
+      sample: app/current
+    signature:
+      description: With O(require_signature=true), what the verified statement says; null otherwise.
+      type: dict
+      returned: always
+      sample: {"keys": ["3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"],
+               "signed": "2026-12-04T14:40:29Z", "expires": null}
 differences:
   description:
     - How the composefs mount found at RV(mount.where) differs from the request, one sentence each, before the
@@ -269,15 +311,17 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.composefs import mount_record, mountinfo
-from ..module_utils.composefs.errors import ComposefsError
+from ..module_utils.composefs.errors import ComposefsError, SignatureError
 from ..module_utils.composefs.fsverity_digest import digest_file
 from ..module_utils.composefs.mount import mount_composefs
 from ..module_utils.composefs.mount_state import NOT_MOUNTED, MountRequest, differences, live_mount, resolve_verity
+from ..module_utils.composefs.ref_trust import verify_ref
 from ..module_utils.composefs.store import Store
 from ..module_utils.composefs.store_names import is_hex_name
 from ..module_utils.composefs.systemd_unit import (SYSTEMD_UNIT_DIR, daemon_reload, disable_unit, enable_unit,
                                                    manages_unit_dir, systemd_running, unit_name, unit_text,
                                                    write_unit)
+from ..module_utils.composefs.trust_options import load_policy, ref_name, statement_info
 
 WANTED_BY = "local-fs.target"
 
@@ -290,11 +334,24 @@ def _fs(path):
     return os.fsdecode(path)
 
 
-def resolve(params, where, need_image):
-    """The request as a :class:`MountRequest` (verity decided)."""
+class Signed:
+    """The ref a request mounts (None for a digest or a file) and its verified statement (None: not asked for)."""
+
+    def __init__(self):
+        self.ref = None
+        self.statement = None
+
+
+def resolve(params, where, need_image, signed=None, policy=None):
+    """The request as a :class:`MountRequest` (verity decided); the ref it names, verified with ``policy``, in ``signed``."""
+    if signed is None:
+        signed = Signed()
     image, store_path = params["image"], params["store"]
     image_file = image_digest = pin = None
     if need_image:
+        if policy is not None and (image.startswith("/") or is_hex_name(image.lower())):
+            raise Fail("require_signature: image %r is %s, which has no signed statement; name a ref of the store"
+                       % (image, "an image file" if image.startswith("/") else "a digest"))
         if image.startswith("/"):
             image_file = os.path.normpath(image)
             if not os.path.isfile(image_file):
@@ -305,7 +362,14 @@ def resolve(params, where, need_image):
                 raise Fail("image %r is not an absolute path, so it names an image in a store: store is required"
                            % image)
             store = Store.open(store_path, notice=None, allow_foreign=params["allow_foreign_owner"])
-            digest = image.lower() if is_hex_name(image.lower()) else store.read_ref(image)
+            if is_hex_name(image.lower()):
+                digest = image.lower()
+            else:
+                digest = store.read_ref(image)
+                signed.ref = ref_name(image)
+                if policy is not None:
+                    # Before anything is mounted or written: the ref must vouch for this very image.
+                    signed.statement = verify_ref(store, image, policy, digest=digest)
             image_file = _fs(store.image_path(digest))
             if not os.path.isfile(image_file):
                 raise Fail("image %s is not in the store %s" % (digest, store_path))
@@ -479,7 +543,11 @@ def run(module):
         raise Fail("path must be an absolute path, got %r" % raw)
     where = mountinfo.canonical(raw)
     need_image = state in ("mounted", "present", "remounted")
-    req = resolve(params, where, need_image)
+    policy = None
+    if need_image and params["require_signature"]:
+        policy = load_policy(params["trusted_keys"], params["revoked_keys"], module.tmpdir)
+    signed = Signed()
+    req = resolve(params, where, need_image, signed, policy)
     unit = Unit(params["unit_dir"], where)
     live = live_mount(where)
     foreign = live.foreign()
@@ -545,6 +613,8 @@ def run(module):
         "mounted": after_mounted["mounted"],
         "differences": diffs,
         "record": record if after_mounted["mounted"] else None,
+        "ref": signed.ref,
+        "signature": None if signed.statement is None else statement_info(signed.statement),
     }
     if state == "mounted" and live.mounted:
         # Left as it was: describe what is there.
@@ -588,21 +658,29 @@ def main():
             state=dict(type="str", required=True, choices=["mounted", "unmounted", "present", "absent", "remounted"]),
             unit_dir=dict(type="path", default=SYSTEMD_UNIT_DIR),
             allow_foreign_owner=dict(type="bool", default=False),
+            require_signature=dict(type="bool", default=False),
+            trusted_keys=dict(type="list", elements="str", no_log=True),
+            revoked_keys=dict(type="list", elements="str", no_log=True),
         ),
         required_if=[
             ("state", "mounted", ["image"]),
             ("state", "present", ["image"]),
             ("state", "remounted", ["image"]),
+            ("require_signature", True, ["trusted_keys"]),
         ],
         required_together=[("upperdir", "workdir")],
         supports_check_mode=True,
     )
     if module.params["digest"] and module.params["pin_digest"]:
         module.fail_json(msg="parameters are mutually exclusive: digest|pin_digest")
+    if (module.params["trusted_keys"] or module.params["revoked_keys"]) and not module.params["require_signature"]:
+        module.fail_json(msg="trusted_keys and revoked_keys are used only with require_signature: true")
     try:
         result = run(module)
     except Fail as exc:
         module.fail_json(msg=str(exc))
+    except SignatureError as exc:
+        module.fail_json(msg="%s; nothing was mounted or written" % exc, reason=exc.reason)
     except mount_record.UnmountError as exc:
         module.fail_json(msg=str(exc))
     except ComposefsError as exc:

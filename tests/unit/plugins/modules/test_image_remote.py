@@ -46,9 +46,11 @@ def test_options_reach_the_pull(capsys, node, monkeypatch):
         url, remote_ref, ref, digest, previous = "https://h/s", "app/v2", "app", "ab" * 32, None
         changed, objects, objects_missing, bytes_missing = True, 3, 2, 10
         objects_fetched, bytes_fetched, image_fetched = 0, 0, False
+        signature, verify_seconds = None, 0.0
 
-    def fake_pull(store, remote, remote_ref, ref=None, options=None, jobs=8, dry_run=False):
-        seen.update(remote=remote, remote_ref=remote_ref, ref=ref, options=options, jobs=jobs, dry_run=dry_run)
+    def fake_pull(store, remote, remote_ref, ref=None, options=None, jobs=8, dry_run=False, trust="unset"):
+        seen.update(remote=remote, remote_ref=remote_ref, ref=ref, options=options, jobs=jobs, dry_run=dry_run,
+                    trust=trust)
         return Result()
 
     monkeypatch.setattr(image, "pull", fake_pull)
@@ -58,7 +60,9 @@ def test_options_reach_the_pull(capsys, node, monkeypatch):
                      "jobs": 3, "timeout": 2.5}, check=True, diff=True)
     assert not r.get("failed"), r
     opts = seen.pop("options")
-    assert seen == {"remote": "https://h/s", "remote_ref": "app/v2", "ref": "app", "jobs": 3, "dry_run": True}
+    # No trusted_keys: no policy (signatures are not asked for).
+    assert seen == {"remote": "https://h/s", "remote_ref": "app/v2", "ref": "app", "jobs": 3, "dry_run": True,
+                    "trust": None}
     assert (opts.validate_certs, opts.ca_path, opts.client_cert, opts.client_key) == (False, "/ca.pem", "/c.pem", "/k.pem")
     assert (opts.username, opts.password, opts.token, opts.timeout) == ("u", "pw-9f3k", None, 2.5)
     assert opts.headers == {"X-A": "1", "X-B": "two"}  # numbers from YAML are sent as text
