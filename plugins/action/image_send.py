@@ -41,6 +41,8 @@ ARGUMENT_SPEC = dict(
     from_ref=dict(type="str"),
     batch_size=dict(type="int", default=DEFAULT_BUNDLE_BYTES),
     allow_foreign_owner=dict(type="bool", default=False),
+    trusted_keys=dict(type="list", elements="str", no_log=True),
+    revoked_keys=dict(type="list", elements="str", no_log=True),
 )
 
 
@@ -86,25 +88,33 @@ class ActionModule(ActionBase):
             raise _Failed("batch_size must be at least 1 byte (got %d)" % batch)
         split_ref_name(ref)
         split_ref_name(from_ref)
+        # A statement names its ref: it is sent only under that name, and a node that checks signatures
+        # would refuse any other name (said here, before anything travels).
+        same_name = split_ref_name(ref) == split_ref_name(from_ref)
+        if args["trusted_keys"] and not same_name:
+            raise _Failed("a signed ref keeps its name: the signature of %s does not vouch for %s (send it as %s, "
+                          "or without trusted_keys)" % (from_ref, ref, from_ref))
         from_store = args["from_store"]
         if not os.path.isabs(from_store):
             from_store = os.path.join(self._loader.get_basedir(), from_store)
         source = "controller:%s" % from_store
         module_args = dict(store=args["store"], ref=ref, from_store=from_store, from_ref=from_ref, batch_size=batch,
-                           allow_foreign_owner=args["allow_foreign_owner"], _source=source)
+                           allow_foreign_owner=args["allow_foreign_owner"], trusted_keys=args["trusted_keys"],
+                           revoked_keys=args["revoked_keys"], _source=source)
         with Store.open(from_store, notice=None) as src, src.lock.shared_read_only():
             digest, needed = source_image(src, from_ref)
             module_args["_digest"] = digest
             out = dict(changed=False, digest=digest, previous_digest=None, ref=ref, from_ref=from_ref,
                        objects=len(needed.objects), objects_missing=0, bytes_missing=0, objects_sent=0, bytes_sent=0,
-                       objects_written=0, image_written=False, transfers=0, bundle_bytes=0)
+                       objects_written=0, image_written=False, transfers=0, bundle_bytes=0, signature=None)
 
             # Phase 1: the image (with meta.json and the ref); the node checks it and says what it lacks.
-            (image,) = iter_bundles(src, local, digest=digest, ref=ref, limit=_ONE_FILE, prefix="image")
+            (image,) = iter_bundles(src, local, digest=digest, ref=ref, limit=_ONE_FILE, prefix="image", signed=same_name)
             remote = [self._send_file(image.path, "image_send-image.tar", out, image.size)]
             plan = self._module(module_args, task_vars, "plan", remote)
             _keep_notes(out, plan)
             out["previous_digest"] = plan["previous"]
+            out["signature"] = plan.get("signature")
             missing = _decode_missing(plan, needed.objects)
             out["objects_missing"] = len(missing)
             out["bytes_missing"] = sum(size for _hexd, size in missing)
@@ -128,6 +138,7 @@ class ActionModule(ActionBase):
         out["objects_written"] = done["objects_fetched"]
         out["image_written"] = bool(done["image_fetched"])
         out["previous_digest"] = done["previous"]
+        out["signature"] = done.get("signature")
         return out
 
     def _send_file(self, path, name, out, size):

@@ -27,6 +27,10 @@ description:
     once sent) and into the node's remote temporary directory, which is removed at the end.
   - "Idempotence: when the ref already names the image and the node's store has the image and all its objects,
     nothing but the image is sent and the task reports no change."
+  - "Signed refs: the image's bundle file also carries the controller's signed statement of the ref
+    (C(signatures/<ref>)) and the image's fs-verity signature (C(images/<digest>.sig)) when the controller's store
+    has them.  With O(trusted_keys), the node verifies the statement as a pull does, before anything is written,
+    and keeps it with the ref; a signed ref keeps its name (O(from_ref) must then be O(ref))."
   - This module is run by its action plugin; the options O(_phase), O(_bundles), O(_digest) and O(_source) are
     set by that plugin only.
 author:
@@ -87,6 +91,7 @@ options:
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.flow
+  - composefs.fleet.trust
 attributes:
   action:
     support: full
@@ -111,7 +116,8 @@ notes:
     task fails naming it, and the ref is not changed. Objects verified before the failure stay in the node's store
     (as with an interrupted pull) and are not sent again.
 requirements:
-  - Python 3.8 or later on the managed node; only the standard library.
+  - Python 3.8 or later on the managed node; only the standard library, and the Python package C(cryptography) with
+    O(trusted_keys).
 seealso:
   - module: composefs.fleet.image
   - module: composefs.fleet.store
@@ -132,6 +138,14 @@ EXAMPLES = r"""
     from_ref: release/2026-12
     batch_size: 67108864
   register: sent
+
+- name: Send app/v2 only if a key the node trusts signed it (the node verifies the statement)
+  composefs.fleet.image_send:
+    store: /var/lib/composefs
+    ref: app/v2
+    from_store: /srv/build/composefs-store
+    trusted_keys:
+      - /etc/composefs-fleet/keys/trusted.d
 """
 
 RETURN = r"""
@@ -200,6 +214,13 @@ bundle_bytes:
   returned: always
   type: int
   sample: 1064960
+signature:
+  description: With O(trusted_keys), what the verified statement says (keys that verified, signing and expiry time);
+    null without.
+  returned: always
+  type: dict
+  sample: {"keys": ["3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"],
+           "signed": "2026-12-04T14:40:29Z", "expires": null}
 """
 
 import base64
@@ -210,13 +231,14 @@ import tempfile
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.composefs import fsverity_digest
-from ..module_utils.composefs.errors import ComposefsError, RemoteError, StoreError
+from ..module_utils.composefs.errors import ComposefsError, RemoteError, SignatureError, StoreError
 from ..module_utils.composefs.image_needs import image_data_objects
 from ..module_utils.composefs.objects import ObjectDir
 from ..module_utils.composefs.pull import MAX_IMAGE_BYTES, MAX_REF_BYTES, pull
 from ..module_utils.composefs.remote_bundle import BundleTransport
 from ..module_utils.composefs.store import OBJECTS, Store
 from ..module_utils.composefs.store_names import is_hex_name, split_ref_name
+from ..module_utils.composefs.trust_options import load_policy
 
 #: Concurrent verifications on the node (the files are local: hashing is the work).
 _JOBS = 4
@@ -249,7 +271,7 @@ def missing_bitmap(store, data, digest):
     return base64.b64encode(bytes(bits)).decode("ascii")
 
 
-def _plan(module, params, transport):
+def _plan(module, params, transport, policy):
     location = params["store"]
     scratch = None
     try:
@@ -261,7 +283,7 @@ def _plan(module, params, transport):
         else:
             store = Store.open(location, notice=None, allow_foreign=params["allow_foreign_owner"])
         with store:
-            res = pull(store, transport, params["ref"], params["ref"], dry_run=True, jobs=1)
+            res = pull(store, transport, params["ref"], params["ref"], dry_run=True, jobs=1, trust=policy)
             data = transport.get_small("images/" + res.digest, MAX_IMAGE_BYTES)
             bitmap = missing_bitmap(store, data, res.digest)
     finally:
@@ -270,14 +292,14 @@ def _plan(module, params, transport):
     return res, dict(missing_bitmap=bitmap)
 
 
-def _apply(module, params, transport):
+def _apply(module, params, transport, policy):
     ref = params["ref"]
     raw = transport.get_small("refs/" + ref, MAX_REF_BYTES).strip()
     if raw.decode("ascii", "replace") != params["_digest"]:
         raise RemoteError(transport.url, "the bundle's ref %s names %r, not %s: refused" % (ref, raw[:80], params["_digest"]))
     store = Store.open(params["store"], notice=None, allow_foreign=params["allow_foreign_owner"])
     with store:
-        res = pull(store, transport, ref, ref, jobs=_JOBS)
+        res = pull(store, transport, ref, ref, jobs=_JOBS, trust=policy)
     return res, {}
 
 
@@ -290,6 +312,8 @@ def main():
             from_ref=dict(type="str"),
             batch_size=dict(type="int", default=268435456),
             allow_foreign_owner=dict(type="bool", default=False),
+            trusted_keys=dict(type="list", elements="str", no_log=True),
+            revoked_keys=dict(type="list", elements="str", no_log=True),
             _phase=dict(type="str", choices=["plan", "apply"]),
             _bundles=dict(type="list", elements="path"),
             _digest=dict(type="str"),
@@ -308,8 +332,12 @@ def main():
     try:
         split_ref_name(params["ref"])
         transport = BundleTransport(params["_bundles"], url=source)
+        policy = load_policy(params["trusted_keys"], params["revoked_keys"], module.tmpdir)
         run = _plan if params["_phase"] == "plan" else _apply
-        res, extra = run(module, params, transport)
+        res, extra = run(module, params, transport, policy)
+    except SignatureError as exc:
+        # Checked before anything is written: the controller's statement does not vouch for this image here.
+        module.fail_json(msg=str(exc), reason=exc.reason)
     except RemoteError as exc:
         module.fail_json(msg="%s (the node verifies what the controller sends; if an object or the image is named "
                              "here, check the controller's store with 'composefs-store --repo %s fsck')"

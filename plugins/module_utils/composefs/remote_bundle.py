@@ -5,12 +5,14 @@
 
 A bundle is one or more uncompressed tar files whose members are named
 exactly like the files of a store: ``meta.json``, ``refs/<ref>``,
-``images/<digest>``, ``objects/XX/<62 hex>``.  The controller writes them
+``images/<digest>``, ``objects/XX/<62 hex>``, and when the sending store
+has them, the ref's signed statement ``signatures/<ref>`` and the image's
+fs-verity signature ``images/<digest>.sig``.  The controller writes them
 (:func:`iter_bundles`, reading its store through the store's descriptors,
 never through paths); the node reads them with :class:`BundleTransport`,
-which is a transport for :func:`.pull.pull`: the pull verifies the image
-and every object exactly as it does over HTTP.  So a bundle is trusted for
-nothing: it only supplies bytes.
+which is a transport for :func:`.pull.pull`: the pull verifies the image,
+every object and (with trusted keys) the signed statement exactly as it
+does over HTTP.  So a bundle is trusted for nothing: it only supplies bytes.
 
 The reader still treats a bundle as hostile input, because it names files:
 only regular-file members named like store files are accepted; links,
@@ -32,8 +34,9 @@ from .errors import RemoteError, RemoteNotFound, StoreError
 from .image_needs import ImageObjects
 from .objects import ObjectDir
 from .safe_dirs import UnsafePathError, open_regular
-from .store import DIGEST_ALGORITHM, FORMAT_VERSION, OBJECTS, Store
+from .store import DIGEST_ALGORITHM, FORMAT_VERSION, IMAGES, OBJECTS, Store
 from .store_names import check_digest_hex, is_hex_name, split_ref_name
+from .store_signatures import read_signatures
 
 #: Default size of one bundle file (one transfer); a larger single object gets a file of its own.
 DEFAULT_BUNDLE_BYTES = 256 << 20
@@ -42,6 +45,9 @@ _RECORD = tarfile.RECORDSIZE
 _CHUNK = 256 * 1024
 #: What may follow the last member: the end-of-archive blocks and the padding to a record.
 _MAX_TRAILER = 2 * _BLOCK + _RECORD
+#: An fs-verity signature (PKCS#7 DER) of an image; the kernel takes at most 16 KiB, a remote's is read up to 64 KiB.
+MAX_IMAGE_SIG_BYTES = 64 * 1024
+IMAGE_SIG_SUFFIX = ".sig"
 
 
 def meta_json() -> bytes:
@@ -210,13 +216,37 @@ def pack_objects(sizes: Dict[str, int], limit: int = DEFAULT_BUNDLE_BYTES) -> Li
     return groups
 
 
+def image_signature(store: Store, digest: str) -> Optional[bytes]:
+    """``images/<digest>.sig`` of ``store`` (the image's fs-verity signature), None when it has none.
+
+    Read through ``images/`` opened without following links; the node's
+    kernel checks it when the image gets fs-verity.
+    """
+    name = check_digest_hex(digest) + IMAGE_SIG_SUFFIX
+    shown = "%s/images/%s" % (os.fsdecode(store.path), name)
+    try:
+        fd = open_regular(name.encode("ascii"), store.dir_fd(IMAGES), shown)
+    except FileNotFoundError:
+        return None
+    except UnsafePathError as exc:
+        raise StoreError("%s: run 'composefs-store fsck --repair'" % exc) from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_IMAGE_SIG_BYTES + 1)
+    if len(data) > MAX_IMAGE_SIG_BYTES:
+        raise StoreError("%s: larger than %d bytes; not a signature" % (shown, MAX_IMAGE_SIG_BYTES))
+    return data
+
+
 def iter_bundles(store: Store, directory: str, groups: Iterable[Sequence[str]] = (), *, digest: Optional[str] = None,
-                 ref: Optional[str] = None, limit: int = DEFAULT_BUNDLE_BYTES,
-                 prefix: str = "bundle") -> Iterator[BundleFile]:
+                 ref: Optional[str] = None, limit: int = DEFAULT_BUNDLE_BYTES, prefix: str = "bundle",
+                 signed: bool = False) -> Iterator[BundleFile]:
     """Write bundle files of ``store``'s files into ``directory``; yields each one once it is complete.
 
-    With ``digest``: ``meta.json``, ``refs/<ref>`` (if ``ref``) and
-    ``images/<digest>`` come first, in a file of their own.  Then the
+    With ``digest``: ``meta.json``, ``refs/<ref>`` (if ``ref``),
+    ``images/<digest>`` and its ``images/<digest>.sig`` (when the store has
+    one), and with ``signed`` the store's ``signatures/<ref>`` (when it has
+    one: a statement names its ref, so it goes only under its own name) come
+    first, in a file of their own.  Then the
     objects (hex digests) of each of ``groups`` (see :func:`pack_objects`),
     each group in a file of its own (split further if it exceeds ``limit``).  Everything is read through
     the store's directory descriptors (a symbolic link or non-regular file
@@ -239,6 +269,13 @@ def iter_bundles(store: Store, directory: str, groups: Iterable[Sequence[str]] =
                 done = writer.add("images/" + digest, os.fstat(image.fileno()).st_size, image)
             if done is not None:
                 yield done
+            extra = [("images/" + digest + IMAGE_SIG_SUFFIX, image_signature(store, digest))]
+            if signed and ref is not None:
+                extra.append(("signatures/" + ref, read_signatures(store, ref)))
+            for name, data in extra:
+                done = None if data is None else writer.add_bytes(name, data)
+                if done is not None:
+                    yield done
         for group in groups:
             if isinstance(group, str):
                 raise StoreError("bundle groups are lists of object digests, not %r" % group[:80])
@@ -291,17 +328,21 @@ def check_member_name(name: str) -> Optional[str]:
         return "a name with an empty, '.' or '..' component"
     if name == "meta.json":
         return None
-    if parts[0] == "refs" and len(parts) > 1:
+    if parts[0] in ("refs", "signatures") and len(parts) > 1:
         try:
-            split_ref_name(name[5:])
+            split_ref_name(name[len(parts[0]) + 1:])
         except StoreError as exc:
             return str(exc)
         return None
     if parts[0] == "images" and len(parts) == 2 and is_hex_name(parts[1]):
         return None
+    if (parts[0] == "images" and len(parts) == 2 and parts[1].endswith(IMAGE_SIG_SUFFIX)
+            and is_hex_name(parts[1][:-len(IMAGE_SIG_SUFFIX)])):
+        return None
     if parts[0] == "objects" and len(parts) == 3 and is_hex_name(parts[1], 2) and is_hex_name(parts[2], 62):
         return None
-    return "not the name of a store file (meta.json, refs/REF, images/DIGEST, objects/XX/REST)"
+    return ("not the name of a store file (meta.json, refs/REF, signatures/REF, images/DIGEST, images/DIGEST.sig, "
+            "objects/XX/REST)")
 
 
 def _kind(member: tarfile.TarInfo) -> str:
@@ -433,5 +474,5 @@ class BundleTransport:
         self.close()
 
 
-__all__ = ["DEFAULT_BUNDLE_BYTES", "BundleFile", "BundleTransport", "BundleWriter", "check_member_name",
+__all__ = ["DEFAULT_BUNDLE_BYTES", "BundleFile", "BundleTransport", "BundleWriter", "check_member_name", "image_signature",
            "iter_bundles", "member_cost", "meta_json", "object_member", "pack_objects", "source_image"]
