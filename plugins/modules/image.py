@@ -30,7 +30,8 @@ description:
     A build from O(src) must produce exactly the image that the ref's signed statement names: the statement
     O(store) already holds for O(ref), or the signatures file O(signature) (then kept in O(store) once the ref names
     the image).  The image is built and its digest compared before anything is stored; on a mismatch the module
-    fails and the ref does not move."
+    fails and the ref does not move.  Without O(trusted_keys), a ref the store holds a signed statement for is never
+    moved (neither by a pull nor by a build): that would replace a verified image with an unverified one."
   - "Idempotence: the module reports a change only when the ref is created or moved, or when the image or
     any object had to be written into the store.  With O(remote), every run reads the remote's C(meta.json),
     the remote ref and (unless the store has it) the image, and lists which of its objects are in the store;
@@ -628,6 +629,26 @@ def _signed_build(store, params, policy):
     return statement, (None if data == held else data), held
 
 
+def _unsigned_build_guard(store, ref, expected):
+    """The digest a build without trusted_keys must produce: a signed ref is never moved by one (as a pull).
+
+    With a statement in the store for ``ref``, the build may only confirm the
+    image the ref names (``expected`` otherwise, None: any).
+    """
+    current = store.read_ref_or_none(ref)
+    if current is None or read_signatures(store, ref) is None:
+        return expected
+    if expected is not None and expected != current:
+        raise _unsigned_move(ref, expected)
+    return current
+
+
+def _unsigned_move(ref, digest):
+    return SignatureError(ref_name(ref), "unsigned", "this store holds a signed statement for the ref (signatures/%s): "
+                          "a build without trusted_keys would move it to the unverified image %s; give trusted_keys "
+                          "(and signature, the new image's statement)" % (ref_name(ref), digest))
+
+
 def _present(module, params, policy):
     if params["remote"] is not None:
         return _pull(module, params, policy)
@@ -640,6 +661,8 @@ def _present(module, params, policy):
             raise SignatureError(ref_name(params["ref"]), "wrong-image", "the statement vouches for image %s, "
                                  "expected_digest is %s" % (statement.image, expected))
         expected = statement.image
+    else:
+        expected = _unsigned_build_guard(store, params["ref"], expected)
     try:
         result = add_image(
             store, params["src"], params["ref"],
@@ -649,6 +672,8 @@ def _present(module, params, policy):
             dry_run=module.check_mode)
     except DigestMismatch as exc:
         if statement is None:
+            if params["expected_digest"] is None:  # the guard's digest: the signed ref would have moved
+                raise _unsigned_move(params["ref"], exc.actual) from None
             raise
         raise SignatureError(ref_name(params["ref"]), "wrong-image", "the statement vouches for image %s, the "
                              "image built from %s is %s: nothing was stored, the ref was not moved"

@@ -232,3 +232,15 @@ def test_signature_needs_trusted_keys(module_runner, node, tmp_path):
     r = module_runner("image", dict(store=str(node_top(node)), ref="app/v1", src=str(tmp_path),
                                     signature=str(tmp_path / "x.sig")))
     assert r["failed"] and "missing parameter(s) required by 'signature': trusted_keys" in r["msg"], r
+
+
+def test_build_without_trusted_keys_never_moves_a_signed_ref(module_runner, tmp_path, node, built):
+    """As a pull without trusted keys: the statement in the store would be left naming another image."""
+    tree, digest = built
+    r = module_runner("image", dict(store=str(node_top(node)), ref="app/v1", src=str(tree)), check=True)
+    assert not r.get("failed") and r["changed"] is False, r  # confirming the image the ref names is fine
+    (tree / "VERSION").write_text("unsigned change\n")
+    for extra in ({}, {"expected_digest": "cd" * 32}):
+        refusal(module_runner, node, dict(store=str(node_top(node)), ref="app/v1", src=str(tree), **extra),
+                "unsigned", "a build without trusted_keys would move it to the unverified image ")
+    assert node.read_ref("app/v1") == digest
