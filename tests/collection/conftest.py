@@ -61,3 +61,11 @@ def run_module(name, args, check=False, diff=False):
 @pytest.fixture
 def module_runner():
     return run_module
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """ed25519 keys made by openssl: "release" (signs the test stores' app/v1) and "other" (trusted by nobody)."""
+    from signing import make_keys  # type: ignore[import-not-found]
+
+    return make_keys(tmp_path / "keys", "release", "other")

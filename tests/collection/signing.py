@@ -14,11 +14,15 @@ import base64
 import shutil
 import subprocess
 from pathlib import Path
-from typing import NamedTuple
+from typing import Dict, NamedTuple
 
 import pytest
 
+from composefs_fleet.ref_trust import sign_ref
 from composefs_fleet.sign_keys import key_id
+from composefs_fleet.store import Store
+
+from pull_play import Release, make_remote  # type: ignore[import-not-found]
 
 
 class KeyPair(NamedTuple):
@@ -57,3 +61,15 @@ def store_files(top: Path) -> dict:
         if path.is_file() and not path.is_symlink() and path.name not in ("lock", "gate.lock", "gc.lock"):
             out[str(path.relative_to(top))] = path.read_bytes()
     return out
+
+
+def make_keys(directory: Path, *names: str) -> Dict[str, KeyPair]:
+    return {name: make_key(directory, name) for name in names}
+
+
+def make_signed_remote(path: Path, key: KeyPair) -> Dict[str, Release]:
+    """pull_play.make_remote's store (app/v1, app/v2) with app/v1 signed by ``key`` (app/v2 stays unsigned)."""
+    releases = make_remote(path)
+    with Store.open(path, notice=None) as store:
+        sign_ref(store, "app/v1", [str(key.private)])
+    return releases

@@ -9,17 +9,14 @@ by openssl.  A refusal leaves the node's store byte for byte as it was.
 from __future__ import annotations
 
 import tarfile
-from pathlib import Path
 
 import pytest
 
-from composefs_fleet.ref_trust import sign_ref
 from composefs_fleet.remote_bundle import BundleTransport, check_member_name, iter_bundles
 from composefs_fleet.store import Store
 from composefs_fleet.store_signatures import read_signatures
 
-from pull_play import make_remote  # type: ignore[import-not-found]
-from signing import make_key, store_files  # type: ignore[import-not-found]
+from signing import make_signed_remote, store_files  # type: ignore[import-not-found]
 from test_image_send import run_task  # type: ignore[import-not-found]
 
 #: Stands for a PKCS#7 signature: the bundle carries the bytes as they are (the node's kernel judges them).
@@ -27,17 +24,10 @@ FAKE_SIG = b"0\x82\x01\x00 not a real PKCS#7 signature"
 
 
 @pytest.fixture
-def keys(tmp_path):
-    return {name: make_key(tmp_path / "keys", name) for name in ("release", "other")}
-
-
-@pytest.fixture
 def controller(tmp_path, keys):
     """The controller's store: app/v1 signed by "release" (its image with a .sig), app/v2 unsigned."""
     path = tmp_path / "controller"
-    releases = make_remote(path)
-    with Store.open(path, notice=None) as store:
-        sign_ref(store, "app/v1", [str(keys["release"].private)])
+    releases = make_signed_remote(path, keys["release"])
     (path / "images" / (releases["app/v1"].digest + ".sig")).write_bytes(FAKE_SIG)
     return path, releases
 

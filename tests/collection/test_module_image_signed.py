@@ -22,22 +22,16 @@ from composefs_fleet.store import Store
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_signatures import read_signatures
 
-from pull_play import make_remote, write_release  # type: ignore[import-not-found]
-from signing import make_key, store_files  # type: ignore[import-not-found]
-
-
-@pytest.fixture
-def keys(tmp_path):
-    return {name: make_key(tmp_path / "keys", name) for name in ("release", "other")}
+from pull_play import write_release  # type: ignore[import-not-found]
+from signing import make_signed_remote, store_files  # type: ignore[import-not-found]
 
 
 @pytest.fixture
 def remote(tmp_path, keys):
     """A remote store with app/v1 (signed by "release") and app/v2 (unsigned): (its file:// URL, releases, store)."""
     path = tmp_path / "remote"
-    releases = make_remote(path)
+    releases = make_signed_remote(path, keys["release"])
     store = Store.open(path, notice=None)
-    sign_ref(store, "app/v1", [str(keys["release"].private)])
     return "file://%s" % path, releases, store
 
 

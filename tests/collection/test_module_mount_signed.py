@@ -24,7 +24,7 @@ from composefs_fleet.store_add import add_image
 from composefs_fleet.store_signatures import read_signatures, write_signatures
 from composefs_fleet.systemd_unit import unit_name
 
-from signing import make_key  # type: ignore[import-not-found]
+from signing import make_keys  # type: ignore[import-not-found]
 
 
 class Node:
@@ -32,7 +32,7 @@ class Node:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.keys = {name: make_key(base / "keys", name) for name in ("release", "other")}
+        self.keys = make_keys(base / "keys", "release", "other")
         self.store = Store.init(base / "store", notice=None)[0]
         self.digest = {}
         for i, name in enumerate(("one", "two")):

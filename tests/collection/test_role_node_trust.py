@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from composefs_fleet.ref_trust import sign_ref
 from composefs_fleet.store import Store
 from composefs_fleet.store_signatures import read_signatures
 from composefs_fleet.systemd_unit import unit_name
 
-from pull_play import local_host, make_remote, output, recap, run_playbook  # type: ignore[import-not-found]
-from signing import make_key, store_files  # type: ignore[import-not-found]
+from pull_play import local_host, output, recap, run_playbook  # type: ignore[import-not-found]
+from signing import make_keys, make_signed_remote, store_files  # type: ignore[import-not-found]
 
 REPO = Path(__file__).resolve().parents[2]
 KEYRING_UNIT = "composefs-fleet-fsverity-keys.service"
@@ -38,10 +37,8 @@ def play(tmp: Path, name: str, play_vars: dict, *options: str) -> "subprocess.Co
 
 @pytest.fixture
 def setup(tmp_path):
-    keys = {name: make_key(tmp_path / "keys", name) for name in ("release", "second", "old", "other")}
-    releases = make_remote(tmp_path / "remote")
-    with Store.open(tmp_path / "remote", notice=None) as remote:
-        sign_ref(remote, "app/v1", [str(keys["release"].private)])
+    keys = make_keys(tmp_path / "keys", "release", "second", "old", "other")
+    releases = make_signed_remote(tmp_path / "remote", keys["release"])
     node = tmp_path / "node"
     play_vars = {
         "node_tools": "none",
