@@ -486,6 +486,18 @@ pull:
       type: float
       returned: always
       sample: 0.0004
+    image_signature:
+      description: Whether the remote has the image's fs-verity built-in signature (C(images/<digest>.sig)).
+      type: bool
+      returned: always
+      sample: true
+    image_signed:
+      description:
+        - Whether this run stored that signature (with the image, or given to the kernel for an image already in
+          O(store)); false in check mode.
+      type: bool
+      returned: always
+      sample: true
 removed:
   description: Whether the ref was (check mode, would be) removed.
   returned: when O(state=absent)
@@ -527,7 +539,8 @@ def _not_created(location):
 
 
 _PULL_KEYS = ("url", "remote_ref", "ref", "digest", "objects", "objects_missing", "bytes_missing",
-              "objects_fetched", "bytes_fetched", "image_fetched", "signature", "verify_seconds")
+              "objects_fetched", "bytes_fetched", "image_fetched", "signature", "verify_seconds", "image_signature",
+              "image_signed")
 #: Options that shape an image built from src; a pulled image is taken as it is.
 _SRC_ONLY = ("format_version", "use_epoch", "skip_xattrs", "user_xattrs", "skip_devices")
 

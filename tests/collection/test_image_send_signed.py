@@ -8,19 +8,34 @@ by openssl.  A refusal leaves the node's store byte for byte as it was.
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 
+from composefs_fleet.fsverity_sig import pkcs7_sign
 from composefs_fleet.remote_bundle import BundleTransport, check_member_name, iter_bundles
 from composefs_fleet.store import Store
+from composefs_fleet.store_image_sig import read_image_signature, write_image_signature
 from composefs_fleet.store_signatures import read_signatures
 
 from signing import make_signed_remote, store_files  # type: ignore[import-not-found]
 from test_image_send import run_task  # type: ignore[import-not-found]
 
-#: Stands for a PKCS#7 signature: the bundle carries the bytes as they are (the node's kernel judges them).
-FAKE_SIG = b"0\x82\x01\x00 not a real PKCS#7 signature"
+
+
+def fsverity_signature(tmp: Path, digest: str) -> bytes:
+    """A real fs-verity built-in signature (PKCS#7, RSA key and certificate made by openssl) of the image ``digest``."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed (Debian package openssl): the test makes its certificate with it")
+    key, cert = tmp / "fsverity.key", tmp / "fsverity.der"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-subj",
+                    "/CN=composefs-fleet test", "-days", "2", "-outform", "DER", "-out", str(cert)],
+                   check=True, capture_output=True)
+    return pkcs7_sign(bytes.fromhex(digest), key.read_bytes(), cert.read_bytes())
 
 
 @pytest.fixture
@@ -28,7 +43,9 @@ def controller(tmp_path, keys):
     """The controller's store: app/v1 signed by "release" (its image with a .sig), app/v2 unsigned."""
     path = tmp_path / "controller"
     releases = make_signed_remote(path, keys["release"])
-    (path / "images" / (releases["app/v1"].digest + ".sig")).write_bytes(FAKE_SIG)
+    digest = releases["app/v1"].digest
+    with Store.open(path, notice=None) as store:
+        write_image_signature(store, digest, fsverity_signature(tmp_path, digest))
     return path, releases
 
 
@@ -54,7 +71,7 @@ def test_bundle_carries_the_statement_and_the_image_signature(tmp_path, controll
         assert "signatures/app/v1" not in tar.getnames() and "images/%s.sig" % digest in tar.getnames()
     with BundleTransport([signed.path]) as transport:
         assert transport.get_small("signatures/app/v1", 65536) == statement
-        assert transport.get_small("images/%s.sig" % digest, 65536) == FAKE_SIG
+        assert transport.get_small("images/%s.sig" % digest, 65536) == (path / "images" / (digest + ".sig")).read_bytes()
 
 
 @pytest.mark.parametrize("name, why", [
@@ -85,6 +102,9 @@ def test_signed_send_check_real_unchanged(tmp_path, controller, node, keys):
     with Store.open(node, notice=None) as store, Store.open(path, notice=None) as src:
         assert store.read_ref("app/v1") == digest
         assert read_signatures(store, "app/v1") == read_signatures(src, "app/v1")
+        # The image's fs-verity signature travelled too, byte for byte (the kernel checks it where the image gets
+        # fs-verity; this test's filesystem may have none).
+        assert read_image_signature(store, digest) == read_image_signature(src, digest) is not None
     _proc, again = run_task(tmp_path, args)
     assert not again.get("failed") and not again["changed"], again
     assert keys["release"].public_text.splitlines()[1] not in _proc.stdout

@@ -34,7 +34,8 @@ from .errors import RemoteError, RemoteNotFound, StoreError
 from .image_needs import ImageObjects
 from .objects import ObjectDir
 from .safe_dirs import UnsafePathError, open_regular
-from .store import DIGEST_ALGORITHM, FORMAT_VERSION, IMAGES, OBJECTS, Store
+from .store import DIGEST_ALGORITHM, FORMAT_VERSION, OBJECTS, Store
+from .store_image_sig import image_of_sig_name, read_image_signature, sig_name
 from .store_names import check_digest_hex, is_hex_name, split_ref_name
 from .store_signatures import read_signatures
 
@@ -45,9 +46,6 @@ _RECORD = tarfile.RECORDSIZE
 _CHUNK = 256 * 1024
 #: What may follow the last member: the end-of-archive blocks and the padding to a record.
 _MAX_TRAILER = 2 * _BLOCK + _RECORD
-#: An fs-verity signature (PKCS#7 DER) of an image; the kernel takes at most 16 KiB, a remote's is read up to 64 KiB.
-MAX_IMAGE_SIG_BYTES = 64 * 1024
-IMAGE_SIG_SUFFIX = ".sig"
 
 
 def meta_json() -> bytes:
@@ -216,27 +214,6 @@ def pack_objects(sizes: Dict[str, int], limit: int = DEFAULT_BUNDLE_BYTES) -> Li
     return groups
 
 
-def image_signature(store: Store, digest: str) -> Optional[bytes]:
-    """``images/<digest>.sig`` of ``store`` (the image's fs-verity signature), None when it has none.
-
-    Read through ``images/`` opened without following links; the node's
-    kernel checks it when the image gets fs-verity.
-    """
-    name = check_digest_hex(digest) + IMAGE_SIG_SUFFIX
-    shown = "%s/images/%s" % (os.fsdecode(store.path), name)
-    try:
-        fd = open_regular(name.encode("ascii"), store.dir_fd(IMAGES), shown)
-    except FileNotFoundError:
-        return None
-    except UnsafePathError as exc:
-        raise StoreError("%s: run 'composefs-store fsck --repair'" % exc) from None
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_IMAGE_SIG_BYTES + 1)
-    if len(data) > MAX_IMAGE_SIG_BYTES:
-        raise StoreError("%s: larger than %d bytes; not a signature" % (shown, MAX_IMAGE_SIG_BYTES))
-    return data
-
-
 def iter_bundles(store: Store, directory: str, groups: Iterable[Sequence[str]] = (), *, digest: Optional[str] = None,
                  ref: Optional[str] = None, limit: int = DEFAULT_BUNDLE_BYTES, prefix: str = "bundle",
                  signed: bool = False) -> Iterator[BundleFile]:
@@ -269,7 +246,7 @@ def iter_bundles(store: Store, directory: str, groups: Iterable[Sequence[str]] =
                 done = writer.add("images/" + digest, os.fstat(image.fileno()).st_size, image)
             if done is not None:
                 yield done
-            extra = [("images/" + digest + IMAGE_SIG_SUFFIX, image_signature(store, digest))]
+            extra = [("images/" + sig_name(digest).decode("ascii"), read_image_signature(store, digest))]
             if signed and ref is not None:
                 extra.append(("signatures/" + ref, read_signatures(store, ref)))
             for name, data in extra:
@@ -336,8 +313,7 @@ def check_member_name(name: str) -> Optional[str]:
         return None
     if parts[0] == "images" and len(parts) == 2 and is_hex_name(parts[1]):
         return None
-    if (parts[0] == "images" and len(parts) == 2 and parts[1].endswith(IMAGE_SIG_SUFFIX)
-            and is_hex_name(parts[1][:-len(IMAGE_SIG_SUFFIX)])):
+    if parts[0] == "images" and len(parts) == 2 and image_of_sig_name(parts[1]) is not None:
         return None
     if parts[0] == "objects" and len(parts) == 3 and is_hex_name(parts[1], 2) and is_hex_name(parts[2], 62):
         return None
@@ -474,5 +450,5 @@ class BundleTransport:
         self.close()
 
 
-__all__ = ["DEFAULT_BUNDLE_BYTES", "BundleFile", "BundleTransport", "BundleWriter", "check_member_name", "image_signature",
-           "iter_bundles", "member_cost", "meta_json", "object_member", "pack_objects", "source_image"]
+__all__ = ["DEFAULT_BUNDLE_BYTES", "BundleFile", "BundleTransport", "BundleWriter", "check_member_name", "iter_bundles",
+           "member_cost", "meta_json", "object_member", "pack_objects", "source_image"]
