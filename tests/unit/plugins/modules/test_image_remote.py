@@ -46,7 +46,7 @@ def test_options_reach_the_pull(capsys, node, monkeypatch):
         url, remote_ref, ref, digest, previous = "https://h/s", "app/v2", "app", "ab" * 32, None
         changed, objects, objects_missing, bytes_missing = True, 3, 2, 10
         objects_fetched, bytes_fetched, image_fetched = 0, 0, False
-        signature, verify_seconds = None, 0.0
+        signature, verify_seconds, image_signature, image_signed = None, 0.0, False, False
 
     def fake_pull(store, remote, remote_ref, ref=None, options=None, jobs=8, dry_run=False, trust="unset"):
         seen.update(remote=remote, remote_ref=remote_ref, ref=ref, options=options, jobs=jobs, dry_run=dry_run,
