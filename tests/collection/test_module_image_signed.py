@@ -238,3 +238,18 @@ def test_build_without_trusted_keys_never_moves_a_signed_ref(module_runner, tmp_
         refusal(module_runner, node, dict(store=str(node_top(node)), ref="app/v1", src=str(tree), **extra),
                 "unsigned", "a build without trusted_keys would move it to the unverified image ")
     assert node.read_ref("app/v1") == digest
+
+
+def test_check_mode_plans_a_signed_build_into_a_store_not_made_yet(module_runner, tmp_path, keys):
+    tree = tmp_path / "tree"
+    write_release(tree, 1)
+    with Store.init(tmp_path / "scratch", notice=None)[0] as scratch:
+        digest = add_image(scratch, str(tree), "x").digest
+    signature = tmp_path / "app-v1.sig"
+    signature.write_bytes(sign_statement("app/v1", digest, [str(keys["release"].private)]))
+    args = dict(store=str(tmp_path / "new-store"), ref="app/v1", src=str(tree), trusted_keys=[str(keys["release"].public)])
+    r = module_runner("image", dict(args, signature=str(signature)), check=True)
+    assert not r.get("failed") and r["changed"] and r["digest"] == digest and r["image"]["signature_written"], r
+    r = module_runner("image", args, check=True)  # a new store holds no statement
+    assert r.get("failed") and r["reason"] == "unsigned", r
+    assert not (tmp_path / "new-store").exists()
