@@ -38,7 +38,10 @@ def key_sources(entries: Iterable[str], tmpdir: str, option: str) -> List[str]:
     for index, entry in enumerate(entries):
         if not isinstance(entry, str) or not entry.strip():
             raise KeyFileError("%s[%d]: an empty key (give a path on the node or the key's text)" % (option, index))
-        if is_key_path(entry) or _PEM_MARK in entry:
+        if is_key_path(entry):
+            out.append(entry.rstrip("\n"))  # a template's trailing newline is no part of the name
+            continue
+        if _PEM_MARK in entry:
             out.append(entry)
             continue
         path = os.path.join(tmpdir, "%s-%d.pub" % (option, index))

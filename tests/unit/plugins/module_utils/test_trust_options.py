@@ -34,8 +34,8 @@ def test_paths_and_texts(entry, is_path):
 
 
 def test_texts_become_private_files_paths_and_pem_stay(tmp_path):
-    out = key_sources(["/some/dir", PEM, OSTREE_KEY], str(tmp_path), "trusted_keys")
-    assert out[:2] == ["/some/dir", PEM]  # the core reads PEM text itself
+    out = key_sources(["/some/dir\n", PEM, OSTREE_KEY], str(tmp_path), "trusted_keys")
+    assert out[:2] == ["/some/dir", PEM]  # the core reads PEM text itself; a path loses a trailing newline
     written = out[2]
     assert os.path.dirname(written) == str(tmp_path)
     with open(written) as f:
