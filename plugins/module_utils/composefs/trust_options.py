@@ -10,26 +10,44 @@ the core reads only from a file.  Such a text is written into a private
 file in the module's temporary directory first, so that a role can pass
 the same texts it installs on the node, also in check mode before they are
 installed.  A text is told from a path by its content: a path is absolute
-and one line; a key text has a newline or is not absolute.
+and one line; a key text has a newline or is not absolute, or is one line of
+base64 that is an ostree key (base64 may start with "/") and names nothing
+on the node.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from typing import Any, Dict, Iterable, List, Optional
 
 from .errors import StoreError
 from .ref_statement import Statement, StatementError, decode_signatures_file, format_time, parse_statement
 from .ref_trust import TrustPolicy
-from .sign_keys import KeyFileError
+from .sign_keys import RAW_KEY_BYTES, KeyFileError
 from .store_names import split_ref_name
 
 _PEM_MARK = "-----BEGIN "
 
 
 def is_key_path(entry: str) -> bool:
-    """True if ``entry`` names a file or directory on the node rather than holding a key's text."""
-    return entry.startswith("/") and "\n" not in entry.rstrip("\n") and _PEM_MARK not in entry
+    """True if ``entry`` names a file or directory on the node rather than holding a key's text.
+
+    Base64 may start with "/": one line that is an ostree key (32 bytes in
+    base64) and names nothing on the node is that key's text.
+    """
+    line = entry.rstrip("\n")
+    if not line.startswith("/") or "\n" in line or _PEM_MARK in entry:
+        return False
+    return os.path.lexists(line) or not _is_ostree_key(line)
+
+
+def _is_ostree_key(line: str) -> bool:
+    try:
+        return len(base64.b64decode(line.strip(), validate=True)) == RAW_KEY_BYTES
+    except (binascii.Error, ValueError):
+        return False
 
 
 def key_sources(entries: Iterable[str], tmpdir: str, option: str) -> List[str]:

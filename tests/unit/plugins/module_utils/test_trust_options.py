@@ -33,6 +33,17 @@ def test_paths_and_texts(entry, is_path):
     assert is_key_path(entry) is is_path
 
 
+def test_an_ostree_key_starting_with_a_slash_is_a_text(tmp_path):
+    """1 key in 64 has base64 starting with "/": it names no file, so it is the key's text (a flaky test found it)."""
+    raw = b"\xff" + bytes(range(31))
+    line = base64.b64encode(raw).decode("ascii")
+    assert line.startswith("/")
+    assert not is_key_path(line)
+    policy = load_policy([line], None, str(tmp_path))
+    assert policy is not None and [key.raw for key in policy.trusted.values()] == [raw]
+    assert is_key_path("/nonexistent/but-not-a-key.pub")  # so the error names the missing file
+
+
 def test_texts_become_private_files_paths_and_pem_stay(tmp_path):
     out = key_sources(["/some/dir\n", PEM, OSTREE_KEY], str(tmp_path), "trusted_keys")
     assert out[:2] == ["/some/dir", PEM]  # the core reads PEM text itself; a path loses a trailing newline
