@@ -67,7 +67,7 @@ def test_no_trusted_keys_no_policy(tmp_path):
 def test_trusted_keys_without_a_key_fail(tmp_path):
     empty = tmp_path / "trusted.d"
     empty.mkdir()
-    with pytest.raises(KeyFileError, match="trusted_keys holds no key"):
+    with pytest.raises(KeyFileError, match="no key in it; an empty trust source would turn signature checks off"):
         load_policy([str(empty)], None, str(tmp_path))
 
 
