@@ -68,7 +68,8 @@ def run_timed(argv, cwd=None):
     """(wall s, cpu s, peak RSS KiB) of one command."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    res = subprocess.run(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    res = subprocess.run(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         check=False)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if res.returncode != 0:
@@ -80,7 +81,8 @@ def run_timed(argv, cwd=None):
 def peak_of(argv):
     """Peak RSS (KiB) of one command alone, through GNU time (RUSAGE_CHILDREN keeps the maximum ever)."""
     res = subprocess.run(["/usr/bin/time", "-f", "%M"] + [str(a) for a in argv], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         check=False)
     return int(res.stderr.decode().strip().splitlines()[-1])
 
 

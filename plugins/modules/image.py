@@ -72,9 +72,18 @@ options:
       - The source on the node; with O(state=present) one of O(src) and O(remote) is required.
       - A directory (its contents are hashed and stored as objects), a composefs-dump(5) file, or a composefs
         image file (stored as it is).
+      - Or an OCI container image, named as skopeo names them, C(oci:DIR[:TAG]) (an image layout),
+        C(oci-archive:FILE[:TAG]) or C(docker-archive:FILE[:TAG]); its layers are streamed into the store (never
+        unpacked to disk), every blob is checked against its digest and the config's C(diff_ids), and
+        whiteouts are applied as the OCI image spec says (see O(platform)).
       - The objects a dump or an image refers to must already be in the store, or in O(objects_from).
       - Mutually exclusive with O(remote).
     type: path
+  platform:
+    description:
+      - For an OCI O(src) holding images for several platforms, which one, as C(OS/ARCH[/VARIANT]), for example
+        C(linux/arm64/v8). By default the node's own.
+    type: str
   remote:
     description:
       - Pull the image from this remote store instead of building it from O(src).
@@ -514,6 +523,7 @@ from urllib.parse import unquote, urlsplit
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.composefs.errors import ComposefsError, RefNotFound, RemoteError, SignatureError, StoreError
+from ..module_utils.composefs.oci_source import is_oci_source
 from ..module_utils.composefs.pull import pull
 from ..module_utils.composefs.ref_statement import MAX_SIGNATURES_BYTES
 from ..module_utils.composefs.ref_trust import verify_signature_bytes
@@ -682,7 +692,7 @@ def _present(module, params, policy):
             use_epoch=params["use_epoch"], skip_devices=params["skip_devices"], skip_xattrs=params["skip_xattrs"],
             user_xattrs=params["user_xattrs"], use_cache=params["use_cache"], objects_from=params["objects_from"],
             min_version=params["format_version"], max_version=1, expected_digest=expected,
-            dry_run=module.check_mode)
+            dry_run=module.check_mode, platform=params["platform"])
     except DigestMismatch as exc:
         if statement is None:
             if params["expected_digest"] is None:  # the guard's digest: the signed ref would have moved
@@ -759,6 +769,7 @@ def main():
             revoked_keys=dict(type="list", elements="str", no_log=True),
             use_cache=dict(type="bool", default=True),
             allow_foreign_owner=dict(type="bool", default=False),
+            platform=dict(type="str"),
             remote=dict(type="str"),
             remote_ref=dict(type="str"),
             validate_certs=dict(type="bool", default=True),
@@ -784,6 +795,8 @@ def main():
         if given:
             module.fail_json(msg="%s shape%s an image built from src; a pulled image is stored as the remote "
                                  "has it" % (", ".join(given), "" if len(given) > 1 else "s"))
+    if params["platform"] is not None and not is_oci_source(params["src"]):
+        module.fail_json(msg="platform applies to an OCI src (oci:, oci-archive:, docker-archive:)")
     expected = params["expected_digest"]
     if expected is not None:
         expected = expected.strip().lower()

@@ -291,7 +291,7 @@ def test_tags_platforms_and_nested_indexes(rich, store, tmp_path):
         add_image(st, "oci:%s:nope" % copy, "none")
     # Indexes nested deeper than any real image: refused, not followed for ever.
     digest, size = idigest, isize
-    for _ in range(10):
+    for _depth in range(10):
         digest, size = layout.put_blob(json.dumps({"schemaVersion": 2, "manifests": [
             {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest, "size": size}]}).encode())
     (copy / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [

@@ -618,6 +618,18 @@ class ObjectBatch:
             self._pending.append((tmp, digest, dev))
         return digest, True
 
+    def keep_only(self, digests: Set[bytes]) -> None:
+        """Drop the staged objects not in ``digests`` (their temp files removed): a stream staged
+        contents that turned out not to be needed (an OCI file a later layer deleted)."""
+        with self._lock:
+            keep = [entry for entry in self._pending if entry[1] in digests]
+            drop = [entry for entry in self._pending if entry[1] not in digests]
+            self._pending = keep
+            for _tmp, digest, _dev in drop:
+                self._digests.discard(digest)
+        for tmp, _digest, _dev in drop:
+            self.dir.discard(tmp)
+
     def take_pending(self) -> List[Tuple[bytes, bytes, int]]:
         """Hand over the staged (temp name, digest, st_dev) entries: another process commits them.
 

@@ -62,7 +62,7 @@ def tree_from_oci(source: str, batch: ObjectBatch, result: Any, platform: Option
     try:
         image = resolve(blobs, kind, tag, platform)
         root = Node(0o040755)
-        counts = {"new": 0, "bytes": 0}
+        new_objects: Dict[bytes, int] = {}
 
         def sink(handle: BinaryIO, size: int, shown: str) -> bytes:
             if stage:
@@ -72,8 +72,7 @@ def tree_from_oci(source: str, batch: ObjectBatch, result: Any, platform: Option
                 new = digest not in seen and batch.dir.lstat(digest) is None
             seen.add(digest)
             if new:
-                counts["new"] += 1
-                counts["bytes"] += size
+                new_objects[digest] = size
             return digest
 
         for number, (layer, diff_id) in enumerate(zip(image.layers, image.diff_ids)):
@@ -89,13 +88,18 @@ def tree_from_oci(source: str, batch: ObjectBatch, result: Any, platform: Option
             if actual != diff_id:
                 raise OciError("%s: uncompressed digest %s is not the config's diff_id %s: refused"
                                % (shown, actual, diff_id))
-        result.objects_written = counts["new"]
-        result.bytes_written = counts["bytes"]
+        # Contents a later layer deleted were staged too: only what the tree uses counts (and is kept).
+        used = {node.digest for _path, node in root.walk() if node.digest is not None}
+        new_objects = {digest: size for digest, size in new_objects.items() if digest in used}
+        if stage:
+            batch.keep_only(used)
+        result.objects_written = len(new_objects)
+        result.bytes_written = sum(new_objects.values())
         result.oci_manifest = image.manifest.digest
         result.oci_config = image.config.digest
         result.oci_layers = len(image.layers)
         if known is not None:
-            known.update(digest.hex() for digest in seen)
+            known.update(digest.hex() for digest in seen & used)
         return root
     finally:
         blobs.close()

@@ -344,7 +344,14 @@ def resolve(blobs: BlobSource, kind: str, tag: Optional[str], platform: Optional
             blobs.shown, len(found), " %r" % tag if tag else "", ", ".join(sorted(_tags(index))) or "none"))
     desc = found[0]
     manifest = blobs.read_json_blob(desc, "manifest")
-    return _image_of_manifest(blobs, desc, manifest)
+    image = _image_of_manifest(blobs, desc, manifest)
+    if platform is not None and desc.platform is None:
+        # A single-platform image says its platform in its config only: a platform asked for must match it.
+        have = (image.config_doc.get("os"), image.config_doc.get("architecture"), image.config_doc.get("variant"))
+        if have[:2] != want[:2] or (want[2] is not None and have[2] not in (None, want[2])):
+            raise OciError("%s: the image%s is for %s, not %s" % (
+                blobs.shown, " tagged %r" % tag if tag else "", "/".join(str(p) for p in have if p), platform))
+    return image
 
 
 def _tags(index: Dict[str, Any]) -> Set[str]:
