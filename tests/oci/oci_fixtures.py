@@ -40,6 +40,7 @@ def _harness():
 def unavailable(reason: str) -> None:
     _harness().unavailable(reason)
 
+
 OCI_TOOLS = ("umoci", "skopeo")
 
 
