@@ -174,16 +174,20 @@ def test_guest_pulls_through_a_reverse_tunnel_and_mounts_with_verity_require(gue
 
     # nginx saw the pull (through the tunnel): the store's meta.json, the ref,
     # the image and each object exactly once, nothing else.
-    want = [("GET", "meta.json", 200), ("GET", "refs/" + REF, 200), ("GET", "images/" + digest, 200)]
+    # (images/<digest>.sig is asked for too: the image's fs-verity signature, none here.)
+    want = [("GET", "meta.json", 200), ("GET", "refs/" + REF, 200), ("GET", "images/" + digest, 200),
+            ("GET", "images/%s.sig" % digest, 404)]
     assert first_requests == sorted(want + [("GET", _object_path(d), 200) for d in want_objects]), first_requests
 
-    # The same pull again: nothing left to fetch, nothing changed; only meta.json and the ref were asked for.
+    # The same pull again: nothing left to fetch, nothing changed; only meta.json, the ref and the
+    # image's signature (which could have appeared since) were asked for.
     assert again.returncode == 0, (again.stdout, again.stderr)
     res = json.loads(again.stdout)
     assert res["digest"] == digest and res["previous"] == digest, res
     assert res["changed"] is False and res["image_fetched"] is False, res
     assert res["objects_missing"] == res["objects_fetched"] == res["bytes_fetched"] == 0, res
-    assert again_requests == sorted([("GET", "meta.json", 200), ("GET", "refs/" + REF, 200)]), again_requests
+    assert again_requests == sorted([("GET", "meta.json", 200), ("GET", "refs/" + REF, 200),
+                                     ("GET", "images/%s.sig" % digest, 404)]), again_requests
 
     # v2: only its two new objects travel, and they too come out verity-enabled.
     assert v2.returncode == 0, (v2.stdout, v2.stderr)
@@ -193,7 +197,8 @@ def test_guest_pulls_through_a_reverse_tunnel_and_mounts_with_verity_require(gue
     assert res["bytes_missing"] == res["bytes_fetched"] == sum(len(d) for d in v2_files.values()), res
     measured = v2.stdout[end:].split()
     assert measured == [w for d in v2_new for w in ("sha256:" + d, GUEST_STORE + "/" + _object_path(d))], v2.stdout
-    want = [("GET", "meta.json", 200), ("GET", "refs/" + REF2, 200), ("GET", "images/" + digest2, 200)]
+    want = [("GET", "meta.json", 200), ("GET", "refs/" + REF2, 200), ("GET", "images/" + digest2, 200),
+            ("GET", "images/%s.sig" % digest2, 404)]
     assert v2_requests == sorted(want + [("GET", _object_path(d), 200) for d in v2_new]), v2_requests
 
     # Tunnel closed: the guest cannot reach the host's nginx any more.
