@@ -43,6 +43,9 @@ out["helper_made"] = not os.path.lexists("/sbin/mount.composefs")
 if out["helper_made"]:
     os.symlink("/usr/local/sbin/mount.composefs", "/sbin/mount.composefs")
 checks.install_unit(out)
+# A unit left active by an earlier test (RemainAfterExit) is not started again: restart it, as the
+# node role does when the certificates change, so that this certificate is loaded now.
+out["restart"] = checks.sh(["systemctl", "restart", checks.UNIT])
 out["enable"] = checks.sh(["systemctl", "enable", checks.UNIT])
 src = "/var/tmp/cf-keyring-boot/src"
 os.makedirs(src, exist_ok=True)
