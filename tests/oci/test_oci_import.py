@@ -370,3 +370,43 @@ def test_gc_removes_the_origin_record_with_its_image(rich, store):
     res = json.loads(store_cli("--repo", store, "--json", "gc").stdout)
     assert res["removed_origins"] == [digest] and not (store / "oci" / digest).exists()
     assert store_cli("--repo", store, "fsck").returncode == 0
+
+
+def test_deep_trees_long_paths_and_deep_json_are_handled(store, tmp_path):
+    """1,500 nested directories (hidden by an opaque marker above them) import; a path longer than
+    PATH_MAX and an index.json nested beyond what the parser recurses are refused by name."""
+    import json
+
+    from oci_fixtures import store_files
+
+    require_tools()
+    deep = "/".join(["d"] * 1500)
+    layout = Layout(tmp_path / "deep")
+    layout.raw_layer([Member(deep + "/f", b"deep\n"), Member("keep", b"k")])
+    layout.raw_layer([directory("d"), Member("d/.wh..wh..opq", b""), Member("d/new", b"n")])
+    res = json.loads(store_cli("--repo", store, "--json", "add-image", "oci:" + layout.ref, "--ref", "deep").stdout)
+    dump = store_dump(store, "deep")
+    assert res["oci_layers"] == 2 and "/d/new " in dump and "/d/d" not in dump and "/keep " in dump
+    before = store_files(store)
+    long = Layout(tmp_path / "long")
+    long.raw_layer([Member("x/" * 2100 + "f", b"x")])
+    res = store_cli("--repo", store, "add-image", "oci:" + long.ref, "--ref", "long", check=False)
+    assert res.returncode == 1 and "longer than a path may be" in res.stderr, res.stderr
+    (long.path / "index.json").write_text("[" * 100000 + "]" * 100000)
+    res = store_cli("--repo", store, "add-image", "oci:" + long.ref, "--ref", "long", check=False)
+    assert res.returncode == 1 and "nested too deeply" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert store_files(store) == before
+
+
+def test_a_docker_manifest_of_the_wrong_shape_is_refused(store, tmp_path):
+    import io
+    import tarfile
+
+    archive = tmp_path / "d.tar"
+    with tarfile.open(archive, "w") as tar:
+        data = b'["not an object"]'
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    res = store_cli("--repo", store, "add-image", "docker-archive:%s" % archive, "--ref", "d", check=False)
+    assert res.returncode == 1 and "manifest.json entries must be objects" in res.stderr, res.stderr

@@ -37,11 +37,10 @@ import io
 import os
 import stat
 import tarfile
-import zlib
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Set, Tuple
 
 from .oci_source import OciError
-from .tree import RECOMMENDED_INLINE_CONTENT_MAX, XATTR_NAME_MAX, Node, digest_to_path
+from .tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, XATTR_NAME_MAX, Node, digest_to_path
 
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
@@ -72,13 +71,9 @@ class _Inflated(io.RawIOBase):
     def readinto(self, buf: Any) -> int:
         try:
             data = self._raw.read(len(buf))
-        except (OSError, EOFError, zlib.error) as exc:
-            if isinstance(exc, OciError):
-                raise
-            raise OciError("%s: cannot decompress: %s" % (self._shown, exc)) from None
-        except Exception as exc:  # zstandard.ZstdError and the like: say which layer
-            if isinstance(exc, OciError):
-                raise
+        except OciError:
+            raise  # the blob's own check (digest, size) said what failed
+        except Exception as exc:  # zlib.error, EOFError, zstandard.ZstdError...: say which layer
             raise OciError("%s: cannot decompress: %s" % (self._shown, exc)) from None
         n = len(data)
         if n:
@@ -149,6 +144,8 @@ class LayerApplier:
     # -- names -------------------------------------------------------------------
     def _parts(self, name: str, what: str = "member") -> List[bytes]:
         raw = name.encode("utf-8", "surrogateescape")
+        if len(raw) >= PATH_MAX:
+            raise OciError("%s: %s of %d bytes: longer than a path may be (%d)" % (self.shown, what, len(raw), PATH_MAX))
         if raw.startswith(b"/"):
             if raw.strip(b"/") == b"":
                 return []
@@ -243,13 +240,19 @@ class LayerApplier:
             return
         del parent.children[target]
 
-    def _hide_lower(self, directory: Node) -> None:
-        """Remove what lower layers put under ``directory``; keep this layer's entries (and their paths)."""
-        for name, child in list(directory.children.items()):
-            if child.is_dir() and (id(child) in self._touched or self._has_touched(child)):
-                self._hide_lower(child)
-            elif id(child) not in self._touched:
-                del directory.children[name]
+    def _hide_lower(self, top: Node) -> None:
+        """Remove what lower layers put under ``top``; keep this layer's entries (and their paths).
+
+        Iterative: a layer may nest directories deeper than Python recurses.
+        """
+        stack = [top]
+        while stack:
+            directory = stack.pop()
+            for name, child in list(directory.children.items()):
+                if child.is_dir() and (id(child) in self._touched or self._has_touched(child)):
+                    stack.append(child)
+                elif id(child) not in self._touched:
+                    del directory.children[name]
 
     def _has_touched(self, directory: Node) -> bool:
         stack = [directory]

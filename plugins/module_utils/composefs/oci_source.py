@@ -214,6 +214,8 @@ def _json(data: bytes, shown: str) -> Any:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise OciError("%s: not valid JSON: %s" % (shown, exc)) from None
+    except RecursionError:
+        raise OciError("%s: JSON nested too deeply" % shown) from None
 
 
 class LayoutDir(BlobSource):
@@ -291,8 +293,10 @@ class TarArchive(BlobSource):
             raise OciError("%s: %s is not a regular file in the archive" % (self.shown, name))
         return self._tar.extractfile(member)
 
-    def member_size(self, name: str) -> int:
-        return self._members[name].size
+    def member_size(self, name: str) -> Optional[int]:
+        """The size of a regular member, None if there is none of that name."""
+        member = self._members.get(name)
+        return member.size if member is not None and member.isreg() else None
 
     def close(self) -> None:
         self._file.close()
@@ -429,7 +433,11 @@ def _resolve_docker(blobs: BlobSource, tag: Optional[str]) -> Image:
         raise OciError("%s: manifest.json must be a non-empty list" % blobs.shown)
     chosen = []
     for entry in manifest:
-        tags = entry.get("RepoTags") or [] if isinstance(entry, dict) else []
+        if not isinstance(entry, dict):
+            raise OciError("%s: manifest.json entries must be objects" % blobs.shown)
+        tags = entry.get("RepoTags") or []
+        if not isinstance(tags, list):
+            raise OciError("%s: manifest.json \"RepoTags\" must be a list" % blobs.shown)
         if tag is None or tag in tags or any(t.rsplit(":", 1)[-1] == tag for t in tags if isinstance(t, str)):
             chosen.append(entry)
     if len(chosen) != 1:
@@ -453,10 +461,9 @@ def _resolve_docker(blobs: BlobSource, tag: Optional[str]) -> Image:
     diff_ids = _diff_ids(config_doc, "%s: config %s" % (blobs.shown, config_name), len(layer_names))
     layers = []
     for name, diff_id in zip(layer_names, diff_ids):
-        member = blobs.open_file(name)
-        if member is None:
+        size = blobs.member_size(name) if isinstance(blobs, TarArchive) else None
+        if size is None:
             raise OciError("%s: layer %s is missing" % (blobs.shown, name))
-        size = blobs.member_size(name) if isinstance(blobs, TarArchive) else 0
         # docker save writes uncompressed layers: the diff_id is the blob's own digest.
         layers.append(DockerLayer(name, diff_id, size))
     manifest_bytes = json.dumps(entry, sort_keys=True).encode()
