@@ -694,7 +694,7 @@ def _record(image_fd: int, image: PathArg, target: PathArg, dirs: List[str], dig
 
 
 # The history keeps the verity mode as the mount module and the agent name it.
-_REQUESTED_VERITY = {"require": "require", "try": "on", "": "off"}
+_REQUESTED_VERITY = {"require": "require", "try": "boot", "": "off"}
 
 
 def _mount(image_fd: int, image: PathArg, has_acl: bool, idmap_fd: Optional[int], plan: _OverlayPlan,
