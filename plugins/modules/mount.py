@@ -32,6 +32,9 @@ description:
     with its last user. Kernels without C(MOVE_MOUNT_BENEATH) get a fallback - the old mount detached, then the
     new one attached - in which new opens see the mount point's own directory for that moment; RV(mount.switch)
     says which way was taken."
+  - "Writable mounts (O(upperdir)) are the exception: two overlays must not share an upper directory, so the old
+    mount is unmounted before the new one is attached, and the task fails (changing nothing) while a process uses
+    it."
   - The previous image of every mount point is remembered, across reboots, in
     C(/var/lib/composefs-fleet/mounts/) (RV(mount.previous)); C(composefs-store gc) and M(composefs.fleet.gc)
     keep it, and its objects, while the mount lives and until it moves again, so rolling back works offline -
@@ -326,8 +329,8 @@ mount:
     switch:
       description:
         - How this task mounted - V(attach) (nothing was mounted), V(beneath) (switched atomically) or
-          V(detach-attach) (switched on a kernel without C(MOVE_MOUNT_BENEATH)); null when it did not mount (or in
-          check mode).
+          V(detach-attach) (switched on a kernel without C(MOVE_MOUNT_BENEATH)) or V(unmount-attach) (a writable
+          mount switched); null when it did not mount (or in check mode).
       type: str
       returned: always
       sample: beneath
@@ -525,7 +528,7 @@ class Runner:
         self.reload_needed = False
         self.switched = False
         self.previous = None  # what the mount point showed before (from the core's history)
-        self.method = None  # how the mount was made: attach, beneath or detach-attach
+        self.method = None  # how the mount was made: attach, beneath, detach-attach or unmount-attach
 
     def _systemctl(self):
         """(runner, binary) for the systemd_unit helpers: through Ansible's run_command."""

@@ -363,9 +363,18 @@ def test_image_file_and_upperdir(module_runner, env):
     with open(os.path.join(target, "written"), "wb") as f:
         f.write(b"upper")
     assert (up / "written").read_bytes() == b"upper"
-    # Without the upper layer, the read-only request differs.
-    res = module_runner("mount", dict(args, upperdir=None, workdir=None))
+    # Without the upper layer, the read-only request differs: a writable mount is switched only when unused.
+    readonly = dict(args, upperdir=None, workdir=None)
+    with open(os.path.join(target, "written"), "rb") as held:
+        res = module_runner("mount", readonly)
+        assert res["failed"] and "in use" in res["msg"] and "nothing was changed" in res["msg"]
+        assert held.read() == b"upper"
+    assert mountinfo.top_mount(target).layout()["upperdir"] == str(up)
+    res = module_runner("mount", readonly)
     assert sorted(d.split(":")[0] for d in res["differences"]) == ["upperdir", "workdir"]
+    assert res["changed"] and res["mount"]["switch"] == "unmount-attach"
+    assert mountinfo.top_mount(target).layout()["upperdir"] is None
+    assert not os.path.exists(os.path.join(target, "written"))
     four(module_runner, dict(args, state="absent"))
 
 

@@ -171,3 +171,23 @@ def test_history_survives_without_records_and_rejects_garbage(images):
     result = images.mount("v3", replace=True)
     assert result.previous["image_digest"] == images.digest["v2"]
     assert mount_history.load(str(images.target), images.history)["image_digest"] == images.digest["v3"]
+
+
+def test_writable_mount_is_switched_only_when_unused(images, tmp_path):
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    images.mount("v1", upperdir=str(upper), workdir=str(work))
+    (images.target / "written").write_bytes(b"upper data")
+    held = open(images.target / "big", "rb")
+    try:
+        with pytest.raises(ComposefsMountError) as exc:
+            images.mount("v2", replace=True, upperdir=str(upper), workdir=str(work))
+        assert "in use" in str(exc.value) and "nothing was changed" in str(exc.value)
+        assert (images.target / "v1").exists() and len(images.stack()) == 1
+    finally:
+        held.close()
+    result = images.mount("v2", replace=True, upperdir=str(upper), workdir=str(work))
+    assert result.method == "unmount-attach"
+    assert (images.target / "v2").exists() and (images.target / "written").read_bytes() == b"upper data"
+    assert len(images.stack()) == 1

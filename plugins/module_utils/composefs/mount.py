@@ -250,7 +250,8 @@ class MountResult:
         self.record_path: Optional[str] = None  # the mount record written (mount_record)
         self.record_error: Optional[str] = None  # why none was written (or the history)
         self.replaced: Optional[Dict[str, Any]] = None  # the record of the mount replaced (replace=True)
-        self.method = "attach"  # "attach", "beneath" (atomic switch) or "detach-attach" (the fallback)
+        # "attach", "beneath" (atomic switch), "detach-attach" (its fallback) or "unmount-attach" (writable mounts)
+        self.method = "attach"
         self.previous: Optional[Dict[str, Any]] = None  # {image, image_digest, ref} shown before, if known
 
     def __repr__(self) -> str:
@@ -445,6 +446,11 @@ class _Target:
     keep reading it until they let go.  A kernel that refuses the flag gets
     the fallback: the old mount detached, then the new one attached (new
     opens in between see the mount point's own directory).
+
+    Writable mounts (an upper directory, old or new) are the exception: two
+    overlays must not share an upper or work directory (overlayfs warns of
+    undefined behaviour), so the old one is unmounted, not detached, before
+    the new one is attached, and a busy one is refused (``exclusive``).
     """
 
     def __init__(self, path: PathArg, follow_symlinks: bool, shown: str, replacing: bool) -> None:
@@ -453,6 +459,7 @@ class _Target:
         self.shown = shown
         self.fd = open_mount_point(path, follow_symlinks)
         self.replacing = replacing
+        self.exclusive = False
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -461,7 +468,7 @@ class _Target:
 
     def attach(self, ovl_fd: int, result: MountResult) -> None:
         try:
-            if self.replacing:
+            if self.replacing and not self.exclusive:
                 try:
                     api.move_mount_fd(ovl_fd, self.fd, self.shown, beneath=True)
                 except api.MountError as exc:
@@ -473,6 +480,7 @@ class _Target:
                     self.replacing = False
                     self._detach_old("the new mount is beneath it")
                     return
+            if self.replacing:
                 self.detach_old_first(result)
             api.move_mount_fd(ovl_fd, self.fd, self.shown)
         finally:
@@ -485,8 +493,27 @@ class _Target:
         return self.fd
 
     def detach_old_first(self, result: MountResult) -> None:
-        self._detach_old("nothing was mounted")
-        result.method = "detach-attach"
+        if self.exclusive:
+            # Our own descriptor holds the mount too (it would make it busy): let go of
+            # it, make sure the top mount is still the one replaced, unmount by path.
+            from .mountinfo import top_mount
+
+            old_id = os.stat("/proc/self/fd/%d" % self.fd).st_dev
+            self.close()
+            top = top_mount(self.path)
+            try:
+                if top is None or not top.is_composefs() or os.stat(self.path).st_dev != old_id:
+                    raise api.MountError("the mount changed meanwhile", errno.EAGAIN, "umount2")
+                api.umount(self.path, api.UMOUNT_NOFOLLOW)
+            except api.MountError as exc:
+                hint = (" (in use: a writable composefs mount is switched only when no process uses it, since two "
+                        "overlays must not share its upper directory)") if exc.errno == errno.EBUSY else ""
+                raise ComposefsMountError("cannot unmount the mount being replaced at %s: %s%s; nothing was "
+                                          "changed" % (self.shown, exc, hint), exc.errno) from exc
+            result.method = "unmount-attach"
+        else:
+            self._detach_old("nothing was mounted")
+            result.method = "detach-attach"
         self.replacing = False
         self.close()
         self.fd = open_mount_point(self.path, self.follow)
@@ -516,7 +543,9 @@ def _replaced_record(target: PathArg) -> Optional[Dict[str, Any]]:
         raise ComposefsMountError("%s is mounted at %s (%s %s), not a composefs image: not replacing it"
                                   % (top.fstype, canonical(target), top.fstype, top.source), errno.EBUSY)
     record = mount_record.live_record(target, entries)
-    return record if record is not None else {"where": top.where, "image": None, "image_digest": None}
+    if record is not None:
+        return record
+    return {"where": top.where, "image": None, "image_digest": None, "upperdir": top.layout()["upperdir"]}
 
 
 def _private_tmpdir() -> str:
@@ -584,6 +613,7 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
         if replace:
             result.replaced = _replaced_record(target)
             mount_point.replacing = result.replaced is not None
+            mount_point.exclusive = upperdir is not None or bool(result.replaced and result.replaced.get("upperdir"))
         for d in dirs:
             _check_dir(d, "basedir")
         if upperdir is not None:

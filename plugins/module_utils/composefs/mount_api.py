@@ -63,6 +63,7 @@ MOUNT_ATTR_NOSYMFOLLOW = 0x200000
 _MOUNT_ATTR = struct.Struct("=QQQQ")
 
 MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
 CLONE_NEWNS = 0x00020000
 
 _libc = ctypes.CDLL(None, use_errno=True)
