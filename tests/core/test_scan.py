@@ -610,5 +610,3 @@ def test_digests_in_worker_processes_equal_in_process(tmp_path, monkeypatch):
     before = {str(p): p.stat().st_ino for p in store.rglob("*") if p.is_file()}
     assert build_image(build_tree_from_directory(str(src), threads=2, digest_store=str(store))) == reference
     assert {str(p): p.stat().st_ino for p in store.rglob("*") if p.is_file()} == before
-
-
