@@ -6,8 +6,11 @@ Two workloads, each timed as whole commands (best of --repeat runs):
 1. dump -> image: a composefs-dump of a real tree (default /usr, about 100k+
    entries; digests are synthetic so the dump can be made without hashing
    gigabytes) built with ``--from-file``.
-2. directory -> image with ``--digest-store``: a generated tree of about
-   --dir-mb MB, a fresh empty store for every run, same --threads for both.
+2. directory -> image: a generated tree of about --dir-mb MB, same --threads
+   for both, with ``--store``: ``empty`` (a fresh empty ``--digest-store`` for
+   every run), ``populated`` (a store already holding every object: the
+   everyday rebuild of a mostly unchanged tree) or ``none`` (no store); a
+   comma-separated list runs several.
 
 Prints wall times and the ratio ours/C (lower is better) and checks that both
 tools wrote the same image.  Needs the oracle (scripts/fetch-oracle).
@@ -138,6 +141,8 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", choices=("dump", "dir"), help="run one workload")
+    parser.add_argument("--store", default="empty",
+                        help="dir workload: empty, populated or none (digest store), or a comma-separated list")
     args = parser.parse_args()
     c_mk = oracle_argv("mkcomposefs")
     our_mk = ours_argv("mkcomposefs")
@@ -168,22 +173,38 @@ def bench_dump(args, work, c_mk, our_mk, c_img, our_img):
 def bench_dir(args, work, c_mk, our_mk, c_img, our_img):
     tree = os.path.join(work, "tree")
     files, size = make_tree(tree, args.dir_mb)
-    stores = {"c": os.path.join(work, "store-c"), "ours": os.path.join(work, "store-ours")}
-
-    def fresh(name):
-        def reset():
-            shutil.rmtree(stores[name], ignore_errors=True)
-            os.mkdir(stores[name])
-        return reset
-
     threads = "--threads=%d" % args.threads
-    t_c, t_ours, ratio = compare(c_mk + [threads, "--digest-store=" + stores["c"], tree, c_img],
-                                 our_mk + [threads, "--digest-store=" + stores["ours"], tree, our_img],
-                                 args.repeat, fresh("c"), fresh("ours"))
-    same = sha256_file(c_img) == sha256_file(our_img)
-    print("dir -> image --digest-store: %d files, %.0f MB, threads=%d: best C %.3f s, "
-          "best ours %.3f s, median ratio ours/C %.2fx, identical=%s"
-          % (files, size / 1e6, args.threads, t_c, t_ours, ratio, same), flush=True)
+    for mode in args.store.split(","):
+        stores = {"c": os.path.join(work, "store-c"), "ours": os.path.join(work, "store-ours")}
+
+        def reset(name, fill=False):
+            def run():
+                shutil.rmtree(stores[name], ignore_errors=True)
+                os.mkdir(stores[name])
+                if fill:
+                    # Populated by the same tool, untimed: every object is there already.
+                    subprocess.run((c_mk if name == "c" else our_mk) + [threads, "--digest-store=" + stores[name],
+                                   tree, os.path.join(work, "fill.img")], check=True)
+            return run
+
+        if mode == "none":
+            c_argv, our_argv, before = c_mk + [threads, tree, c_img], our_mk + [threads, tree, our_img], (None, None)
+        elif mode in ("empty", "populated"):
+            c_argv = c_mk + [threads, "--digest-store=" + stores["c"], tree, c_img]
+            our_argv = our_mk + [threads, "--digest-store=" + stores["ours"], tree, our_img]
+            if mode == "populated":
+                reset("c", True)()
+                reset("ours", True)()
+                before = (None, None)
+            else:
+                before = (reset("c"), reset("ours"))
+        else:
+            raise SystemExit("--store: unknown mode %r (empty, populated, none)" % mode)
+        t_c, t_ours, ratio = compare(c_argv, our_argv, args.repeat, *before)
+        same = sha256_file(c_img) == sha256_file(our_img)
+        print("dir -> image, %s store: %d files, %.0f MB, threads=%d: best C %.3f s, "
+              "best ours %.3f s, median ratio ours/C %.2fx, identical=%s"
+              % (mode, files, size / 1e6, args.threads, t_c, t_ours, ratio, same), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,28 @@ description:
     unit in O(unit_dir) instead of an C(/etc/fstab) line.
   - The states mean what they mean for M(ansible.posix.mount) - V(mounted) writes the unit and mounts,
     V(present) only writes the unit, V(unmounted) only unmounts, V(absent) unmounts and removes the unit,
-    V(remounted) always unmounts and mounts again.
+    V(remounted) always mounts again, V(ephemeral) mounts without a unit.
   - The live mount is compared, not only the unit - C(/proc/self/mountinfo) tells whether a composefs overlay is
     mounted at O(path) and with which basedirs, upper and work directories and verity mode; the mount record that
     every mount made by this collection leaves under C(/run/composefs-fleet/mounts/) tells which image (the
     kernel does not show it). A mount that differs from the request (another image, other basedirs, another
-    verity mode, other upper or work directories, or no record, so that its image is unknown) is left alone with
-    O(state=mounted), which warns and lists RV(differences); O(state=remounted) replaces it.
+    verity mode, other upper or work directories, or no record, so that its image is unknown) is switched to the
+    request by O(state=mounted) and O(state=ephemeral); RV(differences) says what differed, the diff from what
+    to what.
+  - "Switching never unmounts first and never fails because the mount is busy: the new mount is made, put
+    beneath the old one (C(move_mount) with C(MOVE_MOUNT_BENEATH), Linux 6.5+) and the old one is detached
+    lazily. New opens see the new image at once, never an empty directory; processes holding files or
+    directories of the old image keep reading the old bytes until they close them, and the old mount goes away
+    with its last user. Kernels without C(MOVE_MOUNT_BENEATH) get a fallback - the old mount detached, then the
+    new one attached - in which new opens see the mount point's own directory for that moment; RV(mount.switch)
+    says which way was taken."
+  - "Writable mounts (O(upperdir)) are the exception: two overlays must not share an upper directory, so the old
+    mount is unmounted before the new one is attached, and the task fails (changing nothing) while a process uses
+    it."
+  - The previous image of every mount point is remembered, across reboots, in
+    C(/var/lib/composefs-fleet/mounts/) (RV(mount.previous)); C(composefs-store gc) and M(composefs.fleet.gc)
+    keep it, and its objects, while the mount lives and until it moves again, so rolling back works offline -
+    mount the previous image by its digest (see the examples). V(absent) forgets it.
   - "Signed refs: with O(require_signature=true), O(image) must be a ref in O(store) whose signed statement
     (C(signatures/<ref>), see C(composefs-store sign)) is by one of O(trusted_keys), not revoked, names this ref and
     the image the ref names, and has not expired; otherwise the task fails before anything is mounted, unmounted
@@ -41,9 +56,12 @@ options:
     aliases: [name]
   image:
     description:
-      - The image to mount - a ref name or a 64 hex digit image digest in O(store), or the absolute path of an image
-        file.
-      - Required with O(state=mounted), O(state=present) and O(state=remounted); ignored otherwise.
+      - The image to mount - a ref name or a 64 hex digit image digest (optionally prefixed with C(sha256:)) in
+        O(store), or the absolute path of an image file.
+      - Required with O(state=mounted), O(state=present), O(state=remounted) and O(state=ephemeral); ignored
+        otherwise.
+      - In check mode, a store, ref or image file that does not exist yet (an earlier task of the play would make it)
+        is no error - the result says what would be mounted, with the image digest unknown (null).
     type: str
   store:
     description:
@@ -62,16 +80,16 @@ options:
       - V(require) - always; the task fails now if the filesystem of a basedir has no fs-verity.
       - V(auto) - require it when the filesystems of all basedirs support fs-verity, else off; decided when the
         task runs, and the unit carries the decision.
-      - V(on) - like V(auto) when the task mounts, but the unit asks the mount helper to decide at every boot
-        (C(tryverity)).
+      - V(boot) - like V(auto) when the task mounts, but the unit asks the mount helper to decide again at every
+        boot (C(tryverity)). V(on) is the old name of V(boot) and still accepted.
       - V(off) - no fs-verity checks.
     type: str
-    choices: [require, "on", "off", auto]
+    choices: [require, boot, "on", "off", auto]
     default: auto
   digest:
     description:
       - Pin the image - the mount checks that the image file's fs-verity digest (measured by the kernel) is this
-        one (64 hex digits). Needs fs-verity on the image file.
+        one (64 hex digits, optionally prefixed with C(sha256:)). Needs fs-verity on the image file.
       - The task fails before mounting when the image's digest computed here differs.
     type: str
   pin_digest:
@@ -90,15 +108,18 @@ options:
     type: path
   state:
     description:
-      - V(mounted) - the unit is written and enabled, and the image is mounted. An existing composefs mount that
-        differs is not replaced (see RV(differences)).
+      - V(mounted) - the unit is written and enabled, and the image is mounted; an existing composefs mount that
+        differs is switched to it (see above).
+      - V(ephemeral) - mounted (or switched) as with V(mounted), but no unit is written or changed - a one-off mount
+        that does not come back at boot.
       - V(present) - the unit is written and enabled; nothing is mounted or unmounted.
       - V(unmounted) - composefs mounts at O(path) are unmounted; the unit is left alone.
       - V(absent) - unmounted, and the unit and its C(local-fs.target.wants) link removed.
-      - V(remounted) - unmounted (if mounted) and mounted again; always reports a change.
+      - V(remounted) - mounted again (a switch to a fresh mount, also of the same image) and the unit written;
+        always reports a change.
     type: str
     required: true
-    choices: [mounted, unmounted, present, absent, remounted]
+    choices: [mounted, unmounted, present, absent, remounted, ephemeral]
   unit_dir:
     description:
       - Directory of the systemd unit (its name is the escaped mount point, for example C(srv-app.mount)).
@@ -135,13 +156,14 @@ notes:
   - Paths may hold spaces, commas, colons and C(=) - the mount passes each of them to the kernel separately. A
     basedir, upper or work directory holding a comma cannot be written into a unit (mount(8) splits unit options
     on commas), nor can any path holding a newline; the task then fails before doing anything.
-  - A busy mount is not detached lazily - the task fails and says it is in use.
+  - Unmounting (V(unmounted), V(absent)) a busy mount does not detach it lazily - the task fails and says it is in
+    use. Switching (V(mounted), V(ephemeral), V(remounted)) is never refused for that.
   - Something other than a composefs mount at O(path) is never unmounted; the task fails instead.
   - The image is identified by its fs-verity digest computed in user space, so identical images in two places
     count as the same image.
   - The unit names the image file itself (for a store, C(images/<digest>)), so a ref that moves later changes
-    nothing until the task runs again. With O(state=mounted) the unit always follows the request, also while a
-    differing mount is left alone; the unit then takes effect at the next boot or with O(state=remounted).
+    nothing until the task runs again; the same task then switches the mount and rewrites the unit in one step, so
+    a reboot brings up the image the mount shows.
   - In diff mode, C(before) and C(after) hold the mount (C(mounted), C(image_digest), C(basedirs), C(verity),
     C(upperdir), C(workdir)), the unit text as a list of lines (null without a unit) and C(enabled).
   - Mount records live in C(/run) and vanish at reboot; a mount made at boot by the unit (through the
@@ -171,17 +193,25 @@ EXAMPLES = r"""
     state: mounted
   register: app_mount
 
-- name: Say why the mount was left alone
+- name: Say what the mount showed before (switched when the ref had moved)
   ansible.builtin.debug:
-    var: app_mount.differences
-  when: app_mount.differences | length > 0
+    msg: "{{ app_mount.mount.previous }} -> {{ app_mount.mount.image_digest }}"
+  when: app_mount is changed
 
-- name: Switch to the image the ref names now (always remounts)
+- name: Roll back to the image shown before the last switch (kept by gc, so this works offline)
   composefs.fleet.mount:
     path: /srv/app
     store: /var/lib/composefs/store
-    image: app/current
-    state: remounted
+    image: "{{ app_mount.mount.previous.image_digest }}"
+    state: mounted
+  when: health_check is failed
+
+- name: A one-off mount that does not come back at boot
+  composefs.fleet.mount:
+    path: /mnt/inspect
+    store: /var/lib/composefs/store
+    image: app/candidate
+    state: ephemeral
 
 - name: Mount an image file with a writable upper layer, requiring fs-verity
   composefs.fleet.mount:
@@ -278,6 +308,32 @@ mount:
       type: str
       returned: always
       sample: app/current
+    previous:
+      description:
+        - The image the mount point showed before its last switch (before this task's switch, when it switched); null
+          when unknown or there was none. Mount it by RV(mount.previous.image_digest) to roll back.
+      type: dict
+      returned: always
+      contains:
+        image_file:
+          description: The image file.
+          type: str
+        image_digest:
+          description: Its fs-verity digest (64 hex digits).
+          type: str
+        ref:
+          description: The ref it was mounted by, null when mounted by digest or file.
+          type: str
+      sample: {"image_file": "/var/lib/composefs/store/images/9f2c...e1", "image_digest": "9f2c...e1",
+               "ref": "app/current"}
+    switch:
+      description:
+        - How this task mounted - V(attach) (nothing was mounted), V(beneath) (switched atomically) or
+          V(detach-attach) (switched on a kernel without C(MOVE_MOUNT_BENEATH)) or V(unmount-attach) (a writable
+          mount switched); null when it did not mount (or in check mode).
+      type: str
+      returned: always
+      sample: beneath
     signature:
       description: With O(require_signature=true), what the verified statement says; null otherwise.
       type: dict
@@ -297,7 +353,7 @@ action:
   description: What the task did (or would do in check mode), comma-separated, or V(none).
   returned: always
   type: str
-  sample: mounted, wrote unit, enabled unit
+  sample: switched, updated unit
 actions:
   description: The same as a list.
   returned: always
@@ -310,7 +366,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.composefs import mount_record, mountinfo
+from ..module_utils.composefs import mount_history, mount_record, mountinfo
 from ..module_utils.composefs.errors import ComposefsError, SignatureError
 from ..module_utils.composefs.fsverity_digest import digest_file
 from ..module_utils.composefs.mount import mount_composefs
@@ -342,13 +398,24 @@ class Signed:
         self.statement = None
 
 
-def resolve(params, where, need_image, signed=None, policy=None):
-    """The request as a :class:`MountRequest` (verity decided); the ref it names, verified with ``policy``, in ``signed``."""
+def resolve(params, where, need_image, signed=None, policy=None, check_mode=False):
+    """The request as a :class:`MountRequest` (verity decided); the ref it names, verified with ``policy``, in ``signed``.
+
+    In check mode a store or image that does not exist yet (an earlier task would make it) leaves the
+    image unknown instead of failing: the result says what would be done.
+    """
     if signed is None:
         signed = Signed()
     image, store_path = params["image"], params["store"]
+    if image is not None and is_hex_name(strip_digest_prefix(image).lower()):
+        image = strip_digest_prefix(image)
     image_file = image_digest = pin = None
-    if need_image:
+    if need_image and check_mode and _not_there_yet(image, store_path):
+        need_image = False
+        if not image.startswith("/") and not is_hex_name(image.lower()):
+            signed.ref = ref_name(image)
+        image_file = image if image.startswith("/") else None
+    elif need_image:
         if policy is not None and (image.startswith("/") or is_hex_name(image.lower())):
             raise Fail("require_signature: image %r is %s, which has no signed statement; name a ref of the store"
                        % (image, "an image file" if image.startswith("/") else "a digest"))
@@ -382,7 +449,7 @@ def resolve(params, where, need_image, signed=None, policy=None):
     elif need_image:
         raise Fail("basedir is required when store is not given")
     if params["digest"]:
-        pin = params["digest"].lower()
+        pin = strip_digest_prefix(params["digest"]).lower()
         if not is_hex_name(pin):
             raise Fail("digest %r is not a sha256 fs-verity digest (64 hex digits)" % params["digest"])
         if image_digest is not None and pin != image_digest:
@@ -391,13 +458,30 @@ def resolve(params, where, need_image, signed=None, policy=None):
     elif params["pin_digest"]:
         pin = image_digest
     upper, work = (None if params[w] is None else os.path.abspath(params[w]) for w in ("upperdir", "workdir"))
-    if need_image:
+    if params["image"] is not None or need_image:
         verity = resolve_verity(params["verity"], basedirs, pinned=bool(pin))
-        if params["verity"] == "require" and verity.problem:
+        if params["verity"] == "require" and verity.problem and need_image:
             raise Fail("verity=require, but %s (use verity: auto or off there)" % verity.problem)
     else:
         verity = resolve_verity("off", basedirs)
     return MountRequest(where, image_file, image_digest, basedirs, verity, pin, upper, work)
+
+
+def strip_digest_prefix(value):
+    """``sha256:HEX`` and ``HEX`` name the same digest (OCI and the verity module write the prefix)."""
+    return value[len("sha256:"):] if value.lower().startswith("sha256:") else value
+
+
+def _not_there_yet(image, store_path):
+    """Is the image to mount still missing (store, ref or file), as on a fresh node in check mode?"""
+    if image.startswith("/"):
+        return not os.path.lexists(image)
+    if not store_path or not os.path.isdir(store_path):
+        return bool(store_path)
+    name = strip_digest_prefix(image)
+    if is_hex_name(name.lower()):
+        return not os.path.lexists(os.path.join(store_path, "images", name.lower()))
+    return not os.path.lexists(os.path.join(store_path, "refs", name))
 
 
 def wanted_unit_text(req):
@@ -432,21 +516,28 @@ def _read_text(path):
 class Runner:
     """Carries out the actions (unless check mode) and lists them."""
 
-    def __init__(self, module, where):
+    def __init__(self, module, where, ref=None, store=None):
         self.module = module
         self.where = where
+        self.ref = ref
+        self.store = store
         self.actions = []
         self.check = module.check_mode
         self.made_dir = False
         self.record = None
         self.reload_needed = False
+        self.switched = False
+        self.previous = None  # what the mount point showed before (from the core's history)
+        self.method = None  # how the mount was made: attach, beneath, detach-attach or unmount-attach
 
     def _systemctl(self):
         """(runner, binary) for the systemd_unit helpers: through Ansible's run_command."""
         return self.module.run_command, self.module.get_bin_path("systemctl", required=True)
 
-    def mount(self, req):
-        self.actions.append("mounted")
+    def mount(self, req, replace=False, always=False):
+        """Mount ``req``; with ``replace``, switch the composefs mount there to it (never "busy")."""
+        self.switched = replace
+        self.actions.append(("remounted" if always else "switched") if replace else "mounted")
         if self.check:
             return
         if not os.path.isdir(self.where):
@@ -455,11 +546,18 @@ class Runner:
             os.makedirs(self.where, mode=0o755)
             self.made_dir = True
         try:
-            result = mount_composefs(req.image_file, self.where, req.basedirs, **req.mount_args())
+            result = mount_composefs(req.image_file, self.where, req.basedirs, replace=replace, ref=self.ref,
+                                     store=self.store, **req.mount_args())
         except BaseException:
             self.rmdir_made()
             raise
         self.record = result.record_path
+        self.method = result.method
+        self.previous = result.previous
+        if replace and result.replaced is None:
+            # Nothing was mounted after all (gone meanwhile): a plain mount.
+            self.actions[-1] = "mounted"
+            self.switched = False
         if result.record_error:
             self.module.warn("%s is mounted, but no mount record was written (%s): later runs cannot tell which "
                              "image it shows" % (self.where, result.record_error))
@@ -478,8 +576,16 @@ class Runner:
             if not self.check:
                 mount_record.unmount(self.where)
 
+    def forget_history(self):
+        if mount_history.load(self.where) is not None:
+            self.actions.append("forgot history")
+            if not self.check:
+                mount_history.forget(self.where)
+
     def write_unit(self, unit, req, text):
-        if unit.text != text:
+        if text is None and self.check:
+            self.actions.append("wrote unit" if unit.text is None else "updated unit")
+        elif unit.text != text:
             self.actions.append("wrote unit" if unit.text is None else "updated unit")
             if not self.check:
                 os.makedirs(unit.dir, mode=0o755, exist_ok=True)
@@ -535,6 +641,12 @@ def _diff_state(mounted_state, unit_text_value, enabled):
     return out
 
 
+def _previous_info(previous):
+    if not previous:
+        return None
+    return {"image_file": previous.get("image"), "image_digest": previous.get("image_digest"), "ref": previous.get("ref")}
+
+
 def run(module):
     params = module.params
     state = params["state"]
@@ -542,40 +654,46 @@ def run(module):
     if not raw.startswith("/"):
         raise Fail("path must be an absolute path, got %r" % raw)
     where = mountinfo.canonical(raw)
-    need_image = state in ("mounted", "present", "remounted")
+    need_image = state in ("mounted", "present", "remounted", "ephemeral")
     policy = None
     if need_image and params["require_signature"]:
         policy = load_policy(params["trusted_keys"], params["revoked_keys"], module.tmpdir)
     signed = Signed()
-    req = resolve(params, where, need_image, signed, policy)
+    req = resolve(params, where, need_image, signed, policy, check_mode=module.check_mode)
     unit = Unit(params["unit_dir"], where)
     live = live_mount(where)
     foreign = live.foreign()
     if foreign and state != "present":
         raise Fail("something other than a composefs image is mounted at %s: %s; not touching it" % (where, foreign))
-    diffs = [str(d) for d in differences(live, req)] if need_image else []
+    if req.image_digest is None and need_image:
+        # Check mode on a node where the store or image is still to be made: what is there cannot be
+        # compared yet, so a mount there would be switched.
+        diffs = ["image: not known before the store exists (check mode)"] if live.mounted else []
+    else:
+        diffs = [str(d) for d in differences(live, req)] if need_image else []
     before = _diff_state(live.state(), unit.text, unit.enabled)
-    runner = Runner(module, where)
+    runner = Runner(module, where, signed.ref, params["store"])
     after_mounted = live.state()
     if need_image:
         wanted_state = req.state()
-        wanted_text = wanted_unit_text(req)
-    if state == "mounted":
+        # None: the image is not known yet (check mode before the store exists).
+        wanted_text = wanted_unit_text(req) if req.image_file is not None else None
+    if state in ("mounted", "ephemeral"):
         if not live.mounted:
             runner.mount(req)
             after_mounted = wanted_state
         elif diffs:
-            module.warn("a different composefs mount is at %s and was left alone (use state=remounted to replace "
-                        "it): %s" % (where, "; ".join(diffs)))
-        try:
-            runner.write_unit(unit, req, wanted_text)
-        except BaseException:
-            if "mounted" in runner.actions and not module.check_mode:
-                _undo_mount(runner)
-            raise
+            runner.mount(req, replace=True)
+            after_mounted = wanted_state
+        if state == "mounted":
+            try:
+                runner.write_unit(unit, req, wanted_text)
+            except BaseException:
+                if runner.actions[:1] == ["mounted"] and not module.check_mode:
+                    _undo_mount(runner)
+                raise
     elif state == "remounted":
-        runner.unmount(live.layers)
-        runner.mount(req)
+        runner.mount(req, replace=live.mounted, always=True)
         after_mounted = wanted_state
         runner.write_unit(unit, req, wanted_text)
     elif state == "present":
@@ -587,6 +705,7 @@ def run(module):
         runner.unmount(live.layers)
         after_mounted = NOT_MOUNTED
         runner.remove_unit(unit)
+        runner.forget_history()
         # As ansible.posix.mount: the mount point goes with the mount, if empty
         # (not an action of its own: an empty directory alone is no mount).
         if runner.actions and not module.check_mode and os.path.isdir(where) and not os.path.islink(where):
@@ -600,8 +719,14 @@ def run(module):
         after_unit, after_enabled = unit.text, unit.enabled
     changed = bool(runner.actions) or state == "remounted"
     record = runner.record
-    if record is None and live.record is not None and state in ("mounted", "present"):
+    if record is None and live.record is not None and state in ("mounted", "present", "ephemeral"):
         record = mount_record.record_path(where)
+    if runner.switched and not module.check_mode:
+        previous = _previous_info(runner.previous)
+    elif runner.switched and live.record and live.record.get("image_digest") != req.image_digest:
+        previous = _previous_info(mount_history.previous_of(live.record))  # what the switch would make previous
+    else:
+        previous = _previous_info((mount_history.load(where) or {}).get("previous"))
     info = {
         "where": where,
         "image_file": req.image_file if need_image else (live.record or {}).get("image"),
@@ -615,14 +740,9 @@ def run(module):
         "record": record if after_mounted["mounted"] else None,
         "ref": signed.ref,
         "signature": None if signed.statement is None else statement_info(signed.statement),
+        "previous": previous,
+        "switch": runner.method,
     }
-    if state == "mounted" and live.mounted:
-        # Left as it was: describe what is there.
-        info["verity"] = live.layout["verity"]
-        info["basedirs"] = live.layout["basedirs"]
-        if diffs:
-            info["image_file"] = (live.record or {}).get("image")
-            info["image_digest"] = (live.record or {}).get("image_digest")
     result = {
         "changed": changed,
         "mount": info,
@@ -650,12 +770,13 @@ def main():
             image=dict(type="str"),
             store=dict(type="path"),
             basedir=dict(type="list", elements="path"),
-            verity=dict(type="str", default="auto", choices=["require", "on", "off", "auto"]),
+            verity=dict(type="str", default="auto", choices=["require", "boot", "on", "off", "auto"]),
             digest=dict(type="str"),
             pin_digest=dict(type="bool", default=False),
             upperdir=dict(type="path"),
             workdir=dict(type="path"),
-            state=dict(type="str", required=True, choices=["mounted", "unmounted", "present", "absent", "remounted"]),
+            state=dict(type="str", required=True,
+                       choices=["mounted", "unmounted", "present", "absent", "remounted", "ephemeral"]),
             unit_dir=dict(type="path", default=SYSTEMD_UNIT_DIR),
             allow_foreign_owner=dict(type="bool", default=False),
             require_signature=dict(type="bool", default=False),
@@ -666,6 +787,7 @@ def main():
             ("state", "mounted", ["image"]),
             ("state", "present", ["image"]),
             ("state", "remounted", ["image"]),
+            ("state", "ephemeral", ["image"]),
             ("require_signature", True, ["trusted_keys"]),
         ],
         required_together=[("upperdir", "workdir")],

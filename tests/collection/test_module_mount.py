@@ -216,7 +216,7 @@ def test_mounted_then_absent(module_runner, env, name):
 
     check, real, again, again_check = four(module_runner, env.args(target, "absent"))
     for res in (check, real):
-        assert res["actions"] == ["unmounted", "disabled unit", "removed unit"]
+        assert res["actions"] == ["unmounted", "disabled unit", "removed unit", "forgot history"]
         assert res["diff"]["after"]["mounted"] is False and res["diff"]["after"]["unit"] is None
     assert not mounted_here(target)
     assert not os.path.exists(target)  # the empty mount point went with it
@@ -254,68 +254,97 @@ def test_remounted_always_changes(module_runner, env):
         res = module_runner("mount", args, check=check, diff=True)
         assert not res.get("failed"), res.get("msg")
         assert res["changed"] is True
-    assert res["actions"][:2] == ["unmounted", "mounted"]
+    assert res["actions"][:1] == ["remounted"]
     assert len([e for e in mountinfo.mounts_at(target)]) == 1  # replaced, not stacked
     env.assert_reads(target, "one")
     four(module_runner, env.args(target, "absent"))
 
 
 @pytest.mark.kernel
-def test_other_image_is_a_difference_and_remounted_fixes_it(module_runner, env):
+def test_other_image_is_switched_while_a_file_is_held_and_rolled_back(module_runner, env):
     target = env.target("mnt a,b:c=d")
     four(module_runner, env.args(target, "mounted", image="app/one"))
-    # Ask for the other image: state=mounted leaves the mount, says why, warns.
-    args = env.args(target, "mounted", image="app/two")
-    res = module_runner("mount", args, diff=True)
-    assert not res.get("failed"), res.get("msg")
-    assert res["changed"] is True and res["actions"] == ["updated unit"]  # the unit follows the request
-    assert len(res["differences"]) == 1
-    assert res["differences"][0].startswith("image: %s is mounted" % env.digest["one"])
-    assert env.digest["two"] in res["differences"][0]
-    assert res["mount"]["image_digest"] == env.digest["one"]  # what is mounted
-    assert any("was left alone" in w for w in warning_texts(res))
-    env.assert_reads(target, "one")
-    again = module_runner("mount", args, check=True)
-    assert again["changed"] is False and again["differences"] == res["differences"]
-    # remounted replaces it.
-    res = module_runner("mount", env.args(target, "remounted", image="app/two"), diff=True)
-    assert res["changed"] is True and res["differences"] == res["mount"]["differences"]
-    assert res["diff"]["before"]["image_digest"] == env.digest["one"]
-    assert res["diff"]["after"]["image_digest"] == env.digest["two"]
+    held = open(os.path.join(target, "sub/big"), "rb")
+    head = held.read(1000)
+    try:
+        args = env.args(target, "mounted", image="app/two")
+        check = module_runner("mount", args, check=True, diff=True)
+        assert check["changed"] is True and check["actions"] == ["switched", "updated unit"]
+        env.assert_reads(target, "one")  # check mode changed nothing
+        res = module_runner("mount", args, diff=True)
+        assert not res.get("failed"), res.get("msg")
+        assert res["changed"] is True and res["actions"] == ["switched", "updated unit"]
+        assert len(res["differences"]) == 1
+        assert res["differences"][0].startswith("image: %s is mounted" % env.digest["one"])
+        assert res["diff"]["before"]["image_digest"] == env.digest["one"]
+        assert res["diff"]["after"]["image_digest"] == env.digest["two"]
+        assert res["mount"]["image_digest"] == env.digest["two"]
+        assert res["mount"]["previous"] == {"image_file": env.image_file["one"], "image_digest": env.digest["one"],
+                                            "ref": "app/one"}
+        assert res["mount"]["switch"] == "beneath"
+        assert not any("left alone" in w for w in warning_texts(res))
+        # The open file still reads the old image to its end; new opens see the new one.
+        assert head + held.read() == env.files["one"]["sub/big"]
+    finally:
+        held.close()
     env.assert_reads(target, "two")
+    assert len(mountinfo.mounts_at(target)) == 1
+    with open(env.unit_file(target)) as f:
+        assert "What=%s\n" % env.image_file["two"] in f.read()  # a reboot brings up the new image
     four(module_runner, args, expect_changed=False)
-    assert module_runner("mount", args)["differences"] == []
+    assert module_runner("mount", args)["mount"]["previous"]["image_digest"] == env.digest["one"]
+    # Roll back by the digest the result named.
+    back = env.args(target, "mounted", image="sha256:" + res["mount"]["previous"]["image_digest"])
+    res = module_runner("mount", back, diff=True)
+    assert res["changed"] is True and res["actions"][0] == "switched"
+    assert res["mount"]["previous"]["image_digest"] == env.digest["two"]
+    env.assert_reads(target, "one")
+    four(module_runner, back, expect_changed=False)
     four(module_runner, env.args(target, "absent"))
 
 
 @pytest.mark.kernel
-def test_other_basedirs_are_a_difference(module_runner, env):
+def test_other_basedirs_are_switched(module_runner, env):
     target = env.target()
     four(module_runner, env.args(target, "mounted"))
     extra = env.base / "more-objects"
     extra.mkdir()
-    res = module_runner("mount", env.args(target, "mounted", basedir=[str(env.store / "objects"), str(extra)]))
+    args = env.args(target, "mounted", basedir=[str(env.store / "objects"), str(extra)])
+    res = module_runner("mount", args)
     assert [d.split(":")[0] for d in res["differences"]] == ["basedirs"]
-    res = module_runner("mount", env.args(target, "remounted", basedir=[str(env.store / "objects"), str(extra)]))
     assert res["changed"] and mountinfo.top_mount(target).layout()["basedirs"] == [
         str(env.store / "objects"), str(extra)]
+    assert res["mount"]["previous"] is None  # the same image: nothing to roll back to
+    four(module_runner, args, expect_changed=False)
     four(module_runner, env.args(target, "absent"))
 
 
 @pytest.mark.kernel
-def test_mount_without_record_is_reported(module_runner, env, ours):
-    """A mount made by another tool (here: the record removed) cannot be identified."""
+def test_mount_without_record_is_switched(module_runner, env, ours):
+    """A mount made by another tool (here: the record removed) cannot be identified: it is replaced."""
     target = env.target()
     four(module_runner, env.args(target, "mounted"))
     os.unlink(mount_record.record_path(target))
     res = module_runner("mount", env.args(target, "mounted"))
-    assert res["changed"] is False
+    assert res["changed"] is True and res["actions"] == ["switched"]
     assert [d.split(":")[0] for d in res["differences"]] == ["image"]
     assert "no valid mount record" in res["differences"][0]
-    res = module_runner("mount", env.args(target, "remounted"))
-    assert res["changed"] is True
     assert module_runner("mount", env.args(target, "mounted"))["differences"] == []
+    assert len(mountinfo.mounts_at(target)) == 1
     four(module_runner, env.args(target, "absent"))
+
+
+@pytest.mark.kernel
+def test_ephemeral_mounts_without_a_unit(module_runner, env):
+    target = env.target()
+    four(module_runner, env.args(target, "ephemeral"))
+    env.assert_reads(target, "one")
+    assert not os.path.exists(env.unit_file(target))
+    res = module_runner("mount", env.args(target, "ephemeral", image="app/two"))
+    assert res["changed"] and res["actions"] == ["switched"]
+    env.assert_reads(target, "two")
+    assert not os.path.exists(env.unit_file(target))
+    four(module_runner, env.args(target, "unmounted"))
 
 
 @pytest.mark.kernel
@@ -334,9 +363,18 @@ def test_image_file_and_upperdir(module_runner, env):
     with open(os.path.join(target, "written"), "wb") as f:
         f.write(b"upper")
     assert (up / "written").read_bytes() == b"upper"
-    # Without the upper layer, the read-only request differs.
-    res = module_runner("mount", dict(args, upperdir=None, workdir=None))
+    # Without the upper layer, the read-only request differs: a writable mount is switched only when unused.
+    readonly = dict(args, upperdir=None, workdir=None)
+    with open(os.path.join(target, "written"), "rb") as held:
+        res = module_runner("mount", readonly)
+        assert res["failed"] and "in use" in res["msg"] and "nothing was changed" in res["msg"]
+        assert held.read() == b"upper"
+    assert mountinfo.top_mount(target).layout()["upperdir"] == str(up)
+    res = module_runner("mount", readonly)
     assert sorted(d.split(":")[0] for d in res["differences"]) == ["upperdir", "workdir"]
+    assert res["changed"] and res["mount"]["switch"] == "unmount-attach"
+    assert mountinfo.top_mount(target).layout()["upperdir"] is None
+    assert not os.path.exists(os.path.join(target, "written"))
     four(module_runner, dict(args, state="absent"))
 
 
@@ -414,9 +452,10 @@ def test_unwritable_record_dir_mounts_and_says_so(module_runner, env, monkeypatc
                for w in warning_texts(res))
     env.assert_reads(target, "one")
     monkeypatch.undo()
-    # Without a record a later run cannot tell the image: it says so and leaves the mount.
+    # Without a record a later run cannot tell the image: it says so and switches to a recorded mount.
     res = module_runner("mount", env.args(target, "mounted"))
-    assert res["changed"] is False and "no valid mount record" in res["differences"][0]
+    assert res["changed"] is True and "no valid mount record" in res["differences"][0]
+    assert res["actions"] == ["switched"] and res["mount"]["record"] is not None
     four(module_runner, env.args(target, "absent"))
 
 
@@ -507,3 +546,39 @@ def test_group_writable_store_needs_allow_foreign_owner(module_runner, env):
     # Unmounting opens no store: the flag is not needed to take the mount away.
     four(module_runner, env.args(target, "absent"))
     assert not mounted_here(target) and not os.path.exists(env.unit_file(target))
+
+
+@pytest.mark.parametrize("image", ["app/one", "0" * 64, "/nonexistent/image.cfs"])
+@pytest.mark.parametrize("state", ["mounted", "ephemeral", "present", "remounted"])
+def test_check_mode_on_a_fresh_node_says_what_would_be(module_runner, tmp_path, state, image):
+    """Before the store task has run (check mode of a whole play), nothing exists yet: no failure, nothing made."""
+    store = tmp_path / "store-to-be"
+    units = tmp_path / "units"
+    target = tmp_path / "mnt"
+    args = dict(path=str(target), store=str(store), image=image, state=state, unit_dir=str(units))
+    res = module_runner("mount", args, check=True, diff=True)
+    assert not res.get("failed"), res.get("msg")
+    assert res["changed"] is True
+    expected = {"mounted": ["mounted", "wrote unit", "enabled unit"], "ephemeral": ["mounted"],
+                "present": ["wrote unit", "enabled unit"], "remounted": ["mounted", "wrote unit", "enabled unit"]}
+    assert res["actions"] == expected[state]
+    assert res["mount"]["image_digest"] is None
+    assert res["mount"]["ref"] == ("app/one" if image == "app/one" else None)
+    assert res["diff"]["before"]["mounted"] is False
+    assert sorted(os.listdir(tmp_path)) == []  # nothing created
+    # Outside check mode the same request fails, naming what is missing.
+    real = module_runner("mount", args)
+    assert real["failed"]
+    assert str(store) in real["msg"] or "/nonexistent/image.cfs" in real["msg"]
+
+
+@pytest.mark.kernel
+def test_verity_boot_is_the_new_name_of_on(module_runner, env):
+    target = env.target()
+    res = module_runner("mount", env.args(target, "present", verity="boot"))
+    with open(env.unit_file(target)) as f:
+        unit = f.read()
+    assert "tryverity" in unit and not res.get("failed")
+    res = module_runner("mount", env.args(target, "present", verity="on"))
+    assert res["changed"] is False  # the old name means the same
+    four(module_runner, env.args(target, "absent"))

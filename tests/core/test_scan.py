@@ -571,7 +571,7 @@ def test_threads_give_the_same_tree(tmp_path, monkeypatch):
 
 
 def test_digests_in_worker_processes_equal_in_process(tmp_path, monkeypatch):
-    """threads > 1 without a store hashes in processes; the tree must not change."""
+    """threads > 1 hashes in processes, with or without a store; the tree must not change."""
     import composefs_fleet.scan as scan_module
     from composefs_fleet.erofs_writer import build_image
 
@@ -582,18 +582,31 @@ def test_digests_in_worker_processes_equal_in_process(tmp_path, monkeypatch):
     (src / "tiny").write_bytes(b"t")
     reference = build_image(build_tree_from_directory(str(src), threads=1))
     computed = []
-    real = scan_module._hash_in_processes
+    real = scan_module._hash_ahead
 
-    def spy(jobs, threads, progress):
-        result = real(jobs, threads, progress)
-        computed.append(len(result))
+    def spy(jobs, threads):
+        result = real(jobs, threads)
+        computed.append(None if result is None else len(result[0]))
         return result
 
     from composefs_fleet import hash_pool
 
     monkeypatch.setattr(hash_pool, "PROCESS_MIN_BYTES", 0)
-    monkeypatch.setattr(scan_module, "_hash_in_processes", spy)
+    monkeypatch.setattr(scan_module, "_hash_ahead", spy)
     parallel = build_image(build_tree_from_directory(str(src), threads=2))
     assert parallel == reference
     # All twelve external files were hashed by the worker processes.
     assert computed == [12]
+    # With a digest store too (the store's objects are then copied from the files the workers hashed) ...
+    store = tmp_path / "objects"
+    stored = build_image(build_tree_from_directory(str(src), threads=2, digest_store=str(store)))
+    assert stored == reference and computed == [12, 12]
+    objects = sorted(str(p.relative_to(store)) for p in store.rglob("*") if p.is_file())
+    assert len(objects) == 12
+    for path in store.rglob("*"):
+        if path.is_file():
+            assert fsverity_digest.digest_file(str(path)).hex() == path.parent.name + path.name
+    # ... and a populated store gets no new object, also from workers.
+    before = {str(p): p.stat().st_ino for p in store.rglob("*") if p.is_file()}
+    assert build_image(build_tree_from_directory(str(src), threads=2, digest_store=str(store))) == reference
+    assert {str(p): p.stat().st_ino for p in store.rglob("*") if p.is_file()} == before

@@ -44,7 +44,7 @@ from .mount_options import escape, format_options
 from .safe_dirs import READ_FLAGS, UnsafePathError, open_regular
 
 if TYPE_CHECKING:  # typing costs import time on every mount; annotations are strings here
-    from typing import List, Optional, Sequence, Union
+    from typing import Any, Dict, List, Optional, Sequence, Union
 
     PathArg = Union[str, bytes, "os.PathLike[str]"]
 
@@ -248,7 +248,11 @@ class MountResult:
         self.verity = False  # verity=require is on
         self.target = ""
         self.record_path: Optional[str] = None  # the mount record written (mount_record)
-        self.record_error: Optional[str] = None  # why none was written
+        self.record_error: Optional[str] = None  # why none was written (or the history)
+        self.replaced: Optional[Dict[str, Any]] = None  # the record of the mount replaced (replace=True)
+        # "attach", "beneath" (atomic switch), "detach-attach" (its fallback) or "unmount-attach" (writable mounts)
+        self.method = "attach"
+        self.previous: Optional[Dict[str, Any]] = None  # {image, image_digest, ref} shown before, if known
 
     def __repr__(self) -> str:
         return "MountResult(%r)" % (self.__dict__,)
@@ -386,11 +390,13 @@ _MS_FLAGS = {
 }
 
 
-def _overlay_legacy(plan: _OverlayPlan, lower_path: str, target_fd: int, result: MountResult) -> None:
+def _overlay_legacy(plan: _OverlayPlan, lower_path: str, target: _Target, result: MountResult) -> None:
     """mount(2) with one option string: every path escaped for overlayfs.
 
     mount(2) takes no descriptor: the target is named through /proc/self/fd,
-    which resolves to the directory open at ``target_fd`` and nothing else.
+    which resolves to the directory open at the target's descriptor and
+    nothing else.  mount(2) cannot mount beneath: a mount being replaced is
+    detached first (the fallback of :class:`_Target`).
     """
     def esc(path: str) -> str:
         if "\n" in path:
@@ -415,7 +421,8 @@ def _overlay_legacy(plan: _OverlayPlan, lower_path: str, target_fd: int, result:
         lower = esc(lower_path) + "".join(sep + esc(d) for d in plan.basedirs)
         data = "%s,lowerdir=%s%s" % (base, lower, tail)
         try:
-            api.legacy_mount(MOUNT_SOURCE, "/proc/self/fd/%d" % target_fd, "overlay", flags, os.fsencode(data),
+            api.legacy_mount(MOUNT_SOURCE, "/proc/self/fd/%d" % target.legacy_fd(result), "overlay", flags,
+                             os.fsencode(data),
                              result.target)
             result.lower = "legacy" + ("" if sep == "::" else "-nodataonly")
             result.verity = plan.verity == "require"
@@ -427,6 +434,118 @@ def _overlay_legacy(plan: _OverlayPlan, lower_path: str, target_fd: int, result:
     if last_exc is None:
         raise AssertionError("last_exc is not None")
     raise last_exc
+
+
+class _Target:
+    """The mount point, open as an ``O_PATH`` descriptor, and how the new mount gets there.
+
+    Replacing a live mount (``replace=True``), the new overlay goes beneath
+    it (``MOVE_MOUNT_BENEATH``, Linux 6.5+) and then the old one is detached
+    lazily: every new open sees one image or the other, never the empty
+    directory, and processes holding files or directories of the old mount
+    keep reading it until they let go.  A kernel that refuses the flag gets
+    the fallback: the old mount detached, then the new one attached (new
+    opens in between see the mount point's own directory).
+
+    Writable mounts (an upper directory, old or new) are the exception: two
+    overlays must not share an upper or work directory (overlayfs warns of
+    undefined behaviour), so the old one is unmounted, not detached, before
+    the new one is attached, and a busy one is refused (``exclusive``).
+    """
+
+    def __init__(self, path: PathArg, follow_symlinks: bool, shown: str, replacing: bool) -> None:
+        self.path = path
+        self.follow = follow_symlinks
+        self.shown = shown
+        self.fd = open_mount_point(path, follow_symlinks)
+        self.replacing = replacing
+        self.exclusive = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def attach(self, ovl_fd: int, result: MountResult) -> None:
+        try:
+            if self.replacing and not self.exclusive:
+                try:
+                    api.move_mount_fd(ovl_fd, self.fd, self.shown, beneath=True)
+                except api.MountError as exc:
+                    # EINVAL: no MOVE_MOUNT_BENEATH (before 6.5), or a place it does not serve.
+                    if exc.errno != errno.EINVAL:
+                        raise
+                else:
+                    result.method = "beneath"
+                    self.replacing = False
+                    self._detach_old("the new mount is beneath it")
+                    return
+            if self.replacing:
+                self.detach_old_first(result)
+            api.move_mount_fd(ovl_fd, self.fd, self.shown)
+        finally:
+            os.close(ovl_fd)
+
+    def legacy_fd(self, result: MountResult) -> int:
+        """The descriptor to mount(2) onto: the old mount detached first when replacing."""
+        if self.replacing:
+            self.detach_old_first(result)
+        return self.fd
+
+    def detach_old_first(self, result: MountResult) -> None:
+        if self.exclusive:
+            # Our own descriptor holds the mount too (it would make it busy): let go of
+            # it, make sure the top mount is still the one replaced, unmount by path.
+            from .mountinfo import top_mount
+
+            old_id = os.stat("/proc/self/fd/%d" % self.fd).st_dev
+            self.close()
+            top = top_mount(self.path)
+            try:
+                if top is None or not top.is_composefs() or os.stat(self.path).st_dev != old_id:
+                    raise api.MountError("the mount changed meanwhile", errno.EAGAIN, "umount2")
+                api.umount(self.path, api.UMOUNT_NOFOLLOW)
+            except api.MountError as exc:
+                hint = (" (in use: a writable composefs mount is switched only when no process uses it, since two "
+                        "overlays must not share its upper directory)") if exc.errno == errno.EBUSY else ""
+                raise ComposefsMountError("cannot unmount the mount being replaced at %s: %s%s; nothing was "
+                                          "changed" % (self.shown, exc, hint), exc.errno) from exc
+            result.method = "unmount-attach"
+        else:
+            self._detach_old("nothing was mounted")
+            result.method = "detach-attach"
+        self.replacing = False
+        self.close()
+        self.fd = open_mount_point(self.path, self.follow)
+
+    def _detach_old(self, state: str) -> None:
+        # Through the descriptor, which names the old mount's root: exactly
+        # that mount is detached, whatever is stacked at the path meanwhile.
+        try:
+            api.umount("/proc/self/fd/%d" % self.fd, api.MNT_DETACH)
+        except api.MountError as exc:
+            raise ComposefsMountError("cannot detach the mount being replaced at %s (%s): %s"
+                                      % (self.shown, state, exc), exc.errno) from exc
+
+
+def _replaced_record(target: PathArg) -> Optional[Dict[str, Any]]:
+    """What a replacing mount replaces at ``target``: the composefs mount on
+    top (its record, or a record-like dict without an image when it has none);
+    None when nothing is mounted there.  Anything else on top is refused."""
+    from . import mount_record
+    from .mountinfo import canonical, read_mountinfo, top_mount
+
+    entries = read_mountinfo()
+    top = top_mount(target, entries)
+    if top is None:
+        return None
+    if not top.is_composefs():
+        raise ComposefsMountError("%s is mounted at %s (%s %s), not a composefs image: not replacing it"
+                                  % (top.fstype, canonical(target), top.fstype, top.source), errno.EBUSY)
+    record = mount_record.live_record(target, entries)
+    if record is not None:
+        return record
+    return {"where": top.where, "image": None, "image_digest": None, "upperdir": top.layout()["upperdir"]}
 
 
 def _private_tmpdir() -> str:
@@ -442,7 +561,9 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
                     workdir: Optional[PathArg] = None, readonly: bool = False,
                     attr_set: int = 0, dry_run: bool = False,
                     erofs_source: str = "auto", lower: str = "auto",
-                    record_dir: Optional[str] = "", follow_symlinks: bool = False) -> MountResult:
+                    record_dir: Optional[str] = "", follow_symlinks: bool = False, replace: bool = False,
+                    ref: Optional[str] = None, store: Optional[PathArg] = None,
+                    history_dir: Optional[str] = "") -> MountResult:
     """Mount the composefs ``image`` at ``target`` with objects from ``basedirs``.
 
     ``digest`` (hex) is the required fs-verity digest of the image and implies
@@ -458,6 +579,13 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
     :data:`.mount_record.RECORD_DIR`, None: none); failing to write it never
     fails the mount (``result.record_error`` says why).  A symbolic link in
     ``target`` is refused unless ``follow_symlinks`` (see :func:`open_mount_point`).
+
+    ``replace`` switches a composefs mount at ``target`` to this one without
+    unmounting it first (see :class:`_Target`); ``result.replaced`` is its
+    record.  The mount point's history (:mod:`.mount_history`, in
+    ``history_dir``: "" the default, None none) notes the image, with ``ref``
+    and ``store`` when the caller knows them; ``result.previous`` is what the
+    mount point showed before the last move.
     """
     if erofs_source not in ("auto", "file", "loop") or lower not in ("auto", "fd", "tmpdir", "legacy"):
         raise ValueError("bad erofs_source/lower")
@@ -478,10 +606,14 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
 
     image_fd = _open_image(image)
     idmap_fd: Optional[int] = None
-    target_fd: Optional[int] = None
+    mount_point: Optional[_Target] = None
     try:
         flags = read_image_header(image_fd, image)
-        target_fd = open_mount_point(target, follow_symlinks)
+        mount_point = _Target(target, follow_symlinks, result.target, False)
+        if replace:
+            result.replaced = _replaced_record(target)
+            mount_point.replacing = result.replaced is not None
+            mount_point.exclusive = upperdir is not None or bool(result.replaced and result.replaced.get("upperdir"))
         for d in dirs:
             _check_dir(d, "basedir")
         if upperdir is not None:
@@ -511,20 +643,21 @@ def mount_composefs(image: PathArg, target: PathArg, basedirs: Sequence[PathArg]
         plan = _OverlayPlan(dirs, None if upperdir is None else _show(upperdir),
                             None if workdir is None else _show(workdir), verity_mode, attr_flags)
         try:
-            _mount(image_fd, image, bool(flags & fmt.COMPOSEFS_FLAGS_HAS_ACL), idmap_fd, plan, target_fd,
+            _mount(image_fd, image, bool(flags & fmt.COMPOSEFS_FLAGS_HAS_ACL), idmap_fd, plan, mount_point,
                    erofs_source, lower, result)
         except api.MountError as exc:
             raise ComposefsMountError("Failed to mount composefs %s: %s" % (_show(image), exc),
                                       exc.errno) from exc
-        if record_dir is not None:
-            _record(image_fd, image, target, dirs, digest, verity_mode, plan, readonly, result, record_dir)
+        if record_dir is not None or history_dir is not None:
+            _record(image_fd, image, target, dirs, digest, verity_mode, plan, readonly, result, record_dir,
+                    history_dir, ref, None if store is None else _show(os.path.abspath(store)))
         return result
     finally:
         os.close(image_fd)
         if idmap_fd is not None:
             os.close(idmap_fd)
-        if target_fd is not None:
-            os.close(target_fd)
+        if mount_point is not None:
+            mount_point.close()
 
 
 def _open_image(image: PathArg) -> int:
@@ -543,9 +676,12 @@ def _open_image(image: PathArg) -> int:
 
 
 def _record(image_fd: int, image: PathArg, target: PathArg, dirs: List[str], digest: Optional[str],
-            verity_mode: str, plan: _OverlayPlan, readonly: bool, result: MountResult, record_dir: str) -> None:
-    """Note which image is mounted (mountinfo cannot tell): never fails the mount."""
-    from . import mount_record
+            verity_mode: str, plan: _OverlayPlan, readonly: bool, result: MountResult, record_dir: Optional[str],
+            history_dir: Optional[str], ref: Optional[str], store: Optional[str]) -> None:
+    """Note which image is mounted (mountinfo cannot tell) in the mount record
+    and the mount point's history: never fails the mount."""
+    from . import mount_history, mount_record
+    from .mountinfo import canonical
 
     try:
         if digest is not None:
@@ -557,17 +693,42 @@ def _record(image_fd: int, image: PathArg, target: PathArg, dirs: List[str], dig
     except (OSError, ComposefsError) as exc:
         result.record_error = "cannot compute the image digest: %s" % exc
         return
-    result.record_path, result.record_error = mount_record.record_mount(
+    image_path = _show(os.path.abspath(image))
+    where = canonical(target)
+    if history_dir is not None:
+        try:
+            entry = mount_history.note_mount(
+                where, image_path, image_digest, dirs, _REQUESTED_VERITY[verity_mode], digest=digest,
+                upperdir=plan.upperdir, workdir=plan.workdir, ref=ref, store=store, replaced=result.replaced,
+                directory=history_dir or mount_history.HISTORY_DIR)
+            result.previous = entry.get("previous")
+            ref = entry.get("ref")
+        except (OSError, ComposefsError) as exc:
+            result.record_error = "cannot write the mount history in %s: %s" % (
+                history_dir or mount_history.HISTORY_DIR, getattr(exc, "strerror", None) or exc)
+            result.previous = mount_history.previous_of(result.replaced)
+    else:
+        result.previous = mount_history.previous_of(result.replaced)
+    if record_dir is None:
+        return
+    path, error = mount_record.record_mount(
         target, record_dir or mount_record.RECORD_DIR, image=image, image_digest=image_digest, basedirs=dirs,
         verity="require" if result.verity else "off", verity_requested=verity_mode or "off", digest=digest,
         upperdir=plan.upperdir, workdir=plan.workdir, readonly=readonly,
         options=format_options(dirs, digest, verity_mode == "require", verity_mode == "try", None,
                                plan.upperdir, plan.workdir, readonly),
-        how={"erofs": result.erofs_source, "lower": result.lower})
+        how={"erofs": result.erofs_source, "lower": result.lower, "method": result.method},
+        ref=ref, previous=result.previous)
+    result.record_path = path
+    result.record_error = error or result.record_error
+
+
+# The history keeps the verity mode as the mount module and the agent name it.
+_REQUESTED_VERITY = {"require": "require", "try": "boot", "": "off"}
 
 
 def _mount(image_fd: int, image: PathArg, has_acl: bool, idmap_fd: Optional[int], plan: _OverlayPlan,
-           target_fd: int, erofs_source: str, lower: str, result: MountResult) -> None:
+           target: _Target, erofs_source: str, lower: str, result: MountResult) -> None:
     erofs_fd = _mount_erofs(image_fd, image, has_acl, idmap_fd, erofs_source, result)
     first: Optional[api.MountError] = None
     try:
@@ -583,10 +744,10 @@ def _mount(image_fd: int, image: PathArg, has_acl: bool, idmap_fd: Optional[int]
                 first = exc
             else:
                 result.lower = "fd"
-                _attach(ovl_fd, target_fd, result.target)
+                target.attach(ovl_fd, result)
                 return
         try:
-            _with_tmpdir(erofs_fd, plan, target_fd, lower, result)
+            _with_tmpdir(erofs_fd, plan, target, lower, result)
         except api.MountError as exc:
             # The same refusal by an older interface: the first answer came
             # from the newest one, with the kernel's own explanation.
@@ -597,14 +758,7 @@ def _mount(image_fd: int, image: PathArg, has_acl: bool, idmap_fd: Optional[int]
         os.close(erofs_fd)
 
 
-def _attach(ovl_fd: int, target_fd: int, shown: str) -> None:
-    try:
-        api.move_mount_fd(ovl_fd, target_fd, shown)
-    finally:
-        os.close(ovl_fd)
-
-
-def _with_tmpdir(erofs_fd: int, plan: _OverlayPlan, target_fd: int, lower: str, result: MountResult) -> None:
+def _with_tmpdir(erofs_fd: int, plan: _OverlayPlan, target: _Target, lower: str, result: MountResult) -> None:
     """Older kernels: the EROFS mount must have a path while the overlay is made."""
     tmpdir = _private_tmpdir()
     attached = False
@@ -620,9 +774,9 @@ def _with_tmpdir(erofs_fd: int, plan: _OverlayPlan, target_fd: int, lower: str, 
                 lower = "legacy"
             else:
                 result.lower = "tmpdir"
-                _attach(ovl_fd, target_fd, result.target)
+                target.attach(ovl_fd, result)
                 return
-        _overlay_legacy(plan, tmpdir, target_fd, result)
+        _overlay_legacy(plan, tmpdir, target, result)
     finally:
         if attached:
             try:

@@ -45,6 +45,7 @@ FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 0x1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOVE_MOUNT_BENEATH = 0x200  # Linux 6.5+
 AT_EMPTY_PATH = 0x1000
 AT_FDCWD = -100
 
@@ -62,6 +63,7 @@ MOUNT_ATTR_NOSYMFOLLOW = 0x200000
 _MOUNT_ATTR = struct.Struct("=QQQQ")
 
 MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
 CLONE_NEWNS = 0x00020000
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -186,14 +188,15 @@ def move_mount(mnt_fd: int, target: PathArg) -> None:
         raise _fail("move_mount", -res, "to %s" % os.fsdecode(_fs(target)))
 
 
-def move_mount_fd(mnt_fd: int, target_fd: int, shown: str) -> None:
+def move_mount_fd(mnt_fd: int, target_fd: int, shown: str, beneath: bool = False) -> None:
     """Attach the detached mount ``mnt_fd`` on the directory open at ``target_fd``
     (an ``O_PATH`` descriptor): exactly the place that was opened, whatever
-    its path names meanwhile."""
-    res = _call("move_mount", ctypes.c_int(mnt_fd), b"", ctypes.c_int(target_fd), b"",
-                ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH))
+    its path names meanwhile.  ``beneath``: under the mount whose root
+    ``target_fd`` is, between it and its parent (``MOVE_MOUNT_BENEATH``)."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH | (MOVE_MOUNT_BENEATH if beneath else 0)
+    res = _call("move_mount", ctypes.c_int(mnt_fd), b"", ctypes.c_int(target_fd), b"", ctypes.c_uint(flags))
     if res < 0:
-        raise _fail("move_mount", -res, "to %s" % shown)
+        raise _fail("move_mount", -res, "%s %s" % ("beneath the mount at" if beneath else "to", shown))
 
 
 def mount_setattr(mnt_fd: int, attr_set: int, attr_clr: int = 0, userns_fd: int = 0) -> None:

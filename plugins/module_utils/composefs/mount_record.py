@@ -159,7 +159,8 @@ def make_record(where: PathArg, image: PathArg, image_digest: Optional[str], bas
                 verity: str, verity_requested: str, digest: Optional[str] = None,
                 upperdir: Optional[PathArg] = None, workdir: Optional[PathArg] = None,
                 readonly: bool = False, options: str = "", how: Optional[Dict[str, str]] = None,
-                entries: Optional[Sequence[MountInfo]] = None) -> Dict[str, Any]:
+                entries: Optional[Sequence[MountInfo]] = None, ref: Optional[str] = None,
+                previous: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The record of the mount now on top at ``where`` (reads mountinfo for its identity)."""
     top = top_mount(where, entries)
     if top is None:
@@ -178,6 +179,9 @@ def make_record(where: PathArg, image: PathArg, image_digest: Optional[str], bas
         "readonly": bool(readonly),
         "options": options,
         "how": dict(how or {}),
+        # The ref the image was mounted by and the image shown before (mount_history), when known.
+        "ref": ref,
+        "previous": dict(previous) if previous else None,
         "mount_id": top.mount_id,
         "dev": top.dev,
         "mount_id_unique": unique_mount_id(top.where),
@@ -420,6 +424,9 @@ def describe_mount(entry: MountInfo, entries: Optional[Sequence[MountInfo]] = No
         "image_file": None,
         "image_digest": None,
         "recorded": False,
+        "ref": None,
+        "previous_image_file": None,
+        "previous_image_digest": None,
     }
     top = top_mount(entry.where, entries)
     if top is not None and top.mount_id == entry.mount_id:
@@ -428,6 +435,11 @@ def describe_mount(entry: MountInfo, entries: Optional[Sequence[MountInfo]] = No
             info["image_file"] = record.get("image")
             info["image_digest"] = record.get("image_digest")
             info["recorded"] = True
+            info["ref"] = record.get("ref") if isinstance(record.get("ref"), str) else None
+            previous = record.get("previous")
+            if isinstance(previous, dict):
+                info["previous_image_file"] = previous.get("image")
+                info["previous_image_digest"] = previous.get("image_digest")
     return info
 
 

@@ -12,8 +12,9 @@ the live mount; they do it here, so that a verity mode means the same in both:
 - ``auto``: ``require`` when the filesystems of all basedirs support
   fs-verity, else off, decided now; the option string carries the decision
   (``verity`` or nothing), so a boot mounts the same way.
-- ``on``: decided as ``auto`` now, but the option string says ``tryverity``:
-  the mount helper decides again at every mount.
+- ``boot`` (formerly ``on``, still accepted): decided as ``auto`` now, but
+  the option string says ``tryverity``: the mount helper decides again at
+  every mount, so at every boot.
 - ``off``: no fs-verity checks.
 
 A pinned image digest (``digest=``) implies ``verity`` (as in the C helper).
@@ -28,7 +29,7 @@ from . import mount_record, mountinfo
 from .mount import verity_problem
 from .mount_options import format_options
 
-VERITY_MODES = ("require", "on", "off", "auto")
+VERITY_MODES = ("require", "boot", "on", "off", "auto")
 
 
 class VerityChoice:
@@ -66,7 +67,7 @@ def resolve_verity(mode: str, basedirs: Sequence[str], pinned: bool = False,
         effective, option = "off", ""
     else:
         effective = "off" if problem else "require"
-        option = "tryverity" if mode == "on" else ("" if problem else "verity")
+        option = "tryverity" if mode in ("boot", "on") else ("" if problem else "verity")
     if pinned:
         effective = "require"
     return VerityChoice(mode, effective, option, problem)

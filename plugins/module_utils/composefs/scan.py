@@ -41,7 +41,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from . import fsverity_digest
 from .errors import FormatError
@@ -139,12 +139,13 @@ def build_tree_from_directory(
     store = os.fsencode(digest_store) if digest_store is not None else None
     worker = _ContentWorker(compute_digest, inline_max, store)
     jobs = [j for j in jobs if worker.needed(j)]
-    if compute_digest and store is None:
-        # With a store, copying (GIL-free) overlaps with in-thread hashing
-        # instead, which measured faster than hashing and copying in processes.
-        worker.digests = _hash_in_processes(
-            [j for j in jobs if j.node.size > inline_max], threads, progress)
-    _run_jobs(jobs, worker.process, threads, progress, worker.batch)
+    ahead = None
+    if compute_digest:
+        # Worker processes hash (when that pays off) while this thread hands
+        # each hashed file to the copier threads: hashing uses every CPU asked
+        # for, and a store that already holds the objects costs no copies.
+        ahead = _hash_ahead([j for j in jobs if j.node.size > inline_max], threads)
+    _run_jobs(jobs, worker.process, threads, progress, worker.batch, ahead)
     return root
 
 
@@ -310,8 +311,6 @@ class _ContentWorker:
         self.store = store
         # New objects become durable and visible together, at the end.
         self.batch = ObjectBatch(store) if store is not None else None
-        # (digest, bytes hashed) by id(node), computed ahead in processes.
-        self.digests: Dict[int, Tuple[bytes, int]] = {}
 
     def needed(self, job: _FileJob) -> bool:
         size = job.node.size
@@ -320,16 +319,16 @@ class _ContentWorker:
             return False
         return size <= self.inline_max or self.compute_digest
 
-    def process(self, job: _FileJob) -> Optional["_Copy"]:
+    def process(self, job: _FileJob, ready: Optional[Tuple[bytes, int]] = None) -> Optional["_Copy"]:
         """Read (inline) or hash the file; the store copy, if any, is returned.
 
+        ``ready`` is the (digest, bytes hashed) a worker process computed.
         The copy is left to the caller so it can run in other threads while
         this one hashes the next file: hashing holds the GIL between 4 KiB
         blocks and does not speed up in threads, copying and fsync do.
         """
         node, path = job.node, job.path
-        ready = self.digests.get(id(node))
-        if ready is not None:
+        if ready is not None and self.store is None:
             node.digest = ready[0]
             node.payload = digest_to_path(ready[0])
             return None
@@ -340,13 +339,17 @@ class _ContentWorker:
             if node.size <= self.inline_max:
                 node.content = self._read_inline(fd, node.size, path)
                 return None
-            try:
-                digest, hashed = _digest_fd(fd)
-            except OSError as exc:
-                raise _oserror(exc, "cannot read", path) from None
-            if hashed != node.size:
-                raise FormatError("%s changed during the scan" % os.fsdecode(path))
-            self._check_same(fd, job)
+            if ready is not None:
+                # Hashed by a worker from the same file (same device, inode and size).
+                digest = ready[0]
+            else:
+                try:
+                    digest, hashed = _digest_fd(fd)
+                except OSError as exc:
+                    raise _oserror(exc, "cannot read", path) from None
+                if hashed != node.size:
+                    raise FormatError("%s changed during the scan" % os.fsdecode(path))
+                self._check_same(fd, job)
             node.digest = digest
             node.payload = digest_to_path(digest)
             if self.store is not None:
@@ -387,26 +390,17 @@ class _ContentWorker:
 _Copy = Tuple[int, bytes, int, bytes]
 
 
-def _hash_in_processes(jobs: List[_FileJob], threads: int,
-                       progress: Optional[ProgressCallback]) -> Dict[int, Tuple[bytes, int]]:
-    """fs-verity digests of ``jobs`` computed in ``threads`` worker processes (:mod:`.hash_pool`).
+def _hash_ahead(jobs: List[_FileJob], threads: int) -> Optional[Tuple[Set[int], Iterator[Tuple[bytes, int]]]]:
+    """fs-verity digests of ``jobs``, in order, from ``threads`` worker processes (:mod:`.hash_pool`).
 
-    Returns {} (the caller then hashes in-process, overlapped with its other
-    work) when worker processes would not pay off.
+    None when worker processes would not pay off: the caller then hashes in
+    its own thread.  The workers are forked now, before any copier thread.
     """
-    if not pays_off(len(jobs), sum(j.node.size for j in jobs), threads):
-        return {}
-    total = len(jobs)
-    if progress is not None:
-        progress(0, total)
-    results: Dict[int, Tuple[bytes, int]] = {}
+    total_bytes = sum(j.node.size for j in jobs)
+    if not pays_off(len(jobs), total_bytes, threads):
+        return None
     args = [(j.path, j.dev, j.ino, j.node.size) for j in jobs]
-    hashed = hash_map(_hash_path, args, sum(j.node.size for j in jobs), threads)
-    for done, (job, result) in enumerate(zip(jobs, hashed), 1):
-        results[id(job.node)] = result
-        if progress is not None:
-            progress(done, total)
-    return results
+    return {id(j.node) for j in jobs}, hash_map(_hash_path, args, total_bytes, threads)
 
 
 def _open_source(path: bytes) -> int:
@@ -443,9 +437,11 @@ def _digest_fd(fd: int) -> Tuple[bytes, int]:
     return hasher.digest(), hasher.size
 
 
-def _run_jobs(jobs: List[_FileJob], func: Callable[[_FileJob], Optional[_Copy]], threads: int,
-              progress: Optional[ProgressCallback], batch: Optional[ObjectBatch]) -> None:
-    """Hash ``jobs`` in this thread; the store copies run on ``threads`` workers (:mod:`.object_copier`).
+def _run_jobs(jobs: List[_FileJob], func: Callable[[_FileJob, Optional[Tuple[bytes, int]]], Optional[_Copy]],
+              threads: int, progress: Optional[ProgressCallback], batch: Optional[ObjectBatch],
+              ahead: Optional[Tuple[Set[int], Iterator[Tuple[bytes, int]]]] = None) -> None:
+    """Hash ``jobs`` (or take the digests ``ahead`` yields for its jobs, in order) in this thread; the
+    store copies run on ``threads`` workers (:mod:`.object_copier`).
 
     The first error wins: no new copy starts after it, nothing staged in
     ``batch`` is kept, and it is raised once running copies end.
@@ -454,9 +450,10 @@ def _run_jobs(jobs: List[_FileJob], func: Callable[[_FileJob], Optional[_Copy]],
     if progress is not None:
         progress(0, total)
     copier = ObjectCopier(batch, threads) if batch is not None else None
+    hashed_ahead, digests = ahead if ahead is not None else (set(), iter(()))
     try:
         for done, job in enumerate(jobs, 1):
-            copy = func(job)
+            copy = func(job, next(digests) if id(job.node) in hashed_ahead else None)
             if copy is not None:
                 fd, digest, size, path = copy
                 if copier is None:
@@ -471,6 +468,10 @@ def _run_jobs(jobs: List[_FileJob], func: Callable[[_FileJob], Optional[_Copy]],
         if copier is not None:
             copier.abort()
         raise
+    finally:
+        close = getattr(digests, "close", None)
+        if close is not None:
+            close()  # stops the worker pool if an error ended the loop early
 
 
 def _store_error(path: bytes) -> Callable[[OSError], BaseException]:

@@ -1,0 +1,217 @@
+# -*- coding: utf-8 -*-
+# Copyright: composefs-fleet contributors
+# SPDX-License-Identifier: Apache-2.0
+"""What each mount point should show, and what it showed before: kept across reboots.
+
+A mount record (:mod:`.mount_record`, under ``/run``) describes one live
+mount and vanishes with it.  Rolling back needs more: which image a mount
+point showed before its last switch, also after a reboot, so that gc keeps
+that image and a rollback works offline; and the node agent needs to know
+which image a mount point is meant to show when the mount is missing.  That
+is this file per mount point under :data:`HISTORY_DIR`: the mount as last
+made through our mount code (image, digest, ref, basedirs, verity, upper and
+work directories) and ``previous``, the image it replaced.
+
+The mount code updates it on every mount it makes: the same image as
+recorded changes nothing (a boot, an agent remount); another image makes the
+recorded one ``previous``.  Writes are atomic and serialized with a lock;
+failing to write never fails a mount (the caller is told why).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+TYPE_CHECKING = False
+
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Sequence
+
+HISTORY_DIR = "/var/lib/composefs-fleet/mounts"
+HISTORY_FORMAT = 1
+_SUFFIX = ".json"
+_LOCK_NAME = ".lock"
+_NAME_MAX = 255
+_PREVIOUS_KEYS = ("image", "image_digest", "ref")
+
+
+def history_name(where: str) -> str:
+    """The file name for ``where``: its mount unit name + ``.json`` (sha256 when too long)."""
+    from .systemd_unit import UnitError, path_escape
+
+    try:
+        name = path_escape(where) + ".mount" + _SUFFIX
+    except UnitError:
+        name = ""
+    if not name or len(name) > _NAME_MAX:
+        import hashlib
+
+        name = "@" + hashlib.sha256(os.fsencode(where)).hexdigest() + _SUFFIX
+    return name
+
+
+def history_path(where: str, directory: str = HISTORY_DIR) -> str:
+    return os.path.join(directory, history_name(where))
+
+
+def _is_hex64(value: Any) -> bool:
+    from .store_names import is_hex_name
+
+    return isinstance(value, str) and is_hex_name(value)
+
+
+def _optional_str(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def valid_entry(data: Any, where: Optional[str] = None) -> bool:
+    """Is ``data`` a history entry we wrote (for ``where``, when given)?"""
+    if not isinstance(data, dict) or data.get("format") != HISTORY_FORMAT:
+        return False
+    if not isinstance(data.get("where"), str) or (where is not None and data["where"] != where):
+        return False
+    if not isinstance(data.get("image"), str) or not _is_hex64(data.get("image_digest")):
+        return False
+    if not all(_optional_str(data.get(k)) for k in ("ref", "store", "digest", "upperdir", "workdir", "changed")):
+        return False
+    basedirs = data.get("basedirs")
+    if not isinstance(basedirs, list) or not all(isinstance(d, str) for d in basedirs):
+        return False
+    if not isinstance(data.get("verity"), str):
+        return False
+    previous = data.get("previous")
+    if previous is not None:
+        if not isinstance(previous, dict) or not isinstance(previous.get("image"), str):
+            return False
+        if not _is_hex64(previous.get("image_digest")) or not _optional_str(previous.get("ref")):
+            return False
+    return True
+
+
+def _load_path(path: str, where: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    import stat
+
+    from .json_text import MAX_JSON_BYTES, JsonFileError, load_json_object
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = load_json_object(os.read(fd, MAX_JSON_BYTES + 1), "mount history %s" % path)
+    except (OSError, JsonFileError):
+        return None
+    finally:
+        os.close(fd)
+    return data if valid_entry(data, where) else None
+
+
+def load(where: str, directory: str = HISTORY_DIR) -> Optional[Dict[str, Any]]:
+    """The history of the mount point ``where`` (None: none, or not one we can believe)."""
+    from .mountinfo import canonical
+
+    target = canonical(where)
+    return _load_path(history_path(target, directory), target)
+
+
+def list_all(directory: str = HISTORY_DIR) -> List[Dict[str, Any]]:
+    out: List[Dict[str, Any]] = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return out
+    for name in names:
+        if name.endswith(_SUFFIX) and not name.startswith("."):
+            entry = _load_path(os.path.join(directory, name))
+            if entry is not None and history_name(entry["where"]) == name:
+                out.append(entry)
+    return out
+
+
+class _Lock:
+    def __init__(self, directory: str) -> None:
+        import fcntl
+
+        self._fcntl = fcntl
+        self.fd = os.open(os.path.join(directory, _LOCK_NAME),
+                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+    def __enter__(self) -> "_Lock":
+        self._fcntl.flock(self.fd, self._fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fcntl.flock(self.fd, self._fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def previous_of(entry: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The ``{image, image_digest, ref}`` of what ``entry`` (a history entry or mount record) shows."""
+    if not entry or not entry.get("image_digest"):
+        return None
+    return {"image": entry.get("image"), "image_digest": entry.get("image_digest"), "ref": entry.get("ref")}
+
+
+def note_mount(where: str, image: str, image_digest: str, basedirs: Sequence[str], verity: str,
+               digest: Optional[str] = None, upperdir: Optional[str] = None, workdir: Optional[str] = None,
+               ref: Optional[str] = None, store: Optional[str] = None, replaced: Optional[Dict[str, Any]] = None,
+               directory: str = HISTORY_DIR) -> Dict[str, Any]:
+    """Record that ``where`` now shows ``image``; returns the entry written.
+
+    ``replaced`` is the mount record of the mount this one replaced, used as
+    ``previous`` when there is no history yet (a mount made before the
+    history existed).  The same image again keeps ``previous`` and the time
+    of the last move; a ref not given is kept from before.
+    """
+    from .atomic_file import write_atomic
+    from .mountinfo import canonical
+
+    target = canonical(where)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    with _Lock(directory):
+        old = load(target, directory)
+        entry: Dict[str, Any] = {
+            "format": HISTORY_FORMAT, "where": target, "image": image, "image_digest": image_digest,
+            "ref": ref, "store": store, "basedirs": list(basedirs), "verity": verity, "digest": digest,
+            "upperdir": upperdir, "workdir": workdir,
+        }
+        if old is not None and old["image_digest"] == image_digest:
+            entry["previous"] = old.get("previous")
+            entry["changed"] = old.get("changed")
+            if ref is None:
+                entry["ref"] = old.get("ref")
+            if store is None:
+                entry["store"] = old.get("store")
+        else:
+            before = old if old is not None else replaced
+            entry["previous"] = None if before is not None and before.get("image_digest") == image_digest \
+                else previous_of(before)
+            entry["changed"] = _now()
+        if entry != old:
+            import json
+
+            data = json.dumps(entry, sort_keys=True, indent=1, ensure_ascii=True) + "\n"
+            write_atomic(history_path(target, directory), data.encode("ascii"), mode=0o644)
+    return entry
+
+
+def forget(where: str, directory: str = HISTORY_DIR) -> bool:
+    """Drop the history of ``where`` (the mount point is no longer managed)."""
+    from .mountinfo import canonical
+
+    path = history_path(canonical(where), directory)
+    if not os.path.isdir(directory):
+        return False
+    with _Lock(directory):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+    return True
