@@ -27,10 +27,6 @@ description:
 author:
   - composefs-fleet contributors (@composefs-fleet)
 options:
-  path:
-    description: The store directory.
-    type: path
-    required: true
   repair:
     description: Move damaged objects and images aside into C(STORE/damaged/).
     type: bool
@@ -44,15 +40,10 @@ options:
   threads:
     description: Number of threads computing digests; by default the number of CPUs.
     type: int
-  allow_foreign_owner:
-    description:
-      - Accept a store whose directory or store subdirectories belong to another user (not the one running the
-        module, not root) or are writable by group or others. By default such a store is refused.
-    type: bool
-    default: false
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - composefs.fleet.attributes
+  - composefs.fleet.store_path
 notes:
   - Reads every object of the store once; on a large store this takes a while.
   - In check mode nothing is moved; RV(damaged) tells what a repair would move. A store directory that does not

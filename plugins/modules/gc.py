@@ -26,10 +26,6 @@ description:
 author:
   - composefs-fleet contributors (@composefs-fleet)
 options:
-  path:
-    description: The store directory.
-    type: path
-    required: true
   tmp_grace:
     description:
       - Age in seconds after which temporary files in C(objects/) count as crash debris (they may also be the
@@ -42,15 +38,10 @@ options:
         previous image of each mount point with a composefs mount on it now is kept.
     type: path
     default: /var/lib/composefs-fleet/mounts
-  allow_foreign_owner:
-    description:
-      - Accept a store whose directory or store subdirectories belong to another user (not the one running the
-        module, not root) or are writable by group or others. By default such a store is refused.
-    type: bool
-    default: false
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - composefs.fleet.attributes
+  - composefs.fleet.store_path
 notes:
   - The collection waits for image additions that are running and keeps new ones waiting while it removes.
   - In check mode, a store directory that does not exist yet (a fresh node whose store a previous task would
@@ -154,8 +145,11 @@ mounted:
   type: list
   elements: str
   sample: [composefs image /var/lib/composefs/store/images/9a1b... on /srv/app]
-kept_previous:
-  description: The previous images of live mounts kept for a rollback.
+previous_images:
+  description:
+    - The images live mounts showed before their last switch, which a rollback mounts, and whether they were kept.
+    - One that cannot be kept (not in the store, and its file is gone or was replaced) is also a warning; a rollback
+      to it needs the image again.
   returned: success
   type: list
   elements: dict
@@ -175,39 +169,21 @@ kept_previous:
       type: str
       returned: success
       sample: /var/lib/composefs/store/images/4c1d0a0a5e0c5f1e9a8bd13ab8a4c0c3d7b5ab4b6aef0ef2a0a7bb2f1e0b1f27
-    in_store:
-      description: Whether the image is in this store (kept with its objects); else only its objects are kept.
+    kept:
+      description: Whether it was kept (the image of this store with its objects, or the objects of an image file).
       type: bool
       returned: success
       sample: true
-missing_previous:
-  description:
-    - Previous images of live mounts that could not be kept (not in the store, and their file is gone or was
-      replaced); a rollback to them needs the image again. Each is also a warning.
-  returned: success
-  type: list
-  elements: dict
-  contains:
-    where:
-      description: The mount point.
-      type: str
+    in_store:
+      description: Whether the image is in this store.
+      type: bool
       returned: success
-      sample: /srv/app
-    image_digest:
-      description: The digest of the previous image.
-      type: str
-      returned: success
-      sample: 4c1d0a0a5e0c5f1e9a8bd13ab8a4c0c3d7b5ab4b6aef0ef2a0a7bb2f1e0b1f27
-    image_file:
-      description: The image file it was mounted from; null when unknown.
-      type: str
-      returned: success
-      sample: /srv/app-v1.cfs
+      sample: true
     reason:
-      description: Why it cannot be kept.
+      description: Why it cannot be kept; null when it was.
       type: str
       returned: success
-      sample: "previous image of /srv/app: its image 4c1d... is not in the store and /srv/app-v1.cfs cannot be read"
+      sample: null
 """
 
 import os
@@ -239,8 +215,8 @@ def _result(gc):
         "kept_images": list(gc.kept_images),
         "kept_objects": gc.kept_objects,
         "mounted": list(gc.mounted),
-        "kept_previous": list(gc.kept_previous),
-        "missing_previous": list(gc.missing_previous),
+        "previous_images": [dict(p, kept=True, reason=None) for p in gc.kept_previous]
+        + [dict(p, kept=False, in_store=False) for p in gc.missing_previous],
     }
 
 

@@ -99,8 +99,8 @@ def test_previous_image_of_a_live_mount_is_kept(module_runner, store, tmp_path):
         store.remove_ref("app/two")
         res = run_gc(module_runner, {"path": str(tmp_path / "store"), "history_dir": str(history)})
         assert res["changed"] is False and res["removed_images"] == []
-        assert res["kept_previous"] == [{"where": str(where), "image_digest": one, "in_store": True,
-                                         "image_file": os.fsdecode(store.image_path(one))}]
+        assert res["previous_images"] == [{"where": str(where), "image_digest": one, "in_store": True, "kept": True,
+                                           "reason": None, "image_file": os.fsdecode(store.image_path(one))}]
         assert sorted(res["kept_images"]) == sorted([one, two])
     finally:
         for _ in range(2):

@@ -19,23 +19,15 @@ import pytest
 
 from composefs_fleet import mount_history, mount_record, mountinfo
 from composefs_fleet.errors import UnmountError
-from composefs_fleet.image_needs import image_objects
 from composefs_fleet.mount import mount_composefs
 from composefs_fleet.store import Store
 from composefs_fleet.store_add import add_image
 from composefs_fleet.store_gc import collect
 
-from store_fixtures import make_tree, store, store_cmd  # noqa: F401  (fixtures)
+from store_fixtures import image_needs as _needs, make_tree, store, store_cmd  # noqa: F401  (fixtures)
+from store_fixtures import stored_objects as _objects
 
 pytestmark = pytest.mark.kernel
-
-
-def _objects(store: Store):
-    return {h for h, _p, _st in store.iter_objects()}
-
-
-def _needs(store: Store, digest: str):
-    return set(image_objects(store.read_image(digest)).objects)
 
 
 @pytest.fixture
