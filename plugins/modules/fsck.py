@@ -21,7 +21,7 @@ description:
     O(fail_on_findings=false).
   - With O(repair=true), damaged objects and images (wrong content, not a regular file, invalid name) are moved
     into C(STORE/damaged/), as C(composefs-store fsck --repair) does; the task is then changed. Images that then
-    miss objects, and refs to missing images, stay findings (RV(remaining)): they need their source added again
+    miss objects, and refs to missing images, stay findings (RV(remaining)); they need their source added again
     (for example with C(composefs.fleet.image)).
   - Temporary files (crash debris) are notes, not findings; C(composefs.fleet.gc) removes them.
 author:
@@ -187,8 +187,8 @@ def main():
     except ComposefsError as exc:
         module.fail_json(msg="store %s: %s" % (location, exc))
     except OSError as exc:
-        module.fail_json(msg="store %s: %s%s" % (location, os.fsdecode(exc.filename) + ": " if exc.filename else "",
-                                                  exc.strerror or exc))
+        where = os.fsdecode(exc.filename) + ": " if exc.filename else ""
+        module.fail_json(msg="store %s: %s%s" % (location, where, exc.strerror or exc))
     damaged = [os.fsdecode(p) for p, _identity in fsck.damaged]
     remaining = list(fsck.errors if fsck.remaining is None else fsck.remaining)
     findings = list(fsck.errors)

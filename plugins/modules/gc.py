@@ -246,8 +246,8 @@ def main():
     except ComposefsError as exc:
         module.fail_json(msg="store %s: %s" % (location, exc))
     except OSError as exc:
-        module.fail_json(msg="store %s: %s%s" % (location, os.fsdecode(exc.filename) + ": " if exc.filename else "",
-                                                  exc.strerror or exc))
+        where = os.fsdecode(exc.filename) + ": " if exc.filename else ""
+        module.fail_json(msg="store %s: %s%s" % (location, where, exc.strerror or exc))
     result = _result(gc)
     for missing in gc.missing_previous:
         module.warn("the previous image %s of %s cannot be kept for a rollback: %s"
