@@ -3,6 +3,7 @@ was removed; a live mount's previous image is kept; a fresh node in check mode h
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -108,3 +109,31 @@ def test_previous_image_of_a_live_mount_is_kept(module_runner, store, tmp_path):
         mount_record.prune()
     res = run_gc(module_runner, {"path": str(tmp_path / "store"), "history_dir": str(history)})
     assert res["changed"] is True and sorted(res["removed_images"]) == sorted([one, two])
+
+
+@pytest.mark.kernel
+def test_previous_image_that_cannot_be_kept_is_a_warning(module_runner, store, tmp_path):
+    """The previous image was a file outside the store, replaced since: its objects are unknown, nothing reads
+    them now; gc goes on and says the rollback needs the image again."""
+    import shutil
+
+    one, two = store.read_ref("app/one"), store.read_ref("app/two")
+    where, history, app = tmp_path / "m", tmp_path / "history", tmp_path / "app.cfs"
+    where.mkdir()
+    shutil.copyfile(store.image_path(one), app)
+    try:
+        mount_composefs(app, where, [store.objects_dir], replace=True, history_dir=str(history))
+        mount_composefs(store.image_path(two), where, [store.objects_dir], replace=True, history_dir=str(history))
+        store.remove_ref("app/one")
+        os.unlink(store.image_path(one))  # only app.cfs had it, and that is replaced now
+        shutil.copyfile(store.image_path(two), app)
+        res = run_gc(module_runner, {"path": str(tmp_path / "store"), "history_dir": str(history)}, check=True)
+        [previous] = res["previous_images"]
+        assert previous["kept"] is False and previous["in_store"] is False and previous["image_digest"] == one
+        assert previous["image_file"] == str(app) and "now has digest %s" % two in previous["reason"]
+        assert "previous image %s of %s cannot be kept" % (one, where) in json.dumps(res.get("warnings")), res
+        assert res["changed"] is True and res["freed"]["objects"] == 1  # the object only image one needed
+    finally:
+        for _ in range(2):
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+        mount_record.prune()
