@@ -52,7 +52,7 @@ description:
     removed by C(composefs-store gc) are hashed and copied again."
   - "What makes the image change (a new digest, the ref moves): any change in the tree's content, names,
     modes, owners, extended attributes or (without O(use_epoch)) modification times, and a change of
-    O(format_version), O(use_epoch), O(skip_xattrs), O(user_xattrs) or O(skip_devices)."
+    O(format_version), O(use_epoch), O(xattrs), O(skip_xattrs), O(user_xattrs) or O(skip_devices)."
 author:
   - composefs-fleet contributors (@composefs-fleet)
 options:
@@ -77,6 +77,8 @@ options:
         unpacked to disk), every blob is checked against its digest and the config's C(diff_ids), and
         whiteouts are applied as the OCI image spec says (see O(platform)).
       - The objects a dump or an image refers to must already be in the store, or in O(objects_from).
+      - In check mode a O(src) path that does not exist yet (an earlier task of the play would make it) is no error -
+        the result says the ref would move, with the digest unknown (null), and warns.
       - Mutually exclusive with O(remote).
     type: path
   platform:
@@ -95,7 +97,7 @@ options:
         is used too and is masked in the module's result (as O(url_password) is); messages show URLs without
         credentials.
       - Mutually exclusive with O(src), O(objects_from) and O(expected_digest); the options that filter a
-        source tree (O(use_epoch), O(skip_xattrs), O(user_xattrs), O(skip_devices), O(format_version)) do
+        source tree (O(use_epoch), O(xattrs), O(skip_xattrs), O(user_xattrs), O(skip_devices), O(format_version)) do
         not apply to it.
     type: str
   remote_ref:
@@ -169,16 +171,23 @@ options:
       - Set every modification time in the image to 0 (C(mkcomposefs --use-epoch)).
     type: bool
     default: false
+  xattrs:
+    description:
+      - Which extended attributes of the source go into the image - V(all), only V(user) ones (C(user.*),
+        C(mkcomposefs --user-xattrs)) or V(none) (C(mkcomposefs --skip-xattrs)).
+      - Default - V(all), unless the older O(skip_xattrs) or O(user_xattrs) say otherwise.
+    type: str
+    choices: [all, user, none]
   skip_xattrs:
     description:
-      - Leave all extended attributes out of the image (C(mkcomposefs --skip-xattrs)).
-      - Mutually exclusive with O(user_xattrs).
+      - V(true) is O(xattrs=none) (kept for playbooks written before O(xattrs)).
+      - Refused when it contradicts O(xattrs) or O(user_xattrs) (both V(true)); V(false) never contradicts.
     type: bool
     default: false
   user_xattrs:
     description:
-      - Keep only C(user.*) extended attributes (C(mkcomposefs --user-xattrs)).
-      - Mutually exclusive with O(skip_xattrs).
+      - V(true) is O(xattrs=user) (kept for playbooks written before O(xattrs)).
+      - Refused when it contradicts O(xattrs) or O(skip_xattrs) (both V(true)); V(false) never contradicts.
     type: bool
     default: false
   skip_devices:
@@ -188,7 +197,7 @@ options:
     default: false
   expected_digest:
     description:
-      - The fs-verity digest (64 hex digits) the image must have.
+      - The fs-verity digest (64 hex digits, optionally prefixed with C(sha256:)) the image must have.
       - The image is built and its digest compared before anything is stored; on a mismatch the module fails
         and writes nothing into the store (no object, image or ref).
     type: str
@@ -236,7 +245,7 @@ attributes:
   platform:
     platforms: posix
 notes:
-  - Options that filter the source (O(use_epoch), O(skip_xattrs), O(user_xattrs), O(skip_devices)) cannot apply to
+  - Options that filter the source (O(use_epoch), O(xattrs), O(skip_xattrs), O(user_xattrs), O(skip_devices)) cannot apply to
     an image file source and make the module fail.
   - In check mode a store that does not exist yet (a missing or empty directory) is treated as an empty store,
     so that a play that creates the store first can be checked.
@@ -282,7 +291,7 @@ EXAMPLES = r"""
     ref: base
     src: /srv/rootfs
     use_epoch: true
-    user_xattrs: true
+    xattrs: user
     format_version: 1
   register: base_image
 
@@ -336,7 +345,7 @@ EXAMPLES = r"""
 RETURN = r"""
 digest:
   description: The image's fs-verity digest (the ref's target); with O(state=absent) the digest the ref named
-    (null if there was no ref).
+    (null if there was no ref); null in check mode when O(src) does not exist yet.
   returned: always
   type: str
   sample: 8d1c2a3f4b5e6d7c8b9a0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566
@@ -530,7 +539,7 @@ from ..module_utils.composefs.ref_trust import verify_signature_bytes
 from ..module_utils.composefs.remote_options import RemoteOptions, is_url
 from ..module_utils.composefs.safe_dirs import UnsafePathError, open_regular
 from ..module_utils.composefs.store import Store
-from ..module_utils.composefs.store_names import is_hex_name, split_ref_name
+from ..module_utils.composefs.store_names import parse_digest, split_ref_name
 from ..module_utils.composefs.store_add import DigestMismatch, add_image
 from ..module_utils.composefs.store_signatures import read_signatures, write_signatures
 from ..module_utils.composefs.trust_options import load_policy, ref_name, signed_time, statement_info
@@ -552,7 +561,22 @@ _PULL_KEYS = ("url", "remote_ref", "ref", "digest", "objects", "objects_missing"
               "objects_fetched", "bytes_fetched", "image_fetched", "signature", "verify_seconds", "image_signature",
               "image_signed")
 #: Options that shape an image built from src; a pulled image is taken as it is.
-_SRC_ONLY = ("format_version", "use_epoch", "skip_xattrs", "user_xattrs", "skip_devices")
+_SRC_ONLY = ("format_version", "use_epoch", "xattrs", "skip_xattrs", "user_xattrs", "skip_devices")
+
+
+def xattr_choice(params):
+    """The one xattrs choice (all, user, none) of ``xattrs``, ``skip_xattrs`` and ``user_xattrs``;
+    ValueError naming the options when their values contradict (a V(false) never does)."""
+    implied = [name for name, value in (("skip_xattrs", "none"), ("user_xattrs", "user")) if params[name]]
+    if len(implied) == 2:
+        raise ValueError("skip_xattrs: true and user_xattrs: true contradict each other (use xattrs: none or user)")
+    choice = params["xattrs"]
+    if implied:
+        wanted = "none" if implied[0] == "skip_xattrs" else "user"
+        if choice is not None and choice != wanted:
+            raise ValueError("%s: true means xattrs: %s, which contradicts xattrs: %s" % (implied[0], wanted, choice))
+        return wanted
+    return choice or "all"
 
 
 def _planned_store(module, location):
@@ -676,6 +700,8 @@ def _present(module, params, policy):
     if params["remote"] is not None:
         return _pull(module, params, policy)
     store = _open_store(module, params)
+    if module.check_mode and not is_oci_source(params["src"]) and not os.path.lexists(params["src"]):
+        return _src_to_be_made(module, store, params)
     expected = params["expected_digest"]
     statement = new_signature = held = None
     if policy is not None:
@@ -689,8 +715,9 @@ def _present(module, params, policy):
     try:
         result = add_image(
             store, params["src"], params["ref"],
-            use_epoch=params["use_epoch"], skip_devices=params["skip_devices"], skip_xattrs=params["skip_xattrs"],
-            user_xattrs=params["user_xattrs"], use_cache=params["use_cache"], objects_from=params["objects_from"],
+            use_epoch=params["use_epoch"], skip_devices=params["skip_devices"],
+            skip_xattrs=params["_xattrs"] == "none", user_xattrs=params["_xattrs"] == "user",
+            use_cache=params["use_cache"], objects_from=params["objects_from"],
             min_version=params["format_version"], max_version=1, expected_digest=expected,
             dry_run=module.check_mode, platform=params["platform"])
     except DigestMismatch as exc:
@@ -717,6 +744,20 @@ def _present(module, params, policy):
     if module._diff:
         signed = None if statement is None else (signed_time(held, params["ref"]), statement_info(statement)["signed"])
         out["diff"] = _ref_diff(params["ref"], result.previous, result.digest, signed)
+    return out
+
+
+def _src_to_be_made(module, store, params):
+    """Check mode before an earlier task has made ``src`` (a fresh node): the ref would move to an image
+    whose digest cannot be known yet."""
+    module.warn("src %s does not exist yet (check mode): the image would be built from it, its digest is not known "
+                "before" % params["src"])
+    previous = store.read_ref_or_none(params["ref"])
+    image = dict((key, None) for key in _RESULT_KEYS)
+    image.update(ref=params["ref"], previous_digest=previous, signature=None, signature_written=False)
+    out = dict(changed=True, digest=None, image=image)
+    if module._diff:
+        out["diff"] = _ref_diff(params["ref"], previous, None)
     return out
 
 
@@ -759,6 +800,7 @@ def main():
             state=dict(type="str", default="present", choices=["present", "absent"]),
             format_version=dict(type="int", default=0, choices=[0, 1]),
             use_epoch=dict(type="bool", default=False),
+            xattrs=dict(type="str", choices=["all", "user", "none"]),
             skip_xattrs=dict(type="bool", default=False),
             user_xattrs=dict(type="bool", default=False),
             skip_devices=dict(type="bool", default=False),
@@ -783,15 +825,19 @@ def main():
             timeout=dict(type="float", default=30.0),
         ),
         required_if=[("state", "present", ["src", "remote"], True)],
-        mutually_exclusive=[("skip_xattrs", "user_xattrs"), ("src", "remote"), ("objects_from", "remote"),
+        mutually_exclusive=[("src", "remote"), ("objects_from", "remote"),
                             ("expected_digest", "remote"), ("signature", "remote")],
         required_by={"signature": "trusted_keys"},
         supports_check_mode=True,
     )
     params = module.params
+    try:
+        params["_xattrs"] = xattr_choice(params)
+    except ValueError as exc:
+        module.fail_json(msg=str(exc))
     if params["remote"] is not None:
         _hide_url_password(module, params["remote"])
-        given = [name for name in _SRC_ONLY if params[name] != module.argument_spec[name]["default"]]
+        given = [name for name in _SRC_ONLY if params[name] != module.argument_spec[name].get("default")]
         if given:
             module.fail_json(msg="%s shape%s an image built from src; a pulled image is stored as the remote "
                                  "has it" % (", ".join(given), "" if len(given) > 1 else "s"))
@@ -799,10 +845,10 @@ def main():
         module.fail_json(msg="platform applies to an OCI src (oci:, oci-archive:, docker-archive:)")
     expected = params["expected_digest"]
     if expected is not None:
-        expected = expected.strip().lower()
-        if not is_hex_name(expected):
-            module.fail_json(msg="expected_digest must be 64 hexadecimal digits (an fs-verity sha256 digest), "
-                                 "not %r" % params["expected_digest"])
+        expected = parse_digest(expected)
+        if expected is None:
+            module.fail_json(msg="expected_digest must be 64 hexadecimal digits (an fs-verity sha256 digest, "
+                                 "optionally prefixed with sha256:), not %r" % params["expected_digest"])
         params["expected_digest"] = expected
     try:
         split_ref_name(params["ref"])

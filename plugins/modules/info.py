@@ -104,6 +104,14 @@ stores:
       type: str
       returned: always
       sample: /var/lib/composefs/store
+    exists:
+      description:
+        - Whether the store exists. Always V(true) outside check mode (a missing store fails the task); in check
+          mode a store that does not exist yet (an earlier task of the play would create it) is reported with
+          V(false), no refs, no images and null stats.
+      type: bool
+      returned: always
+      sample: true
     format:
       description: The store format version.
       type: int
@@ -391,6 +399,7 @@ def store_facts(location, mounted_at, check_objects, allow_foreign=False):
         problem = verity_problem(store.objects_dir)
         return {
             "location": location,
+            "exists": True,
             "format": meta.get("format"),
             "verity_supported": problem is None,
             "verity_problem": problem,
@@ -435,6 +444,13 @@ def main():
         if module.params["mounts"]:
             result["mounts"] = mounts
         for location in module.params["stores"]:
+            if module.check_mode and not os.path.lexists(location):
+                # A fresh node in check mode: the store task before this one made nothing.
+                module.warn("store %s does not exist yet (check mode): reported empty" % location)
+                result["stores"].append({"location": location, "exists": False, "format": None,
+                                         "verity_supported": None, "verity_problem": None, "refs": {},
+                                         "images": [], "stats": None})
+                continue
             try:
                 result["stores"].append(store_facts(location, mounted_at, module.params["check_objects"],
                                                     module.params["allow_foreign_owner"]))

@@ -373,7 +373,7 @@ from ..module_utils.composefs.mount import mount_composefs
 from ..module_utils.composefs.mount_state import NOT_MOUNTED, MountRequest, differences, live_mount, resolve_verity
 from ..module_utils.composefs.ref_trust import verify_ref
 from ..module_utils.composefs.store import Store
-from ..module_utils.composefs.store_names import is_hex_name
+from ..module_utils.composefs.store_names import is_hex_name, parse_digest
 from ..module_utils.composefs.systemd_unit import (SYSTEMD_UNIT_DIR, daemon_reload, disable_unit, enable_unit,
                                                    manages_unit_dir, systemd_running, unit_name, unit_text,
                                                    write_unit)
@@ -407,8 +407,8 @@ def resolve(params, where, need_image, signed=None, policy=None, check_mode=Fals
     if signed is None:
         signed = Signed()
     image, store_path = params["image"], params["store"]
-    if image is not None and is_hex_name(strip_digest_prefix(image).lower()):
-        image = strip_digest_prefix(image)
+    if image is not None and parse_digest(image) is not None:
+        image = parse_digest(image)
     image_file = image_digest = pin = None
     if need_image and check_mode and _not_there_yet(image, store_path):
         need_image = False
@@ -449,8 +449,8 @@ def resolve(params, where, need_image, signed=None, policy=None, check_mode=Fals
     elif need_image:
         raise Fail("basedir is required when store is not given")
     if params["digest"]:
-        pin = strip_digest_prefix(params["digest"]).lower()
-        if not is_hex_name(pin):
+        pin = parse_digest(params["digest"])
+        if pin is None:
             raise Fail("digest %r is not a sha256 fs-verity digest (64 hex digits)" % params["digest"])
         if image_digest is not None and pin != image_digest:
             raise Fail("digest %s does not match the image %s, whose fs-verity digest is %s"
@@ -467,21 +467,16 @@ def resolve(params, where, need_image, signed=None, policy=None, check_mode=Fals
     return MountRequest(where, image_file, image_digest, basedirs, verity, pin, upper, work)
 
 
-def strip_digest_prefix(value):
-    """``sha256:HEX`` and ``HEX`` name the same digest (OCI and the verity module write the prefix)."""
-    return value[len("sha256:"):] if value.lower().startswith("sha256:") else value
-
-
 def _not_there_yet(image, store_path):
     """Is the image to mount still missing (store, ref or file), as on a fresh node in check mode?"""
     if image.startswith("/"):
         return not os.path.lexists(image)
     if not store_path or not os.path.isdir(store_path):
         return bool(store_path)
-    name = strip_digest_prefix(image)
-    if is_hex_name(name.lower()):
-        return not os.path.lexists(os.path.join(store_path, "images", name.lower()))
-    return not os.path.lexists(os.path.join(store_path, "refs", name))
+    digest = parse_digest(image)
+    if digest is not None:
+        return not os.path.lexists(os.path.join(store_path, "images", digest))
+    return not os.path.lexists(os.path.join(store_path, "refs", image))
 
 
 def wanted_unit_text(req):

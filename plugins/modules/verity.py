@@ -31,6 +31,8 @@ options:
       - A path named here may be a symbolic link (it is followed). Inside directories, symbolic links are never
         followed, and entries that are neither regular files nor directories are skipped.
       - A file named twice, or reached through several hard links, is handled once.
+      - In check mode a path that does not exist yet (an earlier task of the play would make it) is no error - it is
+        listed in RV(missing), the task reports a change and warns (and O(expected_digest) cannot be checked yet).
     type: list
     elements: path
     required: true
@@ -101,6 +103,12 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+missing:
+  description: In check mode, the paths of O(paths) that do not exist yet; always empty outside check mode.
+  returned: always
+  type: list
+  elements: str
+  sample: []
 files:
   description: Every regular file examined, in the order of O(paths) (trees in sorted order).
   returned: always
@@ -189,9 +197,18 @@ def main():
     if not params["paths"]:
         module.fail_json(msg="paths is empty: name at least one file or directory")
     skip = params["unsupported"] == "skip"
+    paths, missing = params["paths"], []
+    if module.check_mode:
+        # A fresh node in check mode: what an earlier task would make is not there yet.
+        missing = [p for p in paths if not os.path.lexists(p)]
+        paths = [p for p in paths if p not in missing]
+        if missing:
+            module.warn("%s do%s not exist yet (check mode): fs-verity would be enabled on what is there then"
+                        % (", ".join(missing), "es" if len(missing) == 1 else ""))
     try:
-        planned = verity_files.plan(params["paths"], recurse=params["recurse"],
-                                    expected_digest=params["expected_digest"], threads=_threads())
+        planned = verity_files.plan(paths, recurse=params["recurse"],
+                                    expected_digest=params["expected_digest"] if not missing else None,
+                                    threads=_threads())
     except (ComposefsError, OSError) as exc:
         module.fail_json(msg=str(exc))
     unsupported = planned.unsupported
@@ -218,7 +235,7 @@ def main():
     if planned.unsupported:
         module.warn("fs-verity left off on %d file(s) whose filesystem lacks it: %s"
                     % (len(planned.unsupported), planned.verity_problem))
-    result = dict(changed=changed, **_result(planned, count))
+    result = dict(changed=changed or bool(missing), missing=missing, **_result(planned, count))
     if module._diff:
         result["diff"] = {"before": before, "after": _verity_list(planned, "verity_after")}
     module.exit_json(**result)

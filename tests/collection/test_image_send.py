@@ -183,7 +183,9 @@ def test_corrupted_controller_object_is_refused_on_the_node(tmp_path, controller
 def test_missing_ref_on_the_controller_fails_clearly(tmp_path, controller, node):
     src, _v1, _v2, _needed = controller
     proc, res = run_task(tmp_path, dict(store=str(node), ref="app/v9", from_store=str(src)))
-    assert res.get("failed") and res["msg"] == "controller store %s: no ref app/v9" % src, res
+    assert res.get("failed") and res["msg"].startswith("controller store %s: no ref app/v9 in the store %s; close matches: "
+                                                       % (src, src)), res
+    assert "app/v1" in res["msg"] and "app/v2" in res["msg"]
     assert read_ref(node, "app/v9") is None
 
 
@@ -242,3 +244,4 @@ def test_apply_refuses_a_bundle_whose_ref_is_not_the_digest_the_controller_named
     assert not res.get("failed") and res["changed"] and res["objects_fetched"] == len(needed[v1]), res
     assert read_ref(node, "app/v1") == v1
     assert_clean(node)
+

@@ -143,6 +143,13 @@ def test_option_change_moves_the_ref(module_runner, store, src):
     assert results[1]["image"]["files_hashed"] == 0 and results[1]["image"]["objects_written"] == 0
     root = build_tree_from_directory(str(src), use_epoch=True, skip_xattrs=True)
     assert results[1]["digest"] == fsverity_digest.digest_bytes(build_image(root)).hex()
+    # The one xattrs choice means the same as the old flags; false flags never contradict it.
+    for same in (dict(xattrs="none"), dict(xattrs="none", skip_xattrs=True), dict(xattrs="none", user_xattrs=False)):
+        again = module_runner("image", dict(args, use_epoch=True, **same))
+        assert not again.get("failed") and again["changed"] is False and again["digest"] == results[1]["digest"]
+    user = module_runner("image", dict(args, use_epoch=True, skip_xattrs=False, user_xattrs=True))
+    assert user["changed"] is True
+    assert module_runner("image", dict(args, use_epoch=True, xattrs="user"))["changed"] is False
 
 
 def test_expected_digest(module_runner, store, src, tmp_path):
@@ -158,6 +165,9 @@ def test_expected_digest(module_runner, store, src, tmp_path):
         assert snapshot(top) == before  # no object, image, ref or cache written
     r = module_runner("image", dict(args, expected_digest="not-a-digest"))
     assert r["failed"] and "64 hexadecimal digits" in r["msg"]
+    # The sha256: prefix (as OCI tools and fsverity measure print digests) names the same digest.
+    r = module_runner("image", dict(args, ref="prefixed", expected_digest="sha256:" + tree_digest(src).upper()))
+    assert not r.get("failed") and r["digest"] == tree_digest(src)
     results = four_steps(module_runner, dict(args, expected_digest=tree_digest(src).upper()))
     assert results[1]["digest"] == store.read_ref("app")
     assert check_store(store)
@@ -256,7 +266,10 @@ def test_missing_store(module_runner, tmp_path, src):
     (dict(ref="a"), "state is present but any of the following are missing: src, remote"),
     (dict(ref="a", src="/nonexistent/dir"), "no such file or directory"),
     (dict(ref="../a", src="/"), "contains '..'"),
-    (dict(ref="a", src="/", skip_xattrs=True, user_xattrs=True), "mutually exclusive"),
+    (dict(ref="a", src="/", skip_xattrs=True, user_xattrs=True), "contradict each other"),
+    (dict(ref="a", src="/", xattrs="all", user_xattrs=True), "user_xattrs: true means xattrs: user"),
+    (dict(ref="a", src="/", xattrs="bogus"), "xattrs"),
+    (dict(ref="a", remote="https://127.0.0.1:9/s", xattrs="user"), "xattrs shapes an image built from src"),
     (dict(ref="a", src="/", format_version=2), "format_version"),
 ])
 def test_bad_arguments(module_runner, store, args, message):

@@ -141,6 +141,21 @@ def test_ref_prefix_conflicts(store):
         store.remove_ref("nope")
 
 
+def test_missing_ref_names_the_store_and_close_matches(store):
+    with pytest.raises(RefNotFound) as exc:
+        store.read_ref("app/v1")
+    assert str(exc.value) == "no ref app/v1 in the store %s (it has no refs)" % os.fsdecode(store.path)
+    for name in ("app/v1", "app/v2", "db/main"):
+        store.write_ref(name, "ab" * 32)
+    with pytest.raises(RefNotFound) as exc:
+        store.read_ref("app/v3")
+    assert str(exc.value).startswith("no ref app/v3 in the store %s; close matches: " % os.fsdecode(store.path))
+    assert "app/v1" in str(exc.value) and "app/v2" in str(exc.value) and "db/main" not in str(exc.value)
+    with pytest.raises(RefNotFound) as exc:
+        store.read_ref("zzzzzzzz")
+    assert "none of its 3 refs is close" in str(exc.value)
+
+
 # -- add ---------------------------------------------------------------------------
 
 def test_add_directory_matches_mkcomposefs_and_fsck_clean(store, tmp_path, make_tree):

@@ -519,7 +519,26 @@ class Store:
         return self.dir_fd(REFS)
 
     def read_ref(self, name: Union[str, bytes]) -> str:
-        return store_refs.read_ref(self._refs_fd, name)
+        """The image digest ref ``name`` names; RefNotFound naming the store and close matches."""
+        try:
+            return store_refs.read_ref(self._refs_fd, name)
+        except RefNotFound as exc:
+            raise RefNotFound("%s in the store %s%s" % (exc, os.fsdecode(self.path), self._close_refs(name))) from None
+
+    def _close_refs(self, name: Union[str, bytes]) -> str:
+        """``; did you mean ...`` for a missing ref: a typo or another version is the usual cause."""
+        import difflib
+
+        try:
+            refs = self.list_refs()
+        except (OSError, StoreError):
+            return ""
+        if not refs:
+            return " (it has no refs)"
+        close = difflib.get_close_matches(os.fsdecode(name), refs, n=3, cutoff=0.6)
+        if close:
+            return "; close matches: %s" % ", ".join(close)
+        return " (none of its %d refs is close; composefs-store refs lists them)" % len(refs)
 
     def read_ref_or_none(self, name: Union[str, bytes]) -> Optional[str]:
         """The ref's digest; None if it is missing or damaged (a writer then simply replaces it),

@@ -32,6 +32,15 @@ def check_digest_hex(name: Union[str, bytes]) -> str:
     return name.decode("ascii") if isinstance(name, bytes) else name
 
 
+def parse_digest(text: str) -> Optional[str]:
+    """The 64 lowercase hex digits ``text`` names (``HEX`` or ``sha256:HEX``, as OCI tools and
+    ``fsverity measure`` print digests; any case, surrounding blanks ignored); None if it names none."""
+    raw = text.strip().lower()
+    if raw.startswith("sha256:"):
+        raw = raw[len("sha256:"):]
+    return raw if is_hex_name(raw) else None
+
+
 def object_hex_from_payload(payload: bytes) -> Optional[str]:
     """The digest named by a backing path ``XX/YYYY...``, or None if it is not one."""
     if len(payload) == 2 * DIGEST_SIZE + 1 and payload[2:3] == b"/":
@@ -73,5 +82,5 @@ def split_ref_name(name: Union[str, bytes]) -> List[bytes]:
     return parts
 
 
-__all__ = ["REF_NAME_MAX", "check_digest_hex", "is_hex_name", "object_hex_from_payload", "object_relpath",
+__all__ = ["REF_NAME_MAX", "check_digest_hex", "is_hex_name", "object_hex_from_payload", "parse_digest", "object_relpath",
            "split_ref_name"]

@@ -88,12 +88,12 @@ class VerityPlan:
 def normalize_digest(text: str) -> str:
     """64 lowercase hex digits from ``text`` (an optional ``sha256:`` prefix,
     as ``fsverity measure`` prints it, is accepted); VerityError otherwise."""
-    raw = text.strip().lower()
-    if raw.startswith("sha256:"):
-        raw = raw[len("sha256:"):]
-    if len(raw) != 64 or any(c not in "0123456789abcdef" for c in raw):
+    from .store_names import parse_digest
+
+    digest = parse_digest(text)
+    if digest is None:
         raise VerityError("expected_digest %r is not a sha256 fs-verity digest (64 hex digits)" % text)
-    return raw
+    return digest
 
 
 def find_files(paths: Sequence[PathLike], recurse: bool) -> List[VerityFile]:

@@ -56,8 +56,10 @@ def args_for(store, src, **more):
     ({"ref": "a", "src": "/"}, "store"),
     ({"store": "/x", "ref": "a", "src": "/", "state": "gone"}, "state"),
     ({"store": "/x", "ref": "a", "src": "/", "format_version": 3}, "format_version"),
-    ({"store": "/x", "ref": "a", "src": "/", "skip_xattrs": True, "user_xattrs": True}, "mutually exclusive"),
+    ({"store": "/x", "ref": "a", "src": "/", "skip_xattrs": True, "user_xattrs": True}, "contradict each other"),
+    ({"store": "/x", "ref": "a", "src": "/", "skip_xattrs": True, "xattrs": "user"}, "contradicts xattrs: user"),
     ({"store": "/x", "ref": "a", "src": "/", "expected_digest": "abc"}, "64 hexadecimal digits"),
+    ({"store": "/x", "ref": "a", "src": "/", "expected_digest": "sha512:" + "0" * 64}, "64 hexadecimal digits"),
     ({"store": "/x", "ref": "/abs", "src": "/"}, "absolute"),
     ({"store": "/x", "ref": "a/../b", "state": "absent"}, "'..'"),
 ])
