@@ -20,6 +20,7 @@ from typing import BinaryIO, Iterable, List, Optional, Set, Tuple
 
 from composefs_fleet.errors import ComposefsError, ImageError
 from composefs_fleet.erofs_reader import open_image, read_image_fd
+from composefs_fleet.gc_pause import gc_paused_for_command
 from composefs_fleet.tree import Node
 
 from .getopt_long import OptionError, parse
@@ -284,6 +285,7 @@ def _run_images(command: str, images: List[str], filters: List[str], basedir_fd:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    process_entry = argv is None
     if argv is None:
         argv = sys.argv[1:]
         prog = sys.argv[0] if os.path.basename(sys.argv[0]) == PROG else PROG
@@ -294,7 +296,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.stdout.flush()
     try:
         try:
-            code = _run(list(argv), prog, out, err)
+            with gc_paused_for_command(process_entry=process_entry):
+                code = _run(list(argv), prog, out, err)
         except _Exit as e:
             code = e.code
         out.flush()

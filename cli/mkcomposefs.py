@@ -21,6 +21,7 @@ from composefs_fleet.atomic_file import write_atomic
 from composefs_fleet.erofs_format import COMPOSEFS_MAGIC
 from composefs_fleet.erofs_writer import build_image_buffer
 from composefs_fleet.errors import ComposefsError, DumpParseError
+from composefs_fleet.gc_pause import gc_paused_for_command
 from composefs_fleet.tree import apply_source_options
 
 from .getopt_long import OptionError, parse, parse_long
@@ -139,7 +140,8 @@ def _dump_error(src: str, exc: DumpParseError) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        return _main(argv)
+        with gc_paused_for_command(process_entry=argv is None):
+            return _main(argv)
     except BrokenPipeError:
         return die_of_sigpipe()
 
