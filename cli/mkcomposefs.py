@@ -16,7 +16,6 @@ import os
 import sys
 from typing import BinaryIO, List, Optional, Sequence
 
-from composefs_fleet import fsverity_digest
 from composefs_fleet.atomic_file import write_atomic
 from composefs_fleet.erofs_format import COMPOSEFS_MAGIC
 from composefs_fleet.erofs_writer import build_image_buffer
@@ -265,6 +264,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             raise  # the reader went away: main() ends as the C tool would
         return _fail("failed to write output file %s: %s" % (out, exc.strerror or exc))
     if print_digest:
+        # Imported here: most runs print no digest and need not load the hasher.
+        from composefs_fleet import fsverity_digest
+
         sys.stdout.write(fsverity_digest.digest_bytes(image).hex() + "\n")
         sys.stdout.flush()
     return 0
