@@ -88,6 +88,7 @@ _S_IFMT = 0o170000
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 _HALF_BLOCK = BLOCK_SIZE // 2
+_EXTERNAL_SIZE_MAX = EROFS_CHUNKS_MAX << EROFS_CHUNK_BITS_MAX
 # Size accounting per xattr, as libcomposefs does it for its input budget:
 # twice the 4-byte entry header, minus one, covers the worst-case alignment.
 _XATTR_BUDGET_OVERHEAD = 2 * EROFS_XATTR_ENTRY.size - 1
@@ -110,7 +111,7 @@ class _Inode:
         "mode", "uid", "gid", "rdev", "nlink", "size", "mtime_sec", "mtime_nsec",
         "payload", "content", "digest", "xattrs", "budget", "children", "link_to",
         "ino", "nid", "n_blocks", "tail", "compact", "ipad", "xattr_size",
-        "shared", "unshared",
+        "shared", "unshared", "chunkbits",
     )
 
     def __init__(self, mode: int = 0) -> None:
@@ -133,9 +134,6 @@ class _Inode:
         self.budget = 0
         self.children: Dict[bytes, "_Inode"] = {}
         self.link_to: Optional["_Inode"] = None
-
-    def fmt(self) -> int:
-        return self.mode & _S_IFMT
 
     def set_xattr(self, key: bytes, value: bytes) -> None:
         """lcfs_node_set_xattr(): replace, then charge the per-inode budget."""
@@ -252,7 +250,8 @@ def _validate(inode: _Inode) -> None:
         raise FormatError("invalid file mode 0%o" % inode.mode)
     if fmt == stat.S_IFREG:
         if inode.size > 0 and inode.content is None:
-            if _chunking(inode.size)[1] > EROFS_CHUNKS_MAX:
+            # _chunking()'s count exceeds the maximum exactly above this size.
+            if inode.size > _EXTERNAL_SIZE_MAX:
                 raise FormatError("file too large (%d bytes)" % inode.size)
         if inode.content is not None:
             if len(inode.content) != inode.size:
@@ -355,7 +354,7 @@ class _Layout:
         self.order: List[_Inode] = []
         self.min_mtime = (0, 0)
         self.has_acl = False
-        # Per directory inode (by index in order): its sorted dirents.
+        # Per directory inode (by index in order): its sorted dirents, links resolved.
         self.sorted_children: Dict[int, List[Tuple[bytes, _Inode]]] = {}
 
 
@@ -370,14 +369,19 @@ def _compute_tree(root: _Inode) -> _Layout:
         inode = order[index]
         if inode.mode & _S_IFMT == stat.S_IFDIR:
             children = sorted(inode.children.items())
+            # Links (".", ".." and hard links) have mode 0 here: not counted.
             inode.nlink = 2 + sum(1 for _n, c in children if c.mode & _S_IFMT == stat.S_IFDIR)
-            layout.sorted_children[index] = children
+            # Dirents name the real inode: resolve links once, here.
+            dirents = []
             for name, child in children:
                 if child.link_to is not None:
-                    if name not in (b".", b"..") and _resolve(child).mode & _S_IFMT == stat.S_IFDIR:
+                    child = _resolve(child)
+                    if name not in (b".", b"..") and child.mode & _S_IFMT == stat.S_IFDIR:
                         raise FormatError("hard links to directories are not allowed")
                 else:
                     order.append(child)
+                dirents.append((name, child))
+            layout.sorted_children[index] = dirents
         if len(inode.xattrs) > 1:
             inode.xattrs = dict(sorted(inode.xattrs.items()))
         mtime = (inode.mtime_sec, inode.mtime_nsec)
@@ -474,7 +478,7 @@ def _place_inodes(layout: _Layout) -> int:
     min_sec, min_nsec = layout.min_mtime
     pos = INODES_START
     for index, inode in enumerate(layout.order):
-        fmt = inode.fmt()
+        fmt = inode.mode & _S_IFMT
         if fmt == stat.S_IFDIR:
             inode.n_blocks, inode.tail = _dir_size(layout.sorted_children[index])
             size = inode.n_blocks * BLOCK_SIZE + inode.tail
@@ -489,7 +493,8 @@ def _place_inodes(layout: _Layout) -> int:
                         inode.n_blocks += 1
                         inode.tail = 0
                 else:
-                    inode.n_blocks, inode.tail = 0, _chunking(size)[1] * 4
+                    inode.chunkbits, chunks = _chunking(size)
+                    inode.n_blocks, inode.tail = 0, chunks * 4
             else:
                 inode.n_blocks, inode.tail = 0, 0
         inode.compact = (
@@ -517,7 +522,7 @@ def _place_inodes(layout: _Layout) -> int:
 
 def _tail_padding(inode: _Inode, pos: int, head: int) -> int:
     """Padding before an inode so its inline tail does not cross a block."""
-    if inode.fmt() == stat.S_IFLNK:
+    if inode.mode & _S_IFMT == stat.S_IFLNK:
         # Inode, xattrs and target stay in one block; a target that cannot fit
         # moves to a data block.  The padding test deliberately uses the size
         # before that move, as the C writer does.
@@ -545,10 +550,10 @@ def _tail_padding(inode: _Inode, pos: int, head: int) -> int:
 def _dirent_block(children: List[Tuple[bytes, _Inode]], pad_to: int) -> bytes:
     nameoff = len(children) * EROFS_DIRENT.size
     heads = []
+    pack = EROFS_DIRENT.pack
+    file_types = _FILE_TYPES
     for name, child in children:
-        target = _resolve(child)
-        heads.append(EROFS_DIRENT.pack(target.nid, nameoff,
-                                       _FILE_TYPES.get(target.fmt(), EROFS_FT_UNKNOWN)))
+        heads.append(pack(child.nid, nameoff, file_types.get(child.mode & _S_IFMT, EROFS_FT_UNKNOWN)))
         nameoff += len(name)
     raw = b"".join(heads) + b"".join(name for name, _c in children)
     return raw + b"\0" * (-len(raw) % pad_to)
@@ -600,7 +605,7 @@ def _write(layout: _Layout, version: int, inodes_end: int,
     for index, inode in enumerate(order):
         if inode.ipad:
             out += b"\0" * inode.ipad
-        fmt = inode.fmt()
+        fmt = inode.mode & _S_IFMT
         layout_kind = EROFS_INODE_FLAT_INLINE if inode.tail > 0 else EROFS_INODE_FLAT_PLAIN
         chunk_format = 0
         i_u = 0
@@ -610,7 +615,7 @@ def _write(layout: _Layout, version: int, inodes_end: int,
         elif fmt == stat.S_IFREG:
             size = inode.size
             if size > 0 and inode.content is None:
-                chunk_format = _chunking(size)[0] - BLOCK_BITS
+                chunk_format = inode.chunkbits - BLOCK_BITS
                 layout_kind = EROFS_INODE_CHUNK_BASED
         elif fmt == stat.S_IFLNK:
             size = inode.tail if inode.n_blocks == 0 else inode.size
