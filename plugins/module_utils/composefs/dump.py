@@ -317,17 +317,22 @@ class _Parser:
         (f_path, f_size, f_mode, f_nlink, f_uid, f_gid, f_rdev, f_mtime,
          f_payload, f_content, f_digest, rest) = fields
 
-        path = _c_string(_unescape(f_path))
+        # The line has no raw NUL (checked above): only an escaped one can end a C string.
+        path = _c_string(_unescape(f_path)) if b"\\" in f_path else f_path
         if not path:
             raise _FieldError("Invalid empty path")
 
         is_hardlink = f_mode[:1] == b"@"
         if is_hardlink:
             f_mode = f_mode[1:]
-        mode = _int_field(f_mode, 8, "MODE") & _U32
-        if stat.S_IFMT(mode) not in _VALID_TYPES:
+        if len(f_mode) <= 21 and f_mode.isdigit() and b"8" not in f_mode and b"9" not in f_mode:
+            # Canonical octal below 2**63, the common case: no sign, blanks or clamping.
+            mode = int(f_mode, 8) & _U32
+        else:
+            mode = _int_field(f_mode, 8, "MODE") & _U32
+        ftype = mode & 0o170000
+        if ftype not in _VALID_TYPES:
             raise _FieldError("Invalid mode %o" % mode)
-        ftype = stat.S_IFMT(mode)
 
         node = Node(mode)
         self._add(path, node)
@@ -372,13 +377,23 @@ class _Parser:
             mtime_sec -= 1 << 64
         mtime_nsec &= _U32
 
-        payload = _unescape_optional(f_payload)
-        if payload is not None:
-            payload = _c_string(payload)
-        content = _unescape_optional(f_content)
-        if content is not None and len(content) != size:
-            raise _FieldError("Invalid content size %d, must match size %d" % (len(content), size))
-        digest_text = _unescape_optional(f_digest)
+        # Fields without a backslash need no unescaping (nor NUL cut: the line has none).
+        if f_payload == b"-":
+            payload = None
+        elif b"\\" in f_payload:
+            payload = _c_string(_unescape(f_payload))
+        else:
+            payload = f_payload
+        if f_content == b"-":
+            content = None
+        else:
+            content = _unescape(f_content) if b"\\" in f_content else f_content
+            if len(content) != size:
+                raise _FieldError("Invalid content size %d, must match size %d" % (len(content), size))
+        if f_digest == b"-":
+            digest_text = None
+        else:
+            digest_text = _unescape(f_digest) if b"\\" in f_digest else f_digest
 
         shared = self.shared
         node.nlink = nlink & _U32
