@@ -88,6 +88,7 @@ _S_IFMT = 0o170000
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 _HALF_BLOCK = BLOCK_SIZE // 2
+_NO_CHILDREN: Dict[bytes, "_Inode"] = {}
 _EXTERNAL_SIZE_MAX = EROFS_CHUNKS_MAX << EROFS_CHUNK_BITS_MAX
 # Size accounting per xattr, as libcomposefs does it for its input budget:
 # twice the 4-byte entry header, minus one, covers the worst-case alignment.
@@ -301,18 +302,22 @@ def _prepare(root: Node, version: int) -> _Inode:
         new.xattrs = dict(node.xattrs) if node.xattrs else {}
         new.budget = 0
         new.link_to = None
-        new.children = children = {}
         _validate(new)
         _add_overlay_xattrs(new, parent, version)
         if mode & _S_IFMT == stat.S_IFDIR:
+            new.children = children = {}
             for name, child in sorted(node.children.items(), reverse=True):
                 copy = new_inode(_Inode)
                 children[name] = copy
                 stack.append((child, copy, new))
             children[b"."] = _link(new)
             children[b".."] = _link(parent)
-        elif node.children:
-            raise FormatError("%s: only directories can have children" % _p(node))
+        else:
+            if node.children:
+                raise FormatError("%s: only directories can have children" % _p(node))
+            # Never added to (only directories get entries): one shared empty
+            # dict instead of one per file, a few MB on a large tree.
+            new.children = _NO_CHILDREN
     for new, target in links:
         copy = copies.get(id(target))
         if copy is None:
@@ -382,6 +387,8 @@ def _compute_tree(root: _Inode) -> _Layout:
                     order.append(child)
                 dirents.append((name, child))
             layout.sorted_children[index] = dirents
+            # From here on the sorted dirents are the directory: free the dict.
+            inode.children = _NO_CHILDREN
         if len(inode.xattrs) > 1:
             inode.xattrs = dict(sorted(inode.xattrs.items()))
         mtime = (inode.mtime_sec, inode.mtime_nsec)
@@ -428,6 +435,7 @@ def _xattr_entry(key: bytes, value: bytes) -> bytes:
 def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes]], int]:
     counts = Counter(chain.from_iterable(inode.xattrs.items() for inode in order))
     shared = [item for item, count in counts.items() if count > 1]
+    del counts  # one entry per distinct xattr: gone before the per-inode lists are made
     # Canonical table order of the C writer: key descending, then longer value
     # first, then value bytes descending.
     shared.sort(key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
@@ -436,11 +444,11 @@ def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes
     for item in shared:
         offsets[item] = offset
         offset += _xattr_entry_size(*item)
-    no_shared: List[int] = []
+    # Tuples, and shared empty ones: they are kept for every inode until written.
     for inode in order:
         if not inode.xattrs:
-            inode.shared = no_shared
-            inode.unshared = []
+            inode.shared = ()
+            inode.unshared = ()
             continue
         shared_ids: List[int] = []
         unshared: List[Tuple[bytes, bytes]] = []
@@ -450,8 +458,8 @@ def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes
                 shared_ids.append(off)
             else:
                 unshared.append(item)
-        inode.shared = shared_ids
-        inode.unshared = unshared
+        inode.shared = tuple(shared_ids) if shared_ids else ()
+        inode.unshared = tuple(unshared)
     return shared, offset
 
 
