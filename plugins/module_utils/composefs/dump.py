@@ -233,6 +233,15 @@ def _parse_digest(field: bytes) -> Optional[bytes]:
     C digest_to_raw() decodes hex pairs until the 32 bytes are full (ignoring
     anything after), the string ends or a non-hex char appears.
     """
+    if len(field) == 2 * DIGEST_SIZE:
+        # The usual field: exactly 64 hex digits.  fromhex() skips blanks, so
+        # a field holding any decodes short and takes the general path.
+        try:
+            raw = bytes.fromhex(field.decode("ascii"))
+        except ValueError:
+            raw = b""
+        if len(raw) == DIGEST_SIZE:
+            return raw
     match = _DIGEST_RE.match(field)
     if match is None:
         return None
@@ -482,7 +491,7 @@ class _Parser:
                 self.parents[prefix] = parent
         if parent is None:
             raise AssertionError("parent is not None")
-        if not parent.is_dir():
+        if parent.mode & 0o170000 != stat.S_IFDIR:
             raise _FieldError("Parent must be a directory for %s" % _show(path))
         if name in (b".", b".."):
             raise _FieldError("Invalid . or .. in path: %s" % _show(path))
@@ -495,7 +504,10 @@ class _Parser:
             # C means to say "Path ... already exist" but compares -1 with
             # -EEXIST, so it reports "Can't add child".
             raise _FieldError("Can't add child: %s already exists" % _show(path))
-        parent.replace_child(name, node)
+        # Node.replace_child(), inlined: this runs once per line.
+        node.parent = parent
+        node.name = name
+        parent.children[name] = node
 
     def _xattrs(self, node: Node, items: List[bytes]) -> None:
         xattrs = node.xattrs
@@ -505,8 +517,9 @@ class _Parser:
             key_s, eq, value_s = item.partition(b"=")
             if not eq:
                 raise _FieldError("Missing = in xattr")
-            key = _c_string(_unescape(key_s))
-            value = _unescape(value_s)
+            # Without a backslash there is nothing to unescape (and no NUL: see _line).
+            key = _c_string(_unescape(key_s)) if b"\\" in key_s else key_s
+            value = _unescape(value_s) if b"\\" in value_s else value_s
             if not key or len(key) > XATTR_NAME_MAX:
                 raise _FieldError("Can't set xattr %s: key must be 1..%d bytes"
                                   % (_show(key), XATTR_NAME_MAX))
