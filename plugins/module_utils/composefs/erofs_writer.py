@@ -94,14 +94,23 @@ _EXTERNAL_SIZE_MAX = EROFS_CHUNKS_MAX << EROFS_CHUNK_BITS_MAX
 # twice the 4-byte entry header, minus one, covers the worst-case alignment.
 _XATTR_BUDGET_OVERHEAD = 2 * EROFS_XATTR_ENTRY.size - 1
 
+# stat.S_IF* as module names: these run per inode, one lookup instead of two.
+_S_IFBLK = stat.S_IFBLK
+_S_IFCHR = stat.S_IFCHR
+_S_IFDIR = stat.S_IFDIR
+_S_IFIFO = stat.S_IFIFO
+_S_IFLNK = stat.S_IFLNK
+_S_IFREG = stat.S_IFREG
+_S_IFSOCK = stat.S_IFSOCK
+
 _FILE_TYPES = {
-    stat.S_IFREG: EROFS_FT_REG_FILE,
-    stat.S_IFDIR: EROFS_FT_DIR,
-    stat.S_IFCHR: EROFS_FT_CHRDEV,
-    stat.S_IFBLK: EROFS_FT_BLKDEV,
-    stat.S_IFIFO: EROFS_FT_FIFO,
-    stat.S_IFSOCK: EROFS_FT_SOCK,
-    stat.S_IFLNK: EROFS_FT_SYMLINK,
+    _S_IFREG: EROFS_FT_REG_FILE,
+    _S_IFDIR: EROFS_FT_DIR,
+    _S_IFCHR: EROFS_FT_CHRDEV,
+    _S_IFBLK: EROFS_FT_BLKDEV,
+    _S_IFIFO: EROFS_FT_FIFO,
+    _S_IFSOCK: EROFS_FT_SOCK,
+    _S_IFLNK: EROFS_FT_SYMLINK,
 }
 
 
@@ -216,7 +225,7 @@ def _add_overlay_xattrs(inode: _Inode, parent: _Inode, version: int) -> None:
             for k, v in inode.xattrs.items()
         }
     fmt = inode.mode & _S_IFMT
-    if fmt == stat.S_IFREG and inode.size > 0 and inode.content is None:
+    if fmt == _S_IFREG and inode.size > 0 and inode.content is None:
         if inode.digest is not None:
             value = _METACOPY_PREFIX + inode.digest
         else:
@@ -229,9 +238,9 @@ def _add_overlay_xattrs(inode: _Inode, parent: _Inode, version: int) -> None:
         xattrs[OVERLAY_XATTR_METACOPY] = value
         if inode.payload:
             xattrs[OVERLAY_XATTR_REDIRECT] = b"/" + inode.payload
-    elif fmt == stat.S_IFCHR and inode.rdev == 0:
+    elif fmt == _S_IFCHR and inode.rdev == 0:
         inode.size = 0
-        inode.mode = stat.S_IFREG | (inode.mode & ~_S_IFMT & _U32)
+        inode.mode = _S_IFREG | (inode.mode & ~_S_IFMT & _U32)
         inode.set_xattr(OVERLAY_XATTR_ESCAPED_WHITEOUT, b"")
         inode.set_xattr(OVERLAY_XATTR_USERXATTR_WHITEOUT, b"")
         parent.set_xattr(OVERLAY_XATTR_ESCAPED_WHITEOUTS, b"")
@@ -249,7 +258,7 @@ def _validate(inode: _Inode) -> None:
     fmt = inode.mode & _S_IFMT
     if fmt not in _FILE_TYPES:
         raise FormatError("invalid file mode 0%o" % inode.mode)
-    if fmt == stat.S_IFREG:
+    if fmt == _S_IFREG:
         if inode.size > 0 and inode.content is None:
             # _chunking()'s count exceeds the maximum exactly above this size.
             if inode.size > _EXTERNAL_SIZE_MAX:
@@ -262,7 +271,7 @@ def _validate(inode: _Inode) -> None:
                 raise FormatError("inline content too large (%d bytes)" % inode.size)
         if inode.digest is not None and len(inode.digest) != DIGEST_SIZE:
             raise FormatError("fs-verity digest must be %d bytes" % DIGEST_SIZE)
-    elif fmt == stat.S_IFLNK:
+    elif fmt == _S_IFLNK:
         if not inode.payload:
             raise FormatError("symlink without a target")
 
@@ -304,7 +313,7 @@ def _prepare(root: Node, version: int) -> _Inode:
         new.link_to = None
         _validate(new)
         _add_overlay_xattrs(new, parent, version)
-        if mode & _S_IFMT == stat.S_IFDIR:
+        if mode & _S_IFMT == _S_IFDIR:
             new.children = children = {}
             for name, child in sorted(node.children.items(), reverse=True):
                 copy = new_inode(_Inode)
@@ -339,7 +348,7 @@ def _add_root_stubs(root: _Inode) -> None:
         name = b"%02x" % i
         if name in root.children:
             continue
-        stub = _Inode(stat.S_IFCHR | 0o644)
+        stub = _Inode(_S_IFCHR | 0o644)
         stub.uid = root.uid
         stub.gid = root.gid
         stub.mtime_sec = root.mtime_sec
@@ -372,16 +381,16 @@ def _compute_tree(root: _Inode) -> _Layout:
     index = 0
     while index < len(order):
         inode = order[index]
-        if inode.mode & _S_IFMT == stat.S_IFDIR:
+        if inode.mode & _S_IFMT == _S_IFDIR:
             children = sorted(inode.children.items())
             # Links (".", ".." and hard links) have mode 0 here: not counted.
-            inode.nlink = 2 + sum(1 for _n, c in children if c.mode & _S_IFMT == stat.S_IFDIR)
+            inode.nlink = 2 + sum(1 for _n, c in children if c.mode & _S_IFMT == _S_IFDIR)
             # Dirents name the real inode: resolve links once, here.
             dirents = []
             for name, child in children:
                 if child.link_to is not None:
                     child = _resolve(child)
-                    if name not in (b".", b"..") and child.mode & _S_IFMT == stat.S_IFDIR:
+                    if name not in (b".", b"..") and child.mode & _S_IFMT == _S_IFDIR:
                         raise FormatError("hard links to directories are not allowed")
                 else:
                     order.append(child)
@@ -487,14 +496,14 @@ def _place_inodes(layout: _Layout) -> int:
     pos = INODES_START
     for index, inode in enumerate(layout.order):
         fmt = inode.mode & _S_IFMT
-        if fmt == stat.S_IFDIR:
+        if fmt == _S_IFDIR:
             inode.n_blocks, inode.tail = _dir_size(layout.sorted_children[index])
             size = inode.n_blocks * BLOCK_SIZE + inode.tail
         else:
             size = inode.size
-            if fmt == stat.S_IFLNK:
+            if fmt == _S_IFLNK:
                 inode.n_blocks, inode.tail = 0, len(inode.payload or b"")
-            elif fmt == stat.S_IFREG and size > 0:
+            elif fmt == _S_IFREG and size > 0:
                 if inode.content is not None:
                     inode.n_blocks, inode.tail = divmod(size, BLOCK_SIZE)
                     if inode.tail > _HALF_BLOCK:
@@ -530,7 +539,7 @@ def _place_inodes(layout: _Layout) -> int:
 
 def _tail_padding(inode: _Inode, pos: int, head: int) -> int:
     """Padding before an inode so its inline tail does not cross a block."""
-    if inode.mode & _S_IFMT == stat.S_IFLNK:
+    if inode.mode & _S_IFMT == _S_IFLNK:
         # Inode, xattrs and target stay in one block; a target that cannot fit
         # moves to a data block.  The padding test deliberately uses the size
         # before that move, as the C writer does.
@@ -610,6 +619,7 @@ def _write(layout: _Layout, version: int, inodes_end: int,
     shared_base = inodes_end % BLOCK_SIZE
     current_end = data_start
     data: List[bytes] = []
+    key_infos = _KEY_INFO  # _key_info()'s cache, read directly in the loop
     for index, inode in enumerate(order):
         if inode.ipad:
             out += b"\0" * inode.ipad
@@ -617,21 +627,20 @@ def _write(layout: _Layout, version: int, inodes_end: int,
         layout_kind = EROFS_INODE_FLAT_INLINE if inode.tail > 0 else EROFS_INODE_FLAT_PLAIN
         chunk_format = 0
         i_u = 0
-        children = layout.sorted_children.get(index)
-        if fmt == stat.S_IFDIR:
+        if fmt == _S_IFDIR:
             size = inode.n_blocks * BLOCK_SIZE + inode.tail
-        elif fmt == stat.S_IFREG:
+        elif fmt == _S_IFREG:
             size = inode.size
             if size > 0 and inode.content is None:
                 chunk_format = inode.chunkbits - BLOCK_BITS
                 layout_kind = EROFS_INODE_CHUNK_BASED
-        elif fmt == stat.S_IFLNK:
+        elif fmt == _S_IFLNK:
             size = inode.tail if inode.n_blocks == 0 else inode.size
         else:
             size = 0
-        if fmt in (stat.S_IFCHR, stat.S_IFBLK):
+        if fmt in (_S_IFCHR, _S_IFBLK):
             i_u = inode.rdev
-        elif inode.n_blocks > 0 and fmt in (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK):
+        elif inode.n_blocks > 0 and fmt in (_S_IFDIR, _S_IFREG, _S_IFLNK):
             i_u = (current_end // BLOCK_SIZE) & _U32
             current_end += BLOCK_SIZE * inode.n_blocks
         if layout_kind == EROFS_INODE_CHUNK_BASED:
@@ -653,13 +662,13 @@ def _write(layout: _Layout, version: int, inodes_end: int,
         if inode.xattr_size:
             name_filter = 0
             for key in inode.xattrs:
-                name_filter |= _key_info(key)[1]
+                name_filter |= (key_infos.get(key) or _key_info(key))[1]
             out += EROFS_XATTR_IBODY_HEADER.pack(EROFS_XATTR_FILTER_DEFAULT & ~name_filter,
                                                  len(inode.shared))
             for off in inode.shared:
                 out += ((shared_base + off) // 4).to_bytes(4, "little")
             for key, value in inode.unshared:
-                head = _key_info(key)[2]
+                head = (key_infos.get(key) or _key_info(key))[2]
                 n = head[0]
                 out += head
                 out += len(value).to_bytes(2, "little")
@@ -669,20 +678,18 @@ def _write(layout: _Layout, version: int, inodes_end: int,
                 pad = -(4 + n + len(value)) % 4
                 if pad:
                     out += b"\0" * pad
-        if fmt == stat.S_IFDIR:
-            if children is None:
-                raise AssertionError("children is not None")
-            blocks, tail = _dir_chunks(children, inode.n_blocks)
+        if fmt == _S_IFDIR:
+            blocks, tail = _dir_chunks(layout.sorted_children[index], inode.n_blocks)
             out += tail
             data.extend(blocks)
-        elif fmt == stat.S_IFLNK:
+        elif fmt == _S_IFLNK:
             payload = inode.payload or b""
             if inode.n_blocks == 0:
                 out += payload
             else:
                 block = payload[:min(inode.size, BLOCK_SIZE)]
                 data.append(block + b"\0" * (-len(block) % BLOCK_SIZE))
-        elif fmt == stat.S_IFREG:
+        elif fmt == _S_IFREG:
             if inode.tail > 0:
                 if inode.content is not None:
                     out += inode.content[inode.size - inode.tail:]
