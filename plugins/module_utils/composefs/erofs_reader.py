@@ -60,6 +60,19 @@ _VALID_TYPES = frozenset(
 )
 
 
+# Read once per inode: module names rather than attribute lookups on fmt.
+_S_IFMT = 0o170000
+_SLOT_SIZE = fmt.SLOT_SIZE
+_BLOCK_SIZE = fmt.BLOCK_SIZE
+_VERSION_MASK = fmt.EROFS_I_VERSION_MASK
+_LAYOUT_COMPACT = fmt.EROFS_INODE_LAYOUT_COMPACT
+_DATALAYOUT_BIT = fmt.EROFS_I_DATALAYOUT_BIT
+_DATALAYOUT_MASK = fmt.EROFS_I_DATALAYOUT_MASK
+_INODE_COMPACT = fmt.EROFS_INODE_COMPACT
+_INODE_EXTENDED = fmt.EROFS_INODE_EXTENDED
+_FLAT_INLINE = fmt.EROFS_INODE_FLAT_INLINE
+
+
 def _cstr(raw: bytes) -> bytes:
     """The C string view of ``raw``: libcomposefs handles names with strlen()."""
     end = raw.find(b"\0")
@@ -186,7 +199,7 @@ class _Reader:
     # -- inodes ----------------------------------------------------------
     def _decode_inode(self, nid: int) -> Tuple[_Inode, int, int, int, int, int, int]:
         """The fixed part of inode ``nid``: (inode, mode, uid, gid, nlink, mtime, mtime_nsec)."""
-        offset = self.meta_base + nid * fmt.SLOT_SIZE
+        offset = self.meta_base + nid * _SLOT_SIZE
         if offset >= self.length:
             raise ImageError("inode nid %d is beyond the end of the image" % nid)
         # Bounds checked here rather than by _unpack(): its message would be
@@ -194,9 +207,9 @@ class _Reader:
         if offset + _U16.size > self.length:
             self._unpack(_U16, offset, "inode %d" % nid)
         (i_format,) = _U16.unpack_from(self.data, offset)
-        compact = (i_format & fmt.EROFS_I_VERSION_MASK) == fmt.EROFS_INODE_LAYOUT_COMPACT
-        layout = (i_format >> fmt.EROFS_I_DATALAYOUT_BIT) & fmt.EROFS_I_DATALAYOUT_MASK
-        st = fmt.EROFS_INODE_COMPACT if compact else fmt.EROFS_INODE_EXTENDED
+        compact = (i_format & _VERSION_MASK) == _LAYOUT_COMPACT
+        layout = (i_format >> _DATALAYOUT_BIT) & _DATALAYOUT_MASK
+        st = _INODE_COMPACT if compact else _INODE_EXTENDED
         if offset + st.size > self.length:
             self._unpack(st, offset, "inode %d" % nid)
         if compact:
@@ -205,14 +218,14 @@ class _Reader:
         else:
             (_format, icount, mode, _reserved, size, i_u, _ino, uid, gid, mtime, mtime_nsec, nlink) = st.unpack_from(self.data, offset)
             mtime = _signed64(mtime)
-        if stat.S_IFMT(mode) not in _VALID_TYPES:
+        if mode & _S_IFMT not in _VALID_TYPES:
             raise ImageError("inode %d has invalid mode 0%o" % (nid, mode))
         return _Inode(offset, compact, layout, st.size, icount, size, i_u), mode, uid, gid, nlink, mtime, mtime_nsec
 
     def _inode(self, nid: int) -> Tuple[_Inode, Node]:
         ino, mode, uid, gid, nlink, mtime, mtime_nsec = self._decode_inode(nid)
         # Positional: Node(mode, uid, gid, rdev, nlink, size, mtime_sec, mtime_nsec).
-        rdev = ino.i_u if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        rdev = ino.i_u if mode & _S_IFMT in (stat.S_IFCHR, stat.S_IFBLK) else 0
         node = Node(mode, uid, gid, rdev, nlink, ino.size, mtime, mtime_nsec)
         return ino, node
 
@@ -262,9 +275,9 @@ class _Reader:
         xattr_size = self._xattr_size(ino)
         xattr_start = ino.offset + ino.isize
         tail_start = xattr_start + xattr_size
-        tailpacked = ino.layout == fmt.EROFS_INODE_FLAT_INLINE
+        tailpacked = ino.layout == _FLAT_INLINE
         size = ino.size
-        tail_size = size % fmt.BLOCK_SIZE if tailpacked else 0
+        tail_size = size % _BLOCK_SIZE if tailpacked else 0
         if tail_start + tail_size > self.length:
             raise ImageError("inode %d: xattrs or inline data run past the end of the image" % nid)
         self.budget -= ino.isize + xattr_size + tail_size
@@ -272,7 +285,7 @@ class _Reader:
             self._charge(0, "inode %d" % nid)  # raises; the name is formatted only then
 
         entries: List[Tuple[bytes, int]] = []
-        ftype = stat.S_IFMT(node.mode)
+        ftype = node.mode & _S_IFMT
         if ftype == stat.S_IFDIR:
             entries = self._read_dir(nid, ino, tail_start, tail_size, toplevel_filter)
         elif ftype == stat.S_IFLNK:
