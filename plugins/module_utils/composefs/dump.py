@@ -106,6 +106,8 @@ _ESCAPE_TABLE[ord("\r")] = b"\\r"
 _ESCAPE_TABLE[ord("\t")] = b"\\t"
 _NEEDS_ESCAPE = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
 _NEEDS_ESCAPE_EQ = re.compile(rb"[^\x21-\x3c\x3e-\x5b\x5d-\x7e]")
+_needs_escape = _NEEDS_ESCAPE.search
+_needs_escape_eq = _NEEDS_ESCAPE_EQ.search
 
 
 class _FieldError(Exception):
@@ -676,15 +678,16 @@ def _dump_line(path: bytes, node: Node) -> bytes:
         target.size & _U64, mode_prefix, target.mode & _U32, target.nlink & _U32,
         target.uid & _U32, target.gid & _U32, target.rdev & _U32, sec,
         target.mtime_nsec & _U32)
-    parts = [escape(path) if path else b"/", head.encode("ascii"),
+    # escape() inlined for the path and xattrs (most need none): this runs per entry.
+    parts = [(path if _needs_escape(path) is None else escape(path)) if path else b"/", head.encode("ascii"),
              b"-" if payload is None else escape(payload, lone_dash=True), b" ",
              b"-" if target.content is None else escape(target.content, lone_dash=True),
              b" ", b"-" if target.digest is None else target.digest.hex().encode("ascii")]
     for key, value in target.xattrs.items():
         parts.append(b" ")
-        parts.append(escape(key, eq=True))
+        parts.append(key if _needs_escape_eq(key) is None else escape(key, eq=True))
         parts.append(b"=")
-        parts.append(escape(value, eq=True))
+        parts.append(value if _needs_escape_eq(value) is None else escape(value, eq=True))
     parts.append(b"\n")
     return b"".join(parts)
 
