@@ -81,6 +81,13 @@ _EXTERNAL_SIZE_MAX = EROFS_CHUNKS_MAX << EROFS_CHUNK_BITS_MAX
 # Longest xattr value worth sharing between inodes (labels, flags).
 _SHARED_VALUE_MAX = 256
 
+# Compared once or more per line: module names, not stat attribute lookups.
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
+_S_IFLNK = stat.S_IFLNK
+_S_IFCHR = stat.S_IFCHR
+_S_IFBLK = stat.S_IFBLK
+
 _VALID_TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFBLK, stat.S_IFCHR,
      stat.S_IFSOCK, stat.S_IFIFO)
@@ -349,15 +356,16 @@ class _Parser:
         self._add(path, node)
 
         if is_hardlink:
-            if ftype == stat.S_IFDIR:
+            if ftype == _S_IFDIR:
                 raise _FieldError("Directories can't be hardlinked")
             target = _unescape_optional(f_payload)
             self.fixups.append(_Fixup(node, None if target is None else _c_string(target), lineno))
             return
 
         sec_s, _dot, nsec_s = f_mtime.partition(b".")
-        if (f_size.isdigit() and f_nlink.isdigit() and f_uid.isdigit() and f_gid.isdigit()
-                and f_rdev.isdigit() and sec_s.isdigit() and nsec_s.isdigit()):
+        # One isdigit() over all seven numbers; the truth tests rule out an empty one.
+        if (f_size and f_nlink and f_uid and f_gid and f_rdev and sec_s and nsec_s
+                and b"".join((f_size, f_nlink, f_uid, f_gid, f_rdev, sec_s, nsec_s)).isdigit()):
             # Canonical text: plain decimal numbers.
             size = int(f_size)
             nlink = int(f_nlink)
@@ -410,14 +418,14 @@ class _Parser:
         node.nlink = nlink & _U32
         node.uid = shared.setdefault(uid & _U32, uid & _U32)
         node.gid = shared.setdefault(gid & _U32, gid & _U32)
-        if ftype in (stat.S_IFCHR, stat.S_IFBLK):
+        if ftype == _S_IFCHR or ftype == _S_IFBLK:
             node.rdev = rdev & _U32
         elif self.strict and rdev != 0:
             raise _FieldError("Non-zero devnum on non-device")
         node.mtime_sec = shared.setdefault(mtime_sec, mtime_sec)
         node.mtime_nsec = mtime_nsec
 
-        if ftype == stat.S_IFLNK:
+        if ftype == _S_IFLNK:
             if not payload or len(payload) >= PATH_MAX:
                 raise _FieldError("Invalid symlink")
             if self.strict:
@@ -441,7 +449,7 @@ class _Parser:
             # some escaped whiteouts.  Either way the file has no data.
             node.content = content
 
-        external = ftype == stat.S_IFREG and node.content is None and size > 0
+        external = ftype == _S_IFREG and node.content is None and size > 0
         if digest_text is not None:
             digest = _parse_digest(digest_text)
             if digest is None and external:
@@ -493,7 +501,7 @@ class _Parser:
                 self.parents[prefix] = parent
         if parent is None:
             raise AssertionError("parent is not None")
-        if parent.mode & 0o170000 != stat.S_IFDIR:
+        if parent.mode & 0o170000 != _S_IFDIR:
             raise _FieldError("Parent must be a directory for %s" % _show(path))
         if name in (b".", b".."):
             raise _FieldError("Invalid . or .. in path: %s" % _show(path))
