@@ -285,14 +285,12 @@ def _prepare(root: Node, version: int) -> _Inode:
     """
     if not root.is_dir() or root.link_to is not None:
         raise FormatError("the root of an image must be a directory")
-    copies: Dict[int, _Inode] = {}
     links: List[Tuple[_Inode, Node]] = []
     new_root = _Inode.__new__(_Inode)
     stack: List[Tuple[Node, _Inode, _Inode]] = [(root, new_root, new_root)]
     new_inode = _Inode.__new__
     while stack:
         node, new, parent = stack.pop()
-        copies[id(node)] = new
         if node.link_to is not None:
             new.mode = 0
             links.append((new, node.link_to))
@@ -327,6 +325,7 @@ def _prepare(root: Node, version: int) -> _Inode:
             # Never added to (only directories get entries): one shared empty
             # dict instead of one per file, a few MB on a large tree.
             new.children = _NO_CHILDREN
+    copies = _link_target_copies(root, new_root, links) if links else {}
     for new, target in links:
         copy = copies.get(id(target))
         if copy is None:
@@ -335,6 +334,28 @@ def _prepare(root: Node, version: int) -> _Inode:
     new_root.set_xattr(OVERLAY_XATTR_OPAQUE, b"y")
     _add_root_stubs(new_root)
     return new_root
+
+
+def _link_target_copies(root: Node, new_root: _Inode, links: List[Tuple[_Inode, Node]]) -> Dict[int, _Inode]:
+    """The copies of the hard links' targets, by id() of the original node.
+
+    A second walk over both trees, made only when there are hard links: a map
+    of every inode would hold a large tree's worth of entries (several MB) for
+    the few that are link targets.  The walk visits what _prepare() visits.
+    """
+    wanted = {id(target) for _new, target in links}
+    copies: Dict[int, _Inode] = {}
+    stack: List[Tuple[Node, _Inode]] = [(root, new_root)]
+    while stack:
+        node, new = stack.pop()
+        if id(node) in wanted:
+            copies[id(node)] = new
+        if node.link_to is None and node.mode & _S_IFMT == _S_IFDIR:
+            new_children = new.children
+            # The same order as _prepare(): were a node placed twice, the same copy wins.
+            for name, child in sorted(node.children.items(), reverse=True):
+                stack.append((child, new_children[name]))
+    return copies
 
 
 def _add_root_stubs(root: _Inode) -> None:
