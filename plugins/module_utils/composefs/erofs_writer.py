@@ -481,13 +481,14 @@ def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes
             inode.unshared = ()
             continue
         shared_ids: List[int] = []
-        unshared: List[Tuple[bytes, bytes]] = []
+        # Keys only (values stay in inode.xattrs): no item tuple kept per xattr.
+        unshared: List[bytes] = []
         for item in inode.xattrs.items():
             off = offsets.get(item)
             if off is not None and len(shared_ids) < EROFS_MAX_SHARED_XATTRS:
                 shared_ids.append(off)
             else:
-                unshared.append(item)
+                unshared.append(item[0])
         inode.shared = tuple(shared_ids) if shared_ids else ()
         inode.unshared = tuple(unshared)
     return shared, offset
@@ -544,7 +545,7 @@ def _place_inodes(layout: _Layout) -> int:
         if inode.shared or inode.unshared:
             inode.xattr_size = round_up(
                 EROFS_XATTR_IBODY_HEADER.size + 4 * len(inode.shared)
-                + sum(_xattr_entry_size(k, v) for k, v in inode.unshared), 4)
+                + sum(_xattr_entry_size(k, inode.xattrs[k]) for k in inode.unshared), 4)
         else:
             inode.xattr_size = 0
         aligned = round_up(pos, SLOT_SIZE)
@@ -688,7 +689,9 @@ def _write(layout: _Layout, version: int, inodes_end: int,
                                                  len(inode.shared))
             for off in inode.shared:
                 out += ((shared_base + off) // 4).to_bytes(4, "little")
-            for key, value in inode.unshared:
+            xattrs = inode.xattrs
+            for key in inode.unshared:
+                value = xattrs[key]
                 head = (key_infos.get(key) or _key_info(key))[2]
                 n = head[0]
                 out += head
