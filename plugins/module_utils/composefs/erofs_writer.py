@@ -419,8 +419,13 @@ def _compute_tree(root: _Inode) -> _Layout:
             layout.sorted_children[index] = dirents
             # From here on the sorted dirents are the directory: free the dict.
             inode.children = _NO_CHILDREN
-        if len(inode.xattrs) > 1:
-            inode.xattrs = dict(sorted(inode.xattrs.items()))
+        xattrs = inode.xattrs
+        if len(xattrs) > 1:
+            # Usually already in order (security.* < trusted.overlay.metacopy
+            # < trusted.overlay.redirect): a new dict only when it is not.
+            keys = list(xattrs)
+            if keys != sorted(keys):
+                inode.xattrs = dict(sorted(xattrs.items()))
         mtime = (inode.mtime_sec, inode.mtime_nsec)
         if mtime < min_mtime:
             min_mtime = mtime
