@@ -27,6 +27,18 @@ import struct
 from typing import Collection, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from . import erofs_format as fmt
+# Used once per inode: plain names, not attribute lookups on fmt.
+from .erofs_format import (
+    BLOCK_SIZE,
+    EROFS_I_DATALAYOUT_BIT,
+    EROFS_I_DATALAYOUT_MASK,
+    EROFS_I_VERSION_MASK,
+    EROFS_INODE_COMPACT,
+    EROFS_INODE_EXTENDED,
+    EROFS_INODE_FLAT_INLINE,
+    EROFS_INODE_LAYOUT_COMPACT,
+    SLOT_SIZE,
+)
 from .errors import ImageError
 from .gc_pause import gc_paused
 from .tree import DIGEST_SIZE, INLINE_CONTENT_MAX, NAME_MAX, PATH_MAX, XATTR_NAME_MAX, Node
@@ -60,17 +72,7 @@ _VALID_TYPES = frozenset(
 )
 
 
-# Read once per inode: module names rather than attribute lookups on fmt.
 _S_IFMT = 0o170000
-_SLOT_SIZE = fmt.SLOT_SIZE
-_BLOCK_SIZE = fmt.BLOCK_SIZE
-_VERSION_MASK = fmt.EROFS_I_VERSION_MASK
-_LAYOUT_COMPACT = fmt.EROFS_INODE_LAYOUT_COMPACT
-_DATALAYOUT_BIT = fmt.EROFS_I_DATALAYOUT_BIT
-_DATALAYOUT_MASK = fmt.EROFS_I_DATALAYOUT_MASK
-_INODE_COMPACT = fmt.EROFS_INODE_COMPACT
-_INODE_EXTENDED = fmt.EROFS_INODE_EXTENDED
-_FLAT_INLINE = fmt.EROFS_INODE_FLAT_INLINE
 
 
 def _cstr(raw: bytes) -> bytes:
@@ -199,7 +201,7 @@ class _Reader:
     # -- inodes ----------------------------------------------------------
     def _decode_inode(self, nid: int) -> Tuple[_Inode, int, int, int, int, int, int]:
         """The fixed part of inode ``nid``: (inode, mode, uid, gid, nlink, mtime, mtime_nsec)."""
-        offset = self.meta_base + nid * _SLOT_SIZE
+        offset = self.meta_base + nid * SLOT_SIZE
         if offset >= self.length:
             raise ImageError("inode nid %d is beyond the end of the image" % nid)
         # Bounds checked here rather than by _unpack(): its message would be
@@ -207,9 +209,9 @@ class _Reader:
         if offset + _U16.size > self.length:
             self._unpack(_U16, offset, "inode %d" % nid)
         (i_format,) = _U16.unpack_from(self.data, offset)
-        compact = (i_format & _VERSION_MASK) == _LAYOUT_COMPACT
-        layout = (i_format >> _DATALAYOUT_BIT) & _DATALAYOUT_MASK
-        st = _INODE_COMPACT if compact else _INODE_EXTENDED
+        compact = (i_format & EROFS_I_VERSION_MASK) == EROFS_INODE_LAYOUT_COMPACT
+        layout = (i_format >> EROFS_I_DATALAYOUT_BIT) & EROFS_I_DATALAYOUT_MASK
+        st = EROFS_INODE_COMPACT if compact else EROFS_INODE_EXTENDED
         if offset + st.size > self.length:
             self._unpack(st, offset, "inode %d" % nid)
         if compact:
@@ -275,9 +277,9 @@ class _Reader:
         xattr_size = self._xattr_size(ino)
         xattr_start = ino.offset + ino.isize
         tail_start = xattr_start + xattr_size
-        tailpacked = ino.layout == _FLAT_INLINE
+        tailpacked = ino.layout == EROFS_INODE_FLAT_INLINE
         size = ino.size
-        tail_size = size % _BLOCK_SIZE if tailpacked else 0
+        tail_size = size % BLOCK_SIZE if tailpacked else 0
         if tail_start + tail_size > self.length:
             raise ImageError("inode %d: xattrs or inline data run past the end of the image" % nid)
         self.budget -= ino.isize + xattr_size + tail_size

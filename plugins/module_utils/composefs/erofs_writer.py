@@ -18,6 +18,9 @@ from __future__ import annotations
 import stat
 from collections import Counter
 from itertools import chain
+# Used per inode: plain names, not attribute lookups on stat.
+from stat import S_IFBLK as _S_IFBLK, S_IFCHR as _S_IFCHR, S_IFDIR as _S_IFDIR, S_IFIFO as _S_IFIFO
+from stat import S_IFLNK as _S_IFLNK, S_IFREG as _S_IFREG, S_IFSOCK as _S_IFSOCK
 from typing import Dict, List, Optional, Tuple
 
 from .erofs_format import (
@@ -93,15 +96,6 @@ _EXTERNAL_SIZE_MAX = EROFS_CHUNKS_MAX << EROFS_CHUNK_BITS_MAX
 # Size accounting per xattr, as libcomposefs does it for its input budget:
 # twice the 4-byte entry header, minus one, covers the worst-case alignment.
 _XATTR_BUDGET_OVERHEAD = 2 * EROFS_XATTR_ENTRY.size - 1
-
-# stat.S_IF* as module names: these run per inode, one lookup instead of two.
-_S_IFBLK = stat.S_IFBLK
-_S_IFCHR = stat.S_IFCHR
-_S_IFDIR = stat.S_IFDIR
-_S_IFIFO = stat.S_IFIFO
-_S_IFLNK = stat.S_IFLNK
-_S_IFREG = stat.S_IFREG
-_S_IFSOCK = stat.S_IFSOCK
 
 _FILE_TYPES = {
     _S_IFREG: EROFS_FT_REG_FILE,
