@@ -5,7 +5,10 @@ Two workloads, each timed as whole commands (best of --repeat runs):
 
 1. dump -> image: a composefs-dump of a real tree (default /usr, about 100k+
    entries; digests are synthetic so the dump can be made without hashing
-   gigabytes) built with ``--from-file``.
+   gigabytes) built with ``--from-file``; or each ``--dump PATH`` given (C
+   composefs's tests/assets/*.dump.gz, unpacked, are the reference inputs).
+   For each dump also ``composefs-info dump`` and ``composefs-info ls`` of the
+   image, and the peak memory (max RSS) of dump -> image.
 2. directory -> image: a generated tree of about --dir-mb MB, same --threads
    for both, with ``--store``: ``empty`` (a fresh empty ``--digest-store`` for
    every run), ``populated`` (a store already holding every object: the
@@ -19,6 +22,7 @@ tools wrote the same image.  Needs the oracle (scripts/fetch-oracle).
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -62,31 +66,53 @@ def precompile():
                     os.path.join(REPO, "cli")], check=True, stdout=subprocess.DEVNULL)
 
 
-def timed(argv, before=None):
+def run_measured(argv):
+    """(wall seconds, peak RSS in KiB) of one command, output discarded."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    # wait4() gives this child's own rusage (RUSAGE_CHILDREN mixes all children).
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, argv)
+    return elapsed, usage.ru_maxrss
+
+
+def timed(argv, before=None, peaks=None):
     if before:
         before()
     # Flush what earlier runs left dirty, so no tool pays for another's
     # writeback inside its own fsync calls.
     os.sync()
-    start = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    elapsed, peak = run_measured(argv)
+    if peaks is not None:
+        peaks.append(peak)
+    return elapsed
 
 
-def compare(c_argv, our_argv, repeat, c_before=None, our_before=None):
+def median(values):
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def compare(c_argv, our_argv, repeat, c_before=None, our_before=None, peaks=None):
     """Run C and ours alternately; (best C, best ours, median of per-pair ratios).
 
     Disk-heavy runs drift with the machine's writeback state, so each of ours
-    is compared with the C run just before it.
+    is compared with the C run just before it.  *peaks*, a dict, receives the
+    median peak RSS (KiB) of each side under "c" and "ours".
     """
     c_times, our_times = [], []
+    c_peaks, our_peaks = [], []
     for _ in range(repeat):
-        c_times.append(timed(c_argv, c_before))
-        our_times.append(timed(our_argv, our_before))
+        c_times.append(timed(c_argv, c_before, c_peaks))
+        our_times.append(timed(our_argv, our_before, our_peaks))
     print("  C    runs: %s s" % " ".join("%.3f" % t for t in c_times), flush=True)
     print("  ours runs: %s s" % " ".join("%.3f" % t for t in our_times), flush=True)
-    ratios = sorted(o / c for c, o in zip(c_times, our_times))
-    return min(c_times), min(our_times), ratios[len(ratios) // 2]
+    if peaks is not None:
+        peaks["c"], peaks["ours"] = median(c_peaks), median(our_peaks)
+    return min(c_times), min(our_times), median([o / c for c, o in zip(c_times, our_times)])
 
 
 def sha256_file(path):
@@ -137,6 +163,8 @@ def make_tree(top, megabytes, seed=1):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="/usr", help="tree whose metadata makes the dump (default /usr)")
+    parser.add_argument("--dump", action="append", metavar="PATH",
+                        help="an existing composefs-dump file to build instead (may repeat; .gz is unpacked)")
     parser.add_argument("--dir-mb", type=int, default=200, help="size of the generated directory")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=5)
@@ -146,28 +174,69 @@ def main():
     args = parser.parse_args()
     c_mk = oracle_argv("mkcomposefs")
     our_mk = ours_argv("mkcomposefs")
+    c_info = oracle_argv("composefs-info")
+    our_info = ours_argv("composefs-info")
     precompile()
     work = tempfile.mkdtemp(prefix="bench-mkcfs-", dir=os.environ.get("TMPDIR", "/var/tmp"))
     try:
         c_img, our_img = os.path.join(work, "c.img"), os.path.join(work, "ours.img")
+        rows = []
         if args.only != "dir":
-            bench_dump(args, work, c_mk, our_mk, c_img, our_img)
+            dumps = args.dump or [None]
+            for dump in dumps:
+                rows.extend(bench_dump(args, work, dump, (c_mk, our_mk), (c_info, our_info), c_img, our_img))
         if args.only != "dump":
             bench_dir(args, work, c_mk, our_mk, c_img, our_img)
+        if rows:
+            print("\n| work | ours/C (median of %d pairs) |\n| --- | --- |" % args.repeat)
+            for label, ratio in rows:
+                print("| %s | %.2fx |" % (label, ratio))
+            print("\nload: %s" % " ".join("%.2f" % x for x in os.getloadavg()))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def bench_dump(args, work, c_mk, our_mk, c_img, our_img):
-    dump = os.path.join(work, "tree.dump")
-    entries = make_dump(args.source, dump)
+def unpacked_dump(path, work):
+    if not path.endswith(".gz"):
+        return path
+    plain = os.path.join(work, os.path.basename(path)[:-3])
+    with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return plain
+
+
+def bench_dump(args, work, dump, mk, info, c_img, our_img):
+    """dump -> image, then composefs-info dump and ls of that image; [(label, ratio)]."""
+    (c_mk, our_mk), (c_info, our_info) = mk, info
+    if dump is None:
+        dump = os.path.join(work, "tree.dump")
+        entries = make_dump(args.source, dump)
+        name = args.source
+    else:
+        name = os.path.basename(dump)
+        dump = unpacked_dump(dump, work)
+        with open(dump, "rb") as f:
+            entries = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    peaks = {}
     t_c, t_ours, ratio = compare(c_mk + ["--from-file", dump, c_img],
-                                 our_mk + ["--from-file", dump, our_img], args.repeat)
+                                 our_mk + ["--from-file", dump, our_img], args.repeat, peaks=peaks)
     same = sha256_file(c_img) == sha256_file(our_img)
     print("dump -> image: %d entries from %s: best C %.3f s, best ours %.3f s, "
-          "median ratio ours/C %.2fx, identical=%s"
-          % (entries, args.source, t_c, t_ours, ratio, same), flush=True)
+          "median ratio ours/C %.2fx, identical=%s" % (entries, name, t_c, t_ours, ratio, same), flush=True)
+    mem = peaks["ours"] / peaks["c"]
+    print("  peak memory: C %d KiB, ours %d KiB, ours/C %.2fx" % (peaks["c"], peaks["ours"], mem), flush=True)
+    rows = [("mkcomposefs --from-file, %s (%d entries)" % (name, entries), ratio),
+            ("peak memory, dump -> image, %s" % name, mem)]
+    for command in ("dump", "ls"):
+        outputs = {}
+        for side, argv in (("c", c_info), ("ours", our_info)):
+            outputs[side] = subprocess.run(argv + [command, c_img], check=True, stdout=subprocess.PIPE).stdout
+        t_c, t_ours, ratio = compare(c_info + [command, c_img], our_info + [command, c_img], args.repeat)
+        print("composefs-info %s of that image: best C %.3f s, best ours %.3f s, median ratio ours/C %.2fx, "
+              "identical=%s" % (command, t_c, t_ours, ratio, outputs["c"] == outputs["ours"]), flush=True)
+        rows.append(("composefs-info %s, %s image" % (command, name), ratio))
+    return rows
 
 
 def bench_dir(args, work, c_mk, our_mk, c_img, our_img):

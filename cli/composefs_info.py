@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 from typing import BinaryIO, Iterable, List, Optional, Set, Tuple
 
 from composefs_fleet.errors import ComposefsError, ImageError
 from composefs_fleet.erofs_reader import open_image, read_image_fd
+from composefs_fleet.gc_pause import gc_paused_for_command
 from composefs_fleet.tree import Node
 
 from .getopt_long import OptionError, parse
 from .sigpipe import die_of_sigpipe
 
 PROG = "composefs-info"
+_S_IFMT = 0o170000
 # Long options and whether each takes a value.
 _LONG_OPTIONS = {"basedir": True, "filter": True, "help": False}
 
@@ -80,25 +83,33 @@ def _children(node: Node) -> List[Tuple[bytes, Node]]:
 
 
 def _ls(root: Node, out: BinaryIO) -> None:
+    # Runs once per entry: type tests, the children walk and the no-escape
+    # test are inlined (the same checks as _children() and _escape()).
     lines: List[bytes] = []
+    path_table, path_safe = _PATH_TABLE, _PATH_SAFE
+    std_table, std_safe = _STD_TABLE, _STD_SAFE
     stack: List[Tuple[bytes, Node]] = [(b"/" + name, child) for name, child in reversed(_children(root))]
     while stack:
         path, node = stack.pop()
-        line = _escape(path, _PATH_TABLE, _PATH_SAFE)
+        line = path if not path.translate(None, path_safe) else _escape(path, path_table, path_safe)
         # A hard-link alias has no mode of its own in the C tree: no suffix.
         if node.link_to is None:
-            if node.is_dir():
+            ftype = node.mode & _S_IFMT
+            if ftype == stat.S_IFDIR:
                 line += b"/\t"
-            elif node.is_symlink():
-                line += b"\t-> " + _escape(node.payload or b"", _STD_TABLE, _STD_SAFE)
-            elif node.is_reg() and node.payload is not None:
-                line += b"\t@ " + _escape(node.payload, _STD_TABLE, _STD_SAFE)
+                if node.children:
+                    prefix = path + b"/"
+                    for name, child in sorted(node.children.items(), reverse=True):
+                        stack.append((prefix + name, child))
+            elif ftype == stat.S_IFLNK:
+                line += b"\t-> " + _escape(node.payload or b"", std_table, std_safe)
+            elif ftype == stat.S_IFREG and node.payload is not None:
+                payload = node.payload
+                line += b"\t@ " + (payload if not payload.translate(None, std_safe) else _escape(payload, std_table, std_safe))
         lines.append(line + b"\n")
         if len(lines) >= 4096:
             out.write(b"".join(lines))
             lines = []
-        for name, child in reversed(_children(node)):
-            stack.append((path + b"/" + name, child))
     out.write(b"".join(lines))
 
 
@@ -284,6 +295,7 @@ def _run_images(command: str, images: List[str], filters: List[str], basedir_fd:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    process_entry = argv is None
     if argv is None:
         argv = sys.argv[1:]
         prog = sys.argv[0] if os.path.basename(sys.argv[0]) == PROG else PROG
@@ -294,7 +306,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.stdout.flush()
     try:
         try:
-            code = _run(list(argv), prog, out, err)
+            with gc_paused_for_command(process_entry=process_entry):
+                code = _run(list(argv), prog, out, err)
         except _Exit as e:
             code = e.code
         out.flush()

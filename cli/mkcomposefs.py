@@ -16,11 +16,11 @@ import os
 import sys
 from typing import BinaryIO, List, Optional, Sequence
 
-from composefs_fleet import fsverity_digest
 from composefs_fleet.atomic_file import write_atomic
 from composefs_fleet.erofs_format import COMPOSEFS_MAGIC
 from composefs_fleet.erofs_writer import build_image_buffer
 from composefs_fleet.errors import ComposefsError, DumpParseError
+from composefs_fleet.gc_pause import gc_paused_for_command
 from composefs_fleet.tree import apply_source_options
 
 from .getopt_long import OptionError, parse, parse_long
@@ -139,7 +139,8 @@ def _dump_error(src: str, exc: DumpParseError) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        return _main(argv)
+        with gc_paused_for_command(process_entry=argv is None):
+            return _main(argv)
     except BrokenPipeError:
         return die_of_sigpipe()
 
@@ -263,6 +264,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             raise  # the reader went away: main() ends as the C tool would
         return _fail("failed to write output file %s: %s" % (out, exc.strerror or exc))
     if print_digest:
+        # Imported here: most runs print no digest and need not load the hasher.
+        from composefs_fleet import fsverity_digest
+
         sys.stdout.write(fsverity_digest.digest_bytes(image).hex() + "\n")
         sys.stdout.flush()
     return 0

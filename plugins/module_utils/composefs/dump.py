@@ -81,6 +81,13 @@ _EXTERNAL_SIZE_MAX = EROFS_CHUNKS_MAX << EROFS_CHUNK_BITS_MAX
 # Longest xattr value worth sharing between inodes (labels, flags).
 _SHARED_VALUE_MAX = 256
 
+# Compared once or more per line: module names, not stat attribute lookups.
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
+_S_IFLNK = stat.S_IFLNK
+_S_IFCHR = stat.S_IFCHR
+_S_IFBLK = stat.S_IFBLK
+
 _VALID_TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFBLK, stat.S_IFCHR,
      stat.S_IFSOCK, stat.S_IFIFO)
@@ -106,6 +113,8 @@ _ESCAPE_TABLE[ord("\r")] = b"\\r"
 _ESCAPE_TABLE[ord("\t")] = b"\\t"
 _NEEDS_ESCAPE = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
 _NEEDS_ESCAPE_EQ = re.compile(rb"[^\x21-\x3c\x3e-\x5b\x5d-\x7e]")
+_needs_escape = _NEEDS_ESCAPE.search
+_needs_escape_eq = _NEEDS_ESCAPE_EQ.search
 
 
 class _FieldError(Exception):
@@ -233,6 +242,15 @@ def _parse_digest(field: bytes) -> Optional[bytes]:
     C digest_to_raw() decodes hex pairs until the 32 bytes are full (ignoring
     anything after), the string ends or a non-hex char appears.
     """
+    if len(field) == 2 * DIGEST_SIZE:
+        # The usual field: exactly 64 hex digits.  fromhex() skips blanks, so
+        # a field holding any decodes short and takes the general path.
+        try:
+            raw = bytes.fromhex(field.decode("ascii"))
+        except ValueError:
+            raw = b""
+        if len(raw) == DIGEST_SIZE:
+            return raw
     match = _DIGEST_RE.match(field)
     if match is None:
         return None
@@ -317,31 +335,37 @@ class _Parser:
         (f_path, f_size, f_mode, f_nlink, f_uid, f_gid, f_rdev, f_mtime,
          f_payload, f_content, f_digest, rest) = fields
 
-        path = _c_string(_unescape(f_path))
+        # The line has no raw NUL (checked above): only an escaped one can end a C string.
+        path = _c_string(_unescape(f_path)) if b"\\" in f_path else f_path
         if not path:
             raise _FieldError("Invalid empty path")
 
         is_hardlink = f_mode[:1] == b"@"
         if is_hardlink:
             f_mode = f_mode[1:]
-        mode = _int_field(f_mode, 8, "MODE") & _U32
-        if stat.S_IFMT(mode) not in _VALID_TYPES:
+        if len(f_mode) <= 21 and f_mode.isdigit() and b"8" not in f_mode and b"9" not in f_mode:
+            # Canonical octal below 2**63, the common case: no sign, blanks or clamping.
+            mode = int(f_mode, 8) & _U32
+        else:
+            mode = _int_field(f_mode, 8, "MODE") & _U32
+        ftype = mode & 0o170000
+        if ftype not in _VALID_TYPES:
             raise _FieldError("Invalid mode %o" % mode)
-        ftype = stat.S_IFMT(mode)
 
         node = Node(mode)
         self._add(path, node)
 
         if is_hardlink:
-            if ftype == stat.S_IFDIR:
+            if ftype == _S_IFDIR:
                 raise _FieldError("Directories can't be hardlinked")
             target = _unescape_optional(f_payload)
             self.fixups.append(_Fixup(node, None if target is None else _c_string(target), lineno))
             return
 
         sec_s, _dot, nsec_s = f_mtime.partition(b".")
-        if (f_size.isdigit() and f_nlink.isdigit() and f_uid.isdigit() and f_gid.isdigit()
-                and f_rdev.isdigit() and sec_s.isdigit() and nsec_s.isdigit()):
+        # One isdigit() over all seven numbers; the truth tests rule out an empty one.
+        if (f_size and f_nlink and f_uid and f_gid and f_rdev and sec_s and nsec_s
+                and b"".join((f_size, f_nlink, f_uid, f_gid, f_rdev, sec_s, nsec_s)).isdigit()):
             # Canonical text: plain decimal numbers.
             size = int(f_size)
             nlink = int(f_nlink)
@@ -372,26 +396,36 @@ class _Parser:
             mtime_sec -= 1 << 64
         mtime_nsec &= _U32
 
-        payload = _unescape_optional(f_payload)
-        if payload is not None:
-            payload = _c_string(payload)
-        content = _unescape_optional(f_content)
-        if content is not None and len(content) != size:
-            raise _FieldError("Invalid content size %d, must match size %d" % (len(content), size))
-        digest_text = _unescape_optional(f_digest)
+        # Fields without a backslash need no unescaping (nor NUL cut: the line has none).
+        if f_payload == b"-":
+            payload = None
+        elif b"\\" in f_payload:
+            payload = _c_string(_unescape(f_payload))
+        else:
+            payload = f_payload
+        if f_content == b"-":
+            content = None
+        else:
+            content = _unescape(f_content) if b"\\" in f_content else f_content
+            if len(content) != size:
+                raise _FieldError("Invalid content size %d, must match size %d" % (len(content), size))
+        if f_digest == b"-":
+            digest_text = None
+        else:
+            digest_text = _unescape(f_digest) if b"\\" in f_digest else f_digest
 
         shared = self.shared
         node.nlink = nlink & _U32
         node.uid = shared.setdefault(uid & _U32, uid & _U32)
         node.gid = shared.setdefault(gid & _U32, gid & _U32)
-        if ftype in (stat.S_IFCHR, stat.S_IFBLK):
+        if ftype == _S_IFCHR or ftype == _S_IFBLK:
             node.rdev = rdev & _U32
         elif self.strict and rdev != 0:
             raise _FieldError("Non-zero devnum on non-device")
         node.mtime_sec = shared.setdefault(mtime_sec, mtime_sec)
         node.mtime_nsec = mtime_nsec
 
-        if ftype == stat.S_IFLNK:
+        if ftype == _S_IFLNK:
             if not payload or len(payload) >= PATH_MAX:
                 raise _FieldError("Invalid symlink")
             if self.strict:
@@ -415,7 +449,7 @@ class _Parser:
             # some escaped whiteouts.  Either way the file has no data.
             node.content = content
 
-        external = ftype == stat.S_IFREG and node.content is None and size > 0
+        external = ftype == _S_IFREG and node.content is None and size > 0
         if digest_text is not None:
             digest = _parse_digest(digest_text)
             if digest is None and external:
@@ -467,7 +501,7 @@ class _Parser:
                 self.parents[prefix] = parent
         if parent is None:
             raise AssertionError("parent is not None")
-        if not parent.is_dir():
+        if parent.mode & 0o170000 != _S_IFDIR:
             raise _FieldError("Parent must be a directory for %s" % _show(path))
         if name in (b".", b".."):
             raise _FieldError("Invalid . or .. in path: %s" % _show(path))
@@ -480,7 +514,10 @@ class _Parser:
             # C means to say "Path ... already exist" but compares -1 with
             # -EEXIST, so it reports "Can't add child".
             raise _FieldError("Can't add child: %s already exists" % _show(path))
-        parent.replace_child(name, node)
+        # Node.replace_child(), inlined: this runs once per line.
+        node.parent = parent
+        node.name = name
+        parent.children[name] = node
 
     def _xattrs(self, node: Node, items: List[bytes]) -> None:
         xattrs = node.xattrs
@@ -490,8 +527,9 @@ class _Parser:
             key_s, eq, value_s = item.partition(b"=")
             if not eq:
                 raise _FieldError("Missing = in xattr")
-            key = _c_string(_unescape(key_s))
-            value = _unescape(value_s)
+            # Without a backslash there is nothing to unescape (and no NUL: see _line).
+            key = _c_string(_unescape(key_s)) if b"\\" in key_s else key_s
+            value = _unescape(value_s) if b"\\" in value_s else value_s
             if not key or len(key) > XATTR_NAME_MAX:
                 raise _FieldError("Can't set xattr %s: key must be 1..%d bytes"
                                   % (_show(key), XATTR_NAME_MAX))
@@ -648,15 +686,16 @@ def _dump_line(path: bytes, node: Node) -> bytes:
         target.size & _U64, mode_prefix, target.mode & _U32, target.nlink & _U32,
         target.uid & _U32, target.gid & _U32, target.rdev & _U32, sec,
         target.mtime_nsec & _U32)
-    parts = [escape(path) if path else b"/", head.encode("ascii"),
+    # escape() inlined for the path and xattrs (most need none): this runs per entry.
+    parts = [(path if _needs_escape(path) is None else escape(path)) if path else b"/", head.encode("ascii"),
              b"-" if payload is None else escape(payload, lone_dash=True), b" ",
              b"-" if target.content is None else escape(target.content, lone_dash=True),
              b" ", b"-" if target.digest is None else target.digest.hex().encode("ascii")]
     for key, value in target.xattrs.items():
         parts.append(b" ")
-        parts.append(escape(key, eq=True))
+        parts.append(key if _needs_escape_eq(key) is None else escape(key, eq=True))
         parts.append(b"=")
-        parts.append(escape(value, eq=True))
+        parts.append(value if _needs_escape_eq(value) is None else escape(value, eq=True))
     parts.append(b"\n")
     return b"".join(parts)
 

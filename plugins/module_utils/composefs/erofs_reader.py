@@ -27,6 +27,18 @@ import struct
 from typing import Collection, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from . import erofs_format as fmt
+# Used once per inode: plain names, not attribute lookups on fmt.
+from .erofs_format import (
+    BLOCK_SIZE,
+    EROFS_I_DATALAYOUT_BIT,
+    EROFS_I_DATALAYOUT_MASK,
+    EROFS_I_VERSION_MASK,
+    EROFS_INODE_COMPACT,
+    EROFS_INODE_EXTENDED,
+    EROFS_INODE_FLAT_INLINE,
+    EROFS_INODE_LAYOUT_COMPACT,
+    SLOT_SIZE,
+)
 from .errors import ImageError
 from .gc_pause import gc_paused
 from .tree import DIGEST_SIZE, INLINE_CONTENT_MAX, NAME_MAX, PATH_MAX, XATTR_NAME_MAX, Node
@@ -58,6 +70,9 @@ _METACOPY_SIZE = fmt.OVL_METACOPY_HEADER.size + DIGEST_SIZE
 _VALID_TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 )
+
+
+_S_IFMT = 0o170000
 
 
 def _cstr(raw: bytes) -> bytes:
@@ -186,31 +201,34 @@ class _Reader:
     # -- inodes ----------------------------------------------------------
     def _decode_inode(self, nid: int) -> Tuple[_Inode, int, int, int, int, int, int]:
         """The fixed part of inode ``nid``: (inode, mode, uid, gid, nlink, mtime, mtime_nsec)."""
-        offset = self.meta_base + nid * fmt.SLOT_SIZE
+        offset = self.meta_base + nid * SLOT_SIZE
         if offset >= self.length:
             raise ImageError("inode nid %d is beyond the end of the image" % nid)
-        (i_format,) = self._unpack(_U16, offset, "inode %d" % nid)
-        compact = (i_format & fmt.EROFS_I_VERSION_MASK) == fmt.EROFS_INODE_LAYOUT_COMPACT
-        layout = (i_format >> fmt.EROFS_I_DATALAYOUT_BIT) & fmt.EROFS_I_DATALAYOUT_MASK
+        # Bounds checked here rather than by _unpack(): its message would be
+        # formatted for every inode of the image, not just for a bad one.
+        if offset + _U16.size > self.length:
+            self._unpack(_U16, offset, "inode %d" % nid)
+        (i_format,) = _U16.unpack_from(self.data, offset)
+        compact = (i_format & EROFS_I_VERSION_MASK) == EROFS_INODE_LAYOUT_COMPACT
+        layout = (i_format >> EROFS_I_DATALAYOUT_BIT) & EROFS_I_DATALAYOUT_MASK
+        st = EROFS_INODE_COMPACT if compact else EROFS_INODE_EXTENDED
+        if offset + st.size > self.length:
+            self._unpack(st, offset, "inode %d" % nid)
         if compact:
-            st = fmt.EROFS_INODE_COMPACT
-            (_format, icount, mode, nlink, size, _reserved, i_u, _ino, uid, gid, _reserved2) = self._unpack(st, offset, "inode %d" % nid)
+            (_format, icount, mode, nlink, size, _reserved, i_u, _ino, uid, gid, _reserved2) = st.unpack_from(self.data, offset)
             mtime, mtime_nsec = self.build_time, self.build_time_nsec
         else:
-            st = fmt.EROFS_INODE_EXTENDED
-            (_format, icount, mode, _reserved, size, i_u, _ino, uid, gid, mtime, mtime_nsec, nlink) = self._unpack(
-                st, offset, "inode %d" % nid
-            )
+            (_format, icount, mode, _reserved, size, i_u, _ino, uid, gid, mtime, mtime_nsec, nlink) = st.unpack_from(self.data, offset)
             mtime = _signed64(mtime)
-        if stat.S_IFMT(mode) not in _VALID_TYPES:
+        if mode & _S_IFMT not in _VALID_TYPES:
             raise ImageError("inode %d has invalid mode 0%o" % (nid, mode))
         return _Inode(offset, compact, layout, st.size, icount, size, i_u), mode, uid, gid, nlink, mtime, mtime_nsec
 
     def _inode(self, nid: int) -> Tuple[_Inode, Node]:
         ino, mode, uid, gid, nlink, mtime, mtime_nsec = self._decode_inode(nid)
-        node = Node(mode, uid=uid, gid=gid, nlink=nlink, size=ino.size, mtime_sec=mtime, mtime_nsec=mtime_nsec)
-        if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK):
-            node.rdev = ino.i_u
+        # Positional: Node(mode, uid, gid, rdev, nlink, size, mtime_sec, mtime_nsec).
+        rdev = ino.i_u if mode & _S_IFMT in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        node = Node(mode, uid, gid, rdev, nlink, ino.size, mtime, mtime_nsec)
         return ino, node
 
     def external_ref(self, nid: int) -> Tuple[int, Optional[bytes], Optional[bytes], int]:
@@ -254,20 +272,22 @@ class _Reader:
     def build(self, nid: int, toplevel_filter: Optional[frozenset]) -> Tuple[Optional[Node], List[Tuple[bytes, int]]]:
         """Decode inode ``nid``: (node or None for a skipped 0/0 chardev, its directory entries)."""
         ino, node = self._inode(nid)
-        if node.is_chr() and node.rdev == 0:
+        if node.rdev == 0 and stat.S_ISCHR(node.mode):
             return None, []
         xattr_size = self._xattr_size(ino)
         xattr_start = ino.offset + ino.isize
         tail_start = xattr_start + xattr_size
-        tailpacked = ino.layout == fmt.EROFS_INODE_FLAT_INLINE
+        tailpacked = ino.layout == EROFS_INODE_FLAT_INLINE
         size = ino.size
-        tail_size = size % fmt.BLOCK_SIZE if tailpacked else 0
+        tail_size = size % BLOCK_SIZE if tailpacked else 0
         if tail_start + tail_size > self.length:
             raise ImageError("inode %d: xattrs or inline data run past the end of the image" % nid)
-        self._charge(ino.isize + xattr_size + tail_size, "inode %d" % nid)
+        self.budget -= ino.isize + xattr_size + tail_size
+        if self.budget < 0:
+            self._charge(0, "inode %d" % nid)  # raises; the name is formatted only then
 
         entries: List[Tuple[bytes, int]] = []
-        ftype = stat.S_IFMT(node.mode)
+        ftype = node.mode & _S_IFMT
         if ftype == stat.S_IFDIR:
             entries = self._read_dir(nid, ino, tail_start, tail_size, toplevel_filter)
         elif ftype == stat.S_IFLNK:

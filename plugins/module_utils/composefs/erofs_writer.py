@@ -18,6 +18,9 @@ from __future__ import annotations
 import stat
 from collections import Counter
 from itertools import chain
+# Used per inode: plain names, not attribute lookups on stat.
+from stat import S_IFBLK as _S_IFBLK, S_IFCHR as _S_IFCHR, S_IFDIR as _S_IFDIR, S_IFIFO as _S_IFIFO
+from stat import S_IFLNK as _S_IFLNK, S_IFREG as _S_IFREG, S_IFSOCK as _S_IFSOCK
 from typing import Dict, List, Optional, Tuple
 
 from .erofs_format import (
@@ -88,18 +91,20 @@ _S_IFMT = 0o170000
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 _HALF_BLOCK = BLOCK_SIZE // 2
+_NO_CHILDREN: Dict[bytes, "_Inode"] = {}
+_EXTERNAL_SIZE_MAX = EROFS_CHUNKS_MAX << EROFS_CHUNK_BITS_MAX
 # Size accounting per xattr, as libcomposefs does it for its input budget:
 # twice the 4-byte entry header, minus one, covers the worst-case alignment.
 _XATTR_BUDGET_OVERHEAD = 2 * EROFS_XATTR_ENTRY.size - 1
 
 _FILE_TYPES = {
-    stat.S_IFREG: EROFS_FT_REG_FILE,
-    stat.S_IFDIR: EROFS_FT_DIR,
-    stat.S_IFCHR: EROFS_FT_CHRDEV,
-    stat.S_IFBLK: EROFS_FT_BLKDEV,
-    stat.S_IFIFO: EROFS_FT_FIFO,
-    stat.S_IFSOCK: EROFS_FT_SOCK,
-    stat.S_IFLNK: EROFS_FT_SYMLINK,
+    _S_IFREG: EROFS_FT_REG_FILE,
+    _S_IFDIR: EROFS_FT_DIR,
+    _S_IFCHR: EROFS_FT_CHRDEV,
+    _S_IFBLK: EROFS_FT_BLKDEV,
+    _S_IFIFO: EROFS_FT_FIFO,
+    _S_IFSOCK: EROFS_FT_SOCK,
+    _S_IFLNK: EROFS_FT_SYMLINK,
 }
 
 
@@ -110,7 +115,7 @@ class _Inode:
         "mode", "uid", "gid", "rdev", "nlink", "size", "mtime_sec", "mtime_nsec",
         "payload", "content", "digest", "xattrs", "budget", "children", "link_to",
         "ino", "nid", "n_blocks", "tail", "compact", "ipad", "xattr_size",
-        "shared", "unshared",
+        "shared", "unshared", "chunkbits",
     )
 
     def __init__(self, mode: int = 0) -> None:
@@ -133,9 +138,6 @@ class _Inode:
         self.budget = 0
         self.children: Dict[bytes, "_Inode"] = {}
         self.link_to: Optional["_Inode"] = None
-
-    def fmt(self) -> int:
-        return self.mode & _S_IFMT
 
     def set_xattr(self, key: bytes, value: bytes) -> None:
         """lcfs_node_set_xattr(): replace, then charge the per-inode budget."""
@@ -217,7 +219,7 @@ def _add_overlay_xattrs(inode: _Inode, parent: _Inode, version: int) -> None:
             for k, v in inode.xattrs.items()
         }
     fmt = inode.mode & _S_IFMT
-    if fmt == stat.S_IFREG and inode.size > 0 and inode.content is None:
+    if fmt == _S_IFREG and inode.size > 0 and inode.content is None:
         if inode.digest is not None:
             value = _METACOPY_PREFIX + inode.digest
         else:
@@ -230,9 +232,9 @@ def _add_overlay_xattrs(inode: _Inode, parent: _Inode, version: int) -> None:
         xattrs[OVERLAY_XATTR_METACOPY] = value
         if inode.payload:
             xattrs[OVERLAY_XATTR_REDIRECT] = b"/" + inode.payload
-    elif fmt == stat.S_IFCHR and inode.rdev == 0:
+    elif fmt == _S_IFCHR and inode.rdev == 0:
         inode.size = 0
-        inode.mode = stat.S_IFREG | (inode.mode & ~_S_IFMT & _U32)
+        inode.mode = _S_IFREG | (inode.mode & ~_S_IFMT & _U32)
         inode.set_xattr(OVERLAY_XATTR_ESCAPED_WHITEOUT, b"")
         inode.set_xattr(OVERLAY_XATTR_USERXATTR_WHITEOUT, b"")
         parent.set_xattr(OVERLAY_XATTR_ESCAPED_WHITEOUTS, b"")
@@ -250,9 +252,10 @@ def _validate(inode: _Inode) -> None:
     fmt = inode.mode & _S_IFMT
     if fmt not in _FILE_TYPES:
         raise FormatError("invalid file mode 0%o" % inode.mode)
-    if fmt == stat.S_IFREG:
+    if fmt == _S_IFREG:
         if inode.size > 0 and inode.content is None:
-            if _chunking(inode.size)[1] > EROFS_CHUNKS_MAX:
+            # _chunking()'s count exceeds the maximum exactly above this size.
+            if inode.size > _EXTERNAL_SIZE_MAX:
                 raise FormatError("file too large (%d bytes)" % inode.size)
         if inode.content is not None:
             if len(inode.content) != inode.size:
@@ -262,7 +265,7 @@ def _validate(inode: _Inode) -> None:
                 raise FormatError("inline content too large (%d bytes)" % inode.size)
         if inode.digest is not None and len(inode.digest) != DIGEST_SIZE:
             raise FormatError("fs-verity digest must be %d bytes" % DIGEST_SIZE)
-    elif fmt == stat.S_IFLNK:
+    elif fmt == _S_IFLNK:
         if not inode.payload:
             raise FormatError("symlink without a target")
 
@@ -276,14 +279,12 @@ def _prepare(root: Node, version: int) -> _Inode:
     """
     if not root.is_dir() or root.link_to is not None:
         raise FormatError("the root of an image must be a directory")
-    copies: Dict[int, _Inode] = {}
     links: List[Tuple[_Inode, Node]] = []
     new_root = _Inode.__new__(_Inode)
     stack: List[Tuple[Node, _Inode, _Inode]] = [(root, new_root, new_root)]
     new_inode = _Inode.__new__
     while stack:
         node, new, parent = stack.pop()
-        copies[id(node)] = new
         if node.link_to is not None:
             new.mode = 0
             links.append((new, node.link_to))
@@ -302,18 +303,23 @@ def _prepare(root: Node, version: int) -> _Inode:
         new.xattrs = dict(node.xattrs) if node.xattrs else {}
         new.budget = 0
         new.link_to = None
-        new.children = children = {}
         _validate(new)
         _add_overlay_xattrs(new, parent, version)
-        if mode & _S_IFMT == stat.S_IFDIR:
+        if mode & _S_IFMT == _S_IFDIR:
+            new.children = children = {}
             for name, child in sorted(node.children.items(), reverse=True):
                 copy = new_inode(_Inode)
                 children[name] = copy
                 stack.append((child, copy, new))
             children[b"."] = _link(new)
             children[b".."] = _link(parent)
-        elif node.children:
-            raise FormatError("%s: only directories can have children" % _p(node))
+        else:
+            if node.children:
+                raise FormatError("%s: only directories can have children" % _p(node))
+            # Never added to (only directories get entries): one shared empty
+            # dict instead of one per file, a few MB on a large tree.
+            new.children = _NO_CHILDREN
+    copies = _link_target_copies(root, new_root, links) if links else {}
     for new, target in links:
         copy = copies.get(id(target))
         if copy is None:
@@ -322,6 +328,28 @@ def _prepare(root: Node, version: int) -> _Inode:
     new_root.set_xattr(OVERLAY_XATTR_OPAQUE, b"y")
     _add_root_stubs(new_root)
     return new_root
+
+
+def _link_target_copies(root: Node, new_root: _Inode, links: List[Tuple[_Inode, Node]]) -> Dict[int, _Inode]:
+    """The copies of the hard links' targets, by id() of the original node.
+
+    A second walk over both trees, made only when there are hard links: a map
+    of every inode would hold a large tree's worth of entries (several MB) for
+    the few that are link targets.  The walk visits what _prepare() visits.
+    """
+    wanted = {id(target) for _new, target in links}
+    copies: Dict[int, _Inode] = {}
+    stack: List[Tuple[Node, _Inode]] = [(root, new_root)]
+    while stack:
+        node, new = stack.pop()
+        if id(node) in wanted:
+            copies[id(node)] = new
+        if node.link_to is None and node.mode & _S_IFMT == _S_IFDIR:
+            new_children = new.children
+            # The same order as _prepare(): were a node placed twice, the same copy wins.
+            for name, child in sorted(node.children.items(), reverse=True):
+                stack.append((child, new_children[name]))
+    return copies
 
 
 def _add_root_stubs(root: _Inode) -> None:
@@ -335,7 +363,7 @@ def _add_root_stubs(root: _Inode) -> None:
         name = b"%02x" % i
         if name in root.children:
             continue
-        stub = _Inode(stat.S_IFCHR | 0o644)
+        stub = _Inode(_S_IFCHR | 0o644)
         stub.uid = root.uid
         stub.gid = root.gid
         stub.mtime_sec = root.mtime_sec
@@ -355,7 +383,7 @@ class _Layout:
         self.order: List[_Inode] = []
         self.min_mtime = (0, 0)
         self.has_acl = False
-        # Per directory inode (by index in order): its sorted dirents.
+        # Per directory inode (by index in order): its sorted dirents, links resolved.
         self.sorted_children: Dict[int, List[Tuple[bytes, _Inode]]] = {}
 
 
@@ -368,18 +396,30 @@ def _compute_tree(root: _Inode) -> _Layout:
     index = 0
     while index < len(order):
         inode = order[index]
-        if inode.mode & _S_IFMT == stat.S_IFDIR:
+        if inode.mode & _S_IFMT == _S_IFDIR:
             children = sorted(inode.children.items())
-            inode.nlink = 2 + sum(1 for _n, c in children if c.mode & _S_IFMT == stat.S_IFDIR)
-            layout.sorted_children[index] = children
+            # Links (".", ".." and hard links) have mode 0 here: not counted.
+            inode.nlink = 2 + sum(1 for _n, c in children if c.mode & _S_IFMT == _S_IFDIR)
+            # Dirents name the real inode: resolve links once, here.
+            dirents = []
             for name, child in children:
                 if child.link_to is not None:
-                    if name not in (b".", b"..") and _resolve(child).mode & _S_IFMT == stat.S_IFDIR:
+                    child = _resolve(child)
+                    if name not in (b".", b"..") and child.mode & _S_IFMT == _S_IFDIR:
                         raise FormatError("hard links to directories are not allowed")
                 else:
                     order.append(child)
-        if len(inode.xattrs) > 1:
-            inode.xattrs = dict(sorted(inode.xattrs.items()))
+                dirents.append((name, child))
+            layout.sorted_children[index] = dirents
+            # From here on the sorted dirents are the directory: free the dict.
+            inode.children = _NO_CHILDREN
+        xattrs = inode.xattrs
+        if len(xattrs) > 1:
+            # Usually already in order (security.* < trusted.overlay.metacopy
+            # < trusted.overlay.redirect): a new dict only when it is not.
+            keys = list(xattrs)
+            if keys != sorted(keys):
+                inode.xattrs = dict(sorted(xattrs.items()))
         mtime = (inode.mtime_sec, inode.mtime_nsec)
         if mtime < min_mtime:
             min_mtime = mtime
@@ -424,6 +464,7 @@ def _xattr_entry(key: bytes, value: bytes) -> bytes:
 def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes]], int]:
     counts = Counter(chain.from_iterable(inode.xattrs.items() for inode in order))
     shared = [item for item, count in counts.items() if count > 1]
+    del counts  # one entry per distinct xattr: gone before the per-inode lists are made
     # Canonical table order of the C writer: key descending, then longer value
     # first, then value bytes descending.
     shared.sort(key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
@@ -432,22 +473,23 @@ def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes
     for item in shared:
         offsets[item] = offset
         offset += _xattr_entry_size(*item)
-    no_shared: List[int] = []
+    # Tuples, and shared empty ones: they are kept for every inode until written.
     for inode in order:
         if not inode.xattrs:
-            inode.shared = no_shared
-            inode.unshared = []
+            inode.shared = ()
+            inode.unshared = ()
             continue
         shared_ids: List[int] = []
-        unshared: List[Tuple[bytes, bytes]] = []
+        # Keys only (values stay in inode.xattrs): no item tuple kept per xattr.
+        unshared: List[bytes] = []
         for item in inode.xattrs.items():
             off = offsets.get(item)
             if off is not None and len(shared_ids) < EROFS_MAX_SHARED_XATTRS:
                 shared_ids.append(off)
             else:
-                unshared.append(item)
-        inode.shared = shared_ids
-        inode.unshared = unshared
+                unshared.append(item[0])
+        inode.shared = tuple(shared_ids) if shared_ids else ()
+        inode.unshared = tuple(unshared)
     return shared, offset
 
 
@@ -474,22 +516,23 @@ def _place_inodes(layout: _Layout) -> int:
     min_sec, min_nsec = layout.min_mtime
     pos = INODES_START
     for index, inode in enumerate(layout.order):
-        fmt = inode.fmt()
-        if fmt == stat.S_IFDIR:
+        fmt = inode.mode & _S_IFMT
+        if fmt == _S_IFDIR:
             inode.n_blocks, inode.tail = _dir_size(layout.sorted_children[index])
             size = inode.n_blocks * BLOCK_SIZE + inode.tail
         else:
             size = inode.size
-            if fmt == stat.S_IFLNK:
+            if fmt == _S_IFLNK:
                 inode.n_blocks, inode.tail = 0, len(inode.payload or b"")
-            elif fmt == stat.S_IFREG and size > 0:
+            elif fmt == _S_IFREG and size > 0:
                 if inode.content is not None:
                     inode.n_blocks, inode.tail = divmod(size, BLOCK_SIZE)
                     if inode.tail > _HALF_BLOCK:
                         inode.n_blocks += 1
                         inode.tail = 0
                 else:
-                    inode.n_blocks, inode.tail = 0, _chunking(size)[1] * 4
+                    inode.chunkbits, chunks = _chunking(size)
+                    inode.n_blocks, inode.tail = 0, chunks * 4
             else:
                 inode.n_blocks, inode.tail = 0, 0
         inode.compact = (
@@ -501,7 +544,7 @@ def _place_inodes(layout: _Layout) -> int:
         if inode.shared or inode.unshared:
             inode.xattr_size = round_up(
                 EROFS_XATTR_IBODY_HEADER.size + 4 * len(inode.shared)
-                + sum(_xattr_entry_size(k, v) for k, v in inode.unshared), 4)
+                + sum(_xattr_entry_size(k, inode.xattrs[k]) for k in inode.unshared), 4)
         else:
             inode.xattr_size = 0
         aligned = round_up(pos, SLOT_SIZE)
@@ -517,7 +560,7 @@ def _place_inodes(layout: _Layout) -> int:
 
 def _tail_padding(inode: _Inode, pos: int, head: int) -> int:
     """Padding before an inode so its inline tail does not cross a block."""
-    if inode.fmt() == stat.S_IFLNK:
+    if inode.mode & _S_IFMT == _S_IFLNK:
         # Inode, xattrs and target stay in one block; a target that cannot fit
         # moves to a data block.  The padding test deliberately uses the size
         # before that move, as the C writer does.
@@ -545,10 +588,10 @@ def _tail_padding(inode: _Inode, pos: int, head: int) -> int:
 def _dirent_block(children: List[Tuple[bytes, _Inode]], pad_to: int) -> bytes:
     nameoff = len(children) * EROFS_DIRENT.size
     heads = []
+    pack = EROFS_DIRENT.pack
+    file_types = _FILE_TYPES
     for name, child in children:
-        target = _resolve(child)
-        heads.append(EROFS_DIRENT.pack(target.nid, nameoff,
-                                       _FILE_TYPES.get(target.fmt(), EROFS_FT_UNKNOWN)))
+        heads.append(pack(child.nid, nameoff, file_types.get(child.mode & _S_IFMT, EROFS_FT_UNKNOWN)))
         nameoff += len(name)
     raw = b"".join(heads) + b"".join(name for name, _c in children)
     return raw + b"\0" * (-len(raw) % pad_to)
@@ -597,28 +640,28 @@ def _write(layout: _Layout, version: int, inodes_end: int,
     shared_base = inodes_end % BLOCK_SIZE
     current_end = data_start
     data: List[bytes] = []
+    key_infos = _KEY_INFO  # _key_info()'s cache, read directly in the loop
     for index, inode in enumerate(order):
         if inode.ipad:
             out += b"\0" * inode.ipad
-        fmt = inode.fmt()
+        fmt = inode.mode & _S_IFMT
         layout_kind = EROFS_INODE_FLAT_INLINE if inode.tail > 0 else EROFS_INODE_FLAT_PLAIN
         chunk_format = 0
         i_u = 0
-        children = layout.sorted_children.get(index)
-        if fmt == stat.S_IFDIR:
+        if fmt == _S_IFDIR:
             size = inode.n_blocks * BLOCK_SIZE + inode.tail
-        elif fmt == stat.S_IFREG:
+        elif fmt == _S_IFREG:
             size = inode.size
             if size > 0 and inode.content is None:
-                chunk_format = _chunking(size)[0] - BLOCK_BITS
+                chunk_format = inode.chunkbits - BLOCK_BITS
                 layout_kind = EROFS_INODE_CHUNK_BASED
-        elif fmt == stat.S_IFLNK:
+        elif fmt == _S_IFLNK:
             size = inode.tail if inode.n_blocks == 0 else inode.size
         else:
             size = 0
-        if fmt in (stat.S_IFCHR, stat.S_IFBLK):
+        if fmt in (_S_IFCHR, _S_IFBLK):
             i_u = inode.rdev
-        elif inode.n_blocks > 0 and fmt in (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK):
+        elif inode.n_blocks > 0 and fmt in (_S_IFDIR, _S_IFREG, _S_IFLNK):
             i_u = (current_end // BLOCK_SIZE) & _U32
             current_end += BLOCK_SIZE * inode.n_blocks
         if layout_kind == EROFS_INODE_CHUNK_BASED:
@@ -640,13 +683,15 @@ def _write(layout: _Layout, version: int, inodes_end: int,
         if inode.xattr_size:
             name_filter = 0
             for key in inode.xattrs:
-                name_filter |= _key_info(key)[1]
+                name_filter |= (key_infos.get(key) or _key_info(key))[1]
             out += EROFS_XATTR_IBODY_HEADER.pack(EROFS_XATTR_FILTER_DEFAULT & ~name_filter,
                                                  len(inode.shared))
             for off in inode.shared:
                 out += ((shared_base + off) // 4).to_bytes(4, "little")
-            for key, value in inode.unshared:
-                head = _key_info(key)[2]
+            xattrs = inode.xattrs
+            for key in inode.unshared:
+                value = xattrs[key]
+                head = (key_infos.get(key) or _key_info(key))[2]
                 n = head[0]
                 out += head
                 out += len(value).to_bytes(2, "little")
@@ -656,20 +701,18 @@ def _write(layout: _Layout, version: int, inodes_end: int,
                 pad = -(4 + n + len(value)) % 4
                 if pad:
                     out += b"\0" * pad
-        if fmt == stat.S_IFDIR:
-            if children is None:
-                raise AssertionError("children is not None")
-            blocks, tail = _dir_chunks(children, inode.n_blocks)
+        if fmt == _S_IFDIR:
+            blocks, tail = _dir_chunks(layout.sorted_children[index], inode.n_blocks)
             out += tail
             data.extend(blocks)
-        elif fmt == stat.S_IFLNK:
+        elif fmt == _S_IFLNK:
             payload = inode.payload or b""
             if inode.n_blocks == 0:
                 out += payload
             else:
                 block = payload[:min(inode.size, BLOCK_SIZE)]
                 data.append(block + b"\0" * (-len(block) % BLOCK_SIZE))
-        elif fmt == stat.S_IFREG:
+        elif fmt == _S_IFREG:
             if inode.tail > 0:
                 if inode.content is not None:
                     out += inode.content[inode.size - inode.tail:]

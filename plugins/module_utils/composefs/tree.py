@@ -190,6 +190,9 @@ def apply_source_options(
     """
     if skip_xattrs and user_xattrs:
         raise FormatError("--skip-xattrs and --user-xattrs cannot be combined")
+    if not (use_epoch or skip_devices or skip_xattrs or user_xattrs):
+        # The common case: nothing to filter, no walk over a large tree.
+        return
     removed = set()
     stack = [root]
     while stack:
