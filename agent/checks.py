@@ -43,6 +43,8 @@ class PassResult:
         self.objects = 0
         self.mounts = 0
         self.signatures = 0  # signed statements of mounted refs checked
+        # What each mount was checked against this pass: where, image, image_digest, ref, source.
+        self.expected: List[Dict[str, object]] = []
         # (mount, ref, expiry in Unix time) of each statement that verified and has an expiry.
         self.expiries: List[Tuple[str, str, int]] = []
         self.started = time.monotonic()
@@ -157,6 +159,8 @@ class Checker:
             spec = self._expected(configured)
             if spec is None:
                 continue
+            result.expected.append({"where": spec.where, "image": spec.image, "image_digest": spec.digest,
+                                    "ref": spec.ref, "source": spec.source})
             unvouched = False
             if configured.ref is not None and (policy_error is not None or (policy is not None and not policy.empty)):
                 # Fail closed: unless the check ends with a valid statement, the mount is not made again.

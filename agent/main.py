@@ -241,6 +241,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         json.dump({"pass": result.number, "healthy": result.healthy, "objects": result.objects,
                    "mounts": result.mounts, "signatures": result.signatures, "duration": result.duration,
-                   "findings": [f.as_dict() for f in result.findings]}, sys.stdout, indent=1, sort_keys=True)
+                   "expected": result.expected, "findings": [f.as_dict() for f in result.findings]}, sys.stdout, indent=1, sort_keys=True)
         print()
     return EXIT_HEALTHY if result.healthy else EXIT_FINDINGS

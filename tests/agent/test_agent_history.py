@@ -107,7 +107,10 @@ def test_a_rollback_by_digest_is_followed(node: Node):
     assert entry["image_digest"] == v1 and entry["ref"] is None and entry["previous"]["image_digest"] == v2
     res = run_once(config, "--json")
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["healthy"] is True
+    out = json.loads(res.stdout)
+    assert out["healthy"] is True
+    assert out["expected"] == [{"where": str(where), "image": node.image_path(v1), "image_digest": v1, "ref": None,
+                                "source": "mount history"}]
 
 
 def test_a_record_that_disagrees_with_the_history_is_the_wrong_image(node: Node):
