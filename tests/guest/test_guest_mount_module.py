@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from typing import Dict, List
 
 import pytest
-from guest_ansible import playbook_exe, run_playbook
+from guest_ansible import playbook_exe, run_recorded
 
 from composefs_fleet import fsverity_digest
 
@@ -165,47 +164,6 @@ if phase == "absent":
 print(json.dumps(out))
 """
 
-# Records every task result of the run (a role's tasks cannot be registered
-# from the play, and ansible-core has no JSON callback).
-CALLBACK = r"""
-import json
-import os
-
-from ansible.plugins.callback import CallbackBase
-
-
-class CallbackModule(CallbackBase):
-    CALLBACK_VERSION = 2.0
-    CALLBACK_TYPE = "aggregate"
-    CALLBACK_NAME = "cfmount_record"
-    CALLBACK_NEEDS_ENABLED = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.records = {}
-
-    def _record(self, result, status):
-        task = getattr(result, "task", None) or result._task
-        data = result.result if hasattr(type(result), "result") else result._result
-        self.records[task.name or task.action] = dict(data, _status=status)
-
-    def v2_runner_on_ok(self, result):
-        self._record(result, "ok")
-
-    def v2_runner_on_failed(self, result, ignore_errors=False):
-        self._record(result, "failed")
-
-    def v2_runner_on_skipped(self, result):
-        self._record(result, "skipped")
-
-    def v2_runner_on_unreachable(self, result):
-        self._record(result, "unreachable")
-
-    def v2_playbook_on_stats(self, stats):
-        with open(os.environ["CFMOUNT_RECORD"], "w") as f:
-            json.dump(self.records, f, default=str)
-"""
-
 MOUNT = {"path": WHERE, "store": STORE, "image": REF, "verity": "auto", "pin_digest": True, "state": "mounted"}
 PROBE_SPEC = {"where": WHERE, "unit": UNIT, "unit_file": UNIT_FILE, "wants_link": WANTS_LINK,
               "object_a": OBJECTS["a.txt"], "object_b": OBJECTS["sub/b.bin"]}
@@ -255,28 +213,11 @@ def _play() -> List[dict]:
 @pytest.fixture(scope="module")
 def results(guest, tmp_path_factory) -> Dict[str, dict]:
     playbook_exe()
-    for text in (PROBE, CALLBACK):
-        # The probe travels in a task argument: Ansible would template these.
-        assert "{{" not in text and "{%" not in text and "{#" not in text
+    # The probe travels in a task argument: Ansible would template these.
+    assert "{{" not in PROBE and "{%" not in PROBE and "{#" not in PROBE
     guest.run(["python3", "-c", SETUP],
               input=json.dumps({"work": WORK, "tree": TREE, "store": STORE, "files": FILES}).encode())
-    tmp = tmp_path_factory.mktemp("mount-module")
-    (tmp / "callbacks").mkdir()
-    (tmp / "callbacks" / "cfmount_record.py").write_text(CALLBACK)
-    record = tmp / "results.json"
-    res = run_playbook(guest, tmp, _play(), {
-        "ANSIBLE_CALLBACK_PLUGINS": str(tmp / "callbacks"),
-        "ANSIBLE_CALLBACKS_ENABLED": "cfmount_record",
-        "CFMOUNT_RECORD": str(record),
-    })
-    try:
-        out = json.loads(record.read_text())
-    except (OSError, ValueError):
-        pytest.fail("the playbook recorded no results (exit %d):\n%s\n%s"
-                    % (res.returncode, res.stdout[-4000:], res.stderr[-3000:]), pytrace=False)
-    out["_playbook"] = {"rc": res.returncode, "stdout": res.stdout[-6000:], "stderr": res.stderr[-3000:]}
-    shutil.rmtree(str(tmp), ignore_errors=True)
-    return out
+    return run_recorded(guest, tmp_path_factory.mktemp("mount-module"), _play())
 
 
 def _result(results: Dict[str, dict], name: str) -> dict:
