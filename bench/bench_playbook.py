@@ -46,23 +46,23 @@ def stat_variant(demo: list) -> list:
     """demo.yml with the node role's store/image/mount tasks replaced by stat tasks."""
     plays = json.loads(json.dumps(demo))
     for play in plays:
-        if play.get("roles") != [{"role": "composefs.fleet.node"}]:
+        if play.get("roles") != [{"role": "composefs.fleet.composefs_node"}]:
             raise SystemExit("bench: playbooks/demo.yml no longer has the node role as its only role; "
                              "update stat_variant()")
         del play["roles"]
         play["tasks"] = [
             {"name": "Tools (as in the node role)",
-             "ansible.builtin.include_role": {"name": "composefs.fleet.node", "tasks_from": "tools_ours",
+             "ansible.builtin.include_role": {"name": "composefs.fleet.composefs_node", "tasks_from": "tools_ours",
                                               "public": True}},
             {"name": "Stat in place of composefs.fleet.store",
              "ansible.builtin.stat": {"path": "{{ item.path }}"},
-             "loop": "{{ node_stores }}"},
+             "loop": "{{ composefs_node_stores }}"},
             {"name": "Stat in place of composefs.fleet.image",
              "ansible.builtin.stat": {"path": "{{ item.src }}"},
-             "loop": "{{ node_images }}"},
+             "loop": "{{ composefs_node_images }}"},
             {"name": "Stat in place of composefs.fleet.mount",
              "ansible.builtin.stat": {"path": "{{ item.path }}"},
-             "loop": "{{ node_mounts }}"},
+             "loop": "{{ composefs_node_mounts }}"},
         ]
     return plays
 
@@ -108,9 +108,9 @@ def main() -> int:
     # The tools and units go below the work directory, not into /usr/local,
     # /sbin and /etc/systemd/system.
     extra = {"demo_root": os.path.join(work, "demo"), "demo_files": args.files,
-             "node_unit_dir": os.path.join(work, "units"), "node_prefix": os.path.join(work, "lib"),
-             "node_bin_dir": os.path.join(work, "bin"), "node_sbin_dir": os.path.join(work, "sbin")}
-    for key in ("node_unit_dir", "node_bin_dir", "node_sbin_dir"):
+             "composefs_node_unit_dir": os.path.join(work, "units"), "composefs_node_prefix": os.path.join(work, "lib"),
+             "composefs_node_bin_dir": os.path.join(work, "bin"), "composefs_node_sbin_dir": os.path.join(work, "sbin")}
+    for key in ("composefs_node_unit_dir", "composefs_node_bin_dir", "composefs_node_sbin_dir"):
         os.makedirs(extra[key])
     demo_path = os.path.join(REPO, "playbooks", "demo.yml")
     with open(demo_path) as f:
@@ -145,9 +145,9 @@ def main() -> int:
     finally:
         cleanup = [{"name": "Bench cleanup", "hosts": "all", "gather_facts": False, "tasks": [
             {"name": "Unmount", "composefs.fleet.mount": {"path": "{{ item.path }}", "state": "absent",
-                                                          "unit_dir": "{{ node_unit_dir }}"},
-             "loop": "{{ node_mounts }}"}]}]
-        cleanup[0]["vars"] = {k: v for k, v in demo[0]["vars"].items() if k.startswith(("demo_", "node_"))}
+                                                          "unit_dir": "{{ composefs_node_unit_dir }}"},
+             "loop": "{{ composefs_node_mounts }}"}]}]
+        cleanup[0]["vars"] = {k: v for k, v in demo[0]["vars"].items() if k.startswith(("demo_", "composefs_node_"))}
         cleanup_path = os.path.join(work, "cleanup.yml")
         with open(cleanup_path, "w") as f:
             yaml.safe_dump(cleanup, f, sort_keys=False)

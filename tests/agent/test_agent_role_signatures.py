@@ -3,7 +3,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The agent role writes the signed-ref keys into agent.json: ansible-playbook on this machine.
 
-Local connection, agent_install false (this checkout's agent as the command),
+Local connection, composefs_agent_install false (this checkout's agent as the command),
 units in a temp dir, nothing mounted. A mount by ref carries its ref and the
 configuration its trusted and revoked keys; the role's validation
 (``--check-config``) refuses a trusted key path that does not exist.
@@ -51,7 +51,7 @@ def test_role_writes_ref_and_keys_and_refuses_a_missing_key(tmp_path: Path):
     subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(tmp_path / "k.pem")], check=True)
     subprocess.run(["openssl", "pkey", "-in", str(tmp_path / "k.pem"), "-pubout", "-out", str(trusted / "k.pub")],
                    check=True)
-    # The agent's command (agent_install: false): the console script next to this Python, which
+    # The agent's command (composefs_agent_install: false): the console script next to this Python, which
     # imports the agent from PYTHONPATH (this checkout's, as for every CLI the tests run).
     installed = Path(sys.executable).parent / "composefs-fleet-agent"
     if not installed.is_file():
@@ -62,15 +62,15 @@ def test_role_writes_ref_and_keys_and_refuses_a_missing_key(tmp_path: Path):
     agent.symlink_to(installed)
     config = tmp_path / "agent.json"
     (tmp_path / "units").mkdir()
-    agent_vars = {"agent_install": False, "agent_bin_dir": str(bindir), "agent_config": str(config),
-                  "agent_textfile": "", "agent_unit_dir": str(tmp_path / "units"), "agent_stores": [],
-                  "agent_trusted_keys": [str(trusted)], "agent_revoked_keys": [str(revoked)],
-                  "agent_mounts": [{"path": str(tmp_path / "mnt"), "store": str(store), "image": "app/v1"},
+    agent_vars = {"composefs_agent_install": False, "composefs_agent_bin_dir": str(bindir), "composefs_agent_config": str(config),
+                  "composefs_agent_textfile": "", "composefs_agent_unit_dir": str(tmp_path / "units"), "composefs_agent_stores": [],
+                  "composefs_agent_trusted_keys": [str(trusted)], "composefs_agent_revoked_keys": [str(revoked)],
+                  "composefs_agent_mounts": [{"path": str(tmp_path / "mnt"), "store": str(store), "image": "app/v1"},
                                    {"path": str(tmp_path / "mnt2"), "store": str(store), "image": digest}]}
 
     def run(name: str) -> "subprocess.CompletedProcess[str]":
         plays = [{"name": name, "hosts": "all", "gather_facts": False,
-                  "roles": [{"role": "composefs.fleet.agent", "vars": agent_vars}]}]
+                  "roles": [{"role": "composefs.fleet.composefs_agent", "vars": agent_vars}]}]
         return play.run_playbook(tmp_path, name, plays, {"localhost": play.local_host()})
 
     proc = run("signed")
@@ -84,7 +84,7 @@ def test_role_writes_ref_and_keys_and_refuses_a_missing_key(tmp_path: Path):
     check = subprocess.run([str(agent), "--check-config", "--config", str(config)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
 
-    agent_vars["agent_trusted_keys"] = [str(tmp_path / "no-such.d")]
+    agent_vars["composefs_agent_trusted_keys"] = [str(tmp_path / "no-such.d")]
     proc = run("missing-key")
     assert proc.returncode != 0
     assert "keys: key file %s: No such file or directory" % (tmp_path / "no-such.d") in proc.stdout, proc.stdout[-6000:]

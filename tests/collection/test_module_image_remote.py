@@ -295,9 +295,9 @@ def test_role_node_images_pull_hides_secrets(tmp_path, served, nginx):
                    ("%s:%s" % (USER, PASSWORD)).encode()).decode()}},
               {"store": str(store), "ref": "app/v2", "remote": srv.url_with_credentials(USER, PASSWORD)},
               {"store": str(store), "ref": "local", "remote": "file://%s" % remote, "remote_ref": "app/v1"}]
-    play_vars = {"node_tools": "none", "node_stores": [{"path": str(store)}], "node_images": images}
+    play_vars = {"composefs_node_tools": "none", "composefs_node_stores": [{"path": str(store)}], "composefs_node_images": images}
     plays = [{"name": "node", "hosts": "all", "gather_facts": False, "vars": play_vars,
-              "roles": ["composefs.fleet.node"]}]
+              "roles": ["composefs.fleet.composefs_node"]}]
     for run in ("first", "second"):
         proc = run_playbook(tmp_path, "role", plays, {"localhost": local_host()}, "-vvv")
         assert proc.returncode == 0, output(proc)

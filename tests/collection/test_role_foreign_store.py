@@ -5,7 +5,7 @@
 
 ansible-playbook runs both roles on this machine (local connection, no tools
 installed, units and the agent's configuration in a temp dir, mounts only as
-units: nothing is mounted).  A group-writable store listed in ``node_stores``
+units: nothing is mounted).  A group-writable store listed in ``composefs_node_stores``
 with ``allow_foreign_owner`` is accepted by the store task and, through the
 role, by the image and mount tasks of that store (its path given with a
 trailing slash there) and by the agent role's ref lookup; without the key the
@@ -43,7 +43,7 @@ def test_roles_pass_allow_foreign_owner_and_shared_layout(tmp_path):
     (src / "sub").mkdir(parents=True)
     (src / "sub" / "big").write_bytes(os.urandom(5000))
     (src / "small").write_text("small\n")
-    # The agent's command (agent_install: false): this checkout's agent.
+    # The agent's command (composefs_agent_install: false): this checkout's agent.
     bindir = tmp_path / "bin"
     bindir.mkdir()
     agent = bindir / "composefs-fleet-agent"
@@ -53,18 +53,19 @@ def test_roles_pass_allow_foreign_owner_and_shared_layout(tmp_path):
     mnt = tmp_path / "mnt"
     units = tmp_path / "units"
     play_vars = {
-        "node_tools": "none",
-        "node_unit_dir": str(units),
-        "node_stores": [{"path": str(store), "allow_foreign_owner": True},
-                        {"path": str(tmp_path / "shared"), "shared_layout": True}],
-        "node_images": [{"store": str(store) + "/", "ref": "app/v1", "src": str(src)}],
-        "node_mounts": [{"path": str(mnt), "store": str(store) + "/", "image": "app/v1", "state": "present"}],
+        "composefs_node_tools": "none",
+        "composefs_node_unit_dir": str(units),
+        "composefs_node_stores": [{"path": str(store), "allow_foreign_owner": True},
+                                  {"path": str(tmp_path / "shared"), "shared_layout": True}],
+        "composefs_node_images": [{"store": str(store) + "/", "ref": "app/v1", "src": str(src)}],
+        "composefs_node_mounts": [{"path": str(mnt), "store": str(store) + "/", "image": "app/v1", "state": "present"}],
     }
-    agent_vars = {"agent_install": False, "agent_bin_dir": str(bindir), "agent_config": str(tmp_path / "agent.json"),
-                  "agent_textfile": "", "agent_unit_dir": str(units),
+    agent_vars = {"composefs_agent_install": False, "composefs_agent_bin_dir": str(bindir),
+                  "composefs_agent_config": str(tmp_path / "agent.json"),
+                  "composefs_agent_textfile": "", "composefs_agent_unit_dir": str(units),
                   # Watched (state mounted), so the role reads the ref in the store.
-                  "agent_mounts": [dict(play_vars["node_mounts"][0], state="mounted")]}
-    roles = ["composefs.fleet.node", {"role": "composefs.fleet.agent", "vars": agent_vars}]
+                  "composefs_agent_mounts": [dict(play_vars["composefs_node_mounts"][0], state="mounted")]}
+    roles = ["composefs.fleet.composefs_node", {"role": "composefs.fleet.composefs_agent", "vars": agent_vars}]
     proc = run_play(tmp_path, "allowed", play_vars, roles)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert os.stat(store).st_mode & 0o777 == 0o770  # an existing store keeps its modes
@@ -78,13 +79,13 @@ def test_roles_pass_allow_foreign_owner_and_shared_layout(tmp_path):
     assert config["mounts"][0]["image"] == "%s/images/%s" % (store, digest)
 
     # Without the key, the store (and so everything in it) is refused.
-    play_vars["node_stores"] = [{"path": str(store)}]
-    proc = run_play(tmp_path, "refused", play_vars, ["composefs.fleet.node"])
+    play_vars["composefs_node_stores"] = [{"path": str(store)}]
+    proc = run_play(tmp_path, "refused", play_vars, ["composefs.fleet.composefs_node"])
     assert proc.returncode != 0
     assert "is writable by its group (mode 0770)" in proc.stdout and "allow_foreign_owner" in proc.stdout, \
         proc.stdout[-6000:]
-    # The agent role reads the ref with the option of the store's agent_stores item (default: node_stores).
-    agent_vars["agent_stores"] = [{"path": str(store)}]
-    proc = run_play(tmp_path, "agent-refused", play_vars, [{"role": "composefs.fleet.agent", "vars": agent_vars}])
+    # The agent role reads the ref with the option of the store's composefs_agent_stores item (default: composefs_node_stores).
+    agent_vars["composefs_agent_stores"] = [{"path": str(store)}]
+    proc = run_play(tmp_path, "agent-refused", play_vars, [{"role": "composefs.fleet.composefs_agent", "vars": agent_vars}])
     assert proc.returncode != 0
     assert "is writable by its group (mode 0770)" in proc.stdout, proc.stdout[-6000:]

@@ -3,7 +3,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The node role's signed-ref trust and fs-verity certificates, through ansible-playbook on this machine.
 
-No tools installed (node_tools: none), the key and certificate directories and
+No tools installed (composefs_node_tools: none), the key and certificate directories and
 the units in the test's temp dir, mounts only as units (state: present), a
 remote store reached as file://.  Nothing is loaded into this machine's
 keyring: systemd is not PID 1 here, so the keyring unit is written and
@@ -31,7 +31,7 @@ KEYRING_UNIT = "composefs-fleet-fsverity-keys.service"
 
 
 def play(tmp: Path, name: str, play_vars: dict, *options: str) -> "subprocess.CompletedProcess[str]":
-    plays = [{"name": name, "hosts": "all", "gather_facts": False, "vars": play_vars, "roles": ["composefs.fleet.node"]}]
+    plays = [{"name": name, "hosts": "all", "gather_facts": False, "vars": play_vars, "roles": ["composefs.fleet.composefs_node"]}]
     return run_playbook(tmp, name, plays, {"localhost": local_host()}, *options)
 
 
@@ -41,16 +41,16 @@ def setup(tmp_path):
     releases = make_signed_remote(tmp_path / "remote", keys["release"])
     node = tmp_path / "node"
     play_vars = {
-        "node_tools": "none",
-        "node_unit_dir": str(tmp_path / "units"),
-        "node_keys_dir": str(tmp_path / "etc" / "keys"),
-        "node_fsverity_certs_dir": str(tmp_path / "etc" / "fsverity-certs.d"),
-        "node_trusted_keys": [{"name": "release.pub", "src": str(keys["release"].public)},
+        "composefs_node_tools": "none",
+        "composefs_node_unit_dir": str(tmp_path / "units"),
+        "composefs_node_keys_dir": str(tmp_path / "etc" / "keys"),
+        "composefs_node_fsverity_certs_dir": str(tmp_path / "etc" / "fsverity-certs.d"),
+        "composefs_node_trusted_keys": [{"name": "release.pub", "src": str(keys["release"].public)},
                               {"name": "second.pub", "content": keys["second"].ostree + "\n"}],
-        "node_revoked_keys": [{"name": "old.pub", "content": keys["old"].public_text}],
-        "node_stores": [{"path": str(node)}],
-        "node_images": [{"store": str(node), "ref": "app/v1", "remote": "file://%s" % (tmp_path / "remote")}],
-        "node_mounts": [{"path": str(tmp_path / "mnt"), "store": str(node), "image": "app/v1", "state": "present"}],
+        "composefs_node_revoked_keys": [{"name": "old.pub", "content": keys["old"].public_text}],
+        "composefs_node_stores": [{"path": str(node)}],
+        "composefs_node_images": [{"store": str(node), "ref": "app/v1", "remote": "file://%s" % (tmp_path / "remote")}],
+        "composefs_node_mounts": [{"path": str(tmp_path / "mnt"), "store": str(node), "image": "app/v1", "state": "present"}],
     }
     return tmp_path, keys, releases, node, play_vars
 
@@ -60,7 +60,7 @@ def test_keys_installed_and_given_to_images_and_mounts(setup):
     trusted, revoked = tmp / "etc" / "keys" / "trusted.d", tmp / "etc" / "keys" / "revoked.d"
     # A new node in check mode: the image task gets the keys as texts (no files yet) and checks the signed pull.
     # (Without the mount: the mount module cannot plan against a store that does not exist yet, signed or not.)
-    proc = play(tmp, "check-new", dict(play_vars, node_mounts=[]), "--check")
+    proc = play(tmp, "check-new", dict(play_vars, composefs_node_mounts=[]), "--check")
     assert proc.returncode == 0, output(proc)
     assert not trusted.exists() and not node.exists()
     proc = play(tmp, "converge", play_vars)
@@ -83,7 +83,7 @@ def test_keys_installed_and_given_to_images_and_mounts(setup):
 
     # A key taken off the list, and a file nobody listed, are removed: no longer trusted.
     (trusted / "stray.pub").write_text(keys["other"].public_text)
-    play_vars["node_trusted_keys"] = play_vars["node_trusted_keys"][:1]
+    play_vars["composefs_node_trusted_keys"] = play_vars["composefs_node_trusted_keys"][:1]
     proc = play(tmp, "fewer-keys", play_vars)
     assert proc.returncode == 0, output(proc)
     assert sorted(p.name for p in trusted.iterdir()) == ["release.pub"]
@@ -94,19 +94,19 @@ def test_unsigned_image_and_unsigned_mount_are_refused(setup):
     proc = play(tmp, "converge", play_vars)
     assert proc.returncode == 0, output(proc)
     before = store_files(node)
-    play_vars["node_images"] = [dict(play_vars["node_images"][0], ref="app/v2")]
+    play_vars["composefs_node_images"] = [dict(play_vars["composefs_node_images"][0], ref="app/v2")]
     proc = play(tmp, "unsigned-pull", play_vars)
     assert proc.returncode != 0 and "signatures/app/v2 is missing" in proc.stdout, output(proc)
     assert store_files(node) == before
     # A mount of an image by digest has no statement: refused unless the item turns the check off.
     with Store.open(node, notice=None) as store:
         digest = store.read_ref("app/v1")
-    play_vars["node_images"] = []
-    play_vars["node_mounts"] = [{"path": str(tmp / "mnt2"), "store": str(node), "image": digest, "state": "present"}]
+    play_vars["composefs_node_images"] = []
+    play_vars["composefs_node_mounts"] = [{"path": str(tmp / "mnt2"), "store": str(node), "image": digest, "state": "present"}]
     proc = play(tmp, "digest-mount", play_vars)
     assert proc.returncode != 0 and "has no signed statement; name a ref of the store" in proc.stdout, output(proc)
     assert not (tmp / "units" / unit_name(str(tmp / "mnt2"))).exists()
-    play_vars["node_mounts"][0]["require_signature"] = False
+    play_vars["composefs_node_mounts"][0]["require_signature"] = False
     proc = play(tmp, "digest-mount-unchecked", play_vars)
     assert proc.returncode == 0, output(proc)
     assert (tmp / "units" / unit_name(str(tmp / "mnt2"))).is_file()
@@ -114,7 +114,7 @@ def test_unsigned_image_and_unsigned_mount_are_refused(setup):
 
 def test_bad_key_items_are_refused(setup):
     tmp, keys, _releases, _node, play_vars = setup
-    play_vars["node_trusted_keys"] = [{"name": "../escape.pub", "content": keys["release"].public_text}]
+    play_vars["composefs_node_trusted_keys"] = [{"name": "../escape.pub", "content": keys["release"].public_text}]
     proc = play(tmp, "bad-name", play_vars)
     assert proc.returncode != 0 and "give a file name (no '/', not starting with '.')" in proc.stdout, output(proc)
     assert not (tmp / "etc").exists()
@@ -122,7 +122,7 @@ def test_bad_key_items_are_refused(setup):
 
 def test_fsverity_certificates_and_keyring_unit(setup):
     tmp, _keys, _releases, _node, play_vars = setup
-    source = REPO / "roles" / "node" / "files" / KEYRING_UNIT
+    source = REPO / "roles" / "composefs_node" / "files" / KEYRING_UNIT
     assert source.is_file(), source
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -132,8 +132,8 @@ def test_fsverity_certificates_and_keyring_unit(setup):
                     "-subj", "/CN=composefs-fleet test", "-days", "2", "-outform", "DER", "-out", str(cert)],
                    check=True, capture_output=True)
     certs = tmp / "etc" / "fsverity-certs.d"
-    play_vars.update(node_images=[], node_mounts=[], node_fsverity_certs=[{"name": "signer.der", "src": str(cert)}],
-                     node_fsverity_keys_command=str(tmp / "sbin" / "composefs-fsverity-keys"))
+    play_vars.update(composefs_node_images=[], composefs_node_mounts=[], composefs_node_fsverity_certs=[{"name": "signer.der", "src": str(cert)}],
+                     composefs_node_fsverity_keys_command=str(tmp / "sbin" / "composefs-fsverity-keys"))
     proc = play(tmp, "certs", play_vars)
     assert proc.returncode == 0, output(proc)
     assert (certs / "signer.der").read_bytes() == cert.read_bytes()
@@ -147,7 +147,7 @@ def test_fsverity_certificates_and_keyring_unit(setup):
     proc = play(tmp, "certs-again", play_vars)
     assert proc.returncode == 0 and recap(proc)["localhost"]["changed"] == 0, output(proc)
     # No certificate any more: unit disabled and removed, the directory emptied.
-    play_vars["node_fsverity_certs"] = []
+    play_vars["composefs_node_fsverity_certs"] = []
     proc = play(tmp, "no-certs", play_vars)
     assert proc.returncode == 0, output(proc)
     assert not link.is_symlink() and not (tmp / "units" / KEYRING_UNIT).exists()

@@ -6,8 +6,8 @@
     python3 agent_drills.py status [--boot] [--config PATH] --tree DIR
     python3 agent_drills.py drills [--config PATH] --tree DIR
 
-The guest has been converged with the roles composefs.fleet.node (a store, an
-image of DIR, a verity mount of it with a .mount unit) and composefs.fleet.agent
+The guest has been converged with the roles composefs.fleet.composefs_node (a store, an
+image of DIR, a verity mount of it with a .mount unit) and composefs.fleet.composefs_agent
 (composefs-fleet-agent.service running). Standard library and the guest's
 commands only (journalctl, systemctl, fsverity): nothing of the project's code
 is trusted to observe the project.

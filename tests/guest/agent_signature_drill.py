@@ -42,7 +42,7 @@ REF = "app/v1"
 LIB = "/opt/composefs-fleet/lib"
 IDENT = "composefs-fleet-agent"
 WATCHED = ("signature-invalid", "signature-expired")
-# The sandbox of roles/agent/templates/composefs-fleet-agent.service.j2 (what can matter to a pass).
+# The sandbox of roles/composefs_agent/templates/composefs-fleet-agent.service.j2 (what can matter to a pass).
 SANDBOX = ("ProtectSystem=strict", "NoNewPrivileges=yes", "ProtectHome=yes", "PrivateTmp=yes", "PrivateDevices=yes",
            "PrivateNetwork=yes", "ProtectKernelTunables=yes", "ProtectKernelModules=yes", "ProtectControlGroups=yes",
            "RestrictNamespaces=yes", "LockPersonality=yes", "MemoryDenyWriteExecute=yes",

@@ -2,8 +2,8 @@
 # Copyright: composefs-fleet contributors
 # SPDX-License-Identifier: Apache-2.0
 """Issue 7 in the QEMU guest (systemd PID 1, fs-verity): the molecule
-scenario ``guest`` converges the roles composefs.fleet.node and
-composefs.fleet.agent, checks idempotence, then verifies: the agent active
+scenario ``guest`` converges the roles composefs.fleet.composefs_node and
+composefs.fleet.composefs_agent, checks idempotence, then verifies: the agent active
 with a clean pass, a reboot after which the mount comes back through its
 .mount unit, and the fault drills of tests/guest/agent_drills.py. Its verify
 step leaves the observations as JSON on the host; the tests below assert on

@@ -27,7 +27,7 @@ import pytest
 pytestmark = pytest.mark.guest
 
 HERE = Path(__file__).resolve().parent
-UNIT = guest_vm.REPO / "roles" / "node" / "files" / "composefs-fleet-fsverity-keys.service"
+UNIT = guest_vm.REPO / "roles" / "composefs_node" / "files" / "composefs-fleet-fsverity-keys.service"
 
 
 def _openssl_pair(directory: Path, name: str, subject: str):

@@ -121,7 +121,7 @@ def _in_guest(guest, script: str, spec: dict) -> dict:
 
 def test_certificates_are_loaded_before_the_signed_image_mounts_at_boot(guest, tmp_path):
     key, cert = _pair(tmp_path)
-    unit = guest_vm.REPO / "roles" / "node" / "files" / "composefs-fleet-fsverity-keys.service"
+    unit = guest_vm.REPO / "roles" / "composefs_node" / "files" / "composefs-fleet-fsverity-keys.service"
     spec = {"trusted_key": key, "trusted_cert": cert, "unit": unit.read_text(), "where": WHERE,
             "checks_source": (HERE / "image_signature_checks.py").read_text()}
     before = _in_guest(guest, _BEFORE, spec)

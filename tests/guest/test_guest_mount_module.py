@@ -3,7 +3,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """composefs.fleet.mount in the QEMU guest, where systemd is PID 1 and the
 store's ext4 has fs-verity: what this host (no systemd, no fs-verity) cannot
-show. The role composefs.fleet.node makes the store, the image and the first
+show. The role composefs.fleet.composefs_node makes the store, the image and the first
 mount (modules store, image and mount, shipped as AnsiballZ over SSH) and
 installs our tools (mount.composefs in /sbin, so that the unit the module
 writes can mount at boot; the test starts and stops it with systemctl); plain
@@ -186,16 +186,16 @@ def _play() -> List[dict]:
             # Our tools, mount.composefs in /sbin where mount(8) looks for
             # helpers (the copies tests/guest/guest_vm.py puts in /usr/local
             # are not found there): the unit can then mount at boot.
-            "node_tools": "ours",
+            "composefs_node_tools": "ours",
             # Code and commands in this test's directory: the wrappers the
             # other guest tests use in /usr/local stay as they are.
-            "node_prefix": WORK + "/lib",
-            "node_bin_dir": WORK + "/bin",
-            "node_stores": [{"path": STORE}],
-            "node_images": [{"store": STORE, "ref": REF, "src": TREE}],
-            "node_mounts": [{k: v for k, v in MOUNT.items() if k != "state"}],
+            "composefs_node_prefix": WORK + "/lib",
+            "composefs_node_bin_dir": WORK + "/bin",
+            "composefs_node_stores": [{"path": STORE}],
+            "composefs_node_images": [{"store": STORE, "ref": REF, "src": TREE}],
+            "composefs_node_mounts": [{k: v for k, v in MOUNT.items() if k != "state"}],
         },
-        "roles": ["composefs.fleet.node"],
+        "roles": ["composefs.fleet.composefs_node"],
         "tasks": [
             _mount_task("mounted: again", "mounted"),
             _mount_task("mounted: again, check", "mounted", check=True),

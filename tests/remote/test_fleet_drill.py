@@ -5,7 +5,7 @@
 
 Each node is an inventory host with the local connection and its own store
 (host variable ``store_root`` under the test's temp dir); the play runs the
-node role (no tools installed: ``node_tools: none``), whose image items pull
+node role (no tools installed: ``composefs_node_tools: none``), whose image items pull
 ``app/current`` from the served store.  What is checked is read from the node
 stores' directories and from nginx's access log, not from the modules'
 answers alone.
@@ -47,13 +47,13 @@ def test_fifty_nodes_pull_v1_then_v2_and_converge(tmp_path, nginx):
     roots = {"node%02d" % i: tmp_path / "nodes" / ("node%02d" % i) / "store" for i in range(NODES)}
     hosts = {name: local_host(store_root=str(root)) for name, root in roots.items()}
     play_vars = {
-        "node_tools": "none",
-        "node_stores": [{"path": "{{ store_root }}"}],
-        "node_images": [{"store": "{{ store_root }}", "ref": "app/current", "remote": srv.url,
+        "composefs_node_tools": "none",
+        "composefs_node_stores": [{"path": "{{ store_root }}"}],
+        "composefs_node_images": [{"store": "{{ store_root }}", "ref": "app/current", "remote": srv.url,
                          "remote_ref": "{{ release }}", "jobs": 4}],
     }
     plays = [{"name": "fleet", "hosts": "all", "gather_facts": False, "vars": play_vars,
-              "roles": ["composefs.fleet.node"]}]
+              "roles": ["composefs.fleet.composefs_node"]}]
 
     def converge(release: str, expect_changed: bool) -> None:
         # Pipelining: each module runs from the interpreter's stdin, no temp files per task (fewer forks and writes).
