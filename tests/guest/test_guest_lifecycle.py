@@ -4,7 +4,7 @@
 """The life cycle of a mount in the QEMU guest (systemd PID 1, fs-verity, Linux 6.12):
 switch, reboot, roll back, and the node agent following each move.
 
-Playbook 1: the role composefs.fleet.node installs our tools (mount.composefs in /sbin, so the unit
+Playbook 1: the role composefs.fleet.composefs_node installs our tools (mount.composefs in /sbin, so the unit
 the module writes mounts at boot) and builds images v1 and v2 (refs app/v1, app/v2); the mount
 module mounts v1 (unit written); the agent starts as a service (a transient unit whose configuration
 names the mount point only); a process opens data.bin of v1 and reads half of it; the mount module
@@ -166,14 +166,14 @@ def _play_switch() -> List[dict]:
         "hosts": "guest",
         "gather_facts": False,
         "vars": {
-            "node_tools": "ours",
-            "node_prefix": WORK + "/lib",
-            "node_bin_dir": WORK + "/bin",
-            "node_stores": [{"path": STORE}],
-            "node_images": [{"store": STORE, "ref": "app/v1", "src": WORK + "/tree-v1"},
+            "composefs_node_tools": "ours",
+            "composefs_node_prefix": WORK + "/lib",
+            "composefs_node_bin_dir": WORK + "/bin",
+            "composefs_node_stores": [{"path": STORE}],
+            "composefs_node_images": [{"store": STORE, "ref": "app/v1", "src": WORK + "/tree-v1"},
                             {"store": STORE, "ref": "app/v2", "src": WORK + "/tree-v2"}],
         },
-        "roles": ["composefs.fleet.node"],
+        "roles": ["composefs.fleet.composefs_node"],
         "tasks": [
             {"name": "mount v1", "composefs.fleet.mount": dict(MOUNT, image="app/v1")},
             _cmd("start the agent", ["systemd-run", "--unit", AGENT_UNIT, "--property=Type=notify",
