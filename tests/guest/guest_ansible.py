@@ -124,3 +124,28 @@ def run_recorded(guest: Any, tmp: Path, plays: List[Dict[str, Any]]) -> Dict[str
     out["_playbook"] = {"rc": res.returncode, "stdout": res.stdout[-6000:], "stderr": res.stderr[-3000:]}
     shutil.rmtree(str(tmp), ignore_errors=True)
     return out
+
+
+def node_play(work: str, store: str, images: List[Dict[str, Any]], tasks: List[Dict[str, Any]],
+              mounts: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """One play on the guest: the role composefs.fleet.composefs_node with our tools, the store
+    ``store``, ``images`` and ``mounts``, then ``tasks``."""
+    return [{
+        "hosts": "guest",
+        "gather_facts": False,
+        "vars": {
+            # Our tools, mount.composefs in /sbin where mount(8) looks for
+            # helpers (the copies tests/guest/guest_vm.py puts in /usr/local
+            # are not found there): the unit can then mount at boot.
+            "composefs_node_tools": "ours",
+            # Code and commands in the test's directory: the wrappers the
+            # other guest tests use in /usr/local stay as they are.
+            "composefs_node_prefix": work + "/lib",
+            "composefs_node_bin_dir": work + "/bin",
+            "composefs_node_stores": [{"path": store}],
+            "composefs_node_images": images,
+            "composefs_node_mounts": mounts or [],
+        },
+        "roles": ["composefs.fleet.composefs_node"],
+        "tasks": tasks,
+    }]

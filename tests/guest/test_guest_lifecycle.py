@@ -21,7 +21,7 @@ import json
 from typing import Dict, List
 
 import pytest
-from guest_ansible import playbook_exe, run_recorded
+from guest_ansible import node_play, playbook_exe, run_recorded
 
 import guest_vm
 
@@ -162,19 +162,9 @@ def _probe(phase: str) -> dict:
 
 def _play_switch() -> List[dict]:
     lib = guest_vm.GUEST_ROOT + "/lib"
-    return [{
-        "hosts": "guest",
-        "gather_facts": False,
-        "vars": {
-            "composefs_node_tools": "ours",
-            "composefs_node_prefix": WORK + "/lib",
-            "composefs_node_bin_dir": WORK + "/bin",
-            "composefs_node_stores": [{"path": STORE}],
-            "composefs_node_images": [{"store": STORE, "ref": "app/v1", "src": WORK + "/tree-v1"},
-                            {"store": STORE, "ref": "app/v2", "src": WORK + "/tree-v2"}],
-        },
-        "roles": ["composefs.fleet.composefs_node"],
-        "tasks": [
+    images = [{"store": STORE, "ref": "app/v1", "src": WORK + "/tree-v1"},
+              {"store": STORE, "ref": "app/v2", "src": WORK + "/tree-v2"}]
+    return node_play(WORK, STORE, images, tasks=[
             {"name": "mount v1", "composefs.fleet.mount": dict(MOUNT, image="app/v1")},
             _cmd("start the agent", ["systemd-run", "--unit", AGENT_UNIT, "--property=Type=notify",
                                      "--property=NotifyAccess=main", "--setenv=PYTHONPATH=" + lib,
@@ -192,8 +182,7 @@ def _play_switch() -> List[dict]:
             {"name": "let the agent service pass", "ansible.builtin.pause": {"seconds": 6}},
             _probe("switched"),
             _cmd("stop the agent", ["systemctl", "stop", AGENT_UNIT]),
-        ],
-    }]
+        ])
 
 
 def _play_rollback() -> List[dict]:

@@ -28,7 +28,7 @@ import json
 from typing import Dict, List
 
 import pytest
-from guest_ansible import playbook_exe, run_recorded
+from guest_ansible import node_play, playbook_exe, run_recorded
 
 from composefs_fleet import fsverity_digest
 
@@ -179,24 +179,8 @@ def _probe(phase: str) -> dict:
 
 
 def _play() -> List[dict]:
-    return [{
-        "hosts": "guest",
-        "gather_facts": False,
-        "vars": {
-            # Our tools, mount.composefs in /sbin where mount(8) looks for
-            # helpers (the copies tests/guest/guest_vm.py puts in /usr/local
-            # are not found there): the unit can then mount at boot.
-            "composefs_node_tools": "ours",
-            # Code and commands in this test's directory: the wrappers the
-            # other guest tests use in /usr/local stay as they are.
-            "composefs_node_prefix": WORK + "/lib",
-            "composefs_node_bin_dir": WORK + "/bin",
-            "composefs_node_stores": [{"path": STORE}],
-            "composefs_node_images": [{"store": STORE, "ref": REF, "src": TREE}],
-            "composefs_node_mounts": [{k: v for k, v in MOUNT.items() if k != "state"}],
-        },
-        "roles": ["composefs.fleet.composefs_node"],
-        "tasks": [
+    return node_play(WORK, STORE, [{"store": STORE, "ref": REF, "src": TREE}], mounts=[
+        {k: v for k, v in MOUNT.items() if k != "state"}], tasks=[
             _mount_task("mounted: again", "mounted"),
             _mount_task("mounted: again, check", "mounted", check=True),
             _probe("mounted"),
@@ -206,8 +190,7 @@ def _play() -> List[dict]:
             _probe("remounted"),
             _mount_task("absent", "absent"),
             _probe("absent"),
-        ],
-    }]
+        ])
 
 
 @pytest.fixture(scope="module")
