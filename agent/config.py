@@ -241,11 +241,9 @@ def _mounts(raw: Any, problems: List[str]) -> List[MountSpec]:
         digest = _hex64(item["digest"], what + ".digest", problems) if "digest" in fallback else None
         basedirs_raw = item.get("basedirs")
         basedirs: List[str] = []
-        if basedirs_raw is None:
-            pass
-        elif not isinstance(basedirs_raw, list) or not basedirs_raw:
+        if basedirs_raw is not None and (not isinstance(basedirs_raw, list) or not basedirs_raw):
             problems.append("%s.basedirs must be a non-empty list of absolute paths" % what)
-        else:
+        elif basedirs_raw is not None:
             for j, b in enumerate(basedirs_raw):
                 path = _abs_path(b, "%s.basedirs[%d]" % (what, j), problems)
                 if path:
