@@ -336,7 +336,8 @@ def test_object_without_fs_verity_is_refused_through_the_mount(results):
 def test_absent_unmounts_and_removes_the_unit(results):
     res = _result(results, "absent")
     assert res["changed"] is True, res
-    assert res["actions"] == ["unmounted", "disabled unit", "removed unit"], res
+    # The mount point is no longer managed: its mount history goes too.
+    assert res["actions"] == ["unmounted", "disabled unit", "removed unit", "forgot history"], res
     assert res["diff"]["after"]["unit"] is None and res["diff"]["after"]["enabled"] is False, res["diff"]
     probe = _probe_result(results, "absent")
     assert probe["mounts"] == [], probe["mounts"]
