@@ -18,14 +18,14 @@ import struct
 import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from composefs_fleet import fsverity_digest, fsverity_ioctl, mount_record, mountinfo
+from composefs_fleet import fsverity_digest, fsverity_ioctl, mount_history, mount_record, mountinfo
 from composefs_fleet.errors import ComposefsError, SignatureError, VerityError, VerityMismatch
 from composefs_fleet.image_needs import image_file_objects
 from composefs_fleet.mount_state import LAYOUT, LiveMount, differences
 from composefs_fleet.ref_trust import TrustPolicy, verify_ref
 from composefs_fleet.store import DAMAGED, META_NAME, Store
 
-from .config import Config, MountSpec, load_policy
+from .config import Config, MountSpec, expected, load_policy
 from .findings import Finding
 from .remount import remount, request_for
 
@@ -43,6 +43,8 @@ class PassResult:
         self.objects = 0
         self.mounts = 0
         self.signatures = 0  # signed statements of mounted refs checked
+        # What each mount was checked against this pass: where, image, image_digest, ref, source.
+        self.expected: List[Dict[str, object]] = []
         # (mount, ref, expiry in Unix time) of each statement that verified and has an expiry.
         self.expiries: List[Tuple[str, str, int]] = []
         self.started = time.monotonic()
@@ -121,10 +123,11 @@ class Checker:
     """Holds what passes share: caches and the mounts seen last time."""
 
     def __init__(self, log: Callable[[Finding], None], tick: Callable[[], None],
-                 record_dir: str = mount_record.RECORD_DIR) -> None:
+                 record_dir: str = mount_record.RECORD_DIR, history_dir: str = mount_history.HISTORY_DIR) -> None:
         self.log = log
         self.tick = tick  # called between objects: watchdog pings, stop requests (raises StopPass)
         self.record_dir = record_dir
+        self.history_dir = history_dir
         self.digests = DigestCache(tick)
         # image digest -> {object hex: size}; images are content-addressed, so this never goes stale.
         self.image_objects: Dict[str, List[bytes]] = {}
@@ -151,10 +154,15 @@ class Checker:
         checked: Dict[str, Set[bytes]] = {}  # basedir -> objects checked this pass
         used_images: Set[str] = set()
         policy, policy_error = self._policy(config)
-        for spec in config.mounts:
+        for configured in config.mounts:
             result.mounts += 1
+            spec = self._expected(configured)
+            if spec is None:
+                continue
+            result.expected.append({"where": spec.where, "image": spec.image, "image_digest": spec.digest,
+                                    "ref": spec.ref, "source": spec.source})
             unvouched = False
-            if spec.ref is not None and (policy_error is not None or (policy is not None and not policy.empty)):
+            if configured.ref is not None and (policy_error is not None or (policy is not None and not policy.empty)):
                 # Fail closed: unless the check ends with a valid statement, the mount is not made again.
                 outcome: List[bool] = []
                 self._guard(lambda: outcome.append(self._check_signature(spec, policy, policy_error)),
@@ -166,6 +174,21 @@ class Checker:
                 del self.image_objects[digest]  # no longer mounted: let the memory go
         result.duration = time.monotonic() - result.started
         return result
+
+    def _expected(self, spec: MountSpec) -> Optional[MountSpec]:
+        """What the mount should show this pass: read again every pass, so a switch is followed at once."""
+        try:
+            history = mount_history.load(spec.where, self.history_dir)
+        except OSError as exc:  # canonical() resolving the mount point's parents
+            self._add("check-failed", "cannot read the mount history of %s: %s" % (spec.where, _why(exc)),
+                      {"mount": spec.where})
+            return None
+        found = expected(spec, history)
+        if found is None:
+            self._add("mount-history-missing", "%s has no mount history in %s and the configuration names no image: "
+                      "nothing says what it should show (mount it through composefs-fleet once, or give image, "
+                      "digest and basedirs)" % (spec.where, self.history_dir), {"mount": spec.where})
+        return found
 
     def _guard(self, check: Callable[[], None], **fields: object) -> None:
         try:
@@ -252,7 +275,7 @@ class Checker:
                           "for image %s" % (spec.where, spec.ref, spec.digest), dict(fields, ref=spec.ref))
                 return
             try:
-                how = remount(spec, pin=image_verity)
+                how = remount(spec, pin=image_verity, history_dir=self.history_dir)
             except (ComposefsError, OSError) as exc:
                 self._add("mount-remount-failed", "mounting %s again failed: %s" % (spec.where, exc), fields)
                 return
@@ -328,7 +351,8 @@ class Checker:
             return None
         mounted = record.get("image_digest")
         if mounted != spec.digest:
-            self._add("mount-wrong-image", "%s shows image %s, expected %s" % (spec.where, mounted, spec.digest),
+            self._add("mount-wrong-image", "%s shows image %s, expected %s (from its %s)"
+                      % (spec.where, mounted, spec.digest, spec.source),
                       dict(fields, expected=spec.digest, actual=mounted))
             if not isinstance(mounted, str) or len(mounted) != 64:
                 return None

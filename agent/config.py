@@ -23,7 +23,8 @@ from composefs_fleet.store_names import split_ref_name
 DEFAULT_PATH = "/etc/composefs-fleet/agent.json"
 FORMAT_VERSION = 1
 MAX_CONFIG_BYTES = MAX_JSON_BYTES
-VERITY_MODES = ("require", "on", "auto", "off")
+# As the mount module's (composefs_fleet.mount_state): ``on`` is the old name of ``boot``.
+VERITY_MODES = ("require", "boot", "on", "auto", "off")
 
 
 class ConfigError(Exception):
@@ -34,10 +35,16 @@ class ConfigError(Exception):
 
 
 class MountSpec:
-    __slots__ = ("where", "image", "digest", "basedirs", "verity", "remount", "upperdir", "workdir", "ref")
+    """A watched mount.  As configured, ``image``/``digest``/``basedirs`` may be
+    missing: the mount point's history (what our mount code last mounted there)
+    says what it should show, read every pass (:func:`expected`)."""
 
-    def __init__(self, where: str, image: str, digest: str, basedirs: List[str], verity: str, remount: bool,
-                 upperdir: Optional[str], workdir: Optional[str], ref: Optional[str] = None) -> None:
+    __slots__ = ("where", "image", "digest", "basedirs", "verity", "remount", "upperdir", "workdir", "ref",
+                 "source", "store_path")
+
+    def __init__(self, where: str, image: Optional[str], digest: Optional[str], basedirs: List[str], verity: str,
+                 remount: bool, upperdir: Optional[str], workdir: Optional[str], ref: Optional[str] = None,
+                 source: str = "configuration", store_path: Optional[str] = None) -> None:
         self.where = where
         self.image = image
         self.digest = digest
@@ -48,11 +55,33 @@ class MountSpec:
         self.workdir = workdir
         # The ref the image was mounted by; its signature is checked every pass (with trusted keys).
         self.ref = ref
+        # Where the expected image came from: "configuration" or "mount history".
+        self.source = source
+        self.store_path = store_path
 
     @property
     def store(self) -> str:
-        """The store of the image (``<store>/images/<digest>``, as validated when ``ref`` is set)."""
-        return os.path.dirname(os.path.dirname(self.image))
+        """The store of the image (the history's, else ``<store>/images/<digest>`` as validated when ``ref`` is set)."""
+        return self.store_path or os.path.dirname(os.path.dirname(self.image or ""))
+
+
+def expected(spec: MountSpec, history: Optional[Dict[str, Any]]) -> Optional[MountSpec]:
+    """What the mount ``spec`` should show now: its mount history (``mount_history.load``) when there is one,
+    else the image the configuration names; None when neither says.
+
+    The history follows every switch made through our mount code (the mount module, mount.composefs, a
+    boot), so a mount moved to another image is checked against that image without a new configuration.
+    Its ref (the one it was last mounted by) is the one whose signature is checked; without one, the
+    configured ref.
+    """
+    if history is None:
+        return spec if spec.image and spec.digest else None
+    verity = history.get("verity")
+    if verity not in VERITY_MODES:
+        verity = spec.verity  # a mode this agent does not know: the configured one
+    return MountSpec(spec.where, history["image"], history["image_digest"], list(history["basedirs"]), verity,
+                     spec.remount, history.get("upperdir"), history.get("workdir"), history.get("ref") or spec.ref,
+                     "mount history", history.get("store"))
 
 
 class Config:
@@ -203,13 +232,18 @@ def _mounts(raw: Any, problems: List[str]) -> List[MountSpec]:
     for what, item in _objects(raw, "mounts", "", _MOUNT, problems):
         n = len(problems)
         where = _abs_path(item.get("where"), what + ".where", problems)
-        image = _abs_path(item.get("image"), what + ".image", problems)
-        digest = _hex64(item.get("digest"), what + ".digest", problems)
+        # image, digest and basedirs: only for a mount point without a mount history (see expected()).
+        fallback = [k for k in ("image", "digest", "basedirs") if item.get(k) is not None]
+        if fallback and len(fallback) < 3:
+            problems.append("%s: image, digest and basedirs go together (what the mount shows when it has no mount "
+                            "history), got only %s" % (what, ", ".join(fallback)))
+        image = _abs_path(item["image"], what + ".image", problems) if "image" in fallback else None
+        digest = _hex64(item["digest"], what + ".digest", problems) if "digest" in fallback else None
         basedirs_raw = item.get("basedirs")
         basedirs: List[str] = []
-        if not isinstance(basedirs_raw, list) or not basedirs_raw:
+        if basedirs_raw is not None and (not isinstance(basedirs_raw, list) or not basedirs_raw):
             problems.append("%s.basedirs must be a non-empty list of absolute paths" % what)
-        else:
+        elif basedirs_raw is not None:
             for j, b in enumerate(basedirs_raw):
                 path = _abs_path(b, "%s.basedirs[%d]" % (what, j), problems)
                 if path:
@@ -228,7 +262,7 @@ def _mounts(raw: Any, problems: List[str]) -> List[MountSpec]:
         if where in seen:
             problems.append("%s: %s is listed twice" % (what, where))
         seen.add(where)
-        if len(problems) == n and where and image and digest:
+        if len(problems) == n and where:
             mounts.append(MountSpec(where, image, digest, basedirs, verity, remount, upperdir, workdir, ref))
     return mounts
 

@@ -37,6 +37,8 @@ KINDS: Dict[str, Kind] = {
     "mount-wrong-image": Kind("840d84966e7c4a9abd64e312224cdfc6", CRIT, False, "a mount shows another image"),
     "mount-image-unknown": Kind("fe8992c2ca7e4b3699f4225089b1768e", WARNING, False,
                                 "a composefs mount without a record: its image cannot be told"),
+    "mount-history-missing": Kind("bb6a22b235a74af0b711ab9edd48f097", ERR, False,
+                                  "neither a mount history nor the configuration says what a mount should show"),
     "mount-options-differ": Kind("a0d271ea1d474c25bf269e019ebfcee7", WARNING, False,
                                  "a mount's basedirs, upper/work directories or verity differ"),
     "image-missing": Kind("4f68d3bc625245188affb55c8374df5b", ERR, False, "an image file is missing"),

@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from composefs_fleet import mount_history
+
 from . import config as config_mod
 from .checks import Checker, PassResult, StopPass
 from .findings import KINDS
@@ -45,6 +47,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="move objects whose content does not match their name aside (also: config)")
     parser.add_argument("--textfile", help="node_exporter textfile to write after each pass (overrides the config)")
     parser.add_argument("--interval", type=float, help="seconds between passes (overrides the config)")
+    parser.add_argument("--history-dir", default=mount_history.HISTORY_DIR,
+                        help="the mount history: what our mount code last mounted at each mount point, which is "
+                             "what a watched mount should show (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="with --once: print the pass as JSON on stdout")
     parser.add_argument("--no-journal", action="store_true", help="log plain lines to stderr, not to the journal")
     return parser.parse_args(argv)
@@ -60,7 +65,7 @@ class Agent:
         self.stopping = False
         self.reload_requested = False
         self.watchdog = Watchdog()
-        self.checker = Checker(self.journal.finding, self._tick)
+        self.checker = Checker(self.journal.finding, self._tick, history_dir=args.history_dir)
 
     # -- configuration --------------------------------------------------------------
     def load_config(self) -> bool:
@@ -236,6 +241,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         json.dump({"pass": result.number, "healthy": result.healthy, "objects": result.objects,
                    "mounts": result.mounts, "signatures": result.signatures, "duration": result.duration,
-                   "findings": [f.as_dict() for f in result.findings]}, sys.stdout, indent=1, sort_keys=True)
+                   "expected": result.expected, "findings": [f.as_dict() for f in result.findings]}, sys.stdout, indent=1, sort_keys=True)
         print()
     return EXIT_HEALTHY if result.healthy else EXIT_FINDINGS

@@ -37,8 +37,9 @@ def request_for(spec: MountSpec, pin: bool = False) -> MountRequest:
                         spec.workdir)
 
 
-def remount(spec: MountSpec, pin: bool) -> str:
-    """Mount ``spec`` again; returns how."""
+def remount(spec: MountSpec, pin: bool, history_dir: str = "") -> str:
+    """Mount ``spec`` again; returns how.  A direct mount notes itself in the mount history in
+    ``history_dir`` ("": the default), as every mount through the core does."""
     if systemd_running():
         try:
             unit = unit_name(spec.where)
@@ -51,5 +52,6 @@ def remount(spec: MountSpec, pin: bool) -> str:
                 raise RemountError(str(exc)) from None
             return "systemctl start %s" % unit
     req = request_for(spec, pin)
-    mount_composefs(req.image_file, req.where, req.basedirs, **req.mount_args())
+    mount_composefs(req.image_file, req.where, req.basedirs, ref=spec.ref, store=spec.store_path,
+                    history_dir=history_dir, **req.mount_args())
     return "mounted by the agent"

@@ -37,6 +37,8 @@ class Node:
         self.textfile.parent.mkdir()
         self.mounted: List[Path] = []
         self.config_path = base / "agent.json"
+        # The mount history of this node's mounts (run_once points the agent at it).
+        self.history_dir = history_dir_of(self.config_path)
         self.mounts: List[Dict[str, object]] = []
 
     def image(self, name: str, seed: int) -> str:
@@ -47,12 +49,17 @@ class Node:
     def image_path(self, digest: str) -> str:
         return os.fsdecode(self.store.image_path(digest))
 
-    def mount(self, digest: str, where: Path, record: bool = True) -> None:
+    def mount(self, digest: str, where: Path, record: bool = True, history: bool = True, replace: bool = False,
+              ref: Optional[str] = None) -> None:
+        """Mount as the mount module does; ``history``: note it in this node's mount history
+        (without, the agent expects what its configuration names)."""
         where.mkdir(parents=True, exist_ok=True)
         # The agent (a separate process) reads the records where every mount leaves them.
         mount_composefs(self.image_path(digest), where, [str(self.store_path / "objects")],
-                        record_dir="" if record else None)
-        self.mounted.append(where)
+                        record_dir="" if record else None, history_dir=str(self.history_dir) if history else None,
+                        replace=replace, ref=ref, store=self.store_path if ref else None)
+        if where not in self.mounted:
+            self.mounted.append(where)
 
     def add_mount(self, digest: str, where: Path, **extra: object) -> None:
         spec = {"where": str(where), "image": self.image_path(digest), "digest": digest,
@@ -88,9 +95,14 @@ class Node:
         self.mounted.clear()
 
 
+def history_dir_of(config: Path) -> Path:
+    return config.parent / "history"
+
+
 def run_once(config: Path, *args: str, env: Optional[Dict[str, str]] = None) -> "subprocess.CompletedProcess[str]":
     return subprocess.run([sys.executable, "-m", "composefs_fleet_agent", "--once", "--no-journal", "--config",
-                           str(config)] + list(args), capture_output=True, text=True, timeout=300, env=env)
+                           str(config), "--history-dir", str(history_dir_of(config))] + list(args),
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 def kinds(stderr: str) -> List[str]:

@@ -78,8 +78,10 @@ def test_role_writes_ref_and_keys_and_refuses_a_missing_key(tmp_path: Path):
     doc = json.loads(config.read_text())
     assert doc["trusted_keys"] == [str(trusted)] and doc["revoked_keys"] == [str(revoked)]
     by_ref, by_digest = doc["mounts"]
-    assert by_ref["ref"] == "app/v1" and by_ref["image"] == "%s/images/%s" % (store, digest), by_ref
+    # By ref: the ref only (the agent reads the image from the mount history), never the digest it names now.
+    assert by_ref == {"where": str(tmp_path / "mnt"), "remount": False, "ref": "app/v1"}, by_ref
     assert "ref" not in by_digest, by_digest  # named by digest: no ref, no signature to check
+    assert by_digest["image"] == "%s/images/%s" % (store, digest) and by_digest["digest"] == digest, by_digest
     # What the role wrote is what the agent reads: the ref mount's signature is checked.
     check = subprocess.run([str(agent), "--check-config", "--config", str(config)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr

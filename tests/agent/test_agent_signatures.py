@@ -234,7 +234,7 @@ def test_keys_are_read_again_every_pass(signed: Signed):
     signed.sign("other")
     cfg = load(str(signed.config()))
     logged: List[object] = []
-    checker = Checker(logged.append, lambda: None)
+    checker = Checker(logged.append, lambda: None, history_dir=str(signed.node.history_dir))
     assert checker.run(cfg, 1, quarantine=False).healthy
     shutil.copyfile(signed.keys["other"][1], signed.revoked_dir / "other.pub")
     second = checker.run(cfg, 2, quarantine=False)

@@ -43,6 +43,7 @@ import time
 SERVICE = "composefs-fleet-agent.service"
 IDENT = "composefs-fleet-agent"
 DEFAULT_CONFIG = "/etc/composefs-fleet/agent.json"
+HISTORY_DIR = "/var/lib/composefs-fleet/mounts"  # composefs_fleet.mount_history.HISTORY_DIR
 
 
 def run(argv, check=False, timeout=120):
@@ -265,11 +266,14 @@ class Context:
         self.tree = tree
         m = self.config["mounts"][0]
         self.where = m["where"]
-        self.image = m["image"]
-        self.image_digest = m["digest"]
-        self.basedir = m["basedirs"][0]
-        self.textfile = self.config.get("textfile") or None
         self.unit = run(["systemd-escape", "--path", "--suffix=mount", self.where], check=True)["out"]
+        # A mount by ref names no image in the configuration: the agent reads the mount history, so do we.
+        with open(os.path.join(HISTORY_DIR, self.unit + ".json")) as f:
+            self.history = json.load(f)
+        self.image = self.history["image"]
+        self.image_digest = self.history["image_digest"]
+        self.basedir = self.history["basedirs"][0]
+        self.textfile = self.config.get("textfile") or None
         self.objects = tree_objects(tree)
 
     def snapshot(self):
@@ -295,7 +299,7 @@ class Context:
 # -------------------------------------------------------------- commands --
 
 def cmd_status(ctx, boot):
-    out = {"config": ctx.config, "unit": ctx.unit, "objects": ctx.objects}
+    out = {"config": ctx.config, "history": ctx.history, "unit": ctx.unit, "objects": ctx.objects}
     out["service"] = wait_active()
     pid = out["service"].get("MainPID")
     # The newest pass summary of the running process (it passes once at start).

@@ -145,7 +145,10 @@ def test_agent_active_with_a_clean_pass(scenario):
     assert len(lines) == 1 and "verity=require" in lines[0]["super"], st["mount"]
     cfg = st["config"]
     assert cfg["mounts"][0]["where"] == WHERE and cfg["mounts"][0]["remount"] is True, cfg
-    assert cfg["mounts"][0]["image"] == "%s/images/%s" % (STORE, cfg["mounts"][0]["digest"]), cfg
+    # By ref, without a digest: the agent reads the image from the mount history the mount module wrote.
+    assert cfg["mounts"][0]["ref"] == "app/current" and "digest" not in cfg["mounts"][0], cfg
+    history = st["history"]
+    assert history["image"] == "%s/images/%s" % (STORE, history["image_digest"]) and history["ref"] == "app/current"
 
 
 def test_systemd_analyze_security_exposure(scenario, capsys, record_property):

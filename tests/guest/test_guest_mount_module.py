@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from typing import Dict, List
 
 import pytest
-from guest_ansible import playbook_exe, run_playbook
+from guest_ansible import node_play, playbook_exe, run_recorded
 
 from composefs_fleet import fsverity_digest
 
@@ -165,47 +164,6 @@ if phase == "absent":
 print(json.dumps(out))
 """
 
-# Records every task result of the run (a role's tasks cannot be registered
-# from the play, and ansible-core has no JSON callback).
-CALLBACK = r"""
-import json
-import os
-
-from ansible.plugins.callback import CallbackBase
-
-
-class CallbackModule(CallbackBase):
-    CALLBACK_VERSION = 2.0
-    CALLBACK_TYPE = "aggregate"
-    CALLBACK_NAME = "cfmount_record"
-    CALLBACK_NEEDS_ENABLED = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.records = {}
-
-    def _record(self, result, status):
-        task = getattr(result, "task", None) or result._task
-        data = result.result if hasattr(type(result), "result") else result._result
-        self.records[task.name or task.action] = dict(data, _status=status)
-
-    def v2_runner_on_ok(self, result):
-        self._record(result, "ok")
-
-    def v2_runner_on_failed(self, result, ignore_errors=False):
-        self._record(result, "failed")
-
-    def v2_runner_on_skipped(self, result):
-        self._record(result, "skipped")
-
-    def v2_runner_on_unreachable(self, result):
-        self._record(result, "unreachable")
-
-    def v2_playbook_on_stats(self, stats):
-        with open(os.environ["CFMOUNT_RECORD"], "w") as f:
-            json.dump(self.records, f, default=str)
-"""
-
 MOUNT = {"path": WHERE, "store": STORE, "image": REF, "verity": "auto", "pin_digest": True, "state": "mounted"}
 PROBE_SPEC = {"where": WHERE, "unit": UNIT, "unit_file": UNIT_FILE, "wants_link": WANTS_LINK,
               "object_a": OBJECTS["a.txt"], "object_b": OBJECTS["sub/b.bin"]}
@@ -221,24 +179,8 @@ def _probe(phase: str) -> dict:
 
 
 def _play() -> List[dict]:
-    return [{
-        "hosts": "guest",
-        "gather_facts": False,
-        "vars": {
-            # Our tools, mount.composefs in /sbin where mount(8) looks for
-            # helpers (the copies tests/guest/guest_vm.py puts in /usr/local
-            # are not found there): the unit can then mount at boot.
-            "composefs_node_tools": "ours",
-            # Code and commands in this test's directory: the wrappers the
-            # other guest tests use in /usr/local stay as they are.
-            "composefs_node_prefix": WORK + "/lib",
-            "composefs_node_bin_dir": WORK + "/bin",
-            "composefs_node_stores": [{"path": STORE}],
-            "composefs_node_images": [{"store": STORE, "ref": REF, "src": TREE}],
-            "composefs_node_mounts": [{k: v for k, v in MOUNT.items() if k != "state"}],
-        },
-        "roles": ["composefs.fleet.composefs_node"],
-        "tasks": [
+    return node_play(WORK, STORE, [{"store": STORE, "ref": REF, "src": TREE}], mounts=[
+        {k: v for k, v in MOUNT.items() if k != "state"}], tasks=[
             _mount_task("mounted: again", "mounted"),
             _mount_task("mounted: again, check", "mounted", check=True),
             _probe("mounted"),
@@ -248,35 +190,17 @@ def _play() -> List[dict]:
             _probe("remounted"),
             _mount_task("absent", "absent"),
             _probe("absent"),
-        ],
-    }]
+        ])
 
 
 @pytest.fixture(scope="module")
 def results(guest, tmp_path_factory) -> Dict[str, dict]:
     playbook_exe()
-    for text in (PROBE, CALLBACK):
-        # The probe travels in a task argument: Ansible would template these.
-        assert "{{" not in text and "{%" not in text and "{#" not in text
+    # The probe travels in a task argument: Ansible would template these.
+    assert "{{" not in PROBE and "{%" not in PROBE and "{#" not in PROBE
     guest.run(["python3", "-c", SETUP],
               input=json.dumps({"work": WORK, "tree": TREE, "store": STORE, "files": FILES}).encode())
-    tmp = tmp_path_factory.mktemp("mount-module")
-    (tmp / "callbacks").mkdir()
-    (tmp / "callbacks" / "cfmount_record.py").write_text(CALLBACK)
-    record = tmp / "results.json"
-    res = run_playbook(guest, tmp, _play(), {
-        "ANSIBLE_CALLBACK_PLUGINS": str(tmp / "callbacks"),
-        "ANSIBLE_CALLBACKS_ENABLED": "cfmount_record",
-        "CFMOUNT_RECORD": str(record),
-    })
-    try:
-        out = json.loads(record.read_text())
-    except (OSError, ValueError):
-        pytest.fail("the playbook recorded no results (exit %d):\n%s\n%s"
-                    % (res.returncode, res.stdout[-4000:], res.stderr[-3000:]), pytrace=False)
-    out["_playbook"] = {"rc": res.returncode, "stdout": res.stdout[-6000:], "stderr": res.stderr[-3000:]}
-    shutil.rmtree(str(tmp), ignore_errors=True)
-    return out
+    return run_recorded(guest, tmp_path_factory.mktemp("mount-module"), _play())
 
 
 def _result(results: Dict[str, dict], name: str) -> dict:
@@ -412,7 +336,8 @@ def test_object_without_fs_verity_is_refused_through_the_mount(results):
 def test_absent_unmounts_and_removes_the_unit(results):
     res = _result(results, "absent")
     assert res["changed"] is True, res
-    assert res["actions"] == ["unmounted", "disabled unit", "removed unit"], res
+    # The mount point is no longer managed: its mount history goes too.
+    assert res["actions"] == ["unmounted", "disabled unit", "removed unit", "forgot history"], res
     assert res["diff"]["after"]["unit"] is None and res["diff"]["after"]["enabled"] is False, res["diff"]
     probe = _probe_result(results, "absent")
     assert probe["mounts"] == [], probe["mounts"]
