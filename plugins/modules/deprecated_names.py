@@ -14,7 +14,7 @@ version_added: 0.1.0
 description:
   - Shows an Ansible deprecation warning for each old name given, naming the new one and the collection version
     that removes the old one.
-  - The roles M(composefs.fleet.composefs_node) and M(composefs.fleet.composefs_agent) run it when a play still
+  - The roles C(composefs.fleet.composefs_node) and C(composefs.fleet.composefs_agent) run it when a play still
     sets variables under their old names (C(node_*), C(agent_*)) or calls them by their old role names
     (C(composefs.fleet.node), C(composefs.fleet.agent)). Not meant to be used on its own.
   - Changes nothing, on the node or elsewhere.
