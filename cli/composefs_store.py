@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="remove objects/.tmp* files only when older than this (default 3600: a C mkcomposefs "
                          "--digest-store may still be writing them)")
     gc.add_argument("--verbose", "-v", action="store_true", help="list every removed name")
+    gc.add_argument("--history-dir", metavar="DIR", default=None,
+                    help="where the mount points' histories are, whose previous images gc keeps for a rollback "
+                         "(default: /var/lib/composefs-fleet/mounts)")
 
     sub.add_parser("stats", parents=[common], help="objects, bytes, sharing between images, bytes saved")
     store_pull.add_parsers(sub, common)
@@ -306,7 +309,8 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     if args.tmp_grace < 0:
         raise _Fail("--tmp-grace cannot be negative")
     store = _open(args)
-    result = collect(store, dry_run=args.dry_run, tmp_grace=args.tmp_grace)
+    history = {} if args.history_dir is None else {"history_dir": args.history_dir}
+    result = collect(store, dry_run=args.dry_run, tmp_grace=args.tmp_grace, **history)
     verb = "would remove" if args.dry_run else "removed"
     lines = ["%s %d images (%s), %d objects (%s), %d temporary files; kept %d images, %d objects"
              % (verb, len(result.removed_images), _human(result.removed_image_bytes), len(result.removed_objects),
@@ -314,6 +318,13 @@ def _cmd_gc(args: argparse.Namespace) -> int:
                 result.kept_objects)]
     if result.mounted:
         lines.append("mounted images taken into account: %s" % "; ".join(result.mounted))
+    for kept in result.kept_previous:
+        lines.append("kept previous image %s of %s for a rollback%s" % (
+            kept["image_digest"], kept["where"], "" if kept["in_store"] else " (its objects; the image is %s)"
+            % kept["image_file"]))
+    for missing in result.missing_previous:
+        lines.append("warning: previous image %s of %s cannot be kept: %s"
+                     % (missing["image_digest"], missing["where"], missing["reason"]))
     if args.verbose:
         lines += ["%s image %s" % (verb, h) for h in result.removed_images]
         lines += ["%s object %s" % (verb, h) for h in result.removed_objects]

@@ -85,9 +85,10 @@ EXAMPLES = r"""
   ansible.builtin.assert:
     that: cfs.stores[0].images | map(attribute='missing_count') | sum == 0
 
-- name: Show which image is mounted where
+- name: Show which image is mounted where, and the one it replaced (kept by gc for a rollback)
   ansible.builtin.debug:
-    msg: "{{ item.where }}: {{ item.image_digest | default('unknown', true) }}"
+    msg: "{{ item.where }}: {{ item.image_digest | default('unknown', true) }}
+      (before: {{ item.previous_image_digest | default('none', true) }})"
   loop: "{{ cfs.mounts }}"
 """
 
@@ -173,10 +174,86 @@ stores:
           returned: always
           sample: null
     stats:
-      description: Store statistics (objects, bytes, sharing, bytes saved by sharing), as C(composefs-store stats).
+      description:
+        - Store statistics (objects, bytes, sharing, bytes saved by sharing), as C(composefs-store stats).
+        - Objects not needed by any image count as unreferenced; C(composefs.fleet.gc) removes them (and images no
+          ref names, unless mounted or kept for a rollback).
       type: dict
       returned: always
-      sample: {"objects": 1840, "object_bytes": 73400320, "saved_bytes": 52428800, "images": 2, "refs": 2}
+      contains:
+        objects:
+          description: Number of objects in the store.
+          type: int
+          returned: always
+          sample: 1840
+        object_bytes:
+          description: Total size of the objects in bytes.
+          type: int
+          returned: always
+          sample: 73400320
+        object_disk_bytes:
+          description: Disk space the objects take (allocated blocks) in bytes.
+          type: int
+          returned: always
+          sample: 74973184
+        images:
+          description: Number of images in the store.
+          type: int
+          returned: always
+          sample: 2
+        image_bytes:
+          description: Total size of the readable images in bytes.
+          type: int
+          returned: always
+          sample: 1048576
+        refs:
+          description: Number of refs.
+          type: int
+          returned: always
+          sample: 2
+        shared_objects:
+          description: Number of objects present and needed by more than one image.
+          type: int
+          returned: always
+          sample: 1500
+        shared_object_bytes:
+          description: Total size of the shared objects in bytes.
+          type: int
+          returned: always
+          sample: 52428800
+        unreferenced_objects:
+          description: Number of objects no readable image needs.
+          type: int
+          returned: always
+          sample: 0
+        unreferenced_bytes:
+          description: Total size of the unreferenced objects in bytes.
+          type: int
+          returned: always
+          sample: 0
+        logical_bytes:
+          description:
+            - Bytes the images' external files would take without a shared store (every file of every image at its
+              size, duplicates included).
+          type: int
+          returned: always
+          sample: 125829120
+        saved_bytes:
+          description: RV(stores[].stats.logical_bytes) minus the bytes of the distinct objects the images use.
+          type: int
+          returned: always
+          sample: 52428800
+        max_sharing:
+          description: The largest number of images needing one same object (0 without images).
+          type: int
+          returned: always
+          sample: 2
+        unreadable_images:
+          description: Digests of images that could not be read (left out of the other numbers).
+          type: list
+          elements: str
+          returned: always
+          sample: []
 mounts:
   description: Every composefs mount of the node (none when O(mounts=false)).
   returned: always
@@ -239,13 +316,34 @@ mounts:
       type: bool
       returned: always
       sample: true
+    ref:
+      description:
+        - The ref the image was mounted by (a ref as O(composefs.fleet.mount#module:image)); null when unknown or
+          mounted by path or digest.
+      type: str
+      returned: always
+      sample: app/current
+    previous_image_digest:
+      description:
+        - The fs-verity digest of the image this mount point showed before its last switch, from the mount record
+          or else the mount point's history (C(/var/lib/composefs-fleet/mounts/)); null when unknown or never
+          switched.
+        - C(composefs.fleet.gc) keeps that image while the mount is live, so rolling back to it works offline.
+      type: str
+      returned: always
+      sample: 9a1b6c0e2f4d8a7c5b3e1f0d2c4b6a8e0f1d3c5b7a9e2d4f6b8a0c1e3d5f7b9a
+    previous_image_file:
+      description: The image file of the previous image (see RV(mounts[].previous_image_digest)); null when unknown.
+      type: str
+      returned: always
+      sample: /var/lib/composefs/store/images/9a1b6c0e2f4d8a7c5b3e1f0d2c4b6a8e0f1d3c5b7a9e2d4f6b8a0c1e3d5f7b9a
 """
 
 import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.composefs import mount_record, mountinfo
+from ..module_utils.composefs import mount_history, mount_record, mountinfo
 from ..module_utils.composefs.errors import ComposefsError
 from ..module_utils.composefs.mount import verity_problem
 from ..module_utils.composefs.store import Store
@@ -304,7 +402,17 @@ def store_facts(location, mounted_at, check_objects, allow_foreign=False):
 
 def mount_facts():
     entries = mountinfo.read_mountinfo()
-    return [mount_record.describe_mount(e, entries) for e in mountinfo.composefs_mounts(entries)]
+    mounts = [mount_record.describe_mount(e, entries) for e in mountinfo.composefs_mounts(entries)]
+    for m in mounts:
+        if m["image_digest"] and not m["previous_image_digest"]:
+            # A record written before the history knew the previous image: the history tells, if it
+            # describes the image mounted now.
+            entry = mount_history.load(m["where"], mount_history.HISTORY_DIR)
+            if entry and entry["image_digest"] == m["image_digest"] and entry.get("previous"):
+                m["previous_image_digest"] = entry["previous"]["image_digest"]
+                m["previous_image_file"] = entry["previous"]["image"]
+                m["ref"] = m["ref"] or entry.get("ref")
+    return mounts
 
 
 def main():

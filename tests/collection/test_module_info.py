@@ -172,3 +172,44 @@ def test_mounts_with_and_without_record(module_runner, store, tmp_path):
     assert not [m for m in res["mounts"] if m["where"].startswith(str(tmp_path))]
     mount_record.prune()
     assert not os.path.exists(mount_record.record_path(targets[0]))
+
+
+@pytest.mark.kernel
+def test_mounts_report_ref_and_previous_image(module_runner, store, tmp_path, monkeypatch):
+    """After a switch: the ref mounted and the image shown before (what a rollback mounts), from the mount
+    record; a record that does not know it is completed from the mount point's history, if that history
+    describes the image mounted now."""
+    from ansible_collections.composefs.fleet.plugins.module_utils.composefs import mount_history
+
+    one, two = store.read_ref("app/one"), store.read_ref("app/two")
+    switched, older, stale = tmp_path / "switched", tmp_path / "older", tmp_path / "stale"
+    history = tmp_path / "history"
+    for t in (switched, older, stale):
+        t.mkdir()
+    try:
+        mount_composefs(store.image_path(one), switched, [store.objects_dir], ref="app/one", history_dir=str(history))
+        mount_composefs(store.image_path(two), switched, [store.objects_dir], ref="app/two", replace=True,
+                        history_dir=str(history))
+        for t in (older, stale):  # records without a previous image, histories written by hand
+            mount_composefs(store.image_path(two), t, [store.objects_dir], history_dir=None)
+        objects = [os.fsdecode(store.objects_dir)]
+        mount_history.note_mount(str(older), os.fsdecode(store.image_path(two)), two, objects, "off", ref="app/two",
+                                 directory=str(history),
+                                 replaced={"image": os.fsdecode(store.image_path(one)), "image_digest": one})
+        mount_history.note_mount(str(stale), os.fsdecode(store.image_path(one)), one, objects, "off",
+                                 directory=str(history),
+                                 replaced={"image": os.fsdecode(store.image_path(two)), "image_digest": two})
+        monkeypatch.setattr(mount_history, "HISTORY_DIR", str(history))
+        res = run_info(module_runner, {})
+        mounts = {m["where"]: m for m in res["mounts"] if m["where"].startswith(str(tmp_path))}
+        for where, ref in ((switched, "app/two"), (older, "app/two")):
+            m = mounts[str(where)]
+            assert (m["image_digest"], m["ref"]) == (two, ref), m
+            assert m["previous_image_digest"] == one, m
+            assert m["previous_image_file"] == os.fsdecode(store.image_path(one))
+        m = mounts[str(stale)]  # its history describes another image: not believed
+        assert m["image_digest"] == two and m["previous_image_digest"] is None and m["previous_image_file"] is None
+        assert m["ref"] is None
+    finally:
+        for t in (switched, switched, older, stale):
+            subprocess.run(["umount", "-l", str(t)], capture_output=True)

@@ -90,3 +90,15 @@ def make_tree():
 def store_cmd() -> List[str]:
     """argv prefix of composefs-store (without --repo)."""
     return store_argv()
+
+
+def stored_objects(store: Store) -> "set[str]":
+    """The digests of every object in ``store``."""
+    return {h for h, _p, _st in store.iter_objects()}
+
+
+def image_needs(store: Store, digest: str) -> "set[str]":
+    """The objects image ``digest`` of ``store`` needs."""
+    from composefs_fleet.image_needs import image_objects
+
+    return set(image_objects(store.read_image(digest)).objects)

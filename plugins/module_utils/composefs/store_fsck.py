@@ -65,6 +65,8 @@ class FsckResult:
         # Paths (bytes) of damaged entries, with their identity when found.
         self.damaged: List[Tuple[bytes, Tuple[int, int, int, int]]] = []
         self.moved: List[str] = []
+        #: With repair: the problems left afterwards (the moves made, some images may now miss objects).
+        self.remaining: Optional[List[str]] = None
 
     @property
     def clean(self) -> bool:
@@ -140,6 +142,9 @@ def check(store: Store, *, repair: bool = False, threads: Optional[int] = None) 
                 with store.lock.shared():
                     _scan(store, again, threads)
                 result.errors.extend(e for e in again.errors if e not in result.errors)
+                result.remaining = list(again.errors)
+            else:
+                result.remaining = list(result.errors)
     else:
         with store.lock.shared():
             _scan(store, result, threads)

@@ -34,6 +34,14 @@ collection: guessing could delete what a running system reads.
 The locking protocol is in the docstring of :mod:`.store`: parse images
 without the lock, then mark again and sweep under the exclusive lock.
 
+The image a live mount showed before its last switch (``previous`` in its
+mount record, and in the mount point's history, :mod:`.mount_history`, while
+a composefs mount is at that mount point) is kept too, with its objects,
+until the mount moves again: rolling back to it must work offline.  Such an
+image outside the store keeps its objects only while the file still has the
+recorded digest; a previous image that cannot be found is reported, never a
+reason to refuse (nothing reads it now).
+
 An image's fs-verity signature (``images/<digest>.sig``,
 :mod:`.store_image_sig`) is removed with its image, and when its image is
 not kept (gone already).
@@ -50,6 +58,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from .errors import ComposefsError, RefNotFound, StoreError
 from .loopdev import bound_devices
+from .mount_history import HISTORY_DIR, list_all as history_entries
 from .mount_record import mounted_images as recorded_mounts
 from .mountinfo import MountInfo, of_type, read_mountinfo, top_mount
 from .image_needs import image_data_objects, is_composefs_image
@@ -338,6 +347,10 @@ class GcResult:
         self.removed_temp_files: List[str] = []
         self.mounted: List[str] = []
         self.kept_objects = 0
+        #: Previous images of live mounts kept for a rollback: {where, image_digest, image_file, in_store}.
+        self.kept_previous: List[Dict[str, Any]] = []
+        #: Previous images of live mounts that could not be kept: {where, image_digest, image_file, reason}.
+        self.missing_previous: List[Dict[str, Any]] = []
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -351,7 +364,57 @@ def _image_objects_cached(store: Store, hexd: str, cache: Dict[str, Set[str]]) -
     return objs
 
 
-def _mark(store: Store, cache: Dict[str, Set[str]], result: GcResult) -> Tuple[Set[str], Set[str]]:
+def _previous_candidates(history_dir: Optional[str]) -> List[Tuple[str, Dict[str, Any], List[str]]]:
+    """(mount point, previous image, basedirs) of every live mount: from its
+    record, and from the history of each mount point a composefs mount is on."""
+    found: List[Tuple[str, Dict[str, Any], List[str]]] = []
+    records, _unknown = recorded_mounts()
+    for rec in records:
+        if isinstance(rec.get("previous"), dict) and isinstance(rec.get("where"), str):
+            found.append((rec["where"], rec["previous"], [d for d in rec.get("basedirs") or [] if isinstance(d, str)]))
+    if history_dir is None:
+        return found
+    entries = read_mountinfo()
+    for entry in history_entries(history_dir):
+        top = top_mount(entry["where"], entries)
+        if entry.get("previous") and top is not None and top.is_composefs():
+            found.append((entry["where"], entry["previous"], entry["basedirs"]))
+    return found
+
+
+def _keep_previous(store: Store, present: Set[str], cache: Dict[str, Set[str]], history_dir: Optional[str],
+                   result: GcResult) -> Tuple[Set[str], Set[str]]:
+    """(images, objects) kept because a live mount showed them before its last switch."""
+    images: Set[str] = set()
+    objects: Set[str] = set()
+    seen: Set[Tuple[str, str]] = set()
+    for where, previous, basedirs in _previous_candidates(history_dir):
+        digest, image = previous.get("image_digest"), previous.get("image")
+        if not isinstance(digest, str) or not is_hex_name(digest) or (where, digest) in seen:
+            continue
+        seen.add((where, digest))
+        shown = {"where": where, "image_digest": digest, "image_file": image if isinstance(image, str) else None}
+        if digest in present:
+            images.add(digest)
+            result.kept_previous.append(dict(shown, in_store=True))
+            continue
+        if not _uses_store(store, basedirs):
+            continue  # its objects are not in this store
+        if not isinstance(image, str):
+            result.missing_previous.append(dict(shown, reason="not in the store and no image file recorded"))
+            continue
+        try:
+            objects |= _file_objects_if(image, digest, "previous image of %s" % where, cache)
+        except StoreError as exc:
+            # Nothing reads it now: only a rollback would, so say so instead of refusing.
+            result.missing_previous.append(dict(shown, reason=str(exc).replace(_REFUSE, "")))
+            continue
+        result.kept_previous.append(dict(shown, in_store=False))
+    return images, objects
+
+
+def _mark(store: Store, cache: Dict[str, Set[str]], result: GcResult,
+          history_dir: Optional[str] = HISTORY_DIR) -> Tuple[Set[str], Set[str]]:
     """(images to keep, objects to keep)."""
     keep_images: Set[str] = set()
     keep_objects: Set[str] = set()
@@ -370,6 +433,9 @@ def _mark(store: Store, cache: Dict[str, Set[str]], result: GcResult) -> Tuple[S
             keep_images.add(m.store_digest)
         keep_objects |= m.objects
     present = set(store.list_images())
+    previous_images, previous_objects = _keep_previous(store, present, cache, history_dir, result)
+    keep_images |= previous_images
+    keep_objects |= previous_objects
     for hexd in sorted(keep_images):
         if hexd not in present:
             continue  # a dangling ref: fsck reports it
@@ -382,8 +448,11 @@ def _mark(store: Store, cache: Dict[str, Set[str]], result: GcResult) -> Tuple[S
     return keep_images, keep_objects
 
 
-def collect(store: Store, *, dry_run: bool = False, tmp_grace: float = DEFAULT_TMP_GRACE) -> GcResult:
+def collect(store: Store, *, dry_run: bool = False, tmp_grace: float = DEFAULT_TMP_GRACE,
+            history_dir: Optional[str] = HISTORY_DIR) -> GcResult:
     """Remove images and objects unreachable from refs and mounts (see module docstring).
+
+    ``history_dir`` holds the mount points' histories (None: only mount records tell previous images).
 
     Deletes only through the store's directory descriptors (unlinkat, never
     following a link), and refuses to start when a store directory is a
@@ -396,11 +465,11 @@ def collect(store: Store, *, dry_run: bool = False, tmp_grace: float = DEFAULT_T
     with store.lock.collector():
         # Unlocked preparation: parse what refs name now (images never change).
         try:
-            _mark(store, cache, GcResult())
+            _mark(store, cache, GcResult(), history_dir)
         except StoreError:
             pass  # decided under the lock below
         with store.lock.exclusive():
-            keep_images, keep_objects = _mark(store, cache, result)
+            keep_images, keep_objects = _mark(store, cache, result, history_dir)
             result.kept_images = sorted(keep_images)
             _sweep(store, keep_images, keep_objects, dry_run, tmp_grace, result)
     return result
