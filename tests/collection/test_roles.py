@@ -5,12 +5,14 @@
 
 Local connection, every path in the test's temp dir, no service started
 (systemd is not PID 1 here; the units are written for a next boot only).
-- Check mode and diff mode on a fresh node: both roles succeed, say what
+- Check mode and diff mode on a fresh node (gc included): both roles succeed, say what
   they would change (the diff shows the unit and the agent configuration),
   and create nothing.
 - The old role names (composefs.fleet.node, composefs.fleet.agent) and
   variable names (node_*, agent_*) still work, with a deprecation warning
   naming old and new; the new names give none.
+- composefs_node_gc: gc runs last on the stores (a dropped ref's image and
+  objects freed; nothing more the next time).
 - The agent's unit is Type=notify-reload where systemctl --version says
   253 or newer, else Type=notify with ExecReload= sending SIGHUP.
 """
@@ -23,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
+
+from composefs_fleet.store import Store
 
 from pull_play import local_host, output, recap, run_playbook  # type: ignore[import-not-found]
 
@@ -86,10 +90,12 @@ def test_check_and_diff_on_a_fresh_node(tmp_path):
     agent_command(tmp_path)
     names = role_vars(tmp_path)
     node = tmp_path / "node"
-    # Both roles with everything they install: our tools under the node dir too (a prefix, bin and sbin there).
+    # Both roles with everything they install: our tools under the node dir too (a prefix, bin and sbin there),
+    # and gc of the store that does not exist yet.
     node_vars = dict(names["node"], composefs_node_tools="ours", composefs_node_prefix=str(node / "lib"),
                      composefs_node_bin_dir=str(node / "bin"), composefs_node_sbin_dir=str(node / "sbin"),
-                     composefs_node_mounts=[dict(names["node"]["composefs_node_mounts"][0], state="mounted")])
+                     composefs_node_mounts=[dict(names["node"]["composefs_node_mounts"][0], state="mounted")],
+                     composefs_node_gc=True)
     agent_vars = dict(names["agent"], composefs_agent_install=True, composefs_agent_prefix=str(node / "lib"),
                       composefs_agent_bin_dir=str(node / "bin"), composefs_agent_packages=[])
     roles = ["composefs.fleet.composefs_node", {"role": "composefs.fleet.composefs_agent", "vars": agent_vars}]
@@ -138,6 +144,37 @@ def test_old_role_and_variable_names_work_and_warn(tmp_path):
     assert proc.returncode == 0, output(proc)
     assert recap(proc)["localhost"]["changed"] == 0, output(proc)
     assert deprecations(proc) == "", output(proc)
+
+
+def test_node_role_gc(tmp_path):
+    make_tree(tmp_path / "src")
+    (tmp_path / "src2").mkdir()
+    (tmp_path / "src2" / "only-v2").write_bytes(bytes(range(255, -1, -1)) * 50)
+    names = role_vars(tmp_path)["node"]
+    store = tmp_path / "node" / "store"
+    images = names["composefs_node_images"] + [{"store": str(store), "ref": "app/v2", "src": str(tmp_path / "src2")}]
+    proc = play(tmp_path, "build", ["composefs.fleet.composefs_node"], dict(names, composefs_node_images=images))
+    assert proc.returncode == 0, output(proc)
+    with Store.open(store, notice=None) as s:
+        v1, v2 = s.read_ref("app/v1"), s.read_ref("app/v2")
+    objects = sorted(p.relative_to(store) for p in (store / "objects").glob("*/*"))
+    # app/v2 dropped: in check mode gc reports nothing to free yet (the ref is still there), nothing removed.
+    images[1]["state"] = "absent"
+    gc_vars = dict(names, composefs_node_images=images, composefs_node_gc=True)
+    proc = play(tmp_path, "check", ["composefs.fleet.composefs_node"], gc_vars, "--check")
+    assert proc.returncode == 0, output(proc)
+    assert (store / "images" / v2).exists() and (store / "refs" / "app" / "v2").exists()
+    # For real: the ref goes, then gc frees v2's image and the object only v2 used; v1 (its ref) stays.
+    proc = play(tmp_path, "gc", ["composefs.fleet.composefs_node"], gc_vars)
+    assert proc.returncode == 0, output(proc)
+    assert "TASK [composefs.fleet.composefs_node : Store maintenance, garbage collection" in proc.stdout
+    assert not (store / "images" / v2).exists() and (store / "images" / v1).exists()
+    left = sorted(p.relative_to(store) for p in (store / "objects").glob("*/*"))
+    assert len(left) == len(objects) - 1 and set(left) < set(objects)
+    # Nothing more to collect: no change.
+    proc = play(tmp_path, "again", ["composefs.fleet.composefs_node"], gc_vars)
+    assert proc.returncode == 0, output(proc)
+    assert recap(proc)["localhost"]["changed"] == 0, output(proc)
 
 
 def fake_systemctl(tmp: Path, version: "int | None") -> Dict[str, str]:
