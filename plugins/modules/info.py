@@ -107,8 +107,8 @@ stores:
     exists:
       description:
         - Whether the store exists. Always V(true) outside check mode (a missing store fails the task); in check
-          mode a store that does not exist yet (an earlier task of the play would create it) is reported with
-          V(false), no refs, no images and null stats.
+          mode a store that does not exist yet (a missing or empty directory, which an earlier task of the play would
+          initialise) is reported with V(false) as the empty store it would be (no refs, no images, zero stats).
       type: bool
       returned: always
       sample: true
@@ -348,10 +348,12 @@ mounts:
 """
 
 import os
+import shutil
+import tempfile
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.composefs import mount_history, mount_record, mountinfo
+from ..module_utils.composefs import mount_history, mount_record, mountinfo, store_admin
 from ..module_utils.composefs.errors import ComposefsError
 from ..module_utils.composefs.mount import verity_problem
 from ..module_utils.composefs.store import Store
@@ -409,6 +411,23 @@ def store_facts(location, mounted_at, check_objects, allow_foreign=False):
         }
 
 
+def planned_store_facts(module, location, check_objects):
+    """The entry of the empty store the store module would create at ``location`` (check mode on a fresh node).
+
+    Read from a fresh store in the module's temp directory, so it has every key (and zero stats) a real
+    entry has: a play that reads them in check mode works as it will for real.
+    """
+    scratch = tempfile.mkdtemp(prefix="info.", dir=module.tmpdir)
+    try:
+        Store.init(os.path.join(scratch, "store"), notice=None)[0].close()
+        facts = store_facts(os.path.join(scratch, "store"), {}, check_objects)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    problem = store_admin.verity_problem_at(location)
+    facts.update(location=location, exists=False, verity_supported=problem is None, verity_problem=problem)
+    return facts
+
+
 def mount_facts():
     entries = mountinfo.read_mountinfo()
     mounts = [mount_record.describe_mount(e, entries) for e in mountinfo.composefs_mounts(entries)]
@@ -444,12 +463,11 @@ def main():
         if module.params["mounts"]:
             result["mounts"] = mounts
         for location in module.params["stores"]:
-            if module.check_mode and not os.path.lexists(location):
-                # A fresh node in check mode: the store task before this one made nothing.
+            if module.check_mode and store_admin.path_state(location) in (store_admin.MISSING, store_admin.EMPTY):
+                # A fresh node in check mode: the store task before this one made nothing (a missing or
+                # empty directory is what the store module would initialise).
                 module.warn("store %s does not exist yet (check mode): reported empty" % location)
-                result["stores"].append({"location": location, "exists": False, "format": None,
-                                         "verity_supported": None, "verity_problem": None, "refs": {},
-                                         "images": [], "stats": None})
+                result["stores"].append(planned_store_facts(module, location, module.params["check_objects"]))
                 continue
             try:
                 result["stores"].append(store_facts(location, mounted_at, module.params["check_objects"],

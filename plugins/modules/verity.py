@@ -142,7 +142,7 @@ files:
       returned: always
       sample: true
 enabled:
-  description: Number of files fs-verity was enabled on (in check mode, would be).
+  description: Number of files fs-verity was enabled on (in check mode, would be; a path of RV(missing) counts as one).
   returned: always
   type: int
   sample: 3
@@ -235,9 +235,12 @@ def main():
     if planned.unsupported:
         module.warn("fs-verity left off on %d file(s) whose filesystem lacks it: %s"
                     % (len(planned.unsupported), planned.verity_problem))
-    result = dict(changed=changed or bool(missing), missing=missing, **_result(planned, count))
+    result = dict(changed=changed or bool(missing), missing=missing, **_result(planned, count + len(missing)))
     if module._diff:
-        result["diff"] = {"before": before, "after": _verity_list(planned, "verity_after")}
+        # What check mode cannot see yet would have fs-verity too: the diff says so.
+        after = _verity_list(planned, "verity_after")
+        after["fsverity_enabled"] = sorted(after["fsverity_enabled"] + missing)
+        result["diff"] = {"before": before, "after": after}
     module.exit_json(**result)
 
 

@@ -153,8 +153,9 @@ def test_check_mode_writes_nothing_and_reports_counts(tmp_path, controller, node
     assert sorted(str(p.relative_to(node)) for p in node.rglob("*")) == before
     # A store that does not exist yet is planned as an empty one (and not created).
     args["store"] = str(tmp_path / "not-yet")
-    proc, res = run_task(tmp_path, args, check=True)
+    proc, res = run_task(tmp_path, args, check=True, diff=True)
     assert not res.get("failed"), res
+    assert res["changed"] and res["diff"] == {"before": {"ref": "app/v1", "digest": None}, "after": {"ref": "app/v1", "digest": v1}}
     assert res["objects_missing"] == len(needed[v1]) and not (tmp_path / "not-yet").exists()
     assert any("does not exist yet" in w for w in res.get("warnings", [])), res
 

@@ -555,7 +555,11 @@ class Store:
 
     def remove_ref(self, name: Union[str, bytes]) -> str:
         """Delete a ref (and its directories left empty) and its signature; returns the digest it named."""
-        target = store_refs.remove_ref(self._refs_fd, name)
+        try:
+            target = store_refs.remove_ref(self._refs_fd, name)
+        except RefNotFound as exc:
+            # As read_ref: "composefs-store rm-ref app/v3" names the store and app/v1, app/v2.
+            raise RefNotFound("%s in the store %s%s" % (exc, os.fsdecode(self.path), self._close_refs(name))) from None
         try:
             store_refs.remove_named(lambda: self.dir_fd(SIGNATURES), name, "signature of ref")
         except (FileNotFoundError, RefNotFound):
