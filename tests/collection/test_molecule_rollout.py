@@ -9,32 +9,19 @@ and the roll-out's output; cleanup leaves nothing behind.
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
+from molecule_run import run_scenario  # type: ignore[import-not-found]
 
 from composefs_fleet import mount_history
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VENV_BIN = os.path.dirname(sys.executable)
 SCENARIO_ROOT = "/var/tmp/composefs-fleet-rollout"
 
 pytestmark = pytest.mark.kernel
 
 
 def test_molecule_rollout_scenario(kernel_mount):  # kernel_mount: skips where mounting is impossible
-    molecule = os.path.join(VENV_BIN, "molecule")
-    if not os.path.exists(molecule):
-        pytest.skip("molecule is not installed in %s (scripts/setup installs it with the test extras)" % VENV_BIN)
-    if not os.path.exists("/usr/bin/python3"):
-        pytest.skip("/usr/bin/python3 (the scenario's module interpreter) is missing")
-    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
-               ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1", NO_COLOR="1")
-    proc = subprocess.run([molecule, "test", "-s", "rollout"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=1200)
-    out = proc.stdout
-    assert proc.returncode == 0, "molecule test -s rollout failed (exit %d):\n%s" % (proc.returncode, out[-15000:])
+    out = run_scenario("rollout")
     for step in ("converge", "verify"):
         assert "rollout > %s: Executed: Successful" % step in out, out[-3000:]
     # The roll-out itself ran: node3 rolled back (verify asserted the details on each node).

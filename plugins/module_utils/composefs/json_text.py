@@ -12,7 +12,8 @@ can be wrong into one exception that names the file.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Union
+import os
+from typing import Any, Dict, List, Optional, Union
 
 from .errors import ComposefsError
 
@@ -42,9 +43,39 @@ def load_json_object(raw: Union[bytes, str], what: str) -> Dict[str, Any]:
     return value
 
 
+def load_json_file_or_none(path: str, what: str) -> Optional[Dict[str, Any]]:
+    """The JSON object in the regular file ``path``, or None when it is missing, not a regular file
+    (a link is not followed, a FIFO not waited on), too large or not a JSON object: for files we
+    wrote ourselves and only believe when they are intact (records, histories)."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return load_json_object(os.read(fd, MAX_JSON_BYTES + 1), "%s %s" % (what, path))
+    except (OSError, JsonFileError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def json_files_in(directory: str, suffix: str = ".json") -> List[str]:
+    """Paths of the ``*suffix`` files of ``directory``, sorted; dot files (temp files, locks) left out;
+    none when it cannot be listed."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [os.path.join(directory, name) for name in names if name.endswith(suffix) and not name.startswith(".")]
+
+
 def is_int(value: Any) -> bool:
     """A JSON integer (``true`` is an int to Python, not to us)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-__all__ = ["JsonFileError", "MAX_JSON_BYTES", "is_int", "load_json_object"]
+__all__ = ["JsonFileError", "MAX_JSON_BYTES", "is_int", "json_files_in", "load_json_file_or_none", "load_json_object"]

@@ -90,22 +90,9 @@ def valid_entry(data: Any, where: Optional[str] = None) -> bool:
 
 
 def _load_path(path: str, where: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    import stat
+    from .json_text import load_json_file_or_none
 
-    from .json_text import MAX_JSON_BYTES, JsonFileError, load_json_object
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = load_json_object(os.read(fd, MAX_JSON_BYTES + 1), "mount history %s" % path)
-    except (OSError, JsonFileError):
-        return None
-    finally:
-        os.close(fd)
+    data = load_json_file_or_none(path, "mount history")
     return data if valid_entry(data, where) else None
 
 
@@ -118,16 +105,13 @@ def load(where: str, directory: str = HISTORY_DIR) -> Optional[Dict[str, Any]]:
 
 
 def list_all(directory: str = HISTORY_DIR) -> List[Dict[str, Any]]:
+    from .json_text import json_files_in
+
     out: List[Dict[str, Any]] = []
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return out
-    for name in names:
-        if name.endswith(_SUFFIX) and not name.startswith("."):
-            entry = _load_path(os.path.join(directory, name))
-            if entry is not None and history_name(entry["where"]) == name:
-                out.append(entry)
+    for path in json_files_in(directory, _SUFFIX):
+        entry = _load_path(path)
+        if entry is not None and history_name(entry["where"]) == os.path.basename(path):
+            out.append(entry)
     return out
 
 

@@ -222,22 +222,11 @@ def record_mount(where: PathArg, directory: Optional[str] = RECORD_DIR, **fields
 
 def load_record(path: str) -> Optional[Dict[str, Any]]:
     """A record file's content (None if missing, unreadable or not a record)."""
-    import stat
+    from .json_text import is_int, load_json_file_or_none
 
-    from .json_text import MAX_JSON_BYTES, JsonFileError, is_int, load_json_object
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError:
+    data = load_json_file_or_none(path, "mount record")
+    if data is None:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = load_json_object(os.read(fd, MAX_JSON_BYTES + 1), "mount record %s" % path)
-    except (OSError, JsonFileError):
-        return None
-    finally:
-        os.close(fd)
     # Fields compared with what the kernel says: a "true" is no mount ID, a list no device.
     if (not is_int(data.get("format")) or data["format"] != RECORD_FORMAT or not isinstance(data.get("where"), str)
             or not is_int(data.get("mount_id")) or not isinstance(data.get("dev"), str)
@@ -367,16 +356,13 @@ def prune(directory: str = RECORD_DIR) -> List[str]:
 
 
 def list_records(directory: str = RECORD_DIR) -> List[Dict[str, Any]]:
+    from .json_text import json_files_in
+
     out = []
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return out
-    for name in names:
-        if name.endswith(_SUFFIX) and not name.startswith("."):
-            record = load_record(os.path.join(directory, name))
-            if record is not None:
-                out.append(record)
+    for path in json_files_in(directory, _SUFFIX):
+        record = load_record(path)
+        if record is not None:
+            out.append(record)
     return out
 
 
