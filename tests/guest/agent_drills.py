@@ -128,7 +128,7 @@ def wait_summary(after, pid=None, min_pass=None, timeout=120.0):
 # ---------------------------------------------------------------- systemd --
 
 def show(unit=SERVICE, props=("ActiveState", "SubState", "MainPID", "NRestarts", "StatusText", "Result",
-                               "WatchdogUSec", "ExecMainStatus", "ExecMainCode")):
+                               "WatchdogUSec", "ExecMainStatus", "ExecMainCode", "Type")):
     res = run(["systemctl", "show", unit] + ["-p" + p for p in props])
     return dict(line.split("=", 1) for line in res["out"].splitlines() if "=" in line)
 
