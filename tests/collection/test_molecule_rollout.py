@@ -2,8 +2,8 @@
 
 converge rolls v1 out to all six nodes, then v2 in batches of two
 (``-e rollout_serial=2``, ``rollout_max_fail_percentage`` 0) where node3's
-health check fails with v2: node3 is switched back to v1 (its
-``mount.previous``), its batch fails and the roll-out stops.  verify checks
+health check fails with v2: node3 is switched back to v1 (the image it
+showed when the run began), its batch fails and the roll-out stops.  verify checks
 each node's mount (what it reads, its record, its previous image, its unit)
 and the roll-out's output; cleanup leaves nothing behind.
 """
