@@ -191,3 +191,21 @@ def test_writable_mount_is_switched_only_when_unused(images, tmp_path):
     assert result.method == "unmount-attach"
     assert (images.target / "v2").exists() and (images.target / "written").read_bytes() == b"upper data"
     assert len(images.stack()) == 1
+
+
+def test_planted_links_in_the_history_dir_are_not_followed(images, tmp_path):
+    """A link planted as the lock or as a history file: the mount is made, nothing outside is touched."""
+    os.makedirs(images.history)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    os.symlink(str(victim), os.path.join(images.history, ".lock"))
+    result = images.mount("v1")
+    assert (images.target / "v1").exists()
+    assert result.record_error and "mount history" in result.record_error
+    assert victim.read_bytes() == b"keep"
+    os.unlink(os.path.join(images.history, ".lock"))
+    entry = mount_history.history_path(os.path.realpath(str(images.target)), images.history)
+    os.symlink(str(victim), entry)
+    assert mount_history.load(str(images.target), images.history) is None  # a link is never believed
+    images.mount("v2", replace=True)
+    assert victim.read_bytes() == b"keep" and not os.path.islink(entry)  # replaced by a file, not written through

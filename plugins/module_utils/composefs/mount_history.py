@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 import time
 
+from .mount_record import DirLock
+
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 HISTORY_DIR = "/var/lib/composefs-fleet/mounts"
 HISTORY_FORMAT = 1
 _SUFFIX = ".json"
-_LOCK_NAME = ".lock"
 _NAME_MAX = 255
 _PREVIOUS_KEYS = ("image", "image_digest", "ref")
 
@@ -115,23 +116,6 @@ def list_all(directory: str = HISTORY_DIR) -> List[Dict[str, Any]]:
     return out
 
 
-class _Lock:
-    def __init__(self, directory: str) -> None:
-        import fcntl
-
-        self._fcntl = fcntl
-        self.fd = os.open(os.path.join(directory, _LOCK_NAME),
-                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-
-    def __enter__(self) -> "_Lock":
-        self._fcntl.flock(self.fd, self._fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._fcntl.flock(self.fd, self._fcntl.LOCK_UN)
-        os.close(self.fd)
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -159,7 +143,7 @@ def note_mount(where: str, image: str, image_digest: str, basedirs: Sequence[str
 
     target = canonical(where)
     os.makedirs(directory, mode=0o755, exist_ok=True)
-    with _Lock(directory):
+    with DirLock(directory):
         old = load(target, directory)
         entry: Dict[str, Any] = {
             "format": HISTORY_FORMAT, "where": target, "image": image, "image_digest": image_digest,
@@ -193,7 +177,7 @@ def forget(where: str, directory: str = HISTORY_DIR) -> bool:
     path = history_path(canonical(where), directory)
     if not os.path.isdir(directory):
         return False
-    with _Lock(directory):
+    with DirLock(directory):
         try:
             os.unlink(path)
         except FileNotFoundError:

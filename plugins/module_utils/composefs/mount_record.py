@@ -133,16 +133,18 @@ def record_path(where: PathArg, directory: str = RECORD_DIR) -> str:
     return os.path.join(directory, record_name(where))
 
 
-class _Lock:
-    """flock on the records directory's lock file: write, remove and prune never interleave."""
+class DirLock:
+    """flock on a directory's ``.lock`` file (records here, mount histories): writers, removers and
+    pruners of its files never interleave.  A link planted as the lock file is not followed."""
 
     def __init__(self, directory: str) -> None:
         import fcntl
 
-        self.fd = os.open(os.path.join(directory, _LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.fd = os.open(os.path.join(directory, _LOCK_NAME),
+                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
 
-    def __enter__(self) -> "_Lock":
+    def __enter__(self) -> "DirLock":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -201,7 +203,7 @@ def write_record(record: Dict[str, Any], directory: str = RECORD_DIR) -> str:
 
     os.makedirs(directory, mode=0o755, exist_ok=True)
     path = os.path.join(directory, record_name(record["where"]))
-    with _Lock(directory):
+    with DirLock(directory):
         _prune_locked(directory, keep=os.path.basename(path))
         write_atomic(path, _dump(record), mode=0o644)
     return path
@@ -296,7 +298,7 @@ def remove_record(where: PathArg, directory: str = RECORD_DIR, only_stale: bool 
     path = record_path(where, directory)
     if not os.path.exists(path):
         return False
-    with _Lock(directory):
+    with DirLock(directory):
         record = load_record(path)
         if only_stale and record is not None and is_live(record):
             return False
@@ -351,7 +353,7 @@ def prune(directory: str = RECORD_DIR) -> List[str]:
     """Remove records whose mounts are gone; returns their file names."""
     if not os.path.isdir(directory):
         return []
-    with _Lock(directory):
+    with DirLock(directory):
         return _prune_locked(directory)
 
 
