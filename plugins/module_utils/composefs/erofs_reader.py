@@ -65,6 +65,7 @@ _XATTR_HEADER_SIZE = fmt.EROFS_XATTR_IBODY_HEADER.size
 # h_shared_count: the byte after the 32-bit name filter.
 _XATTR_SHARED_COUNT_OFFSET = 4
 _DIRENT_SIZE = fmt.EROFS_DIRENT.size
+_iter_dirents = fmt.EROFS_DIRENT.iter_unpack
 # Name prefix by e_name_index; 0 is no prefix.
 _PREFIX_BY_INDEX = dict(fmt.XATTR_PREFIX_BY_INDEX)
 _PREFIX_BY_INDEX[0] = b""
@@ -80,6 +81,7 @@ _HIDDEN_MARKERS = frozenset(
     )
 )
 _TRUSTED_PREFIX = b"trusted."
+_SLASH = ord("/")
 _OVERLAY_PREFIX = fmt.OVERLAY_XATTR_PREFIX
 _OVERLAY_ESCAPED_PREFIX = fmt.OVERLAY_XATTR_ESCAPED_PREFIX
 _METACOPY_HEADER_SIZE = fmt.OVL_METACOPY_HEADER.size
@@ -406,19 +408,53 @@ class _Reader:
         (dirents_size,) = _U16.unpack_from(block, 8)  # the first entry's nameoff
         if dirents_size % _DIRENT_SIZE != 0 or dirents_size > block_size:
             raise ImageError("directory inode %d: corrupt dirent table (nameoff %d)" % (nid, dirents_size))
-        parsed = list(fmt.EROFS_DIRENT.iter_unpack(block[:dirents_size]))
-        # Each name ends where the next begins; the last one at a NUL or the block end.
+        parsed = list(_iter_dirents(block[:dirents_size]))
+        if not parsed or toplevel_filter is not None:
+            self._read_dirents(nid, block, parsed, entries, toplevel_filter)
+            return
+        # The whole block at once when it is well-formed: name offsets
+        # strictly increasing from the end of the table, no name empty, too
+        # long or holding a "/", and no NUL before the end of the last name.
+        # Otherwise the entries are taken one by one, each with its own check.
+        nameoffs = [nameoff for _child, nameoff, _ftype in parsed]
+        last_start = nameoffs[-1]
+        last = _cstr(block[last_start:])
+        first = nameoffs[0]
+        names_end = last_start + len(last)
+        if (
+            first < dirents_size or nameoffs != sorted(nameoffs) or len(set(nameoffs)) != len(nameoffs)
+            or not last or names_end - first > len(nameoffs) * NAME_MAX
+        ):
+            self._read_dirents(nid, block, parsed, entries, toplevel_filter)
+            return
+        names_area = block[first:names_end]
+        if b"/" in names_area or b"\0" in names_area:
+            self._read_dirents(nid, block, parsed, entries, toplevel_filter)
+            return
+        names = [block[start:end] for start, end in zip(nameoffs, nameoffs[1:])]
+        names.append(last)
+        if max(map(len, names)) > NAME_MAX:
+            self._read_dirents(nid, block, parsed, entries, toplevel_filter)
+            return
+        entries.extend([(name, child[0]) for name, child in zip(names, parsed) if name != b"." and name != b".."])
+
+    def _read_dirents(
+        self, nid: int, block: bytes, parsed: List[Tuple[int, int, int]], entries: List[Tuple[bytes, int]],
+        toplevel_filter: Optional[frozenset]
+    ) -> None:
+        """_read_dir_block() entry by entry: any block, the error names the entry."""
+        block_size = len(block)
+        dirents_size = len(parsed) * _DIRENT_SIZE
         ends = [nameoff for _child, nameoff, _ftype in parsed]
         ends.append(block_size)
         last = len(parsed) - 1
-        append = entries.append
         for i, (child_nid, nameoff, _ftype) in enumerate(parsed):
             end = ends[i + 1]
             if not dirents_size <= nameoff <= end <= block_size:
                 raise ImageError("directory inode %d: dirent %d name offset out of range or out of order" % (nid, i))
             name = block[nameoff:end]
             if i == last:
-                name = _cstr(name)
+                name = _cstr(name)  # the last name runs to a NUL or the block end
             if name == b"." or name == b"..":
                 continue
             if b"\0" in name:
@@ -430,7 +466,7 @@ class _Reader:
                 raise ImageError("directory inode %d: invalid entry name %r" % (nid, name[:300]))
             if toplevel_filter is not None and name not in toplevel_filter:
                 continue
-            append((name, child_nid))
+            entries.append((name, child_nid))
 
     # -- xattrs ----------------------------------------------------------
     def _xattr_entries(self, nid: int, start: int, xattr_size: int) -> Iterator[Tuple[bytes, int, int, Optional[bytes]]]:
@@ -474,14 +510,58 @@ class _Reader:
     def _read_xattrs(self, nid: int, node: Node, start: int, xattr_size: int) -> None:
         """An inode's xattrs, with lcfs_build_node_erofs_xattr()'s special cases:
         the overlay ones set the payload, the digest or the whiteout type, the
-        bookkeeping ones are hidden, escaped ones lose their escape."""
+        bookkeeping ones are hidden, escaped ones lose their escape.
+
+        The entries are those of _xattr_entries(), decoded here in the same
+        loop that applies them: this runs for nearly every file of an image."""
         data = self.data
+        end = start + xattr_size
+        shared_pos = start + _XATTR_HEADER_SIZE
+        shared_end = shared_pos + data[start + _XATTR_SHARED_COUNT_OFFSET] * 4
+        if shared_end > end:
+            raise ImageError("inode %d: %d shared xattr ids do not fit the xattr area" % (nid, (shared_end - shared_pos) // 4))
+        pos = shared_end
+        prefixes = _PREFIX_BY_INDEX
         is_reg = node.mode & _S_IFMT == stat.S_IFREG
         xattrs: Optional[_XattrList] = None
-        for name, value_start, value_size, value in self._xattr_entries(nid, start, xattr_size):
+        while True:
+            # The C reader takes an inline entry only while its header ends
+            # before the area does, then the shared ones.
+            if pos + _XATTR_ENTRY_SIZE < end:
+                name_len, index, value_size = _unpack_xattr_entry(data, pos)
+                value_start = pos + _XATTR_ENTRY_SIZE + name_len
+                if value_start + value_size > end:
+                    raise ImageError("inode %d: xattr entry runs past the xattr area" % nid)
+                prefix = prefixes.get(index)
+                if prefix is None:
+                    raise ImageError("inode %d: unknown xattr name index %d" % (nid, index))
+                name = prefix + data[pos + _XATTR_ENTRY_SIZE:value_start]
+                if b"\0" in name:
+                    name = _cstr(name)
+                value: Optional[bytes] = None
+                pos = value_start + value_size + (-(name_len + value_size) & 3)
+            elif shared_pos < shared_end:
+                (idx,) = _U32.unpack_from(data, shared_pos)
+                shared_pos += 4
+                cached = self.shared_cache.get(idx)
+                if cached is None:
+                    cached = self._shared_entry(nid, idx)
+                _idx, name, value, value_start, value_size = cached
+            else:
+                break
             if name == _REDIRECT:
-                if is_reg:
+                if not is_reg:
+                    pass
+                elif value is not None or value_size < 2 or data[value_start] != _SLASH:
                     node.payload = self._redirect_payload(value_start, value_size, value is not None)
+                else:
+                    # _redirect_payload() of a "/..." inline value (every
+                    # external file of a C-written image), inlined.
+                    stop = value_start + value_size + 2
+                    payload = data[value_start + 1:stop if stop < self.length else self.length]
+                    if b"\0" in payload:
+                        payload = payload[:payload.find(b"\0")]
+                    node.payload = payload
             elif name == _METACOPY:
                 if is_reg and value_size == _METACOPY_SIZE:
                     digest_start = value_start + _METACOPY_HEADER_SIZE
@@ -530,7 +610,7 @@ class _Reader:
             if payload is not None:
                 return payload
         data = self.data
-        if value_size > 1 and data[value_start] == 0x2F:  # "/"
+        if value_size > 1 and data[value_start] == _SLASH:
             # libcomposefs 1.0.8 skips the '/' but then grows the length
             # instead of shrinking it, so strndup() reads up to two bytes past
             # the value (the entry's zero padding in C-written images, else
