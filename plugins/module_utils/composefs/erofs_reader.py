@@ -249,7 +249,8 @@ class _Reader:
 
     def external_ref(self, nid: int) -> Tuple[int, Optional[bytes], Optional[bytes], int]:
         """(file type, redirect payload, metacopy digest, size) of inode ``nid``,
-        decoding only what tells whether a regular file's data is external."""
+        decoding only what tells whether a regular file's data is external:
+        nothing of a directory or other file but its type."""
         offset, layout, isize, icount, size, i_u, mode = self._decode_inode(nid)[:7]
         ftype = mode & _S_IFMT
         if ftype != stat.S_IFREG:
@@ -267,18 +268,13 @@ class _Reader:
         self._charge(isize + xattr_size, "inode %d" % nid)
         if not xattr_size:
             return ftype, None, None, size
-        payload: Optional[bytes] = None
-        digest: Optional[bytes] = None
-        for name, value_start, value_size, value in self._xattr_entries(nid, xattr_start, xattr_size):
-            # The same rules as _read_xattrs(): the last one of a name wins.
-            if name == _ESCAPED_WHITEOUT:
-                return stat.S_IFCHR, None, None, 0  # read back as a whiteout, not a file
-            if name == _REDIRECT:
-                payload = self._redirect_payload(value_start, value_size, value is not None)
-            elif name == _METACOPY and value_size == _METACOPY_SIZE:
-                start = value_start + fmt.OVL_METACOPY_HEADER.size
-                digest = self._slice(start, start + DIGEST_SIZE, "metacopy")
-        return ftype, payload, digest, size
+        # The xattrs as read_image() takes them (the same checks; the last
+        # redirect or metacopy wins), on a node that is not kept.
+        node = Node(mode)
+        self._read_xattrs(nid, node, xattr_start, xattr_size)
+        if node.mode & _S_IFMT != stat.S_IFREG:
+            return stat.S_IFCHR, None, None, 0  # an escaped whiteout: read back as one, not as a file
+        return ftype, node.payload, node.digest, size
 
     def build(self, nid: int, toplevel_filter: Optional[frozenset]) -> Tuple[Optional[Node], List[Tuple[bytes, int]]]:
         """Decode inode ``nid``: (node or None for a skipped 0/0 chardev, its directory entries)."""
@@ -469,51 +465,15 @@ class _Reader:
             entries.append((name, child_nid))
 
     # -- xattrs ----------------------------------------------------------
-    def _xattr_entries(self, nid: int, start: int, xattr_size: int) -> Iterator[Tuple[bytes, int, int, Optional[bytes]]]:
-        """(name, value offset, value size, value if already read) of an inode's
-        xattrs: the inline entries, then the shared ones, as the C reader takes them.
-
-        ``xattr_size`` is at least the header's (as _xattr_size() gives) and
-        the area lies inside the image (the callers check)."""
-        data = self.data
-        end = start + xattr_size
-        shared_pos = start + _XATTR_HEADER_SIZE
-        shared_end = shared_pos + data[start + _XATTR_SHARED_COUNT_OFFSET] * 4
-        if shared_end > end:
-            raise ImageError("inode %d: %d shared xattr ids do not fit the xattr area" % (nid, (shared_end - shared_pos) // 4))
-        pos = shared_end
-        prefixes = _PREFIX_BY_INDEX
-        # The C reader takes an entry only while its header ends before the area does.
-        while pos + _XATTR_ENTRY_SIZE < end:
-            name_len, index, value_size = _unpack_xattr_entry(data, pos)
-            name_start = pos + _XATTR_ENTRY_SIZE
-            value_start = name_start + name_len
-            if value_start + value_size > end:
-                raise ImageError("inode %d: xattr entry runs past the xattr area" % nid)
-            prefix = prefixes.get(index)
-            if prefix is None:
-                raise ImageError("inode %d: unknown xattr name index %d" % (nid, index))
-            name = prefix + data[name_start:value_start]
-            if b"\0" in name:
-                name = _cstr(name)
-            yield name, value_start, value_size, None
-            pos = value_start + value_size + (-(name_len + value_size) & 3)
-        shared_cache = self.shared_cache
-        for pos in range(shared_pos, shared_end, 4):
-            (idx,) = _U32.unpack_from(data, pos)
-            cached = shared_cache.get(idx)
-            if cached is None:
-                cached = self._shared_entry(nid, idx)
-            _idx, name, value, value_start, value_size = cached
-            yield name, value_start, value_size, value
-
     def _read_xattrs(self, nid: int, node: Node, start: int, xattr_size: int) -> None:
         """An inode's xattrs, with lcfs_build_node_erofs_xattr()'s special cases:
         the overlay ones set the payload, the digest or the whiteout type, the
         bookkeeping ones are hidden, escaped ones lose their escape.
 
-        The entries are those of _xattr_entries(), decoded here in the same
-        loop that applies them: this runs for nearly every file of an image."""
+        The entries are decoded in the loop that applies them, the inline ones
+        then the shared ones, as the C reader takes them: this runs for nearly
+        every file of an image.  The area lies inside the image (the callers
+        check) and holds at least the header (_xattr_size())."""
         data = self.data
         end = start + xattr_size
         shared_pos = start + _XATTR_HEADER_SIZE
