@@ -114,8 +114,6 @@ _ESCAPE_TABLE[ord("\r")] = b"\\r"
 _ESCAPE_TABLE[ord("\t")] = b"\\t"
 _NEEDS_ESCAPE = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
 _NEEDS_ESCAPE_EQ = re.compile(rb"[^\x21-\x3c\x3e-\x5b\x5d-\x7e]")
-_needs_escape = _NEEDS_ESCAPE.search
-_needs_escape_eq = _NEEDS_ESCAPE_EQ.search
 
 
 class _FieldError(Exception):
