@@ -8,7 +8,8 @@ Two workloads, each timed as whole commands (best of --repeat runs):
    gigabytes) built with ``--from-file``; or each ``--dump PATH`` given (C
    composefs's tests/assets/*.dump.gz, unpacked, are the reference inputs).
    For each dump also ``composefs-info dump`` and ``composefs-info ls`` of the
-   image, and the peak memory (max RSS) of dump -> image.
+   image, and the peak memory (max RSS) of dump -> image.  ``--only info``
+   builds the image once with C mkcomposefs and times only composefs-info.
 2. directory -> image: a generated tree of about --dir-mb MB, same --threads
    for both, with ``--store``: ``empty`` (a fresh empty ``--digest-store`` for
    every run), ``populated`` (a store already holding every object: the
@@ -168,7 +169,8 @@ def main():
     parser.add_argument("--dir-mb", type=int, default=200, help="size of the generated directory")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--only", choices=("dump", "dir"), help="run one workload")
+    parser.add_argument("--only", choices=("dump", "dir", "info"),
+                        help="run one workload (info: only composefs-info dump and ls of the dump's image)")
     parser.add_argument("--store", default="empty",
                         help="dir workload: empty, populated or none (digest store), or a comma-separated list")
     args = parser.parse_args()
@@ -177,6 +179,12 @@ def main():
     c_info = oracle_argv("composefs-info")
     our_info = ours_argv("composefs-info")
     precompile()
+    # Ours is the console script of the venv; PYTHONPATH (a worktree's .shim)
+    # decides which code it runs, so say which.
+    where = subprocess.run([os.path.join(REPO, ".venv", "bin", "python"), "-c",
+                            "import composefs_fleet, composefs_fleet_cli; print(composefs_fleet.__file__)"],
+                           check=True, stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+    print("ours: composefs_fleet from %s" % where, flush=True)
     work = tempfile.mkdtemp(prefix="bench-mkcfs-", dir=os.environ.get("TMPDIR", "/var/tmp"))
     try:
         c_img, our_img = os.path.join(work, "c.img"), os.path.join(work, "ours.img")
@@ -185,7 +193,7 @@ def main():
             dumps = args.dump or [None]
             for dump in dumps:
                 rows.extend(bench_dump(args, work, dump, (c_mk, our_mk), (c_info, our_info), c_img, our_img))
-        if args.only != "dump":
+        if args.only not in ("dump", "info"):
             bench_dir(args, work, c_mk, our_mk, c_img, our_img)
         if rows:
             print("\n| work | ours/C (median of %d pairs) |\n| --- | --- |" % args.repeat)
@@ -218,16 +226,21 @@ def bench_dump(args, work, dump, mk, info, c_img, our_img):
         dump = unpacked_dump(dump, work)
         with open(dump, "rb") as f:
             entries = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-    peaks = {}
-    t_c, t_ours, ratio = compare(c_mk + ["--from-file", dump, c_img],
-                                 our_mk + ["--from-file", dump, our_img], args.repeat, peaks=peaks)
-    same = sha256_file(c_img) == sha256_file(our_img)
-    print("dump -> image: %d entries from %s: best C %.3f s, best ours %.3f s, "
-          "median ratio ours/C %.2fx, identical=%s" % (entries, name, t_c, t_ours, ratio, same), flush=True)
-    mem = peaks["ours"] / peaks["c"]
-    print("  peak memory: C %d KiB, ours %d KiB, ours/C %.2fx" % (peaks["c"], peaks["ours"], mem), flush=True)
-    rows = [("mkcomposefs --from-file, %s (%d entries)" % (name, entries), ratio),
-            ("peak memory, dump -> image, %s" % name, mem)]
+    rows = []
+    if args.only == "info":
+        subprocess.run(c_mk + ["--from-file", dump, c_img], check=True)
+        print("image of %s (%d entries) built with C mkcomposefs" % (name, entries), flush=True)
+    else:
+        peaks = {}
+        t_c, t_ours, ratio = compare(c_mk + ["--from-file", dump, c_img],
+                                     our_mk + ["--from-file", dump, our_img], args.repeat, peaks=peaks)
+        same = sha256_file(c_img) == sha256_file(our_img)
+        print("dump -> image: %d entries from %s: best C %.3f s, best ours %.3f s, "
+              "median ratio ours/C %.2fx, identical=%s" % (entries, name, t_c, t_ours, ratio, same), flush=True)
+        mem = peaks["ours"] / peaks["c"]
+        print("  peak memory: C %d KiB, ours %d KiB, ours/C %.2fx" % (peaks["c"], peaks["ours"], mem), flush=True)
+        rows += [("mkcomposefs --from-file, %s (%d entries)" % (name, entries), ratio),
+                 ("peak memory, dump -> image, %s" % name, mem)]
     for command in ("dump", "ls"):
         outputs = {}
         for side, argv in (("c", c_info), ("ours", our_info)):

@@ -17,7 +17,7 @@ import errno
 import os
 import stat
 import sys
-from typing import BinaryIO, Iterable, List, Optional, Set, Tuple
+from typing import BinaryIO, Iterable, Iterator, List, Optional, Set, Tuple
 
 from composefs_fleet.errors import ComposefsError, ImageError
 from composefs_fleet.erofs_reader import open_image, read_image_fd
@@ -82,34 +82,54 @@ def _children(node: Node) -> List[Tuple[bytes, Node]]:
     return node.sorted_children()
 
 
+def _escaped_children(node: Node) -> List[Tuple[bytes, Node]]:
+    """A directory's (name escaped for ls, child) in bytewise order; escaping
+    is per byte, so a path is its parent's escaped path, "/" and this name."""
+    items = node.sorted_children()
+    if b"".join(node.children).translate(None, _PATH_SAFE):
+        return [(_escape(name, _PATH_TABLE, _PATH_SAFE), child) for name, child in items]
+    return items
+
+
 def _ls(root: Node, out: BinaryIO) -> None:
-    # Runs once per entry: type tests, the children walk and the no-escape
-    # test are inlined (the same checks as _children() and _escape()).
+    # Runs once per entry: a directory's children are taken by one loop
+    # (left with break to descend), type tests and the no-escape test inlined.
     lines: List[bytes] = []
-    path_table, path_safe = _PATH_TABLE, _PATH_SAFE
     std_table, std_safe = _STD_TABLE, _STD_SAFE
-    stack: List[Tuple[bytes, Node]] = [(b"/" + name, child) for name, child in reversed(_children(root))]
+    stack: List[Tuple[bytes, Iterator[Tuple[bytes, Node]]]] = []
+    if _children(root):
+        stack.append((b"/", iter(_escaped_children(root))))
     while stack:
-        path, node = stack.pop()
-        line = path if not path.translate(None, path_safe) else _escape(path, path_table, path_safe)
-        # A hard-link alias has no mode of its own in the C tree: no suffix.
-        if node.link_to is None:
-            ftype = node.mode & _S_IFMT
-            if ftype == stat.S_IFDIR:
-                line += b"/\t"
-                if node.children:
-                    prefix = path + b"/"
-                    for name, child in sorted(node.children.items(), reverse=True):
-                        stack.append((prefix + name, child))
-            elif ftype == stat.S_IFLNK:
-                line += b"\t-> " + _escape(node.payload or b"", std_table, std_safe)
-            elif ftype == stat.S_IFREG and node.payload is not None:
-                payload = node.payload
-                line += b"\t@ " + (payload if not payload.translate(None, std_safe) else _escape(payload, std_table, std_safe))
-        lines.append(line + b"\n")
-        if len(lines) >= 4096:
-            out.write(b"".join(lines))
-            lines = []
+        prefix, pending = stack[-1]
+        for name, node in pending:
+            path = prefix + name
+            descend = False
+            # A hard-link alias has no mode of its own in the C tree: no suffix.
+            if node.link_to is not None:
+                line = path + b"\n"
+            else:
+                ftype = node.mode & _S_IFMT
+                if ftype == stat.S_IFDIR:
+                    line = path + b"/\t\n"
+                    descend = bool(node.children)
+                elif ftype == stat.S_IFLNK:
+                    line = path + b"\t-> " + _escape(node.payload or b"", std_table, std_safe) + b"\n"
+                elif ftype == stat.S_IFREG and node.payload is not None:
+                    payload = node.payload
+                    if payload.translate(None, std_safe):
+                        payload = _escape(payload, std_table, std_safe)
+                    line = path + b"\t@ " + payload + b"\n"
+                else:
+                    line = path + b"\n"
+            lines.append(line)
+            if len(lines) >= 4096:
+                out.write(b"".join(lines))
+                lines = []
+            if descend:
+                stack.append((path + b"/", iter(_escaped_children(node))))
+                break
+        else:
+            stack.pop()
     out.write(b"".join(lines))
 
 

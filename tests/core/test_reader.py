@@ -306,6 +306,29 @@ def test_nameoff_out_of_order_or_out_of_range():
     assert_rejected(patched(img, start + 8, struct.Struct("<H"), 0xFFF0), "dirent table")
 
 
+def test_bad_entry_names():
+    """Names a directory block may not hold, first, in the middle or last in
+    the block: the reader takes a well-formed block as a whole and any other
+    entry by entry, and the error names the entry either way."""
+    img = nested_image()
+    root = root_nid(img)
+    entries = dirents(img, root)
+    start, _size = dir_blocks(img, root)[0]
+    nameoff = {name: fmt.EROFS_DIRENT.unpack_from(img, off)[1] for name, (_nid, off) in entries.items()}
+    name_at = {name: start + off for name, off in nameoff.items()}
+    byte = struct.Struct("<B")
+    assert_rejected(patched(img, name_at[b"f1"], byte, ord("/")), r"invalid entry name b'/1'")
+    assert_rejected(patched(img, name_at[b"f0"] + 1, byte, ord("/")), r"invalid entry name b'f/'")
+    assert_rejected(patched(img, name_at[b"loopdir"] + 2, byte, ord("/")), r"invalid entry name b'lo/pdir'")
+    # "f1" made empty: its name offset is the next entry's
+    assert_rejected(patched(img, entries[b"f1"][1] + 8, struct.Struct("<H"), nameoff[b"f2"]), r"invalid entry name b''")
+    # A NUL ends a name: "f1" reads as "f", "." followed by one is no name at all.
+    cut = read_image(patched(img, name_at[b"f1"] + 1, byte, 0))
+    assert sorted(cut.children) == [b"f", b"f0", b"f2", b"loopdir"]
+    assert_rejected(patched(img, name_at[b"f1"], struct.Struct("<BB"), ord("."), 0), r"invalid entry name b'\.'")
+    assert dump_of(read_image(img)).count(b"\n") == 7  # the unpatched image reads
+
+
 def test_absurd_sizes_and_counts():
     img = nested_image()
     root_off = inode_offset(img, root_nid(img))

@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import re
 import stat
-from typing import BinaryIO, Dict, List, Optional, Tuple
+from binascii import hexlify
+from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
 
 from .erofs_format import EROFS_CHUNK_BITS_MAX, EROFS_CHUNKS_MAX
 from .errors import DumpParseError
@@ -113,8 +114,6 @@ _ESCAPE_TABLE[ord("\r")] = b"\\r"
 _ESCAPE_TABLE[ord("\t")] = b"\\t"
 _NEEDS_ESCAPE = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
 _NEEDS_ESCAPE_EQ = re.compile(rb"[^\x21-\x3c\x3e-\x5b\x5d-\x7e]")
-_needs_escape = _NEEDS_ESCAPE.search
-_needs_escape_eq = _NEEDS_ESCAPE_EQ.search
 
 
 class _FieldError(Exception):
@@ -669,59 +668,115 @@ def parse_dump(stream: BinaryIO, strict: bool = False) -> Node:
 # -- writing ----------------------------------------------------------------
 
 
-def _dump_line(path: bytes, node: Node) -> bytes:
+# Bytes printed as themselves (isgraph() but the backslash): what
+# bytes.translate(None, _SAFE) leaves of a field is what needs escaping.
+_SAFE = bytes(c for c in range(0x21, 0x7F) if c != 0x5C)
+_SAFE_EQ = _SAFE.replace(b"=", b"")
+# The fields from mode to mtime are often the same for many entries (one
+# owner, one mode, a fixed mtime): formatted once each, up to this many.
+_HEADS_MAX = 4096
+_Head = Tuple[int, int, int, int, int, int, int]
+
+
+def _format_head(key: _Head) -> bytes:
+    """``MODE NLINK UID GID RDEV MTIME`` of a dump line (see _dump_line)."""
+    mode, nlink, uid, gid, rdev, sec, nsec = key
+    sec &= _U64
+    if sec > 0x7FFFFFFFFFFFFFFF:
+        sec -= 1 << 64
+    return b"%o %d %d %d %d %d.%d" % (mode & _U32, nlink & _U32, uid & _U32, gid & _U32, rdev & _U32, sec, nsec & _U32)
+
+
+def _optional_field(value: Optional[bytes]) -> bytes:
+    """A payload or content field: ``-`` for none, escaped (a lone ``-`` too)."""
+    if value is None:
+        return b"-"
+    if value.translate(None, _SAFE) or value == b"-":
+        return escape(value, lone_dash=True)
+    return value
+
+
+def _xattr_fields(xattrs: Dict[bytes, bytes]) -> bytes:
+    parts = []
+    for key, value in xattrs.items():
+        parts.append(b" ")
+        parts.append(escape(key, eq=True) if key.translate(None, _SAFE_EQ) else key)
+        parts.append(b"=")
+        parts.append(escape(value, eq=True) if value.translate(None, _SAFE_EQ) else value)
+    return b"".join(parts)
+
+
+def _dump_line(path: bytes, node: Node, heads: Dict[_Head, bytes]) -> bytes:
+    """The line of ``node`` at ``path`` (escaped already); ``heads`` caches
+    _format_head() for the caller's walk."""
     target = node.link_to
     if target is None:
         target = node
-        payload = node.payload
-        mode_prefix = ""
+        payload = _optional_field(node.payload)
+        alias = b""
     else:
         # node_build_path() gives "" for the root and "/a/b" otherwise.
-        payload = target.path() if target.parent is not None else b""
-        mode_prefix = "@"
-    sec = target.mtime_sec & _U64
-    if sec > 0x7FFFFFFFFFFFFFFF:
-        sec -= 1 << 64
-    head = " %d %s%o %d %d %d %d %d.%d " % (
-        target.size & _U64, mode_prefix, target.mode & _U32, target.nlink & _U32,
-        target.uid & _U32, target.gid & _U32, target.rdev & _U32, sec,
-        target.mtime_nsec & _U32)
-    # escape() inlined for the path and xattrs (most need none): this runs per entry.
-    parts = [(path if _needs_escape(path) is None else escape(path)) if path else b"/", head.encode("ascii"),
-             b"-" if payload is None else escape(payload, lone_dash=True), b" ",
-             b"-" if target.content is None else escape(target.content, lone_dash=True),
-             b" ", b"-" if target.digest is None else target.digest.hex().encode("ascii")]
-    for key, value in target.xattrs.items():
-        parts.append(b" ")
-        parts.append(key if _needs_escape_eq(key) is None else escape(key, eq=True))
-        parts.append(b"=")
-        parts.append(value if _needs_escape_eq(value) is None else escape(value, eq=True))
-    parts.append(b"\n")
-    return b"".join(parts)
+        payload = _optional_field(target.path() if target.parent is not None else b"")
+        alias = b"@"
+    key = (target.mode, target.nlink, target.uid, target.gid, target.rdev, target.mtime_sec, target.mtime_nsec)
+    head = heads.get(key)
+    if head is None:
+        if len(heads) >= _HEADS_MAX:
+            heads.clear()
+        head = heads[key] = _format_head(key)
+    content = target.content
+    digest = target.digest
+    line = b"%s %d %s%s %s %s %s" % (
+        path, target.size & _U64, alias, head, payload,
+        b"-" if content is None else _optional_field(content),
+        b"-" if digest is None else hexlify(digest))
+    if target.xattrs:
+        return line + _xattr_fields(target.xattrs) + b"\n"
+    return line + b"\n"
 
 
 _WRITE_BATCH_BYTES = 1 << 20
 
 
+def _escaped_names(children: Dict[bytes, Node]) -> List[Tuple[bytes, Node]]:
+    """A directory's (escaped name, child), in bytewise order of the names.
+
+    Escaping is per byte, so an escaped path is its escaped parent's path,
+    "/" and the escaped name; one test tells whether any name needs it."""
+    items = sorted(children.items())
+    if b"".join(children).translate(None, _SAFE):
+        return [(escape(name), child) for name, child in items]
+    return items
+
+
 def write_dump(root: Node, out: BinaryIO) -> None:
     """Print ``root`` as composefs-info dump does: depth first, children in
     bytewise name order, hard links as ``@`` lines with the target's fields."""
-    batch: List[bytes] = []
-    pending = 0
-    stack: List[Tuple[bytes, Node]] = [(b"", root)]
+    heads: Dict[_Head, bytes] = {}
+    line = _dump_line(b"/", root, heads)
+    batch: List[bytes] = [line]
+    pending = len(line)
+    # (escaped path of a directory and "/", its remaining children): a
+    # directory's children are taken by one loop, left (break) to descend.
+    stack: List[Tuple[bytes, Iterator[Tuple[bytes, Node]]]] = []
+    if root.children:
+        stack.append((b"/", iter(_escaped_names(root.children))))
     while stack:
-        path, node = stack.pop()
-        line = _dump_line(path, node)
-        batch.append(line)
-        pending += len(line)
-        # Bounded by bytes, not lines: a hostile image can make single lines
-        # (hard links repeating 64 KiB of xattrs) very long.
-        if pending >= _WRITE_BATCH_BYTES:
-            out.write(b"".join(batch))
-            batch = []
-            pending = 0
-        if node.children:
-            prefix = path + b"/"
-            for name, child in sorted(node.children.items(), reverse=True):
-                stack.append((prefix + name, child))
+        prefix, pending_children = stack[-1]
+        for name, node in pending_children:
+            path = prefix + name
+            line = _dump_line(path, node, heads)
+            batch.append(line)
+            pending += len(line)
+            # Bounded by bytes, not lines: a hostile image can make single lines
+            # (hard links repeating 64 KiB of xattrs) very long.
+            if pending >= _WRITE_BATCH_BYTES:
+                out.write(b"".join(batch))
+                batch = []
+                pending = 0
+            if node.children:
+                stack.append((path + b"/", iter(_escaped_names(node.children))))
+                break
+        else:
+            stack.pop()
     out.write(b"".join(batch))

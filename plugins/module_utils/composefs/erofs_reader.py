@@ -33,9 +33,11 @@ from .erofs_format import (
     EROFS_I_DATALAYOUT_BIT,
     EROFS_I_DATALAYOUT_MASK,
     EROFS_I_VERSION_MASK,
+    EROFS_INODE_CHUNK_BASED,
     EROFS_INODE_COMPACT,
     EROFS_INODE_EXTENDED,
     EROFS_INODE_FLAT_INLINE,
+    EROFS_INODE_FLAT_PLAIN,
     EROFS_INODE_LAYOUT_COMPACT,
     SLOT_SIZE,
 )
@@ -53,6 +55,20 @@ _XATTR_ENTRY_OVERHEAD = 2 * fmt.EROFS_XATTR_ENTRY.size - 1
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+_unpack_compact = EROFS_INODE_COMPACT.unpack_from
+_unpack_extended = EROFS_INODE_EXTENDED.unpack_from
+_COMPACT_SIZE = EROFS_INODE_COMPACT.size
+_EXTENDED_SIZE = EROFS_INODE_EXTENDED.size
+_unpack_xattr_entry = fmt.EROFS_XATTR_ENTRY.unpack_from
+_XATTR_ENTRY_SIZE = fmt.EROFS_XATTR_ENTRY.size
+_XATTR_HEADER_SIZE = fmt.EROFS_XATTR_IBODY_HEADER.size
+# h_shared_count: the byte after the 32-bit name filter.
+_XATTR_SHARED_COUNT_OFFSET = 4
+_DIRENT_SIZE = fmt.EROFS_DIRENT.size
+_iter_dirents = fmt.EROFS_DIRENT.iter_unpack
+# Name prefix by e_name_index; 0 is no prefix.
+_PREFIX_BY_INDEX = dict(fmt.XATTR_PREFIX_BY_INDEX)
+_PREFIX_BY_INDEX[0] = b""
 
 _REDIRECT = fmt.OVERLAY_XATTR_REDIRECT
 _METACOPY = fmt.OVERLAY_XATTR_METACOPY
@@ -65,7 +81,11 @@ _HIDDEN_MARKERS = frozenset(
     )
 )
 _TRUSTED_PREFIX = b"trusted."
-_METACOPY_SIZE = fmt.OVL_METACOPY_HEADER.size + DIGEST_SIZE
+_SLASH = ord("/")
+_OVERLAY_PREFIX = fmt.OVERLAY_XATTR_PREFIX
+_OVERLAY_ESCAPED_PREFIX = fmt.OVERLAY_XATTR_ESCAPED_PREFIX
+_METACOPY_HEADER_SIZE = fmt.OVL_METACOPY_HEADER.size
+_METACOPY_SIZE = _METACOPY_HEADER_SIZE + DIGEST_SIZE
 
 _VALID_TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
@@ -83,6 +103,11 @@ def _cstr(raw: bytes) -> bytes:
 
 def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _xattr_size(xattr_icount: int) -> int:
+    """Bytes of an inode's xattr area: the header and the 4-byte units after it."""
+    return _XATTR_HEADER_SIZE + (xattr_icount - 1) * _XATTR_ENTRY_SIZE if xattr_icount else 0
 
 
 class _XattrList:
@@ -123,25 +148,17 @@ class _XattrList:
         self.size += cost
 
 
-class _Inode:
-    """Decoded fixed part of an on-disk inode."""
-
-    __slots__ = ("offset", "compact", "layout", "isize", "xattr_icount", "size", "i_u")
-
-    def __init__(self, offset: int, compact: bool, layout: int, isize: int, xattr_icount: int, size: int, i_u: int):
-        self.offset = offset
-        self.compact = compact
-        self.layout = layout
-        self.isize = isize
-        self.xattr_icount = xattr_icount
-        self.size = size
-        self.i_u = i_u
+# Fields of _Reader._decode_inode(): (offset, layout, inode size, xattr_icount,
+# size, i_u, mode, uid, gid, nlink, mtime, mtime_nsec).
+_InodeFields = Tuple[int, int, int, int, int, int, int, int, int, int, int, int]
 
 
 class _Reader:
     def __init__(self, data: ImageData) -> None:
-        if isinstance(data, memoryview) and (data.ndim != 1 or data.format != "B"):
-            data = data.cast("B")
+        if not isinstance(data, (bytes, mmap.mmap)):
+            # Slices of these would be views or bytearrays; the walk wants
+            # bytes from every slice without converting each one.
+            data = bytes(data)
         self.data = data
         self.length = len(data)
         # Bytes of inode, xattr and data areas the walk may still consume.
@@ -151,14 +168,15 @@ class _Reader:
         # nid -> its node, or None for a skipped 0/0 chardev.
         self.visited: Dict[int, Optional[Node]] = {}
         self.shared_cache: Dict[int, Tuple[int, bytes, bytes, int, int]] = {}
-        self.payload_cache: Dict[Tuple[int, int], bytes] = {}
+        # Redirects of shared xattr entries, by value offset: equal ones are one object.
+        self.payload_cache: Dict[int, bytes] = {}
         self._parse_super()
 
     # -- low-level access ------------------------------------------------
     def _slice(self, start: int, end: int, what: str) -> bytes:
         if start < 0 or end < start or end > self.length:
             raise ImageError("%s out of range (bytes %d..%d of a %d-byte image)" % (what, start, end, self.length))
-        return bytes(self.data[start:end])
+        return self.data[start:end]
 
     def _unpack(self, st: struct.Struct, offset: int, what: str) -> tuple:
         if offset < 0 or offset + st.size > self.length:
@@ -199,107 +217,101 @@ class _Reader:
         self.root_nid = root_nid
 
     # -- inodes ----------------------------------------------------------
-    def _decode_inode(self, nid: int) -> Tuple[_Inode, int, int, int, int, int, int]:
-        """The fixed part of inode ``nid``: (inode, mode, uid, gid, nlink, mtime, mtime_nsec)."""
+    def _decode_inode(self, nid: int) -> _InodeFields:
+        """The fixed part of inode ``nid`` (see _InodeFields)."""
+        data = self.data
         offset = self.meta_base + nid * SLOT_SIZE
-        if offset >= self.length:
-            raise ImageError("inode nid %d is beyond the end of the image" % nid)
-        # Bounds checked here rather than by _unpack(): its message would be
-        # formatted for every inode of the image, not just for a bad one.
-        if offset + _U16.size > self.length:
-            self._unpack(_U16, offset, "inode %d" % nid)
-        (i_format,) = _U16.unpack_from(self.data, offset)
-        compact = (i_format & EROFS_I_VERSION_MASK) == EROFS_INODE_LAYOUT_COMPACT
-        layout = (i_format >> EROFS_I_DATALAYOUT_BIT) & EROFS_I_DATALAYOUT_MASK
-        st = EROFS_INODE_COMPACT if compact else EROFS_INODE_EXTENDED
-        if offset + st.size > self.length:
-            self._unpack(st, offset, "inode %d" % nid)
-        if compact:
-            (_format, icount, mode, nlink, size, _reserved, i_u, _ino, uid, gid, _reserved2) = st.unpack_from(self.data, offset)
+        if offset + _EXTENDED_SIZE > self.length:
+            # Only near the end of the image can an inode be cut short.
+            self._check_inode_fits(nid, offset)
+        # i_format's low byte holds the version bit and the layout.
+        i_format = data[offset]
+        if i_format & EROFS_I_VERSION_MASK == EROFS_INODE_LAYOUT_COMPACT:
+            (_format, icount, mode, nlink, size, _reserved, i_u, _ino, uid, gid, _reserved2) = _unpack_compact(data, offset)
             mtime, mtime_nsec = self.build_time, self.build_time_nsec
+            isize = _COMPACT_SIZE
         else:
-            (_format, icount, mode, _reserved, size, i_u, _ino, uid, gid, mtime, mtime_nsec, nlink) = st.unpack_from(self.data, offset)
-            mtime = _signed64(mtime)
+            (_format, icount, mode, _reserved, size, i_u, _ino, uid, gid, mtime, mtime_nsec, nlink) = _unpack_extended(data, offset)
+            if mtime >= 1 << 63:
+                mtime -= 1 << 64
+            isize = _EXTENDED_SIZE
         if mode & _S_IFMT not in _VALID_TYPES:
             raise ImageError("inode %d has invalid mode 0%o" % (nid, mode))
-        return _Inode(offset, compact, layout, st.size, icount, size, i_u), mode, uid, gid, nlink, mtime, mtime_nsec
+        layout = (i_format >> EROFS_I_DATALAYOUT_BIT) & EROFS_I_DATALAYOUT_MASK
+        return offset, layout, isize, icount, size, i_u, mode, uid, gid, nlink, mtime, mtime_nsec
 
-    def _inode(self, nid: int) -> Tuple[_Inode, Node]:
-        ino, mode, uid, gid, nlink, mtime, mtime_nsec = self._decode_inode(nid)
-        # Positional: Node(mode, uid, gid, rdev, nlink, size, mtime_sec, mtime_nsec).
-        rdev = ino.i_u if mode & _S_IFMT in (stat.S_IFCHR, stat.S_IFBLK) else 0
-        node = Node(mode, uid, gid, rdev, nlink, ino.size, mtime, mtime_nsec)
-        return ino, node
+    def _check_inode_fits(self, nid: int, offset: int) -> None:
+        if offset >= self.length:
+            raise ImageError("inode nid %d is beyond the end of the image" % nid)
+        (i_format,) = self._unpack(_U16, offset, "inode %d" % nid)
+        compact = (i_format & EROFS_I_VERSION_MASK) == EROFS_INODE_LAYOUT_COMPACT
+        self._unpack(EROFS_INODE_COMPACT if compact else EROFS_INODE_EXTENDED, offset, "inode %d" % nid)
 
     def external_ref(self, nid: int) -> Tuple[int, Optional[bytes], Optional[bytes], int]:
         """(file type, redirect payload, metacopy digest, size) of inode ``nid``,
-        decoding only what tells whether a regular file's data is external."""
-        ino, mode, _uid, _gid, _nlink, _mtime, _nsec = self._decode_inode(nid)
-        ftype = stat.S_IFMT(mode)
+        decoding only what tells whether a regular file's data is external:
+        nothing of a directory or other file but its type."""
+        offset, layout, isize, icount, size, i_u, mode = self._decode_inode(nid)[:7]
+        ftype = mode & _S_IFMT
         if ftype != stat.S_IFREG:
             return ftype, None, None, 0
-        if ino.size and ino.layout in (fmt.EROFS_INODE_FLAT_PLAIN, fmt.EROFS_INODE_FLAT_INLINE):
-            return ftype, None, None, ino.size  # data in the image itself
-        if ino.layout == fmt.EROFS_INODE_CHUNK_BASED:
-            self._check_chunks(nid, ino)
-        elif ino.size:
-            raise ImageError("inode %d: unsupported data layout %d for a regular file" % (nid, ino.layout))
-        xattr_size = self._xattr_size(ino)
-        xattr_start = ino.offset + ino.isize
+        if size and layout in (fmt.EROFS_INODE_FLAT_PLAIN, fmt.EROFS_INODE_FLAT_INLINE):
+            return ftype, None, None, size  # data in the image itself
+        if layout == fmt.EROFS_INODE_CHUNK_BASED:
+            self._check_chunks(nid, size, i_u)
+        elif size:
+            raise ImageError("inode %d: unsupported data layout %d for a regular file" % (nid, layout))
+        xattr_size = _xattr_size(icount)
+        xattr_start = offset + isize
         if xattr_start + xattr_size > self.length:
             raise ImageError("inode %d: xattrs run past the end of the image" % nid)
-        self._charge(ino.isize + xattr_size, "inode %d" % nid)
+        self._charge(isize + xattr_size, "inode %d" % nid)
         if not xattr_size:
-            return ftype, None, None, ino.size
-        payload: Optional[bytes] = None
-        digest: Optional[bytes] = None
-        for name, value_start, value_size, _value in self._xattr_entries(nid, xattr_start, xattr_size):
-            # The same rules as _apply_xattr(): the last one of a name wins.
-            if name == _ESCAPED_WHITEOUT:
-                return stat.S_IFCHR, None, None, 0  # read back as a whiteout, not a file
-            if name == _REDIRECT:
-                payload = self._redirect_payload(value_start, value_size)
-            elif name == _METACOPY and value_size == _METACOPY_SIZE:
-                start = value_start + fmt.OVL_METACOPY_HEADER.size
-                digest = self._slice(start, start + DIGEST_SIZE, "metacopy")
-        return ftype, payload, digest, ino.size
-
-    def _xattr_size(self, ino: _Inode) -> int:
-        if ino.xattr_icount == 0:
-            return 0
-        return fmt.EROFS_XATTR_IBODY_HEADER.size + (ino.xattr_icount - 1) * fmt.EROFS_XATTR_ENTRY.size
+            return ftype, None, None, size
+        # The xattrs as read_image() takes them (the same checks; the last
+        # redirect or metacopy wins), on a node that is not kept.
+        node = Node(mode)
+        self._read_xattrs(nid, node, xattr_start, xattr_size)
+        if node.mode & _S_IFMT != stat.S_IFREG:
+            return stat.S_IFCHR, None, None, 0  # an escaped whiteout: read back as one, not as a file
+        return ftype, node.payload, node.digest, size
 
     def build(self, nid: int, toplevel_filter: Optional[frozenset]) -> Tuple[Optional[Node], List[Tuple[bytes, int]]]:
         """Decode inode ``nid``: (node or None for a skipped 0/0 chardev, its directory entries)."""
-        ino, node = self._inode(nid)
-        if node.rdev == 0 and stat.S_ISCHR(node.mode):
-            return None, []
-        xattr_size = self._xattr_size(ino)
-        xattr_start = ino.offset + ino.isize
+        offset, layout, isize, icount, size, i_u, mode, uid, gid, nlink, mtime, mtime_nsec = self._decode_inode(nid)
+        ftype = mode & _S_IFMT
+        if ftype == stat.S_IFCHR or ftype == stat.S_IFBLK:
+            if i_u == 0 and ftype == stat.S_IFCHR:
+                return None, []
+            rdev = i_u
+        else:
+            rdev = 0
+        # Positional: Node(mode, uid, gid, rdev, nlink, size, mtime_sec, mtime_nsec).
+        node = Node(mode, uid, gid, rdev, nlink, size, mtime, mtime_nsec)
+        xattr_size = _xattr_size(icount)
+        xattr_start = offset + isize
         tail_start = xattr_start + xattr_size
-        tailpacked = ino.layout == EROFS_INODE_FLAT_INLINE
-        size = ino.size
-        tail_size = size % BLOCK_SIZE if tailpacked else 0
+        tail_size = size % BLOCK_SIZE if layout == EROFS_INODE_FLAT_INLINE else 0
         if tail_start + tail_size > self.length:
             raise ImageError("inode %d: xattrs or inline data run past the end of the image" % nid)
-        self.budget -= ino.isize + xattr_size + tail_size
+        self.budget -= isize + xattr_size + tail_size
         if self.budget < 0:
             self._charge(0, "inode %d" % nid)  # raises; the name is formatted only then
 
         entries: List[Tuple[bytes, int]] = []
-        ftype = node.mode & _S_IFMT
-        if ftype == stat.S_IFDIR:
-            entries = self._read_dir(nid, ino, tail_start, tail_size, toplevel_filter)
+        if ftype == stat.S_IFREG:
+            if size:
+                if layout == EROFS_INODE_CHUNK_BASED:
+                    self._check_chunks(nid, size, i_u)
+                elif layout == EROFS_INODE_FLAT_INLINE or layout == EROFS_INODE_FLAT_PLAIN:
+                    node.content = self._read_content(nid, layout, size, i_u, tail_start, tail_size)
+                else:
+                    raise ImageError("inode %d: unsupported data layout %d for a regular file" % (nid, layout))
+        elif ftype == stat.S_IFDIR:
+            entries = self._read_dir(nid, layout, size, i_u, tail_start, tail_size, toplevel_filter)
         elif ftype == stat.S_IFLNK:
-            node.payload = self._read_symlink(nid, ino, tail_start)
+            node.payload = self._read_symlink(nid, layout, size, i_u, tail_start)
             node.size = len(node.payload)
-        elif ftype == stat.S_IFREG and size != 0:
-            if ino.layout in (fmt.EROFS_INODE_FLAT_PLAIN, fmt.EROFS_INODE_FLAT_INLINE):
-                node.content = self._read_content(nid, ino, tail_start, tail_size)
-            elif ino.layout == fmt.EROFS_INODE_CHUNK_BASED:
-                self._check_chunks(nid, ino)
-            else:
-                raise ImageError("inode %d: unsupported data layout %d for a regular file" % (nid, ino.layout))
         if xattr_size:
             self._read_xattrs(nid, node, xattr_start, xattr_size)
         return node, entries
@@ -311,27 +323,25 @@ class _Reader:
         self._charge(nbytes, "inode %d" % nid)
         return start
 
-    def _read_symlink(self, nid: int, ino: _Inode, tail_start: int) -> bytes:
-        size = ino.size
-        if ino.layout not in (fmt.EROFS_INODE_FLAT_PLAIN, fmt.EROFS_INODE_FLAT_INLINE):
-            raise ImageError("inode %d: unsupported data layout %d for a symlink" % (nid, ino.layout))
+    def _read_symlink(self, nid: int, layout: int, size: int, i_u: int, tail_start: int) -> bytes:
+        if layout not in (fmt.EROFS_INODE_FLAT_PLAIN, fmt.EROFS_INODE_FLAT_INLINE):
+            raise ImageError("inode %d: unsupported data layout %d for a symlink" % (nid, layout))
         if size >= PATH_MAX:
             raise ImageError("inode %d: symlink target too long (%d bytes)" % (nid, size))
-        if ino.layout == fmt.EROFS_INODE_FLAT_INLINE:
+        if layout == fmt.EROFS_INODE_FLAT_INLINE:
             raw = self._slice(tail_start, tail_start + size, "symlink target")
         else:
-            start = self._data_blocks(nid, ino.i_u, size)
+            start = self._data_blocks(nid, i_u, size)
             raw = self._slice(start, start + size, "symlink target")
         target = _cstr(raw)
         if not target:
             raise ImageError("inode %d: empty symlink target" % nid)
         return target
 
-    def _read_content(self, nid: int, ino: _Inode, tail_start: int, tail_size: int) -> bytes:
-        size = ino.size
+    def _read_content(self, nid: int, layout: int, size: int, i_u: int, tail_start: int, tail_size: int) -> bytes:
         if size > min(INLINE_CONTENT_MAX, self.length):
             raise ImageError("inode %d: inline file content too large (%d bytes)" % (nid, size))
-        if ino.layout == fmt.EROFS_INODE_FLAT_INLINE:
+        if layout == fmt.EROFS_INODE_FLAT_INLINE:
             if tail_size == 0:
                 raise ImageError("inode %d: inline layout without an inline tail" % nid)
             oob_size = size - tail_size
@@ -339,18 +349,18 @@ class _Reader:
             oob_size = size
         content = b""
         if oob_size:
-            start = self._data_blocks(nid, ino.i_u, oob_size)
+            start = self._data_blocks(nid, i_u, oob_size)
             content = self._slice(start, start + oob_size, "file content")
         if tail_size:
             content += self._slice(tail_start, tail_start + tail_size, "inline file content")
         return content
 
-    def _check_chunks(self, nid: int, ino: _Inode) -> None:
-        chunk_format = ino.i_u & 0xFFFF
-        if chunk_format & ~fmt.EROFS_CHUNK_FORMAT_BLKBITS_MASK or ino.i_u >> 16:
-            raise ImageError("inode %d: unsupported chunk format 0x%x" % (nid, ino.i_u))
+    def _check_chunks(self, nid: int, size: int, i_u: int) -> None:
+        chunk_format = i_u & 0xFFFF
+        if chunk_format & ~fmt.EROFS_CHUNK_FORMAT_BLKBITS_MASK or i_u >> 16:
+            raise ImageError("inode %d: unsupported chunk format 0x%x" % (nid, i_u))
         chunk_bits = fmt.BLOCK_BITS + (chunk_format & fmt.EROFS_CHUNK_FORMAT_BLKBITS_MASK)
-        chunks = (ino.size + (1 << chunk_bits) - 1) >> chunk_bits
+        chunks = (size + (1 << chunk_bits) - 1) >> chunk_bits
         if chunks > fmt.EROFS_CHUNKS_MAX:
             raise ImageError("inode %d: file needs %d chunks (at most %d supported)" % (nid, chunks, fmt.EROFS_CHUNKS_MAX))
         # The block map itself is not checked: it is all holes in C-written
@@ -359,12 +369,12 @@ class _Reader:
 
     # -- directories -----------------------------------------------------
     def _read_dir(
-        self, nid: int, ino: _Inode, tail_start: int, tail_size: int, toplevel_filter: Optional[frozenset]
+        self, nid: int, layout: int, size: int, i_u: int, tail_start: int, tail_size: int,
+        toplevel_filter: Optional[frozenset]
     ) -> List[Tuple[bytes, int]]:
-        size = ino.size
-        tailpacked = ino.layout == fmt.EROFS_INODE_FLAT_INLINE
-        if ino.layout not in (fmt.EROFS_INODE_FLAT_PLAIN, fmt.EROFS_INODE_FLAT_INLINE):
-            raise ImageError("inode %d: unsupported data layout %d for a directory" % (nid, ino.layout))
+        tailpacked = layout == fmt.EROFS_INODE_FLAT_INLINE
+        if layout not in (fmt.EROFS_INODE_FLAT_PLAIN, fmt.EROFS_INODE_FLAT_INLINE):
+            raise ImageError("inode %d: unsupported data layout %d for a directory" % (nid, layout))
         n_blocks = (size + fmt.BLOCK_SIZE - 1) // fmt.BLOCK_SIZE
         if tailpacked:
             if size and tail_size == 0:
@@ -374,7 +384,7 @@ class _Reader:
             oob_blocks = n_blocks
         entries: List[Tuple[bytes, int]] = []
         if oob_blocks:
-            start = self._data_blocks(nid, ino.i_u, oob_blocks * fmt.BLOCK_SIZE if tailpacked else size)
+            start = self._data_blocks(nid, i_u, oob_blocks * fmt.BLOCK_SIZE if tailpacked else size)
             for block in range(oob_blocks):
                 block_size = fmt.BLOCK_SIZE
                 if not tailpacked and block + 1 == oob_blocks:
@@ -389,82 +399,162 @@ class _Reader:
         self, nid: int, block: bytes, entries: List[Tuple[bytes, int]], toplevel_filter: Optional[frozenset]
     ) -> None:
         block_size = len(block)
-        dirent = fmt.EROFS_DIRENT
-        if block_size < dirent.size:
+        if block_size < _DIRENT_SIZE:
             raise ImageError("directory inode %d: block of %d bytes cannot hold a dirent" % (nid, block_size))
-        dirents_size = dirent.unpack_from(block, 0)[1]
-        if dirents_size % dirent.size != 0 or dirents_size > block_size:
+        (dirents_size,) = _U16.unpack_from(block, 8)  # the first entry's nameoff
+        if dirents_size % _DIRENT_SIZE != 0 or dirents_size > block_size:
             raise ImageError("directory inode %d: corrupt dirent table (nameoff %d)" % (nid, dirents_size))
-        count = dirents_size // dirent.size
-        parsed = [dirent.unpack_from(block, i * dirent.size) for i in range(count)]
+        parsed = list(_iter_dirents(block[:dirents_size]))
+        if not parsed or toplevel_filter is not None:
+            self._read_dirents(nid, block, parsed, entries, toplevel_filter)
+            return
+        # The whole block at once when it is well-formed: name offsets
+        # strictly increasing from the end of the table, no name empty, too
+        # long or holding a "/", and no NUL before the end of the last name.
+        # Otherwise the entries are taken one by one, each with its own check.
+        nameoffs = [nameoff for _child, nameoff, _ftype in parsed]
+        last_start = nameoffs[-1]
+        last = _cstr(block[last_start:])
+        first = nameoffs[0]
+        names_end = last_start + len(last)
+        if (
+            first < dirents_size or nameoffs != sorted(nameoffs) or len(set(nameoffs)) != len(nameoffs)
+            or not last or names_end - first > len(nameoffs) * NAME_MAX
+        ):
+            self._read_dirents(nid, block, parsed, entries, toplevel_filter)
+            return
+        names_area = block[first:names_end]
+        if b"/" in names_area or b"\0" in names_area:
+            self._read_dirents(nid, block, parsed, entries, toplevel_filter)
+            return
+        names = [block[start:end] for start, end in zip(nameoffs, nameoffs[1:])]
+        names.append(last)
+        if max(map(len, names)) > NAME_MAX:
+            self._read_dirents(nid, block, parsed, entries, toplevel_filter)
+            return
+        entries.extend([(name, child[0]) for name, child in zip(names, parsed) if name != b"." and name != b".."])
+
+    def _read_dirents(
+        self, nid: int, block: bytes, parsed: List[Tuple[int, int, int]], entries: List[Tuple[bytes, int]],
+        toplevel_filter: Optional[frozenset]
+    ) -> None:
+        """_read_dir_block() entry by entry: any block, the error names the entry."""
+        block_size = len(block)
+        dirents_size = len(parsed) * _DIRENT_SIZE
+        ends = [nameoff for _child, nameoff, _ftype in parsed]
+        ends.append(block_size)
+        last = len(parsed) - 1
         for i, (child_nid, nameoff, _ftype) in enumerate(parsed):
-            end = parsed[i + 1][1] if i + 1 < count else block_size
-            if nameoff < dirents_size or end < nameoff or end > block_size:
+            end = ends[i + 1]
+            if not dirents_size <= nameoff <= end <= block_size:
                 raise ImageError("directory inode %d: dirent %d name offset out of range or out of order" % (nid, i))
-            raw = block[nameoff:end]
-            if i + 1 == count:
-                raw = _cstr(raw)  # the last name runs to a NUL or the block end
-            if raw in (b".", b".."):
+            name = block[nameoff:end]
+            if i == last:
+                name = _cstr(name)  # the last name runs to a NUL or the block end
+            if name == b"." or name == b"..":
                 continue
-            name = _cstr(raw)
-            if not name or name in (b".", b"..") or b"/" in name or len(name) > NAME_MAX:
+            if b"\0" in name:
+                name = _cstr(name)  # "." or ".." cut short by a NUL is not a name an entry may have
+                dots = name == b"." or name == b".."
+            else:
+                dots = False
+            if dots or not name or b"/" in name or len(name) > NAME_MAX:
                 raise ImageError("directory inode %d: invalid entry name %r" % (nid, name[:300]))
             if toplevel_filter is not None and name not in toplevel_filter:
                 continue
             entries.append((name, child_nid))
 
     # -- xattrs ----------------------------------------------------------
-    def _xattr_entries(self, nid: int, start: int, xattr_size: int) -> Iterator[Tuple[bytes, int, int, Optional[bytes]]]:
-        """(name, value offset, value size, value if already read) of an inode's
-        xattrs: the inline entries, then the shared ones, as the C reader takes them."""
-        header = fmt.EROFS_XATTR_IBODY_HEADER
-        end = start + xattr_size
-        if xattr_size < header.size:
-            raise ImageError("inode %d: xattr area too small" % nid)
-        shared_count = self._unpack(header, start, "xattr header")[1]
-        pos = start + header.size + shared_count * 4
-        if pos > end:
-            raise ImageError("inode %d: %d shared xattr ids do not fit the xattr area" % (nid, shared_count))
-        entry = fmt.EROFS_XATTR_ENTRY
-        # The C reader takes an entry only while its header ends before the area does.
-        while pos + entry.size < end:
-            name_len, index, value_size = entry.unpack_from(self.data, pos)
-            name_start = pos + entry.size
-            value_start = name_start + name_len
-            value_end = value_start + value_size
-            if value_end > end:
-                raise ImageError("inode %d: xattr entry runs past the xattr area" % nid)
-            yield self._xattr_name(nid, index, name_start, name_len), value_start, value_size, None
-            pos += fmt.round_up(entry.size + name_len + value_size, 4)
-        for i in range(shared_count):
-            (idx,) = _U32.unpack_from(self.data, start + header.size + i * 4)
-            cached = self.shared_cache.get(idx)
-            if cached is None:
-                cached = self._shared_entry(nid, idx)
-            _entry_size, name, value, value_start, value_size = cached
-            yield name, value_start, value_size, value
-
     def _read_xattrs(self, nid: int, node: Node, start: int, xattr_size: int) -> None:
-        xattrs = _XattrList()
-        for name, value_start, value_size, value in self._xattr_entries(nid, start, xattr_size):
-            self._apply_xattr(node, xattrs, name, value_start, value_size, value)
-        node.xattrs = dict(xattrs.items)
+        """An inode's xattrs, with lcfs_build_node_erofs_xattr()'s special cases:
+        the overlay ones set the payload, the digest or the whiteout type, the
+        bookkeeping ones are hidden, escaped ones lose their escape.
 
-    def _xattr_name(self, nid: int, index: int, name_start: int, name_len: int) -> bytes:
-        if index == 0:
-            prefix = b""
-        else:
-            prefix = fmt.XATTR_PREFIX_BY_INDEX.get(index)
-            if prefix is None:
-                raise ImageError("inode %d: unknown xattr name index %d" % (nid, index))
-        return _cstr(prefix + self._slice(name_start, name_start + name_len, "xattr name"))
+        The entries are decoded in the loop that applies them, the inline ones
+        then the shared ones, as the C reader takes them: this runs for nearly
+        every file of an image.  The area lies inside the image (the callers
+        check) and holds at least the header (_xattr_size())."""
+        data = self.data
+        end = start + xattr_size
+        shared_pos = start + _XATTR_HEADER_SIZE
+        shared_end = shared_pos + data[start + _XATTR_SHARED_COUNT_OFFSET] * 4
+        if shared_end > end:
+            raise ImageError("inode %d: %d shared xattr ids do not fit the xattr area" % (nid, (shared_end - shared_pos) // 4))
+        pos = shared_end
+        prefixes = _PREFIX_BY_INDEX
+        is_reg = node.mode & _S_IFMT == stat.S_IFREG
+        xattrs: Optional[_XattrList] = None
+        while True:
+            # The C reader takes an inline entry only while its header ends
+            # before the area does, then the shared ones.
+            if pos + _XATTR_ENTRY_SIZE < end:
+                name_len, index, value_size = _unpack_xattr_entry(data, pos)
+                value_start = pos + _XATTR_ENTRY_SIZE + name_len
+                if value_start + value_size > end:
+                    raise ImageError("inode %d: xattr entry runs past the xattr area" % nid)
+                prefix = prefixes.get(index)
+                if prefix is None:
+                    raise ImageError("inode %d: unknown xattr name index %d" % (nid, index))
+                name = prefix + data[pos + _XATTR_ENTRY_SIZE:value_start]
+                if b"\0" in name:
+                    name = _cstr(name)
+                value: Optional[bytes] = None
+                pos = value_start + value_size + (-(name_len + value_size) & 3)
+            elif shared_pos < shared_end:
+                (idx,) = _U32.unpack_from(data, shared_pos)
+                shared_pos += 4
+                cached = self.shared_cache.get(idx)
+                if cached is None:
+                    cached = self._shared_entry(nid, idx)
+                _idx, name, value, value_start, value_size = cached
+            else:
+                break
+            if name == _REDIRECT:
+                if not is_reg:
+                    pass
+                elif value is not None or value_size < 2 or data[value_start] != _SLASH:
+                    node.payload = self._redirect_payload(value_start, value_size, value is not None)
+                else:
+                    # _redirect_payload() of a "/..." inline value (every
+                    # external file of a C-written image), inlined.
+                    stop = value_start + value_size + 2
+                    payload = data[value_start + 1:stop if stop < self.length else self.length]
+                    if b"\0" in payload:
+                        payload = payload[:payload.find(b"\0")]
+                    node.payload = payload
+            elif name == _METACOPY:
+                if is_reg and value_size == _METACOPY_SIZE:
+                    digest_start = value_start + _METACOPY_HEADER_SIZE
+                    node.digest = data[digest_start:digest_start + DIGEST_SIZE]
+            elif name == _ESCAPED_WHITEOUT and is_reg:
+                node.mode = (node.mode & ~_S_IFMT) | stat.S_IFCHR
+                node.rdev = 0
+                node.size = 0
+                if node.content is not None:
+                    node.content = b""
+                is_reg = False
+            elif name not in _HIDDEN_MARKERS:
+                if name.startswith(_OVERLAY_PREFIX):
+                    if not name.startswith(_OVERLAY_ESCAPED_PREFIX):
+                        continue  # internal: root opaque and the like
+                    name = _TRUSTED_PREFIX + name[len(_OVERLAY_PREFIX):]
+                if value is None:
+                    value = data[value_start:value_start + value_size]
+                if xattrs is None:
+                    xattrs = _XattrList()
+                xattrs.set(name, value)
+        if xattrs is not None:
+            node.xattrs = dict(xattrs.items)
 
     def _shared_entry(self, nid: int, idx: int) -> Tuple[int, bytes, bytes, int, int]:
         pos = self.xattr_base + idx * 4
         name_len, index, value_size = self._unpack(fmt.EROFS_XATTR_ENTRY, pos, "shared xattr %d" % idx)
         name_start = pos + fmt.EROFS_XATTR_ENTRY.size
         value_start = name_start + name_len
-        name = self._xattr_name(nid, index, name_start, name_len)
+        prefix = _PREFIX_BY_INDEX.get(index)
+        if prefix is None:
+            raise ImageError("inode %d: unknown xattr name index %d" % (nid, index))
+        name = _cstr(prefix + self._slice(name_start, name_start + name_len, "xattr name"))
         value = self._slice(value_start, value_start + value_size, "shared xattr %d" % idx)
         # Each distinct entry is decoded once; well-formed tables never overlap.
         self._charge(value_start + value_size - pos, "shared xattr %d" % idx)
@@ -472,53 +562,27 @@ class _Reader:
         self.shared_cache[idx] = result
         return result
 
-    def _redirect_payload(self, value_start: int, value_size: int) -> bytes:
-        key = (value_start, value_size)
-        payload = self.payload_cache.get(key)
-        if payload is not None:
-            return payload
-        raw = self._slice(value_start, value_start + value_size, "redirect")
-        if value_size > 1 and raw[:1] == b"/":
+    def _redirect_payload(self, value_start: int, value_size: int, shared: bool) -> bytes:
+        """The payload of a redirect xattr (``shared``: a shared entry's, kept
+        so that every file naming that entry gets the same object)."""
+        if shared:
+            payload = self.payload_cache.get(value_start)
+            if payload is not None:
+                return payload
+        data = self.data
+        if value_size > 1 and data[value_start] == _SLASH:
             # libcomposefs 1.0.8 skips the '/' but then grows the length
             # instead of shrinking it, so strndup() reads up to two bytes past
             # the value (the entry's zero padding in C-written images, else
             # whatever follows).  Reproduced so payloads match the C tools.
-            stop = min(value_start + value_size + 2, self.length)
-            raw = self._slice(value_start + 1, stop, "redirect")
-        payload = _cstr(raw)
-        self.payload_cache[key] = payload
+            payload = data[value_start + 1:min(value_start + value_size + 2, self.length)]
+        else:
+            payload = data[value_start:value_start + value_size]
+        if b"\0" in payload:
+            payload = _cstr(payload)
+        if shared:
+            self.payload_cache[value_start] = payload
         return payload
-
-    def _apply_xattr(
-        self, node: Node, xattrs: _XattrList, name: bytes, value_start: int, value_size: int, value: Optional[bytes]
-    ) -> None:
-        """One xattr, with lcfs_build_node_erofs_xattr()'s special cases."""
-        is_reg = stat.S_ISREG(node.mode)
-        if name == _REDIRECT:
-            if is_reg:
-                node.payload = self._redirect_payload(value_start, value_size)
-            return
-        if name == _METACOPY:
-            if is_reg and value_size == _METACOPY_SIZE:
-                start = value_start + fmt.OVL_METACOPY_HEADER.size
-                node.digest = self._slice(start, start + DIGEST_SIZE, "metacopy")
-            return
-        if name == _ESCAPED_WHITEOUT and is_reg:
-            node.mode = (node.mode & ~stat.S_IFMT(node.mode)) | stat.S_IFCHR
-            node.rdev = 0
-            node.size = 0
-            if node.content is not None:
-                node.content = b""
-            return
-        if name in _HIDDEN_MARKERS:
-            return
-        if name.startswith(fmt.OVERLAY_XATTR_PREFIX):
-            if not name.startswith(fmt.OVERLAY_XATTR_ESCAPED_PREFIX):
-                return  # internal: root opaque and the like
-            name = _TRUSTED_PREFIX + name[len(fmt.OVERLAY_XATTR_PREFIX):]
-        if value is None:
-            value = self._slice(value_start, value_start + value_size, "xattr value")
-        xattrs.set(name, value)
 
 
 def _check_header(data: ImageData) -> Tuple[int, int, int, int]:
@@ -557,36 +621,45 @@ def _read_image(data: ImageData, toplevel_filter: Optional[Collection[bytes]]) -
     root, entries = reader.build(reader.root_nid, filter_set)
     if root is None or not root.is_dir():
         raise ImageError("root inode %d is not a directory" % reader.root_nid)
-    reader.visited[reader.root_nid] = root
+    visited = reader.visited
+    visited[reader.root_nid] = root
+    build = reader.build
     # Depth-first in directory order, as the C reader recurses: the first
-    # entry reaching an inode owns it, later ones become hard links.
-    stack: List[Tuple[Node, List[Tuple[bytes, int]], int]] = [(root, entries, 0)]
+    # entry reaching an inode owns it, later ones become hard links.  A
+    # directory's entries are taken by one loop, left (break) to descend into
+    # a subdirectory and resumed when that is done.
+    stack: List[Tuple[Node, Iterator[Tuple[bytes, int]]]] = [(root, iter(entries))]
     while stack:
-        parent, entries, pos = stack[-1]
-        if pos == len(entries):
+        parent, pending = stack[-1]
+        children = parent.children
+        for name, nid in pending:
+            if name in children:
+                raise ImageError("duplicate entry %r in directory %r" % (name, parent.path()))
+            if nid in visited:
+                target = visited[nid]
+                if target is None:
+                    continue  # another entry for a skipped 0/0 chardev
+                if target.mode & _S_IFMT == stat.S_IFDIR:
+                    raise ImageError("directory inode %d is reached twice (directory loop or hard link)" % nid)
+                child = Node(target.mode)
+                child.link_to = target
+                child.parent = parent
+                child.name = name
+                children[name] = child
+                continue
+            child, child_entries = build(nid, None)
+            visited[nid] = child
+            if child is None:
+                continue
+            # Node.replace_child(), inlined: this runs once per entry.
+            child.parent = parent
+            child.name = name
+            children[name] = child
+            if child_entries:  # only a directory has entries; an empty one needs no visit
+                stack.append((child, iter(child_entries)))
+                break
+        else:
             stack.pop()
-            continue
-        stack[-1] = (parent, entries, pos + 1)
-        name, nid = entries[pos]
-        if name in parent.children:
-            raise ImageError("duplicate entry %r in directory %r" % (name, parent.path()))
-        if nid in reader.visited:
-            target = reader.visited[nid]
-            if target is None:
-                continue  # another entry for a skipped 0/0 chardev
-            if target.is_dir():
-                raise ImageError("directory inode %d is reached twice (directory loop or hard link)" % nid)
-            alias = Node(target.mode)
-            alias.link_to = target
-            parent.replace_child(name, alias)
-            continue
-        child, child_entries = reader.build(nid, None)
-        reader.visited[nid] = child
-        if child is None:
-            continue
-        parent.replace_child(name, child)
-        if child.is_dir():
-            stack.append((child, child_entries, 0))
     return root
 
 
