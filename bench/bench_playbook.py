@@ -107,7 +107,8 @@ def main() -> int:
                PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
     # The tools and units go below the work directory, not into /usr/local,
     # /sbin and /etc/systemd/system.
-    extra = {"demo_root": os.path.join(work, "demo"), "demo_files": args.files,
+    # demo_agent=false: the agent's pass at the end of the demo is not part of this comparison.
+    extra = {"demo_root": os.path.join(work, "demo"), "demo_files": args.files, "demo_agent": False,
              "composefs_node_unit_dir": os.path.join(work, "units"), "composefs_node_prefix": os.path.join(work, "lib"),
              "composefs_node_bin_dir": os.path.join(work, "bin"), "composefs_node_sbin_dir": os.path.join(work, "sbin")}
     for key in ("composefs_node_unit_dir", "composefs_node_bin_dir", "composefs_node_sbin_dir"):

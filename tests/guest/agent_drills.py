@@ -369,6 +369,10 @@ def cmd_drills(ctx):
         data3 = f.read()
     rec = ctx.trigger(lambda: os.unlink(p3))
     rec.update(object=d3, exists_after=os.path.exists(p3))
+    # journalctl -x adds the catalog's explanation (the role installs it) under the entry, fields filled in.
+    ids = sorted({e.get("MESSAGE_ID") for e in rec["entries"] if e.get("COMPOSEFS_FINDING") == "object-missing"} - {None})
+    rec["explained"] = run(["journalctl", "-x", "--no-pager", "-q", "-n", "1", "-o", "short"]
+                           + ["MESSAGE_ID=" + i for i in ids[:1]] + ["COMPOSEFS_OBJECT=" + d3])
     replace_file(p3, data3, verity=True)
     out["object_deleted"] = rec
 

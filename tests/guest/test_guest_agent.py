@@ -30,6 +30,7 @@ from typing import Dict, List
 import pytest
 
 import guest_vm
+from composefs_fleet_agent.findings import KINDS
 
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(3000)]
 
@@ -252,6 +253,22 @@ def test_drill_object_deleted_is_reported(drills):
     assert rec["summary"]["COMPOSEFS_HEALTHY"] == "0", rec["summary"]
     assert _metric(rec, "findings", "object-missing") == 1, rec["textfile"]
     assert rec["exists_after"] is False
+
+
+def test_drill_journalctl_x_explains_the_finding_from_the_catalog(drills):
+    # The role installed agent/catalog/ and ran journalctl --update-catalog: journalctl -x shows the entry's
+    # explanation under it, with the entry's own fields filled in.
+    rec = _drill(drills, "object_deleted")
+    entry = _entries(rec, "object-missing")[0]
+    assert entry["MESSAGE_ID"] == KINDS["object-missing"].message_id, entry
+    explained = rec["explained"]
+    assert explained["rc"] == 0, explained
+    # Catalog lines are prefixed with "-- ", or "\u2591\u2591 " in a UTF-8 locale (systemd 246 and later).
+    lines = [re.sub("^(--|\u2591\u2591) ?", "", line) for line in explained["out"].splitlines()]
+    text = explained["out"]
+    assert "Subject: object %s is missing" % rec["object"] in lines, text
+    assert "Defined-By: composefs-fleet" in lines and any(line.startswith("What to do:") for line in lines), text
+    assert "@COMPOSEFS_" not in text and entry["COMPOSEFS_PATH"] in text, text
 
 
 def test_drill_mount_unmounted_by_hand_is_remounted(drills):
