@@ -79,10 +79,12 @@ def history_path(where: str, directory: str = HISTORY_DIR) -> str:
     return os.path.join(directory, history_name(where))
 
 
-def _is_hex64(value: Any) -> bool:
-    from .store_names import is_hex_name
+_LOWER_HEX = frozenset("0123456789abcdef")
 
-    return isinstance(value, str) and is_hex_name(value)
+
+def _is_hex64(value: Any) -> bool:
+    # As store_names.is_hex_name, without importing it (and tree, typing) into every mount.
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _LOWER_HEX
 
 
 def _optional_str(value: Any) -> bool:
