@@ -93,6 +93,8 @@ def _optional_str(value: Any) -> bool:
 
 def valid_entry(data: Any, where: Optional[str] = None) -> bool:
     """Is ``data`` a history entry we wrote (for ``where``, when given)?"""
+    from .json_text import is_int
+
     if not isinstance(data, dict) or data.get("format") != HISTORY_FORMAT:
         return False
     if not isinstance(data.get("where"), str) or (where is not None and data["where"] != where):
@@ -108,7 +110,7 @@ def valid_entry(data: Any, where: Optional[str] = None) -> bool:
         return False
     stamp = data.get("image_stamp")
     if stamp is not None and not (isinstance(stamp, list) and len(stamp) == len(_STAMP_FIELDS)
-                                  and all(type(v) is int for v in stamp)):
+                                  and all(is_int(v) for v in stamp)):
         return False
     previous = data.get("previous")
     if previous is not None:
