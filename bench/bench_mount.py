@@ -119,8 +119,8 @@ def main() -> int:
         target = os.path.join(base, "mnt")
         os.mkdir(target)
         plain_argv = installed_like_argv(base)
-        print("%-22s %10s %12s %9s %14s %9s %11s %12s" % ("image", "C median", "ours median", "ratio",
-                                                        "ours no-site", "ratio", "API median", "CPU ours/C"))
+        print("%-22s %10s %12s %9s %14s %9s %11s %12s" % (
+            "image", "C median", "ours median", "ratio", "ours no-site", "ratio", "API median", "CPU ours/C"))
         ratios = []
         plain_ratios = []
         for files in args.files:
