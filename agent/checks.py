@@ -26,6 +26,7 @@ from composefs_fleet.ref_trust import TrustPolicy, verify_ref
 from composefs_fleet.store import DAMAGED, META_NAME, Store
 
 from .config import Config, MountSpec, expected, load_policy
+from . import object_cache
 from .findings import Finding
 from .remount import remount, request_for
 
@@ -123,7 +124,8 @@ class Checker:
     """Holds what passes share: caches and the mounts seen last time."""
 
     def __init__(self, log: Callable[[Finding], None], tick: Callable[[], None],
-                 record_dir: str = mount_record.RECORD_DIR, history_dir: str = mount_history.HISTORY_DIR) -> None:
+                 record_dir: str = mount_record.RECORD_DIR, history_dir: str = mount_history.HISTORY_DIR,
+                 cache_dir: Optional[str] = None) -> None:
         self.log = log
         self.tick = tick  # called between objects: watchdog pings, stop requests (raises StopPass)
         self.record_dir = record_dir
@@ -131,6 +133,8 @@ class Checker:
         self.digests = DigestCache(tick)
         # image digest -> {object hex: size}; images are content-addressed, so this never goes stale.
         self.image_objects: Dict[str, List[bytes]] = {}
+        # The same kept on disk (object_cache), so that a run with --once lists an image only once too; None: not kept.
+        self.cache_dir = cache_dir
         self._stores: Dict[str, Optional[str]] = {}  # basedir -> the store it belongs to
         # where -> (record identity, mount ID in our namespace) of the last pass.
         self.seen_mounts: Dict[str, Tuple[Tuple[object, ...], int]] = {}
@@ -172,6 +176,8 @@ class Checker:
         for digest in list(self.image_objects):
             if digest not in used_images:
                 del self.image_objects[digest]  # no longer mounted: let the memory go
+        if self.cache_dir is not None:
+            object_cache.prune(self.cache_dir, used_images)
         result.duration = time.monotonic() - result.started
         return result
 
@@ -366,6 +372,11 @@ class Checker:
         # Only an image file whose digest was just verified may tell which objects belong to ``digest``.
         if digest != spec.digest or not image_ok:
             return None
+        if self.cache_dir is not None:
+            known = object_cache.load(self.cache_dir, digest)
+            if known is not None:
+                self.image_objects[digest] = known
+                return known
         try:
             listed = image_file_objects(spec.image, progress=self.tick)
         except (OSError, ComposefsError) as exc:
@@ -376,6 +387,9 @@ class Checker:
             self._add("image-unreadable", "image %s: %s" % (spec.image, problem), dict(fields, path=spec.image))
         # Raw digests: a third of the memory of hex strings, for images of 100,000 files.
         objects = [bytes.fromhex(h) for h in listed.objects]
+        # An image with problems is listed again next time, so that they are reported again.
+        if self.cache_dir is not None and not listed.problems:
+            object_cache.store(self.cache_dir, digest, objects)
         del listed
         self.image_objects[digest] = objects
         return objects

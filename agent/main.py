@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 from composefs_fleet import mount_history
 
 from . import config as config_mod
+from . import object_cache
 from .checks import Checker, PassResult, StopPass
 from .findings import KINDS
 from .journal_log import Journal
@@ -50,6 +51,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--history-dir", default=mount_history.HISTORY_DIR,
                         help="the mount history: what our mount code last mounted at each mount point, which is "
                              "what a watched mount should show (default %(default)s)")
+    parser.add_argument("--cache-dir", default=object_cache.CACHE_DIR,
+                        help="where the object list of each mounted image is kept between runs, so that --once lists "
+                             "an image only once like the service; root's own directory (default %(default)s)")
+    parser.add_argument("--no-cache", action="store_true", help="keep no object lists on disk (--cache-dir ignored)")
     parser.add_argument("--json", action="store_true", help="with --once: print the pass as JSON on stdout")
     parser.add_argument("--no-journal", action="store_true", help="log plain lines to stderr, not to the journal")
     return parser.parse_args(argv)
@@ -65,7 +70,8 @@ class Agent:
         self.stopping = False
         self.reload_requested = False
         self.watchdog = Watchdog()
-        self.checker = Checker(self.journal.finding, self._tick, history_dir=args.history_dir)
+        self.checker = Checker(self.journal.finding, self._tick, history_dir=args.history_dir,
+                               cache_dir=None if args.no_cache else args.cache_dir)
 
     # -- configuration --------------------------------------------------------------
     def load_config(self) -> bool:

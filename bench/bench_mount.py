@@ -7,8 +7,8 @@ then unmounts the target, alternating C and ours so that both see the same
 machine state.  Also timed: our library call ``mount_composefs()`` in this
 process, which is the mount work without the interpreter start.
 
-Prints median and best wall time per mount+umount and the ratio ours/C
-(lower is better).  Needs root, the kernel's erofs + overlay, and the oracle
+Prints the median wall time per mount+umount and the median of the per-round
+ratios ours/C (lower is better).  Needs root, the kernel's erofs + overlay, and the oracle
 (scripts/fetch-oracle).
 """
 
@@ -56,12 +56,19 @@ def build(src: str, image: str, store: str) -> None:
     subprocess.run(ours_argv("mkcomposefs") + ["--digest-store=" + store, src, image], check=True)
 
 
-def time_cli(argv, image: str, store: str, target: str) -> float:
+def time_cli(argv, image: str, store: str, target: str, cpu: list) -> float:
+    """Wall time of mount + umount; the helper's own CPU time (user + sys, from wait4) goes to ``cpu``:
+    a loaded machine stretches the wall clock of a short process far more than its CPU time."""
     start = time.perf_counter()
-    res = subprocess.run(argv + ["-o", "basedir=" + store, image, target], capture_output=True)
-    if res.returncode != 0:
-        raise SystemExit("%s failed: %s" % (argv[-1], res.stderr.decode(errors="replace")))
+    proc = subprocess.Popen(argv + ["-o", "basedir=" + store, image, target], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.stderr.close()
+    if status != 0:
+        raise SystemExit("%s failed: %s" % (argv[-1], err.decode(errors="replace")))
     umount(target)
+    cpu.append(usage.ru_utime + usage.ru_stime)
     return time.perf_counter() - start
 
 
@@ -95,12 +102,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30, help="mount+umount cycles per tool and image")
     parser.add_argument("--files", type=int, nargs="*", default=[10, 20000], help="files per generated image")
+    parser.add_argument("--bin", help="directory of our console scripts (default: the repository's .venv/bin; "
+                                      "PYTHONPATH, if set, decides whose code they run)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (mounts)")
     precompile()
     c_argv = oracle_argv("mount.composefs")
-    our_argv = ours_argv("mount.composefs")
+    our_argv = [os.path.join(args.bin, "mount.composefs")] if args.bin else ours_argv("mount.composefs")
+    print("ours: %s (PYTHONPATH=%s)" % (our_argv[0], os.environ.get("PYTHONPATH", "")))
     if not os.path.exists(our_argv[0]):
         raise SystemExit("%s missing: pip install -e . (console script mount.composefs)" % our_argv[0])
     base = tempfile.mkdtemp(prefix="bench-mount-")
@@ -109,8 +119,8 @@ def main() -> int:
         target = os.path.join(base, "mnt")
         os.mkdir(target)
         plain_argv = installed_like_argv(base)
-        print("%-22s %10s %12s %9s %14s %9s %11s" % ("image", "C median", "ours median", "ratio",
-                                                   "ours no-site", "ratio", "API median"))
+        print("%-22s %10s %12s %9s %14s %9s %11s %12s" % (
+            "image", "C median", "ours median", "ratio", "ours no-site", "ratio", "API median", "CPU ours/C"))
         ratios = []
         plain_ratios = []
         for files in args.files:
@@ -118,20 +128,23 @@ def main() -> int:
             image = os.path.join(base, "image-%d.cfs" % files)
             build(src, image, store)
             c_times, our_times, plain_times, api_times = [], [], [], []
+            c_cpu, our_cpu = [], []
             for _ in range(args.rounds):
-                c_times.append(time_cli(c_argv, image, store, target))
-                our_times.append(time_cli(our_argv, image, store, target))
-                plain_times.append(time_cli(plain_argv, image, store, target))
+                c_times.append(time_cli(c_argv, image, store, target, c_cpu))
+                our_times.append(time_cli(our_argv, image, store, target, our_cpu))
+                plain_times.append(time_cli(plain_argv, image, store, target, []))
                 api_times.append(time_api(image, store, target))
             c_med = statistics.median(c_times)
             our_med, plain_med = statistics.median(our_times), statistics.median(plain_times)
-            ratios.append(our_med / c_med)
-            plain_ratios.append(plain_med / c_med)
+            # Median of the per-round ratios: each pair ran back to back, under the same load.
+            ratios.append(statistics.median(o / c for o, c in zip(our_times, c_times)))
+            plain_ratios.append(statistics.median(p / c for p, c in zip(plain_times, c_times)))
             label = "%d files, %d KiB" % (files, os.path.getsize(image) // 1024)
-            print("%-22s %8.2fms %10.2fms %8.2fx %12.2fms %8.2fx %9.2fms" % (
+            print("%-22s %8.2fms %10.2fms %8.2fx %12.2fms %8.2fx %9.2fms %12s" % (
                 label, c_med * 1e3, our_med * 1e3, ratios[-1], plain_med * 1e3, plain_ratios[-1],
-                statistics.median(api_times) * 1e3))
-        print("ratio ours/C, median mount+umount (lower is better): console script %s; "
+                statistics.median(api_times) * 1e3,
+                "%.1f/%.1fms" % (statistics.median(our_cpu) * 1e3, statistics.median(c_cpu) * 1e3)))
+        print("ratio ours/C, median of per-round ratios of mount+umount (lower is better): console script %s; "
               "without site (-S) %s; the library call alone is the API column"
               % (", ".join("%.2fx" % r for r in ratios), ", ".join("%.2fx" % r for r in plain_ratios)))
     finally:

@@ -103,8 +103,14 @@ def main() -> int:
         raise SystemExit("bench: needs root (mounts)")
 
     work = tempfile.mkdtemp(prefix="bench-playbook-", dir=args.workdir)
+    # The collection measured is this checkout (ansible.cfg's path goes through .venv, which may be
+    # another checkout's when the venv is shared).
+    collections = os.path.join(work, "collections")
+    os.makedirs(os.path.join(collections, "ansible_collections", "composefs"))
+    os.symlink(REPO, os.path.join(collections, "ansible_collections", "composefs", "fleet"))
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-               PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+               ANSIBLE_COLLECTIONS_PATH=collections, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+    print("collection: %s" % REPO)
     # The tools and units go below the work directory, not into /usr/local,
     # /sbin and /etc/systemd/system.
     # demo_agent=false: the agent's pass at the end of the demo is not part of this comparison.

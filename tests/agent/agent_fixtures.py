@@ -99,9 +99,15 @@ def history_dir_of(config: Path) -> Path:
     return config.parent / "history"
 
 
+def cache_dir_of(config: Path) -> Path:
+    """The agent's object-list cache of a test (never the machine's own /var/cache)."""
+    return config.parent / "cache"
+
+
 def run_once(config: Path, *args: str, env: Optional[Dict[str, str]] = None) -> "subprocess.CompletedProcess[str]":
     return subprocess.run([sys.executable, "-m", "composefs_fleet_agent", "--once", "--no-journal", "--config",
-                           str(config), "--history-dir", str(history_dir_of(config))] + list(args),
+                           str(config), "--history-dir", str(history_dir_of(config)),
+                           "--cache-dir", str(cache_dir_of(config))] + list(args),
                           capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -194,7 +194,8 @@ def test_journal_socket_missing_means_plain_lines(node: Node, tmp_path: Path):
     _app(node)
     env = dict(os.environ)
     res = subprocess.run([os.sys.executable, "-m", "composefs_fleet_agent", "--once", "--config",
-                          str(node.write_config())], capture_output=True, text=True, env=env, timeout=300)
+                          str(node.write_config()), "--cache-dir", str(tmp_path / "cache")],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0
     if os.path.exists("/run/systemd/journal/socket"):
         pytest.skip("journald runs here: entries go to the journal, not stderr")

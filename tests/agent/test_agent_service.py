@@ -56,8 +56,8 @@ def test_notify_watchdog_reload_and_stop(node: Node, tmp_path: Path):
     cfg = node.write_config()
     notify = NotifySocket(tmp_path / "notify")
     env = dict(os.environ, NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="400000", WATCHDOG_PID="")
-    agent = subprocess.Popen([sys.executable, "-m", "composefs_fleet_agent", "--config", str(cfg), "--no-journal"],
-                             env=env, stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen([sys.executable, "-m", "composefs_fleet_agent", "--config", str(cfg), "--no-journal",
+                              "--cache-dir", str(tmp_path / "cache")], env=env, stderr=subprocess.PIPE, text=True)
     try:
         notify.wait_for(lambda m: m == "READY=1")
         assert "healthy" in notify.wait_for(lambda m: m.startswith("STATUS=pass 1:"))

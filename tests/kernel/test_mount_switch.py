@@ -209,3 +209,46 @@ def test_planted_links_in_the_history_dir_are_not_followed(images, tmp_path):
     assert mount_history.load(str(images.target), images.history) is None  # a link is never believed
     images.mount("v2", replace=True)
     assert victim.read_bytes() == b"keep" and not os.path.islink(entry)  # replaced by a file, not written through
+
+
+def test_remount_of_an_unchanged_image_reuses_the_noted_digest(images, monkeypatch):
+    """A boot or a repair mounts the image the history names: hashing it again would tell the same,
+    unless the file changed since (any write moves its ctime)."""
+    from composefs_fleet import fsverity_digest
+
+    hashed = []
+    real = fsverity_digest.digest_fd
+
+    def counting(fd, *args, **kwargs):
+        hashed.append(fd)
+        return real(fd, *args, **kwargs)
+
+    monkeypatch.setattr(fsverity_digest, "digest_fd", counting)
+    where = str(images.target)
+    images.mount("v1")
+    assert len(hashed) == 1
+    mount_record.unmount(where)
+    result = images.mount("v1")
+    assert len(hashed) == 1, "the unchanged image was hashed again"
+    assert mount_record.live_record(where)["image_digest"] == images.digest["v1"] and result.record_error is None
+    mount_record.unmount(where)
+    path = images.image("v1")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data)  # same bytes: only its ctime (and mtime) says it was written
+    images.mount("v1")
+    assert len(hashed) == 2
+    mount_record.unmount(where)
+    # Another image file at the same place is hashed, not taken for the noted one.
+    images.mount("v2")
+    assert len(hashed) == 3 and mount_record.live_record(where)["image_digest"] == images.digest["v2"]
+    mount_record.unmount(where)
+    # A stamp that is not ours makes the whole history unbelievable, as any other garbage.
+    hist = mount_history.history_path(os.path.realpath(where), images.history)
+    with open(hist) as f:
+        data = json.load(f)
+    for bad in ("x", [1, 2, 3], [1, 2, 3, 4, True]):
+        with open(hist, "w") as f:
+            json.dump(dict(data, image_stamp=bad), f)
+        assert mount_history.load(where, images.history) is None

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Optional, Tuple, Union
+# typing costs start-up time, and every mount.composefs writes its record through here:
+# imported for type checkers only (annotations are strings here).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Tuple, Union
 
 
 def current_umask() -> int:

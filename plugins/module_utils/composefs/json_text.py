@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Union
+# typing costs start-up time, and every mount.composefs reads its history through here:
+# imported for type checkers only (annotations are strings here).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Union
 
 from .errors import ComposefsError
 

@@ -683,24 +683,31 @@ def _record(image_fd: int, image: PathArg, target: PathArg, dirs: List[str], dig
     from . import mount_history, mount_record
     from .mountinfo import canonical
 
+    image_path = _show(os.path.abspath(image))
+    where = canonical(target)
     try:
+        stamp = mount_history.image_stamp(os.fstat(image_fd))
         if digest is not None:
             image_digest = digest.lower()  # checked by the kernel's fs-verity above
         else:
-            from .fsverity_digest import digest_fd
+            # The same unchanged image file again (a boot, a remount): hashing it would tell the same.
+            known = None if history_dir is None else mount_history.known_digest(
+                where, image_path, stamp, history_dir or mount_history.HISTORY_DIR)
+            if known is not None:
+                image_digest = known
+            else:
+                from .fsverity_digest import digest_fd
 
-            image_digest = digest_fd(image_fd).hex()
+                image_digest = digest_fd(image_fd).hex()
     except (OSError, ComposefsError) as exc:
         result.record_error = "cannot compute the image digest: %s" % exc
         return
-    image_path = _show(os.path.abspath(image))
-    where = canonical(target)
     if history_dir is not None:
         try:
             entry = mount_history.note_mount(
                 where, image_path, image_digest, dirs, _REQUESTED_VERITY[verity_mode], digest=digest,
                 upperdir=plan.upperdir, workdir=plan.workdir, ref=ref, store=store, replaced=result.replaced,
-                directory=history_dir or mount_history.HISTORY_DIR)
+                directory=history_dir or mount_history.HISTORY_DIR, stamp=stamp)
             result.previous = entry.get("previous")
             ref = entry.get("ref")
         except (OSError, ComposefsError) as exc:

@@ -35,6 +35,29 @@ HISTORY_FORMAT = 1
 _SUFFIX = ".json"
 _NAME_MAX = 255
 _PREVIOUS_KEYS = ("image", "image_digest", "ref")
+# What identifies the image file's content without reading it: any write changes ctime, which no
+# one can set back, and a replaced file is another inode.
+_STAMP_FIELDS = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
+
+
+def image_stamp(st: os.stat_result) -> List[int]:
+    """The stamp of an image file (its ``fstat``) kept with its digest."""
+    return [getattr(st, f) for f in _STAMP_FIELDS]
+
+
+def known_digest(where: str, image: str, stamp: List[int], directory: str = HISTORY_DIR) -> Optional[str]:
+    """The digest of ``image`` noted for ``where`` when the file is unchanged since (None: compute it).
+
+    A mount point remounted with the image it showed (every boot, every agent
+    repair) need not hash the image again: the history noted its digest with
+    the file's stamp."""
+    try:
+        old = load(where, directory)
+    except OSError:
+        return None
+    if old is None or old["image"] != image or old.get("image_stamp") != stamp:
+        return None
+    return old["image_digest"]
 
 
 def history_name(where: str) -> str:
@@ -56,10 +79,12 @@ def history_path(where: str, directory: str = HISTORY_DIR) -> str:
     return os.path.join(directory, history_name(where))
 
 
-def _is_hex64(value: Any) -> bool:
-    from .store_names import is_hex_name
+_LOWER_HEX = frozenset("0123456789abcdef")
 
-    return isinstance(value, str) and is_hex_name(value)
+
+def _is_hex64(value: Any) -> bool:
+    # As store_names.is_hex_name, without importing it (and tree, typing) into every mount.
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _LOWER_HEX
 
 
 def _optional_str(value: Any) -> bool:
@@ -68,6 +93,8 @@ def _optional_str(value: Any) -> bool:
 
 def valid_entry(data: Any, where: Optional[str] = None) -> bool:
     """Is ``data`` a history entry we wrote (for ``where``, when given)?"""
+    from .json_text import is_int
+
     if not isinstance(data, dict) or data.get("format") != HISTORY_FORMAT:
         return False
     if not isinstance(data.get("where"), str) or (where is not None and data["where"] != where):
@@ -80,6 +107,10 @@ def valid_entry(data: Any, where: Optional[str] = None) -> bool:
     if not isinstance(basedirs, list) or not all(isinstance(d, str) for d in basedirs):
         return False
     if not isinstance(data.get("verity"), str):
+        return False
+    stamp = data.get("image_stamp")
+    if stamp is not None and not (isinstance(stamp, list) and len(stamp) == len(_STAMP_FIELDS)
+                                  and all(is_int(v) for v in stamp)):
         return False
     previous = data.get("previous")
     if previous is not None:
@@ -130,13 +161,14 @@ def previous_of(entry: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 def note_mount(where: str, image: str, image_digest: str, basedirs: Sequence[str], verity: str,
                digest: Optional[str] = None, upperdir: Optional[str] = None, workdir: Optional[str] = None,
                ref: Optional[str] = None, store: Optional[str] = None, replaced: Optional[Dict[str, Any]] = None,
-               directory: str = HISTORY_DIR) -> Dict[str, Any]:
+               directory: str = HISTORY_DIR, stamp: Optional[List[int]] = None) -> Dict[str, Any]:
     """Record that ``where`` now shows ``image``; returns the entry written.
 
     ``replaced`` is the mount record of the mount this one replaced, used as
     ``previous`` when there is no history yet (a mount made before the
     history existed).  The same image again keeps ``previous`` and the time
-    of the last move; a ref not given is kept from before.
+    of the last move; a ref not given is kept from before.  ``stamp``
+    (:func:`image_stamp`) lets :func:`known_digest` vouch for the digest later.
     """
     from .atomic_file import write_atomic
     from .mountinfo import canonical
@@ -148,7 +180,7 @@ def note_mount(where: str, image: str, image_digest: str, basedirs: Sequence[str
         entry: Dict[str, Any] = {
             "format": HISTORY_FORMAT, "where": target, "image": image, "image_digest": image_digest,
             "ref": ref, "store": store, "basedirs": list(basedirs), "verity": verity, "digest": digest,
-            "upperdir": upperdir, "workdir": workdir,
+            "upperdir": upperdir, "workdir": workdir, "image_stamp": stamp,
         }
         if old is not None and old["image_digest"] == image_digest:
             entry["previous"] = old.get("previous")

@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+# typing costs start-up time, and every mount.composefs names its history file through
+# path_escape(): imported for type checkers only (annotations are strings here).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+    PathArg = Union[str, bytes, "os.PathLike[str]"]
+    # argv -> (exit status, stdout, stderr); Ansible's module.run_command fits.
+    Runner = Callable[[List[str]], Tuple[int, str, str]]
 
 from .atomic_file import write_atomic
 from .errors import ComposefsError
-
-PathArg = Union[str, bytes, "os.PathLike[str]"]
 
 UNIT_NAME_MAX = 255
 SYSTEMD_UNIT_DIR = "/etc/systemd/system"
@@ -154,10 +160,6 @@ def write_unit(directory: PathArg, image: PathArg, where: PathArg, options: str,
 
 
 # -- systemctl -------------------------------------------------------------------
-
-# argv -> (exit status, stdout, stderr); Ansible's module.run_command fits.
-Runner = Callable[[List[str]], Tuple[int, str, str]]
-
 
 def systemd_running() -> bool:
     """Is systemd PID 1 here (sd_booted)?"""
