@@ -8,9 +8,11 @@ same tree and version range.  Every layout decision below mirrors a decision of
 the C writer, including a few odd ones (noted where they occur), because image
 digests are what users pin and compare across tools.
 
-The caller's tree is never modified: the writer works on its own copy, to which
+The caller's tree is not modified: the writer works on its own copy, to which
 it adds the overlayfs xattrs, ``.``/``..`` entries and the 256 root whiteout
-stubs.
+stubs.  A caller that has no further use for its tree (mkcomposefs) may hand
+it over (``consume=True``): the writer then rewrites and lays out the tree
+itself, which saves the copy's time and memory.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from itertools import chain
 # Used per inode: plain names, not attribute lookups on stat.
 from stat import S_IFBLK as _S_IFBLK, S_IFCHR as _S_IFCHR, S_IFDIR as _S_IFDIR, S_IFIFO as _S_IFIFO
 from stat import S_IFLNK as _S_IFLNK, S_IFREG as _S_IFREG, S_IFSOCK as _S_IFSOCK
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 from .erofs_format import (
     BLOCK_BITS,
@@ -139,28 +141,34 @@ class _Inode:
         self.children: Dict[bytes, "_Inode"] = {}
         self.link_to: Optional["_Inode"] = None
 
-    def set_xattr(self, key: bytes, value: bytes) -> None:
-        """lcfs_node_set_xattr(): replace, then charge the per-inode budget."""
-        if not key or len(key) > XATTR_NAME_MAX:
-            raise FormatError("invalid xattr name %r" % key)
-        if len(value) > 0xFFFF:
-            raise FormatError("xattr %r value too large" % key)
-        old = self.xattrs.pop(key, None)
-        if old is not None:
-            if self.xattrs:
-                self.budget = (self.budget - (_XATTR_BUDGET_OVERHEAD + len(key) + len(old))) & _U64
-            else:
-                self.budget = 0
-        entry = _XATTR_BUDGET_OVERHEAD + len(key) + len(value)
-        if not self.xattrs:
-            entry += EROFS_XATTR_IBODY_HEADER.size
-        if ((self.budget + entry) & _U64) > INODE_EXTERNAL_XATTR_MAX:
-            raise FormatError("too many xattrs on one inode (adding %r)" % key)
-        self.xattrs[key] = value
-        self.budget = (self.budget + entry) & _U64
+
+# An inode as the writer lays it out: its private _Inode copy, or with
+# consume=True the caller's Node itself (which has the same fields).
+_Laid = Union[_Inode, Node]
 
 
-def _resolve(inode: _Inode) -> _Inode:
+def _set_xattr(inode: _Laid, key: bytes, value: bytes) -> None:
+    """lcfs_node_set_xattr(): replace, then charge the per-inode budget."""
+    if not key or len(key) > XATTR_NAME_MAX:
+        raise FormatError("invalid xattr name %r" % key)
+    if len(value) > 0xFFFF:
+        raise FormatError("xattr %r value too large" % key)
+    old = inode.xattrs.pop(key, None)
+    if old is not None:
+        if inode.xattrs:
+            inode.budget = (inode.budget - (_XATTR_BUDGET_OVERHEAD + len(key) + len(old))) & _U64
+        else:
+            inode.budget = 0
+    entry = _XATTR_BUDGET_OVERHEAD + len(key) + len(value)
+    if not inode.xattrs:
+        entry += EROFS_XATTR_IBODY_HEADER.size
+    if ((inode.budget + entry) & _U64) > INODE_EXTERNAL_XATTR_MAX:
+        raise FormatError("too many xattrs on one inode (adding %r)" % key)
+    inode.xattrs[key] = value
+    inode.budget = (inode.budget + entry) & _U64
+
+
+def _resolve(inode: _Laid) -> _Laid:
     start = inode
     while inode.link_to is not None:
         inode = inode.link_to
@@ -195,7 +203,7 @@ def _needs_v1(root: Node) -> bool:
     return False
 
 
-def _link(target: _Inode) -> _Inode:
+def _link(target: _Laid) -> _Inode:
     link = _Inode.__new__(_Inode)
     link.mode = 0
     link.link_to = target
@@ -209,7 +217,7 @@ def _p(node: Node) -> str:
 # -- step 2: the overlayfs view (lcfs rewrite_tree_for_erofs) ------------------
 
 
-def _add_overlay_xattrs(inode: _Inode, parent: _Inode, version: int) -> None:
+def _add_overlay_xattrs(inode: _Laid, parent: _Laid, version: int) -> None:
     # Escape user-supplied overlay xattrs so overlayfs shows them instead of
     # interpreting them; the mapping is injective, so no two can collide.
     if inode.xattrs and any(k.startswith(OVERLAY_XATTR_PREFIX) for k in inode.xattrs):
@@ -226,7 +234,7 @@ def _add_overlay_xattrs(inode: _Inode, parent: _Inode, version: int) -> None:
             value = b""
         # Straight into the dict: a regular file's writer budget is still
         # zero here and nothing else is added to it later, so the budget
-        # check of set_xattr() cannot fail, and user keys of these names
+        # check of _set_xattr() cannot fail, and user keys of these names
         # were escaped just above.
         xattrs = inode.xattrs
         xattrs[OVERLAY_XATTR_METACOPY] = value
@@ -235,20 +243,20 @@ def _add_overlay_xattrs(inode: _Inode, parent: _Inode, version: int) -> None:
     elif fmt == _S_IFCHR and inode.rdev == 0:
         inode.size = 0
         inode.mode = _S_IFREG | (inode.mode & ~_S_IFMT & _U32)
-        inode.set_xattr(OVERLAY_XATTR_ESCAPED_WHITEOUT, b"")
-        inode.set_xattr(OVERLAY_XATTR_USERXATTR_WHITEOUT, b"")
-        parent.set_xattr(OVERLAY_XATTR_ESCAPED_WHITEOUTS, b"")
-        parent.set_xattr(OVERLAY_XATTR_USERXATTR_WHITEOUTS, b"")
+        _set_xattr(inode, OVERLAY_XATTR_ESCAPED_WHITEOUT, b"")
+        _set_xattr(inode, OVERLAY_XATTR_USERXATTR_WHITEOUT, b"")
+        _set_xattr(parent, OVERLAY_XATTR_ESCAPED_WHITEOUTS, b"")
+        _set_xattr(parent, OVERLAY_XATTR_USERXATTR_WHITEOUTS, b"")
         if version >= 1:
-            parent.set_xattr(OVERLAY_XATTR_ESCAPED_OPAQUE, b"x")
-            parent.set_xattr(OVERLAY_XATTR_USERXATTR_OPAQUE, b"x")
+            _set_xattr(parent, OVERLAY_XATTR_ESCAPED_OPAQUE, b"x")
+            _set_xattr(parent, OVERLAY_XATTR_USERXATTR_OPAQUE, b"x")
 
 
 _METACOPY_PREFIX = OVL_METACOPY_HEADER.pack(
     OVL_METACOPY_VERSION, OVL_METACOPY_HEADER.size + DIGEST_SIZE, 0, OVL_METACOPY_DIGEST_ALGO_SHA256)
 
 
-def _validate(inode: _Inode) -> None:
+def _validate(inode: _Laid) -> None:
     fmt = inode.mode & _S_IFMT
     if fmt not in _FILE_TYPES:
         raise FormatError("invalid file mode 0%o" % inode.mode)
@@ -270,15 +278,21 @@ def _validate(inode: _Inode) -> None:
             raise FormatError("symlink without a target")
 
 
-def _prepare(root: Node, version: int) -> _Inode:
+def _prepare(root: Node, version: int, consume: bool = False) -> _Laid:
     """The writer's copy of *root*, rewritten as libcomposefs rewrites its clone.
 
     One pre-order walk in name order (the order of lcfs
     rewrite_tree_node_for_erofs): validate, add the overlayfs xattrs, add
     ``.`` and ``..``.  Hard-link entries are resolved once all inodes exist.
+    With *consume*, *root* itself is rewritten instead (see _rewrite_in_place).
     """
     if not root.is_dir() or root.link_to is not None:
         raise FormatError("the root of an image must be a directory")
+    if consume:
+        _rewrite_in_place(root, version)
+        _set_xattr(root, OVERLAY_XATTR_OPAQUE, b"y")
+        _add_root_stubs(root)
+        return root
     links: List[Tuple[_Inode, Node]] = []
     new_root = _Inode.__new__(_Inode)
     stack: List[Tuple[Node, _Inode, _Inode]] = [(root, new_root, new_root)]
@@ -325,9 +339,61 @@ def _prepare(root: Node, version: int) -> _Inode:
         if copy is None:
             raise FormatError("hard link to an inode outside the tree")
         new.link_to = copy
-    new_root.set_xattr(OVERLAY_XATTR_OPAQUE, b"y")
+    _set_xattr(new_root, OVERLAY_XATTR_OPAQUE, b"y")
     _add_root_stubs(new_root)
     return new_root
+
+
+def _rewrite_in_place(root: Node, version: int) -> None:
+    """_prepare()'s rewrite done on the caller's tree, which the caller gives up.
+
+    The copy costs about a tenth of the build's time and most of its memory
+    beyond the tree.  The walk needs no name order here: the checks have no
+    effect on one another, and the xattrs a whiteout adds to its parent are
+    the same in any order.  Hard-link entries become mode 0 aliases, as in
+    the copy; their targets must be inodes of this tree.
+    """
+    links: List[Node] = []
+    stack: List[Tuple[Node, Node]] = [(root, root)]
+    while stack:
+        node, parent = stack.pop()
+        node.mode = mode = node.mode & _U32
+        node.uid &= _U32
+        node.gid &= _U32
+        node.rdev &= _U32
+        node.nlink &= _U32
+        node.mtime_nsec &= _U32
+        node.budget = 0
+        _validate(node)
+        _add_overlay_xattrs(node, parent, version)
+        children = node.children
+        if mode & _S_IFMT == _S_IFDIR:
+            for child in children.values():
+                if child.link_to is not None:
+                    child.mode = 0
+                    links.append(child)
+                else:
+                    stack.append((child, node))
+            children[b"."] = _link(node)
+            children[b".."] = _link(parent)
+        elif children:
+            raise FormatError("%s: only directories can have children" % _p(node))
+    if links:
+        _check_link_targets(root, links)
+
+
+def _check_link_targets(root: Node, links: List[Node]) -> None:
+    """Refuse hard links to inodes outside the tree (which would never be laid out)."""
+    wanted = {id(link.link_to) for link in links}
+    stack = [root]
+    while stack and wanted:
+        node = stack.pop()
+        wanted.discard(id(node))
+        for name, child in node.children.items():
+            if name not in (b".", b".."):
+                stack.append(child)
+    if wanted:
+        raise FormatError("hard link to an inode outside the tree")
 
 
 def _link_target_copies(root: Node, new_root: _Inode, links: List[Tuple[_Inode, Node]]) -> Dict[int, _Inode]:
@@ -352,7 +418,7 @@ def _link_target_copies(root: Node, new_root: _Inode, links: List[Tuple[_Inode, 
     return copies
 
 
-def _add_root_stubs(root: _Inode) -> None:
+def _add_root_stubs(root: _Laid) -> None:
     """Chardev stubs 00..ff in the root.
 
     They hide the object store's ``XX/`` directories when the store is
@@ -369,7 +435,7 @@ def _add_root_stubs(root: _Inode) -> None:
         stub.mtime_sec = root.mtime_sec
         stub.mtime_nsec = root.mtime_nsec
         if selinux is not None:
-            stub.set_xattr(XATTR_SELINUX, selinux)
+            _set_xattr(stub, XATTR_SELINUX, selinux)
         root.children[name] = stub
 
 
@@ -380,14 +446,14 @@ class _Layout:
     __slots__ = ("order", "min_mtime", "has_acl", "sorted_children")
 
     def __init__(self) -> None:
-        self.order: List[_Inode] = []
+        self.order: List[_Laid] = []
         self.min_mtime = (0, 0)
         self.has_acl = False
         # Per directory inode (by index in order): its sorted dirents, links resolved.
-        self.sorted_children: Dict[int, List[Tuple[bytes, _Inode]]] = {}
+        self.sorted_children: Dict[int, List[Tuple[bytes, _Laid]]] = {}
 
 
-def _compute_tree(root: _Inode) -> _Layout:
+def _compute_tree(root: _Laid) -> _Layout:
     layout = _Layout()
     order = layout.order
     order.append(root)
@@ -461,7 +527,7 @@ def _xattr_entry(key: bytes, value: bytes) -> bytes:
     return raw + b"\0" * (-len(raw) % 4)
 
 
-def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes]], int]:
+def _compute_shared_xattrs(order: List[_Laid]) -> Tuple[List[Tuple[bytes, bytes]], int]:
     counts = Counter(chain.from_iterable(inode.xattrs.items() for inode in order))
     shared = [item for item, count in counts.items() if count > 1]
     del counts  # one entry per distinct xattr: gone before the per-inode lists are made
@@ -496,7 +562,7 @@ def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes
 # -- step 4: inode placement -------------------------------------------------------
 
 
-def _dir_size(children: List[Tuple[bytes, _Inode]]) -> Tuple[int, int]:
+def _dir_size(children: List[Tuple[bytes, _Laid]]) -> Tuple[int, int]:
     n_blocks = 0
     used = 0
     for name, _child in children:
@@ -558,7 +624,7 @@ def _place_inodes(layout: _Layout) -> int:
     return round_up(pos, SLOT_SIZE)
 
 
-def _tail_padding(inode: _Inode, pos: int, head: int) -> int:
+def _tail_padding(inode: _Laid, pos: int, head: int) -> int:
     """Padding before an inode so its inline tail does not cross a block."""
     if inode.mode & _S_IFMT == _S_IFLNK:
         # Inode, xattrs and target stay in one block; a target that cannot fit
@@ -585,7 +651,7 @@ def _tail_padding(inode: _Inode, pos: int, head: int) -> int:
 
 # -- step 5: bytes -------------------------------------------------------------------
 
-def _dirent_block(children: List[Tuple[bytes, _Inode]], pad_to: int) -> bytes:
+def _dirent_block(children: List[Tuple[bytes, _Laid]], pad_to: int) -> bytes:
     nameoff = len(children) * EROFS_DIRENT.size
     heads = []
     pack = EROFS_DIRENT.pack
@@ -597,7 +663,7 @@ def _dirent_block(children: List[Tuple[bytes, _Inode]], pad_to: int) -> bytes:
     return raw + b"\0" * (-len(raw) % pad_to)
 
 
-def _dir_chunks(children: List[Tuple[bytes, _Inode]], n_blocks: int) -> Tuple[List[bytes], bytes]:
+def _dir_chunks(children: List[Tuple[bytes, _Laid]], n_blocks: int) -> Tuple[List[bytes], bytes]:
     """(full blocks, inline tail) of a directory, split as write_erofs_dentries()."""
     blocks: List[bytes] = []
     used = 0
@@ -753,12 +819,18 @@ def effective_version(root: Node, min_version: int = 0, max_version: int = 1) ->
     return version
 
 
-def build_image_buffer(root: Node, min_version: int = 0, max_version: int = 1) -> bytearray:
+def build_image_buffer(root: Node, min_version: int = 0, max_version: int = 1,
+                       consume: bool = False) -> bytearray:
     """build_image() as the buffer it is written into: a caller that only
-    writes or hashes the image need not hold a second copy of it."""
+    writes or hashes the image need not hold a second copy of it.
+
+    *consume*: the caller gives *root* up, and the writer lays the image out
+    on that tree instead of on a private copy (less time and memory); the
+    tree is left rewritten and must not be used again.
+    """
     version = effective_version(root, min_version, max_version)
     with gc_paused():
-        work = _prepare(root, version)
+        work = _prepare(root, version, consume)
         layout = _compute_tree(work)
         shared, shared_size = _compute_shared_xattrs(layout.order)
         inodes_end = _place_inodes(layout)

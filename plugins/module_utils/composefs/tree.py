@@ -50,6 +50,20 @@ class Node:
         "parent",
         "name",
         "link_to",
+        # The image writer's layout of this inode, set only when the tree is
+        # handed over to it (build_image_buffer(consume=True)): laying out on
+        # the tree itself spares a private copy of every inode.
+        "budget",
+        "ino",
+        "nid",
+        "n_blocks",
+        "tail",
+        "compact",
+        "ipad",
+        "xattr_size",
+        "shared",
+        "unshared",
+        "chunkbits",
     )
 
     def __init__(
