@@ -443,7 +443,7 @@ def _add_root_stubs(root: _Laid) -> None:
 
 
 class _Layout:
-    __slots__ = ("order", "min_mtime", "has_acl", "sorted_children")
+    __slots__ = ("order", "min_mtime", "has_acl", "sorted_children", "with_xattrs")
 
     def __init__(self) -> None:
         self.order: List[_Laid] = []
@@ -451,49 +451,58 @@ class _Layout:
         self.has_acl = False
         # Per directory inode (by index in order): its sorted dirents, links resolved.
         self.sorted_children: Dict[int, List[Tuple[bytes, _Laid]]] = {}
+        # The inodes that have xattrs, in order: only these get the shared and
+        # unshared fields, which the later steps read after testing xattrs.
+        self.with_xattrs: List[_Laid] = []
 
 
 def _compute_tree(root: _Laid) -> _Layout:
     layout = _Layout()
     order = layout.order
-    order.append(root)
-    min_mtime = (root.mtime_sec, root.mtime_nsec)
+    append = order.append
+    append(root)
+    with_xattrs = layout.with_xattrs
+    sorted_children = layout.sorted_children
+    min_sec, min_nsec = root.mtime_sec, root.mtime_nsec
     has_acl = False
-    index = 0
-    while index < len(order):
-        inode = order[index]
+    # Iterating a list that grows at its end visits what is appended: breadth first.
+    for index, inode in enumerate(order):
         if inode.mode & _S_IFMT == _S_IFDIR:
-            children = sorted(inode.children.items())
-            # Links (".", ".." and hard links) have mode 0 here: not counted.
-            inode.nlink = 2 + sum(1 for _n, c in children if c.mode & _S_IFMT == _S_IFDIR)
-            # Dirents name the real inode: resolve links once, here.
-            dirents = []
-            for name, child in children:
+            # The sorted list becomes the dirents: a link entry is replaced by
+            # its real inode (resolved once, here), other entries stay as they are.
+            dirents = sorted(inode.children.items())
+            subdirs = 0
+            for i, (name, child) in enumerate(dirents):
                 if child.link_to is not None:
+                    # Links (".", ".." and hard links) have mode 0 here: not counted.
                     child = _resolve(child)
-                    if name not in (b".", b"..") and child.mode & _S_IFMT == _S_IFDIR:
+                    if child.mode & _S_IFMT == _S_IFDIR and name != b"." and name != b"..":
                         raise FormatError("hard links to directories are not allowed")
+                    dirents[i] = (name, child)
                 else:
-                    order.append(child)
-                dirents.append((name, child))
-            layout.sorted_children[index] = dirents
+                    if child.mode & _S_IFMT == _S_IFDIR:
+                        subdirs += 1
+                    append(child)
+            inode.nlink = 2 + subdirs
+            sorted_children[index] = dirents
             # From here on the sorted dirents are the directory: free the dict.
             inode.children = _NO_CHILDREN
         xattrs = inode.xattrs
-        if len(xattrs) > 1:
-            # Usually already in order (security.* < trusted.overlay.metacopy
-            # < trusted.overlay.redirect): a new dict only when it is not.
-            keys = list(xattrs)
-            if keys != sorted(keys):
-                inode.xattrs = dict(sorted(xattrs.items()))
-        mtime = (inode.mtime_sec, inode.mtime_nsec)
-        if mtime < min_mtime:
-            min_mtime = mtime
+        if xattrs:
+            with_xattrs.append(inode)
+            if len(xattrs) > 1:
+                # Usually already in order (security.* < trusted.overlay.metacopy
+                # < trusted.overlay.redirect): a new dict only when it is not.
+                keys = list(xattrs)
+                if keys != sorted(keys):
+                    inode.xattrs = xattrs = dict(sorted(xattrs.items()))
+            if XATTR_POSIX_ACL_ACCESS in xattrs or XATTR_POSIX_ACL_DEFAULT in xattrs:
+                has_acl = True
+        sec = inode.mtime_sec
+        if sec <= min_sec and (sec < min_sec or inode.mtime_nsec < min_nsec):
+            min_sec, min_nsec = sec, inode.mtime_nsec
         inode.ino = index
-        if XATTR_POSIX_ACL_ACCESS in inode.xattrs or XATTR_POSIX_ACL_DEFAULT in inode.xattrs:
-            has_acl = True
-        index += 1
-    layout.min_mtime = min_mtime
+    layout.min_mtime = (min_sec, min_nsec)
     layout.has_acl = has_acl
     return layout
 
@@ -528,6 +537,7 @@ def _xattr_entry(key: bytes, value: bytes) -> bytes:
 
 
 def _compute_shared_xattrs(order: List[_Laid]) -> Tuple[List[Tuple[bytes, bytes]], int]:
+    """The shared xattr table; sets shared and unshared on each inode of *order* (those with xattrs)."""
     counts = Counter(chain.from_iterable(inode.xattrs.items() for inode in order))
     shared = [item for item, count in counts.items() if count > 1]
     del counts  # one entry per distinct xattr: gone before the per-inode lists are made
@@ -539,11 +549,14 @@ def _compute_shared_xattrs(order: List[_Laid]) -> Tuple[List[Tuple[bytes, bytes]
     for item in shared:
         offsets[item] = offset
         offset += _xattr_entry_size(*item)
+    # Most inodes share nothing (an external file's metacopy and redirect are
+    # its own): one test, run in C, spares them the loop over their items.
+    shared_items = offsets.keys()
     # Tuples, and shared empty ones: they are kept for every inode until written.
     for inode in order:
-        if not inode.xattrs:
+        if shared_items.isdisjoint(inode.xattrs.items()):
             inode.shared = ()
-            inode.unshared = ()
+            inode.unshared = tuple(inode.xattrs)
             continue
         shared_ids: List[int] = []
         # Keys only (values stay in inode.xattrs): no item tuple kept per xattr.
@@ -580,47 +593,65 @@ def _dir_size(children: List[Tuple[bytes, _Laid]]) -> Tuple[int, int]:
 
 def _place_inodes(layout: _Layout) -> int:
     min_sec, min_nsec = layout.min_mtime
+    sorted_children = layout.sorted_children
+    compact_size = EROFS_INODE_COMPACT.size
+    extended_size = EROFS_INODE_EXTENDED.size
     pos = INODES_START
+    # Runs once per inode: the fields are computed in locals and stored once.
     for index, inode in enumerate(layout.order):
         fmt = inode.mode & _S_IFMT
-        if fmt == _S_IFDIR:
-            inode.n_blocks, inode.tail = _dir_size(layout.sorted_children[index])
-            size = inode.n_blocks * BLOCK_SIZE + inode.tail
+        n_blocks = tail = 0
+        if fmt == _S_IFREG:
+            size = inode.size
+            if size > 0:
+                if inode.content is not None:
+                    n_blocks, tail = divmod(size, BLOCK_SIZE)
+                    if tail > _HALF_BLOCK:
+                        n_blocks += 1
+                        tail = 0
+                elif size <= BLOCK_SIZE:
+                    # _chunking() of a file of one block: one chunk index.
+                    inode.chunkbits = BLOCK_BITS
+                    tail = 4
+                else:
+                    inode.chunkbits, chunks = _chunking(size)
+                    tail = chunks * 4
+        elif fmt == _S_IFDIR:
+            n_blocks, tail = _dir_size(sorted_children[index])
+            size = n_blocks * BLOCK_SIZE + tail
         else:
             size = inode.size
             if fmt == _S_IFLNK:
-                inode.n_blocks, inode.tail = 0, len(inode.payload or b"")
-            elif fmt == _S_IFREG and size > 0:
-                if inode.content is not None:
-                    inode.n_blocks, inode.tail = divmod(size, BLOCK_SIZE)
-                    if inode.tail > _HALF_BLOCK:
-                        inode.n_blocks += 1
-                        inode.tail = 0
-                else:
-                    inode.chunkbits, chunks = _chunking(size)
-                    inode.n_blocks, inode.tail = 0, chunks * 4
-            else:
-                inode.n_blocks, inode.tail = 0, 0
-        inode.compact = (
+                tail = len(inode.payload or b"")
+        compact = (
             inode.mtime_sec == min_sec and inode.mtime_nsec == min_nsec
             and inode.nlink <= 0xFFFF and inode.uid <= 0xFFFF and inode.gid <= 0xFFFF
             and size <= _U32
         )
-        inode_size = EROFS_INODE_COMPACT.size if inode.compact else EROFS_INODE_EXTENDED.size
-        if inode.shared or inode.unshared:
-            inode.xattr_size = round_up(
+        inode.compact = compact
+        head = compact_size if compact else extended_size
+        if inode.xattrs:
+            xattrs = inode.xattrs
+            xattr_size = round_up(
                 EROFS_XATTR_IBODY_HEADER.size + 4 * len(inode.shared)
-                + sum(_xattr_entry_size(k, inode.xattrs[k]) for k in inode.unshared), 4)
+                + sum(_xattr_entry_size(k, xattrs[k]) for k in inode.unshared), 4)
+            head += xattr_size
         else:
-            inode.xattr_size = 0
-        aligned = round_up(pos, SLOT_SIZE)
-        ipad = aligned - pos
-        pos = aligned
-        extra = _tail_padding(inode, pos, inode_size + inode.xattr_size)
-        inode.ipad = ipad + extra
-        pos += extra
+            xattr_size = 0
+        inode.xattr_size = xattr_size
+        ipad = -pos % SLOT_SIZE
+        pos += ipad
+        inode.n_blocks = n_blocks
+        inode.tail = tail
+        if tail or fmt == _S_IFLNK:
+            extra = _tail_padding(inode, pos, head)
+            ipad += extra
+            pos += extra
+            tail = inode.tail
+        # else: _tail_padding() would find nothing to keep within a block.
+        inode.ipad = ipad
         inode.nid = pos >> SLOT_BITS
-        pos += inode_size + inode.xattr_size + inode.tail
+        pos += head + tail
     return round_up(pos, SLOT_SIZE)
 
 
@@ -707,46 +738,53 @@ def _write(layout: _Layout, version: int, inodes_end: int,
     current_end = data_start
     data: List[bytes] = []
     key_infos = _KEY_INFO  # _key_info()'s cache, read directly in the loop
+    # Runs once per inode: bound methods and fields in locals.
+    pack_compact = EROFS_INODE_COMPACT.pack
+    pack_extended = EROFS_INODE_EXTENDED.pack
+    sorted_children = layout.sorted_children
     for index, inode in enumerate(order):
         if inode.ipad:
             out += b"\0" * inode.ipad
         fmt = inode.mode & _S_IFMT
-        layout_kind = EROFS_INODE_FLAT_INLINE if inode.tail > 0 else EROFS_INODE_FLAT_PLAIN
-        chunk_format = 0
+        tail = inode.tail
+        n_blocks = inode.n_blocks
+        layout_kind = EROFS_INODE_FLAT_INLINE if tail > 0 else EROFS_INODE_FLAT_PLAIN
         i_u = 0
-        if fmt == _S_IFDIR:
-            size = inode.n_blocks * BLOCK_SIZE + inode.tail
-        elif fmt == _S_IFREG:
-            size = inode.size
-            if size > 0 and inode.content is None:
-                chunk_format = inode.chunkbits - BLOCK_BITS
+        if fmt == _S_IFREG or fmt == _S_IFDIR or fmt == _S_IFLNK:
+            if fmt == _S_IFREG:
+                size = inode.size
+            elif fmt == _S_IFDIR:
+                size = n_blocks * BLOCK_SIZE + tail
+            else:
+                size = tail if n_blocks == 0 else inode.size
+            if n_blocks > 0:
+                i_u = (current_end // BLOCK_SIZE) & _U32
+                current_end += BLOCK_SIZE * n_blocks
+            if fmt == _S_IFREG and size > 0 and inode.content is None:
                 layout_kind = EROFS_INODE_CHUNK_BASED
-        elif fmt == _S_IFLNK:
-            size = inode.tail if inode.n_blocks == 0 else inode.size
+                # The chunk format shares the i_u union with raw_blkaddr and only
+                # overwrites its low 16 bits.
+                i_u = (i_u & 0xFFFF0000) | (inode.chunkbits - BLOCK_BITS)
         else:
             size = 0
-        if fmt in (_S_IFCHR, _S_IFBLK):
-            i_u = inode.rdev
-        elif inode.n_blocks > 0 and fmt in (_S_IFDIR, _S_IFREG, _S_IFLNK):
-            i_u = (current_end // BLOCK_SIZE) & _U32
-            current_end += BLOCK_SIZE * inode.n_blocks
-        if layout_kind == EROFS_INODE_CHUNK_BASED:
-            # The chunk format shares the i_u union with raw_blkaddr and only
-            # overwrites its low 16 bits.
-            i_u = (i_u & 0xFFFF0000) | chunk_format
-        xattr_icount = 0 if inode.xattr_size == 0 else (inode.xattr_size - EROFS_XATTR_IBODY_HEADER.size) // 4 + 1
-        if xattr_icount > 0xFFFF:
-            raise FormatError("too many xattrs on one inode")
-        i_format = (layout_kind << EROFS_I_DATALAYOUT_BIT) | (0 if inode.compact else 1)
+            if fmt == _S_IFCHR or fmt == _S_IFBLK:
+                i_u = inode.rdev
+        xattr_size = inode.xattr_size
+        if xattr_size:
+            xattr_icount = (xattr_size - EROFS_XATTR_IBODY_HEADER.size) // 4 + 1
+            if xattr_icount > 0xFFFF:
+                raise FormatError("too many xattrs on one inode")
+        else:
+            xattr_icount = 0
         if inode.compact:
-            out += EROFS_INODE_COMPACT.pack(
-                i_format, xattr_icount, inode.mode & 0xFFFF, inode.nlink, size & _U32, 0,
+            out += pack_compact(
+                layout_kind << EROFS_I_DATALAYOUT_BIT, xattr_icount, inode.mode & 0xFFFF, inode.nlink, size & _U32, 0,
                 i_u, inode.ino, inode.uid, inode.gid, 0)
         else:
-            out += EROFS_INODE_EXTENDED.pack(
-                i_format, xattr_icount, inode.mode & 0xFFFF, 0, size & _U64, i_u, inode.ino,
-                inode.uid, inode.gid, inode.mtime_sec & _U64, inode.mtime_nsec, inode.nlink)
-        if inode.xattr_size:
+            out += pack_extended(
+                (layout_kind << EROFS_I_DATALAYOUT_BIT) | 1, xattr_icount, inode.mode & 0xFFFF, 0, size & _U64, i_u,
+                inode.ino, inode.uid, inode.gid, inode.mtime_sec & _U64, inode.mtime_nsec, inode.nlink)
+        if xattr_size:
             name_filter = 0
             for key in inode.xattrs:
                 name_filter |= (key_infos.get(key) or _key_info(key))[1]
@@ -768,23 +806,23 @@ def _write(layout: _Layout, version: int, inodes_end: int,
                 if pad:
                     out += b"\0" * pad
         if fmt == _S_IFDIR:
-            blocks, tail = _dir_chunks(layout.sorted_children[index], inode.n_blocks)
-            out += tail
+            blocks, dir_tail = _dir_chunks(sorted_children[index], n_blocks)
+            out += dir_tail
             data.extend(blocks)
         elif fmt == _S_IFLNK:
             payload = inode.payload or b""
-            if inode.n_blocks == 0:
+            if n_blocks == 0:
                 out += payload
             else:
                 block = payload[:min(inode.size, BLOCK_SIZE)]
                 data.append(block + b"\0" * (-len(block) % BLOCK_SIZE))
         elif fmt == _S_IFREG:
-            if inode.tail > 0:
+            if tail > 0:
                 if inode.content is not None:
-                    out += inode.content[inode.size - inode.tail:]
+                    out += inode.content[size - tail:]
                 else:
-                    out += b"\xff" * inode.tail
-            if inode.n_blocks > 0:
+                    out += b"\xff" * tail
+            if n_blocks > 0:
                 if inode.content is None:
                     data.append(b"\xff" * BLOCK_SIZE)
                 else:
@@ -832,7 +870,7 @@ def build_image_buffer(root: Node, min_version: int = 0, max_version: int = 1,
     with gc_paused():
         work = _prepare(root, version, consume)
         layout = _compute_tree(work)
-        shared, shared_size = _compute_shared_xattrs(layout.order)
+        shared, shared_size = _compute_shared_xattrs(layout.with_xattrs)
         inodes_end = _place_inodes(layout)
         return _write(layout, version, inodes_end, shared, shared_size)
 
