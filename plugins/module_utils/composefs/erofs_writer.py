@@ -20,6 +20,7 @@ from __future__ import annotations
 import stat
 from collections import Counter
 from itertools import chain
+from operator import itemgetter
 # Used per inode: plain names, not attribute lookups on stat.
 from stat import S_IFBLK as _S_IFBLK, S_IFCHR as _S_IFCHR, S_IFDIR as _S_IFDIR, S_IFIFO as _S_IFIFO
 from stat import S_IFLNK as _S_IFLNK, S_IFREG as _S_IFREG, S_IFSOCK as _S_IFSOCK
@@ -94,6 +95,7 @@ _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 _HALF_BLOCK = BLOCK_SIZE // 2
 _NO_CHILDREN: Dict[bytes, "_Inode"] = {}
+_first = itemgetter(0)
 _EXTERNAL_SIZE_MAX = EROFS_CHUNKS_MAX << EROFS_CHUNK_BITS_MAX
 # Size accounting per xattr, as libcomposefs does it for its input budget:
 # twice the 4-byte entry header, minus one, covers the worst-case alignment.
@@ -575,7 +577,16 @@ def _compute_shared_xattrs(order: List[_Laid]) -> Tuple[List[Tuple[bytes, bytes]
 # -- step 4: inode placement -------------------------------------------------------
 
 
+def _dirents_size(children: List[Tuple[bytes, _Laid]]) -> int:
+    """Bytes of all dirents and names, summed in C (most directories fit one block)."""
+    return EROFS_DIRENT.size * len(children) + sum(map(len, map(_first, children)))
+
+
 def _dir_size(children: List[Tuple[bytes, _Laid]]) -> Tuple[int, int]:
+    total = _dirents_size(children)
+    if total <= BLOCK_SIZE:
+        # No block boundary to keep entries from crossing: the loop below in one step.
+        return (1, 0) if total > _HALF_BLOCK else (0, total)
     n_blocks = 0
     used = 0
     for name, _child in children:
@@ -596,6 +607,9 @@ def _place_inodes(layout: _Layout) -> int:
     sorted_children = layout.sorted_children
     compact_size = EROFS_INODE_COMPACT.size
     extended_size = EROFS_INODE_EXTENDED.size
+    ibody_size = EROFS_XATTR_IBODY_HEADER.size
+    entry_size = EROFS_XATTR_ENTRY.size
+    key_infos = _KEY_INFO  # _key_info()'s cache, read directly in the loop
     pos = INODES_START
     # Runs once per inode: the fields are computed in locals and stored once.
     for index, inode in enumerate(layout.order):
@@ -632,9 +646,11 @@ def _place_inodes(layout: _Layout) -> int:
         head = compact_size if compact else extended_size
         if inode.xattrs:
             xattrs = inode.xattrs
-            xattr_size = round_up(
-                EROFS_XATTR_IBODY_HEADER.size + 4 * len(inode.shared)
-                + sum(_xattr_entry_size(k, xattrs[k]) for k in inode.unshared), 4)
+            # Header, shared ids and entries are each a multiple of 4 bytes.
+            xattr_size = ibody_size + 4 * len(inode.shared)
+            for key in inode.unshared:
+                # _xattr_entry_size(), inlined: (head, name suffix, value), padded to 4.
+                xattr_size += (entry_size + (key_infos.get(key) or _key_info(key))[2][0] + len(xattrs[key]) + 3) & ~3
             head += xattr_size
         else:
             xattr_size = 0
@@ -690,12 +706,18 @@ def _dirent_block(children: List[Tuple[bytes, _Laid]], pad_to: int) -> bytes:
     for name, child in children:
         heads.append(pack(child.nid, nameoff, file_types.get(child.mode & _S_IFMT, EROFS_FT_UNKNOWN)))
         nameoff += len(name)
-    raw = b"".join(heads) + b"".join(name for name, _c in children)
+    raw = b"".join(heads) + b"".join(map(_first, children))
     return raw + b"\0" * (-len(raw) % pad_to)
 
 
 def _dir_chunks(children: List[Tuple[bytes, _Laid]], n_blocks: int) -> Tuple[List[bytes], bytes]:
     """(full blocks, inline tail) of a directory, split as write_erofs_dentries()."""
+    if _dirents_size(children) <= BLOCK_SIZE:
+        # One piece, the loop below in one step: a block when the directory got one
+        # (by _dir_size() or by _tail_padding()), else the inline tail.
+        if n_blocks:
+            return [_dirent_block(children, BLOCK_SIZE)], b""
+        return [], _dirent_block(children, 1)
     blocks: List[bytes] = []
     used = 0
     first = 0
