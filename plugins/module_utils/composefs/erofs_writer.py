@@ -250,8 +250,13 @@ def _add_overlay_xattrs(inode: _Laid, parent: _Laid, version: int) -> None:
         _set_xattr(parent, OVERLAY_XATTR_ESCAPED_WHITEOUTS, b"")
         _set_xattr(parent, OVERLAY_XATTR_USERXATTR_WHITEOUTS, b"")
         if version >= 1:
-            _set_xattr(parent, OVERLAY_XATTR_ESCAPED_OPAQUE, b"x")
-            _set_xattr(parent, OVERLAY_XATTR_USERXATTR_OPAQUE, b"x")
+            _mark_opaque(parent)
+
+
+def _mark_opaque(parent: _Laid) -> None:
+    """Format 1 marks a directory holding whiteouts opaque (escaped, for the overlay on top)."""
+    _set_xattr(parent, OVERLAY_XATTR_ESCAPED_OPAQUE, b"x")
+    _set_xattr(parent, OVERLAY_XATTR_USERXATTR_OPAQUE, b"x")
 
 
 _METACOPY_PREFIX = OVL_METACOPY_HEADER.pack(
@@ -280,21 +285,15 @@ def _validate(inode: _Laid) -> None:
             raise FormatError("symlink without a target")
 
 
-def _prepare(root: Node, version: int, consume: bool = False) -> _Laid:
+def _prepare(root: Node, version: int) -> _Inode:
     """The writer's copy of *root*, rewritten as libcomposefs rewrites its clone.
 
     One pre-order walk in name order (the order of lcfs
     rewrite_tree_node_for_erofs): validate, add the overlayfs xattrs, add
     ``.`` and ``..``.  Hard-link entries are resolved once all inodes exist.
-    With *consume*, *root* itself is rewritten instead (see _rewrite_in_place).
+    _rewrite_in_place() does the same on the caller's tree.
     """
-    if not root.is_dir() or root.link_to is not None:
-        raise FormatError("the root of an image must be a directory")
-    if consume:
-        _rewrite_in_place(root, version)
-        _set_xattr(root, OVERLAY_XATTR_OPAQUE, b"y")
-        _add_root_stubs(root)
-        return root
+    _check_root(root)
     links: List[Tuple[_Inode, Node]] = []
     new_root = _Inode.__new__(_Inode)
     stack: List[Tuple[Node, _Inode, _Inode]] = [(root, new_root, new_root)]
@@ -346,15 +345,25 @@ def _prepare(root: Node, version: int, consume: bool = False) -> _Laid:
     return new_root
 
 
-def _rewrite_in_place(root: Node, version: int) -> None:
-    """_prepare()'s rewrite done on the caller's tree, which the caller gives up.
+def _check_root(root: Node) -> None:
+    if not root.is_dir() or root.link_to is not None:
+        raise FormatError("the root of an image must be a directory")
+
+
+def _rewrite_in_place(root: Node, min_version: int, max_version: int) -> int:
+    """_prepare()'s rewrite done on the caller's tree, which the caller gives up; the format version.
 
     The copy costs about a tenth of the build's time and most of its memory
     beyond the tree.  The walk needs no name order here: the checks have no
     effect on one another, and the xattrs a whiteout adds to its parent are
     the same in any order.  Hard-link entries become mode 0 aliases, as in
-    the copy; their targets must be inodes of this tree.
+    the copy; their targets must be inodes of this tree.  Whether a whiteout
+    makes the image format 1 (effective_version()) is found on the way, and
+    the opaque marks of format 1 are added at the end.
     """
+    _check_root(root)
+    decide = min_version < 1 <= max_version
+    whiteout_parents: List[Node] = []
     links: List[Node] = []
     stack: List[Tuple[Node, Node]] = [(root, root)]
     while stack:
@@ -366,8 +375,10 @@ def _rewrite_in_place(root: Node, version: int) -> None:
         node.nlink &= _U32
         node.mtime_nsec &= _U32
         node.budget = 0
+        if decide and mode & _S_IFMT == _S_IFCHR and node.rdev == 0:
+            whiteout_parents.append(parent)
         _validate(node)
-        _add_overlay_xattrs(node, parent, version)
+        _add_overlay_xattrs(node, parent, min_version)
         children = node.children
         if mode & _S_IFMT == _S_IFDIR:
             for child in children.values():
@@ -382,6 +393,14 @@ def _rewrite_in_place(root: Node, version: int) -> None:
             raise FormatError("%s: only directories can have children" % _p(node))
     if links:
         _check_link_targets(root, links)
+    version = min_version
+    if whiteout_parents:
+        version = 1
+        for parent in whiteout_parents:
+            _mark_opaque(parent)
+    _set_xattr(root, OVERLAY_XATTR_OPAQUE, b"y")
+    _add_root_stubs(root)
+    return version
 
 
 def _check_link_targets(root: Node, links: List[Node]) -> None:
@@ -866,14 +885,16 @@ def _write(layout: _Layout, version: int, inodes_end: int,
     return out
 
 
-def effective_version(root: Node, min_version: int = 0, max_version: int = 1) -> int:
-    """The format version an image of *root* gets for a version range."""
+def _version_range(min_version: int, max_version: int) -> Tuple[int, int]:
     if min_version < 0 or max_version < 0 or min_version > COMPOSEFS_VERSION_MAX \
             or max_version > COMPOSEFS_VERSION_MAX:
         raise FormatError("unsupported format version (supported: 0..%d)" % COMPOSEFS_VERSION_MAX)
-    if max_version < min_version:
-        max_version = min_version
-    version = min_version
+    return min_version, max(min_version, max_version)
+
+
+def effective_version(root: Node, min_version: int = 0, max_version: int = 1) -> int:
+    """The format version an image of *root* gets for a version range."""
+    version, max_version = _version_range(min_version, max_version)
     if version < 1 <= max_version and _needs_v1(root):
         version = 1
     return version
@@ -888,9 +909,15 @@ def build_image_buffer(root: Node, min_version: int = 0, max_version: int = 1,
     on that tree instead of on a private copy (less time and memory); the
     tree is left rewritten and must not be used again.
     """
-    version = effective_version(root, min_version, max_version)
     with gc_paused():
-        work = _prepare(root, version, consume)
+        if consume:
+            low, high = _version_range(min_version, max_version)
+            # The walk that rewrites the tree also finds the whiteouts that decide the version.
+            version = _rewrite_in_place(root, low, high)
+            work: _Laid = root
+        else:
+            version = effective_version(root, min_version, max_version)
+            work = _prepare(root, version)
         layout = _compute_tree(work)
         shared, shared_size = _compute_shared_xattrs(layout.with_xattrs)
         inodes_end = _place_inodes(layout)
