@@ -375,7 +375,9 @@ class _Parser:
             node = Node(mode)
             target = _unescape_optional(f_payload)
             self.fixups.append(_Fixup(node, None if target is None else _c_string(target), lineno))
-            self._place(node, parent, name)
+            # Never the root here: "/" is refused above as a non-directory or as a hard-linked one.
+            if parent is not None:
+                parent.replace_child(name, node)
             return
 
         sec_s, _dot, nsec_s = f_mtime.partition(b".")
@@ -485,19 +487,10 @@ class _Parser:
             # C refuses this only when writing (EFBIG); sizes just below 2**64
             # overflow its chunk count to 0 and would be accepted (deviation).
             self.defer("File too large: %s has size %d" % (_show(path), size), lineno)
-        # self._place(), inlined: this runs once per line.
+        # Node.replace_child(), inlined (this runs once per line): _parent() made the checks.
         if parent is None:
             self.root = node
         else:
-            node.parent = parent
-            node.name = name
-            parent.children[name] = node
-
-    def _place(self, node: Node, parent: Optional[Node], name: bytes) -> None:
-        if parent is None:
-            self.root = node
-        else:
-            # Node.replace_child(), inlined: the checks were made by _parent().
             node.parent = parent
             node.name = name
             parent.children[name] = node
