@@ -247,7 +247,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             except OSError as exc:
                 where = exc.filename if exc.filename is not None else src
                 return _fail("error accessing %s: %s" % (where, exc.strerror or exc))
-        image = build_image_buffer(root, min_version=min_version, max_version=max_version)
+        # The tree is not used again: the writer may lay the image out on it.
+        image = build_image_buffer(root, min_version=min_version, max_version=max_version, consume=True)
     except ComposefsError as exc:
         return _fail(str(exc))
     except MemoryError:

@@ -99,6 +99,12 @@ _INT_RE = {
     10: re.compile(rb"[\t\n\v\f\r ]*([+-]?)([0-9]+)\Z"),
     8: re.compile(rb"[\t\n\v\f\r ]*([+-]?)([0-7]+)\Z"),
 }
+# Single bytes searched for as ints: for a bytes needle, ``in`` first tries it
+# as an int and raises and clears a TypeError, which costs more than the search
+# itself (a sixth of the parse, measured), on every field of every line.
+_BACKSLASH = 0x5C
+_EIGHT = 0x38
+_NINE = 0x39
 _OCTAL_RE = re.compile(rb"[0-7]+\Z")
 _DIGEST_RE = re.compile(rb"[0-9a-fA-F]{%d}" % (2 * DIGEST_SIZE))
 
@@ -150,10 +156,10 @@ def _unescaped(match: "re.Match[bytes]") -> bytes:
 
 
 def _unescape(data: bytes) -> bytes:
-    if b"\\" not in data:
+    if _BACKSLASH not in data:
         return data
     result = _VALID_ESCAPE.sub(_unescaped, data)
-    if b"\\" not in _VALID_ESCAPE.sub(b"", data):
+    if _BACKSLASH not in _VALID_ESCAPE.sub(b"", data):
         return result
     _escape_error(data)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -325,9 +331,8 @@ class _Parser:
             raise DumpParseError(str(exc), lineno) from None
 
     def _line(self, line: bytes, lineno: int) -> None:
-        nul = line.find(b"\0")
-        if nul >= 0:
-            raise _FieldError("Invalid embedded NUL character at position %d" % nul)
+        if 0 in line:
+            raise _FieldError("Invalid embedded NUL character at position %d" % line.find(b"\0"))
         fields = line.split(b" ", 11)
         if len(fields) < 12:
             fields.extend([b""] * (12 - len(fields)))
@@ -335,14 +340,14 @@ class _Parser:
          f_payload, f_content, f_digest, rest) = fields
 
         # The line has no raw NUL (checked above): only an escaped one can end a C string.
-        path = _c_string(_unescape(f_path)) if b"\\" in f_path else f_path
+        path = _c_string(_unescape(f_path)) if _BACKSLASH in f_path else f_path
         if not path:
             raise _FieldError("Invalid empty path")
 
         is_hardlink = f_mode[:1] == b"@"
         if is_hardlink:
             f_mode = f_mode[1:]
-        if len(f_mode) <= 21 and f_mode.isdigit() and b"8" not in f_mode and b"9" not in f_mode:
+        if len(f_mode) <= 21 and f_mode.isdigit() and _EIGHT not in f_mode and _NINE not in f_mode:
             # Canonical octal below 2**63, the common case: no sign, blanks or clamping.
             mode = int(f_mode, 8) & _U32
         else:
@@ -351,14 +356,27 @@ class _Parser:
         if ftype not in _VALID_TYPES:
             raise _FieldError("Invalid mode %o" % mode)
 
-        node = Node(mode)
-        self._add(path, node)
+        # Where the entry goes; it is put there once the line is read (a line
+        # with an error ends the parse, so nothing sees the tree in between).
+        if path == b"/":
+            if ftype != _S_IFDIR:
+                raise _FieldError("Root must be a directory")
+            if self.root is not None:
+                raise _FieldError("Can't have multiple roots")
+            parent = None
+            name = b""
+        else:
+            parent, name = self._parent(path)
 
         if is_hardlink:
             if ftype == _S_IFDIR:
                 raise _FieldError("Directories can't be hardlinked")
+            node = Node(mode)
             target = _unescape_optional(f_payload)
             self.fixups.append(_Fixup(node, None if target is None else _c_string(target), lineno))
+            # Never the root here: "/" is refused above as a non-directory or as a hard-linked one.
+            if parent is not None:
+                parent.replace_child(name, node)
             return
 
         sec_s, _dot, nsec_s = f_mtime.partition(b".")
@@ -393,36 +411,31 @@ class _Parser:
             mtime_nsec = _int_field(nsec_s, 10, "MTIME")
         if mtime_sec > 0x7FFFFFFFFFFFFFFF:
             mtime_sec -= 1 << 64
-        mtime_nsec &= _U32
 
         # Fields without a backslash need no unescaping (nor NUL cut: the line has none).
         if f_payload == b"-":
             payload = None
-        elif b"\\" in f_payload:
+        elif _BACKSLASH in f_payload:
             payload = _c_string(_unescape(f_payload))
         else:
             payload = f_payload
         if f_content == b"-":
             content = None
         else:
-            content = _unescape(f_content) if b"\\" in f_content else f_content
+            content = _unescape(f_content) if _BACKSLASH in f_content else f_content
             if len(content) != size:
                 raise _FieldError("Invalid content size %d, must match size %d" % (len(content), size))
         if f_digest == b"-":
             digest_text = None
         else:
-            digest_text = _unescape(f_digest) if b"\\" in f_digest else f_digest
+            digest_text = _unescape(f_digest) if _BACKSLASH in f_digest else f_digest
 
-        shared = self.shared
-        node.nlink = nlink & _U32
-        node.uid = shared.setdefault(uid & _U32, uid & _U32)
-        node.gid = shared.setdefault(gid & _U32, gid & _U32)
         if ftype == _S_IFCHR or ftype == _S_IFBLK:
-            node.rdev = rdev & _U32
-        elif self.strict and rdev != 0:
-            raise _FieldError("Non-zero devnum on non-device")
-        node.mtime_sec = shared.setdefault(mtime_sec, mtime_sec)
-        node.mtime_nsec = mtime_nsec
+            rdev &= _U32
+        else:
+            if rdev != 0 and self.strict:
+                raise _FieldError("Non-zero devnum on non-device")
+            rdev = 0
 
         if ftype == _S_IFLNK:
             if not payload or len(payload) >= PATH_MAX:
@@ -433,28 +446,33 @@ class _Parser:
                                       % (size, len(payload)))
                 if content:
                     raise _FieldError("Symlink cannot have content")
-            node.payload = payload
-            node.size = len(payload)
+            size = len(payload)
+            content = None
         else:
             if payload is not None and len(payload) >= PATH_MAX:
                 raise _FieldError("Invalid payload")
-            if content is not None and len(content) > INLINE_CONTENT_MAX:
-                raise _FieldError("Inline content size %d exceeds maximum %d"
-                                  % (len(content), INLINE_CONTENT_MAX))
-            node.payload = payload
-            node.size = size
             # C keeps no buffer for empty content; b"" is kept here so that
             # write_dump() can print the empty field the C reader produces on
             # some escaped whiteouts.  Either way the file has no data.
-            node.content = content
+            if content is not None and len(content) > INLINE_CONTENT_MAX:
+                raise _FieldError("Inline content size %d exceeds maximum %d"
+                                  % (len(content), INLINE_CONTENT_MAX))
 
-        external = ftype == _S_IFREG and node.content is None and size > 0
+        external = ftype == _S_IFREG and content is None and size > 0
         if digest_text is not None:
             digest = _parse_digest(digest_text)
             if digest is None and external:
                 raise _FieldError("Invalid digest %s: an external file needs 64 hex digits"
                                   % _show(digest_text[:80]))
-            node.digest = digest
+        else:
+            digest = None
+
+        # One object for each repeated owner and mtime (see self.shared).
+        shared = self.shared
+        uid &= _U32
+        gid &= _U32
+        node = Node(mode, shared.setdefault(uid, uid), shared.setdefault(gid, gid), rdev, nlink & _U32, size,
+                    shared.setdefault(mtime_sec, mtime_sec), mtime_nsec & _U32, payload, content, digest)
 
         if len(rest) > _XATTR_TEXT_MAX:
             raise _FieldError("Too many xattrs")
@@ -468,15 +486,16 @@ class _Parser:
             # C refuses this only when writing (EFBIG); sizes just below 2**64
             # overflow its chunk count to 0 and would be accepted (deviation).
             self.defer("File too large: %s has size %d" % (_show(path), size), lineno)
-
-    def _add(self, path: bytes, node: Node) -> None:
-        if path == b"/":
-            if not node.is_dir():
-                raise _FieldError("Root must be a directory")
-            if self.root is not None:
-                raise _FieldError("Can't have multiple roots")
+        # Node.replace_child(), inlined (this runs once per line): _parent() made the checks.
+        if parent is None:
             self.root = node
-            return
+        else:
+            node.parent = parent
+            node.name = name
+            parent.children[name] = node
+
+    def _parent(self, path: bytes) -> Tuple[Node, bytes]:
+        """(parent directory, name) of a new entry at *path* (not the root), checked as C does."""
         root = self.root
         if root is None:
             raise _FieldError("Root node not present")
@@ -513,10 +532,7 @@ class _Parser:
             # C means to say "Path ... already exist" but compares -1 with
             # -EEXIST, so it reports "Can't add child".
             raise _FieldError("Can't add child: %s already exists" % _show(path))
-        # Node.replace_child(), inlined: this runs once per line.
-        node.parent = parent
-        node.name = name
-        parent.children[name] = node
+        return parent, name
 
     def _xattrs(self, node: Node, items: List[bytes]) -> None:
         xattrs = node.xattrs
@@ -527,8 +543,8 @@ class _Parser:
             if not eq:
                 raise _FieldError("Missing = in xattr")
             # Without a backslash there is nothing to unescape (and no NUL: see _line).
-            key = _c_string(_unescape(key_s)) if b"\\" in key_s else key_s
-            value = _unescape(value_s) if b"\\" in value_s else value_s
+            key = _c_string(_unescape(key_s)) if _BACKSLASH in key_s else key_s
+            value = _unescape(value_s) if _BACKSLASH in value_s else value_s
             if not key or len(key) > XATTR_NAME_MAX:
                 raise _FieldError("Can't set xattr %s: key must be 1..%d bytes"
                                   % (_show(key), XATTR_NAME_MAX))
@@ -618,6 +634,7 @@ def parse_dump(stream: BinaryIO, strict: bool = False) -> Node:
     """
     parser = _Parser(strict)
     line = parser.line
+    parse_line = parser._line
     lineno = 0
     # C quirk: tree_from_dump() reads with fread() into a buffer that starts
     # at 64 KiB and doubles when one line fills it, keeping the unfinished
@@ -646,12 +663,18 @@ def parse_dump(stream: BinaryIO, strict: bool = False) -> Node:
                 carry += data
             else:
                 lines = (carry + data[:end]).split(b"\n") if carry else data[:end].split(b"\n")
+                # No line of this block can be too long when the block is not.
+                check_length = len(carry) + end > LINE_MAX
                 carry = data[end + 1:]
-                for text in lines:
-                    lineno += 1
-                    if len(text) > LINE_MAX:
-                        raise DumpParseError(_TOO_LONG, lineno)
-                    line(text, lineno)
+                # parser.line() inlined: one call less per line.
+                try:
+                    for text in lines:
+                        lineno += 1
+                        if check_length and len(text) > LINE_MAX:
+                            raise DumpParseError(_TOO_LONG, lineno)
+                        parse_line(text, lineno)
+                except _FieldError as exc:
+                    raise DumpParseError(str(exc), lineno) from None
             if len(carry) > LINE_MAX:
                 # Refused before the rest of it is read: junk need not have newlines.
                 raise DumpParseError(_TOO_LONG, lineno + 1)

@@ -8,9 +8,11 @@ same tree and version range.  Every layout decision below mirrors a decision of
 the C writer, including a few odd ones (noted where they occur), because image
 digests are what users pin and compare across tools.
 
-The caller's tree is never modified: the writer works on its own copy, to which
+The caller's tree is not modified: the writer works on its own copy, to which
 it adds the overlayfs xattrs, ``.``/``..`` entries and the 256 root whiteout
-stubs.
+stubs.  A caller that has no further use for its tree (mkcomposefs) may hand
+it over (``consume=True``): the writer then rewrites and lays out the tree
+itself, which saves the copy's time and memory.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from __future__ import annotations
 import stat
 from collections import Counter
 from itertools import chain
+from operator import itemgetter
 # Used per inode: plain names, not attribute lookups on stat.
 from stat import S_IFBLK as _S_IFBLK, S_IFCHR as _S_IFCHR, S_IFDIR as _S_IFDIR, S_IFIFO as _S_IFIFO
 from stat import S_IFLNK as _S_IFLNK, S_IFREG as _S_IFREG, S_IFSOCK as _S_IFSOCK
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 from .erofs_format import (
     BLOCK_BITS,
@@ -92,6 +95,7 @@ _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 _HALF_BLOCK = BLOCK_SIZE // 2
 _NO_CHILDREN: Dict[bytes, "_Inode"] = {}
+_first = itemgetter(0)
 _EXTERNAL_SIZE_MAX = EROFS_CHUNKS_MAX << EROFS_CHUNK_BITS_MAX
 # Size accounting per xattr, as libcomposefs does it for its input budget:
 # twice the 4-byte entry header, minus one, covers the worst-case alignment.
@@ -139,28 +143,34 @@ class _Inode:
         self.children: Dict[bytes, "_Inode"] = {}
         self.link_to: Optional["_Inode"] = None
 
-    def set_xattr(self, key: bytes, value: bytes) -> None:
-        """lcfs_node_set_xattr(): replace, then charge the per-inode budget."""
-        if not key or len(key) > XATTR_NAME_MAX:
-            raise FormatError("invalid xattr name %r" % key)
-        if len(value) > 0xFFFF:
-            raise FormatError("xattr %r value too large" % key)
-        old = self.xattrs.pop(key, None)
-        if old is not None:
-            if self.xattrs:
-                self.budget = (self.budget - (_XATTR_BUDGET_OVERHEAD + len(key) + len(old))) & _U64
-            else:
-                self.budget = 0
-        entry = _XATTR_BUDGET_OVERHEAD + len(key) + len(value)
-        if not self.xattrs:
-            entry += EROFS_XATTR_IBODY_HEADER.size
-        if ((self.budget + entry) & _U64) > INODE_EXTERNAL_XATTR_MAX:
-            raise FormatError("too many xattrs on one inode (adding %r)" % key)
-        self.xattrs[key] = value
-        self.budget = (self.budget + entry) & _U64
+
+# An inode as the writer lays it out: its private _Inode copy, or with
+# consume=True the caller's Node itself (which has the same fields).
+_Laid = Union[_Inode, Node]
 
 
-def _resolve(inode: _Inode) -> _Inode:
+def _set_xattr(inode: _Laid, key: bytes, value: bytes) -> None:
+    """lcfs_node_set_xattr(): replace, then charge the per-inode budget."""
+    if not key or len(key) > XATTR_NAME_MAX:
+        raise FormatError("invalid xattr name %r" % key)
+    if len(value) > 0xFFFF:
+        raise FormatError("xattr %r value too large" % key)
+    old = inode.xattrs.pop(key, None)
+    if old is not None:
+        if inode.xattrs:
+            inode.budget = (inode.budget - (_XATTR_BUDGET_OVERHEAD + len(key) + len(old))) & _U64
+        else:
+            inode.budget = 0
+    entry = _XATTR_BUDGET_OVERHEAD + len(key) + len(value)
+    if not inode.xattrs:
+        entry += EROFS_XATTR_IBODY_HEADER.size
+    if ((inode.budget + entry) & _U64) > INODE_EXTERNAL_XATTR_MAX:
+        raise FormatError("too many xattrs on one inode (adding %r)" % key)
+    inode.xattrs[key] = value
+    inode.budget = (inode.budget + entry) & _U64
+
+
+def _resolve(inode: _Laid) -> _Laid:
     start = inode
     while inode.link_to is not None:
         inode = inode.link_to
@@ -195,7 +205,7 @@ def _needs_v1(root: Node) -> bool:
     return False
 
 
-def _link(target: _Inode) -> _Inode:
+def _link(target: _Laid) -> _Inode:
     link = _Inode.__new__(_Inode)
     link.mode = 0
     link.link_to = target
@@ -209,7 +219,7 @@ def _p(node: Node) -> str:
 # -- step 2: the overlayfs view (lcfs rewrite_tree_for_erofs) ------------------
 
 
-def _add_overlay_xattrs(inode: _Inode, parent: _Inode, version: int) -> None:
+def _add_overlay_xattrs(inode: _Laid, parent: _Laid, version: int) -> None:
     # Escape user-supplied overlay xattrs so overlayfs shows them instead of
     # interpreting them; the mapping is injective, so no two can collide.
     if inode.xattrs and any(k.startswith(OVERLAY_XATTR_PREFIX) for k in inode.xattrs):
@@ -226,7 +236,7 @@ def _add_overlay_xattrs(inode: _Inode, parent: _Inode, version: int) -> None:
             value = b""
         # Straight into the dict: a regular file's writer budget is still
         # zero here and nothing else is added to it later, so the budget
-        # check of set_xattr() cannot fail, and user keys of these names
+        # check of _set_xattr() cannot fail, and user keys of these names
         # were escaped just above.
         xattrs = inode.xattrs
         xattrs[OVERLAY_XATTR_METACOPY] = value
@@ -235,20 +245,25 @@ def _add_overlay_xattrs(inode: _Inode, parent: _Inode, version: int) -> None:
     elif fmt == _S_IFCHR and inode.rdev == 0:
         inode.size = 0
         inode.mode = _S_IFREG | (inode.mode & ~_S_IFMT & _U32)
-        inode.set_xattr(OVERLAY_XATTR_ESCAPED_WHITEOUT, b"")
-        inode.set_xattr(OVERLAY_XATTR_USERXATTR_WHITEOUT, b"")
-        parent.set_xattr(OVERLAY_XATTR_ESCAPED_WHITEOUTS, b"")
-        parent.set_xattr(OVERLAY_XATTR_USERXATTR_WHITEOUTS, b"")
+        _set_xattr(inode, OVERLAY_XATTR_ESCAPED_WHITEOUT, b"")
+        _set_xattr(inode, OVERLAY_XATTR_USERXATTR_WHITEOUT, b"")
+        _set_xattr(parent, OVERLAY_XATTR_ESCAPED_WHITEOUTS, b"")
+        _set_xattr(parent, OVERLAY_XATTR_USERXATTR_WHITEOUTS, b"")
         if version >= 1:
-            parent.set_xattr(OVERLAY_XATTR_ESCAPED_OPAQUE, b"x")
-            parent.set_xattr(OVERLAY_XATTR_USERXATTR_OPAQUE, b"x")
+            _mark_opaque(parent)
+
+
+def _mark_opaque(parent: _Laid) -> None:
+    """Format 1 marks a directory holding whiteouts opaque (escaped, for the overlay on top)."""
+    _set_xattr(parent, OVERLAY_XATTR_ESCAPED_OPAQUE, b"x")
+    _set_xattr(parent, OVERLAY_XATTR_USERXATTR_OPAQUE, b"x")
 
 
 _METACOPY_PREFIX = OVL_METACOPY_HEADER.pack(
     OVL_METACOPY_VERSION, OVL_METACOPY_HEADER.size + DIGEST_SIZE, 0, OVL_METACOPY_DIGEST_ALGO_SHA256)
 
 
-def _validate(inode: _Inode) -> None:
+def _validate(inode: _Laid) -> None:
     fmt = inode.mode & _S_IFMT
     if fmt not in _FILE_TYPES:
         raise FormatError("invalid file mode 0%o" % inode.mode)
@@ -276,9 +291,9 @@ def _prepare(root: Node, version: int) -> _Inode:
     One pre-order walk in name order (the order of lcfs
     rewrite_tree_node_for_erofs): validate, add the overlayfs xattrs, add
     ``.`` and ``..``.  Hard-link entries are resolved once all inodes exist.
+    _rewrite_in_place() does the same on the caller's tree.
     """
-    if not root.is_dir() or root.link_to is not None:
-        raise FormatError("the root of an image must be a directory")
+    _check_root(root)
     links: List[Tuple[_Inode, Node]] = []
     new_root = _Inode.__new__(_Inode)
     stack: List[Tuple[Node, _Inode, _Inode]] = [(root, new_root, new_root)]
@@ -325,9 +340,81 @@ def _prepare(root: Node, version: int) -> _Inode:
         if copy is None:
             raise FormatError("hard link to an inode outside the tree")
         new.link_to = copy
-    new_root.set_xattr(OVERLAY_XATTR_OPAQUE, b"y")
+    _set_xattr(new_root, OVERLAY_XATTR_OPAQUE, b"y")
     _add_root_stubs(new_root)
     return new_root
+
+
+def _check_root(root: Node) -> None:
+    if not root.is_dir() or root.link_to is not None:
+        raise FormatError("the root of an image must be a directory")
+
+
+def _rewrite_in_place(root: Node, min_version: int, max_version: int) -> int:
+    """_prepare()'s rewrite done on the caller's tree, which the caller gives up; the format version.
+
+    The copy costs about a tenth of the build's time and most of its memory
+    beyond the tree.  The walk needs no name order here: the checks have no
+    effect on one another, and the xattrs a whiteout adds to its parent are
+    the same in any order.  Hard-link entries become mode 0 aliases, as in
+    the copy; their targets must be inodes of this tree.  Whether a whiteout
+    makes the image format 1 (effective_version()) is found on the way, and
+    the opaque marks of format 1 are added at the end.
+    """
+    _check_root(root)
+    decide = min_version < 1 <= max_version
+    whiteout_parents: List[Node] = []
+    links: List[Node] = []
+    stack: List[Tuple[Node, Node]] = [(root, root)]
+    while stack:
+        node, parent = stack.pop()
+        node.mode = mode = node.mode & _U32
+        node.uid &= _U32
+        node.gid &= _U32
+        node.rdev &= _U32
+        node.nlink &= _U32
+        node.mtime_nsec &= _U32
+        node.budget = 0
+        if decide and mode & _S_IFMT == _S_IFCHR and node.rdev == 0:
+            whiteout_parents.append(parent)
+        _validate(node)
+        _add_overlay_xattrs(node, parent, min_version)
+        children = node.children
+        if mode & _S_IFMT == _S_IFDIR:
+            for child in children.values():
+                if child.link_to is not None:
+                    child.mode = 0
+                    links.append(child)
+                else:
+                    stack.append((child, node))
+            children[b"."] = _link(node)
+            children[b".."] = _link(parent)
+        elif children:
+            raise FormatError("%s: only directories can have children" % _p(node))
+    if links:
+        _check_link_targets(root, links)
+    version = min_version
+    if whiteout_parents:
+        version = 1
+        for parent in whiteout_parents:
+            _mark_opaque(parent)
+    _set_xattr(root, OVERLAY_XATTR_OPAQUE, b"y")
+    _add_root_stubs(root)
+    return version
+
+
+def _check_link_targets(root: Node, links: List[Node]) -> None:
+    """Refuse hard links to inodes outside the tree (which would never be laid out)."""
+    wanted = {id(link.link_to) for link in links}
+    stack = [root]
+    while stack and wanted:
+        node = stack.pop()
+        wanted.discard(id(node))
+        for name, child in node.children.items():
+            if name not in (b".", b".."):
+                stack.append(child)
+    if wanted:
+        raise FormatError("hard link to an inode outside the tree")
 
 
 def _link_target_copies(root: Node, new_root: _Inode, links: List[Tuple[_Inode, Node]]) -> Dict[int, _Inode]:
@@ -352,7 +439,7 @@ def _link_target_copies(root: Node, new_root: _Inode, links: List[Tuple[_Inode, 
     return copies
 
 
-def _add_root_stubs(root: _Inode) -> None:
+def _add_root_stubs(root: _Laid) -> None:
     """Chardev stubs 00..ff in the root.
 
     They hide the object store's ``XX/`` directories when the store is
@@ -369,7 +456,7 @@ def _add_root_stubs(root: _Inode) -> None:
         stub.mtime_sec = root.mtime_sec
         stub.mtime_nsec = root.mtime_nsec
         if selinux is not None:
-            stub.set_xattr(XATTR_SELINUX, selinux)
+            _set_xattr(stub, XATTR_SELINUX, selinux)
         root.children[name] = stub
 
 
@@ -377,57 +464,66 @@ def _add_root_stubs(root: _Inode) -> None:
 
 
 class _Layout:
-    __slots__ = ("order", "min_mtime", "has_acl", "sorted_children")
+    __slots__ = ("order", "min_mtime", "has_acl", "sorted_children", "with_xattrs")
 
     def __init__(self) -> None:
-        self.order: List[_Inode] = []
+        self.order: List[_Laid] = []
         self.min_mtime = (0, 0)
         self.has_acl = False
         # Per directory inode (by index in order): its sorted dirents, links resolved.
-        self.sorted_children: Dict[int, List[Tuple[bytes, _Inode]]] = {}
+        self.sorted_children: Dict[int, List[Tuple[bytes, _Laid]]] = {}
+        # The inodes that have xattrs, in order: only these get the shared and
+        # unshared fields, which the later steps read after testing xattrs.
+        self.with_xattrs: List[_Laid] = []
 
 
-def _compute_tree(root: _Inode) -> _Layout:
+def _compute_tree(root: _Laid) -> _Layout:
     layout = _Layout()
     order = layout.order
-    order.append(root)
-    min_mtime = (root.mtime_sec, root.mtime_nsec)
+    append = order.append
+    append(root)
+    with_xattrs = layout.with_xattrs
+    sorted_children = layout.sorted_children
+    min_sec, min_nsec = root.mtime_sec, root.mtime_nsec
     has_acl = False
-    index = 0
-    while index < len(order):
-        inode = order[index]
+    # Iterating a list that grows at its end visits what is appended: breadth first.
+    for index, inode in enumerate(order):
         if inode.mode & _S_IFMT == _S_IFDIR:
-            children = sorted(inode.children.items())
-            # Links (".", ".." and hard links) have mode 0 here: not counted.
-            inode.nlink = 2 + sum(1 for _n, c in children if c.mode & _S_IFMT == _S_IFDIR)
-            # Dirents name the real inode: resolve links once, here.
-            dirents = []
-            for name, child in children:
+            # The sorted list becomes the dirents: a link entry is replaced by
+            # its real inode (resolved once, here), other entries stay as they are.
+            dirents = sorted(inode.children.items())
+            subdirs = 0
+            for i, (name, child) in enumerate(dirents):
                 if child.link_to is not None:
+                    # Links (".", ".." and hard links) have mode 0 here: not counted.
                     child = _resolve(child)
-                    if name not in (b".", b"..") and child.mode & _S_IFMT == _S_IFDIR:
+                    if child.mode & _S_IFMT == _S_IFDIR and name != b"." and name != b"..":
                         raise FormatError("hard links to directories are not allowed")
+                    dirents[i] = (name, child)
                 else:
-                    order.append(child)
-                dirents.append((name, child))
-            layout.sorted_children[index] = dirents
+                    if child.mode & _S_IFMT == _S_IFDIR:
+                        subdirs += 1
+                    append(child)
+            inode.nlink = 2 + subdirs
+            sorted_children[index] = dirents
             # From here on the sorted dirents are the directory: free the dict.
             inode.children = _NO_CHILDREN
         xattrs = inode.xattrs
-        if len(xattrs) > 1:
-            # Usually already in order (security.* < trusted.overlay.metacopy
-            # < trusted.overlay.redirect): a new dict only when it is not.
-            keys = list(xattrs)
-            if keys != sorted(keys):
-                inode.xattrs = dict(sorted(xattrs.items()))
-        mtime = (inode.mtime_sec, inode.mtime_nsec)
-        if mtime < min_mtime:
-            min_mtime = mtime
+        if xattrs:
+            with_xattrs.append(inode)
+            if len(xattrs) > 1:
+                # Usually already in order (security.* < trusted.overlay.metacopy
+                # < trusted.overlay.redirect): a new dict only when it is not.
+                keys = list(xattrs)
+                if keys != sorted(keys):
+                    inode.xattrs = xattrs = dict(sorted(xattrs.items()))
+            if XATTR_POSIX_ACL_ACCESS in xattrs or XATTR_POSIX_ACL_DEFAULT in xattrs:
+                has_acl = True
+        sec = inode.mtime_sec
+        if sec <= min_sec and (sec < min_sec or inode.mtime_nsec < min_nsec):
+            min_sec, min_nsec = sec, inode.mtime_nsec
         inode.ino = index
-        if XATTR_POSIX_ACL_ACCESS in inode.xattrs or XATTR_POSIX_ACL_DEFAULT in inode.xattrs:
-            has_acl = True
-        index += 1
-    layout.min_mtime = min_mtime
+    layout.min_mtime = (min_sec, min_nsec)
     layout.has_acl = has_acl
     return layout
 
@@ -461,7 +557,8 @@ def _xattr_entry(key: bytes, value: bytes) -> bytes:
     return raw + b"\0" * (-len(raw) % 4)
 
 
-def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes]], int]:
+def _compute_shared_xattrs(order: List[_Laid]) -> Tuple[List[Tuple[bytes, bytes]], int]:
+    """The shared xattr table; sets shared and unshared on each inode of *order* (those with xattrs)."""
     counts = Counter(chain.from_iterable(inode.xattrs.items() for inode in order))
     shared = [item for item, count in counts.items() if count > 1]
     del counts  # one entry per distinct xattr: gone before the per-inode lists are made
@@ -473,11 +570,14 @@ def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes
     for item in shared:
         offsets[item] = offset
         offset += _xattr_entry_size(*item)
+    # Most inodes share nothing (an external file's metacopy and redirect are
+    # its own): one test, run in C, spares them the loop over their items.
+    shared_items = offsets.keys()
     # Tuples, and shared empty ones: they are kept for every inode until written.
     for inode in order:
-        if not inode.xattrs:
+        if shared_items.isdisjoint(inode.xattrs.items()):
             inode.shared = ()
-            inode.unshared = ()
+            inode.unshared = tuple(inode.xattrs)
             continue
         shared_ids: List[int] = []
         # Keys only (values stay in inode.xattrs): no item tuple kept per xattr.
@@ -496,7 +596,16 @@ def _compute_shared_xattrs(order: List[_Inode]) -> Tuple[List[Tuple[bytes, bytes
 # -- step 4: inode placement -------------------------------------------------------
 
 
-def _dir_size(children: List[Tuple[bytes, _Inode]]) -> Tuple[int, int]:
+def _dirents_size(children: List[Tuple[bytes, _Laid]]) -> int:
+    """Bytes of all dirents and names, summed in C (most directories fit one block)."""
+    return EROFS_DIRENT.size * len(children) + sum(map(len, map(_first, children)))
+
+
+def _dir_size(children: List[Tuple[bytes, _Laid]]) -> Tuple[int, int]:
+    total = _dirents_size(children)
+    if total <= BLOCK_SIZE:
+        # No block boundary to keep entries from crossing: the loop below in one step.
+        return (1, 0) if total > _HALF_BLOCK else (0, total)
     n_blocks = 0
     used = 0
     for name, _child in children:
@@ -514,51 +623,74 @@ def _dir_size(children: List[Tuple[bytes, _Inode]]) -> Tuple[int, int]:
 
 def _place_inodes(layout: _Layout) -> int:
     min_sec, min_nsec = layout.min_mtime
+    sorted_children = layout.sorted_children
+    compact_size = EROFS_INODE_COMPACT.size
+    extended_size = EROFS_INODE_EXTENDED.size
+    ibody_size = EROFS_XATTR_IBODY_HEADER.size
+    entry_size = EROFS_XATTR_ENTRY.size
+    key_infos = _KEY_INFO  # _key_info()'s cache, read directly in the loop
     pos = INODES_START
+    # Runs once per inode: the fields are computed in locals and stored once.
     for index, inode in enumerate(layout.order):
         fmt = inode.mode & _S_IFMT
-        if fmt == _S_IFDIR:
-            inode.n_blocks, inode.tail = _dir_size(layout.sorted_children[index])
-            size = inode.n_blocks * BLOCK_SIZE + inode.tail
+        n_blocks = tail = 0
+        if fmt == _S_IFREG:
+            size = inode.size
+            if size > 0:
+                if inode.content is not None:
+                    n_blocks, tail = divmod(size, BLOCK_SIZE)
+                    if tail > _HALF_BLOCK:
+                        n_blocks += 1
+                        tail = 0
+                elif size <= BLOCK_SIZE:
+                    # _chunking() of a file of one block: one chunk index.
+                    inode.chunkbits = BLOCK_BITS
+                    tail = 4
+                else:
+                    inode.chunkbits, chunks = _chunking(size)
+                    tail = chunks * 4
+        elif fmt == _S_IFDIR:
+            n_blocks, tail = _dir_size(sorted_children[index])
+            size = n_blocks * BLOCK_SIZE + tail
         else:
             size = inode.size
             if fmt == _S_IFLNK:
-                inode.n_blocks, inode.tail = 0, len(inode.payload or b"")
-            elif fmt == _S_IFREG and size > 0:
-                if inode.content is not None:
-                    inode.n_blocks, inode.tail = divmod(size, BLOCK_SIZE)
-                    if inode.tail > _HALF_BLOCK:
-                        inode.n_blocks += 1
-                        inode.tail = 0
-                else:
-                    inode.chunkbits, chunks = _chunking(size)
-                    inode.n_blocks, inode.tail = 0, chunks * 4
-            else:
-                inode.n_blocks, inode.tail = 0, 0
-        inode.compact = (
+                tail = len(inode.payload or b"")
+        compact = (
             inode.mtime_sec == min_sec and inode.mtime_nsec == min_nsec
             and inode.nlink <= 0xFFFF and inode.uid <= 0xFFFF and inode.gid <= 0xFFFF
             and size <= _U32
         )
-        inode_size = EROFS_INODE_COMPACT.size if inode.compact else EROFS_INODE_EXTENDED.size
-        if inode.shared or inode.unshared:
-            inode.xattr_size = round_up(
-                EROFS_XATTR_IBODY_HEADER.size + 4 * len(inode.shared)
-                + sum(_xattr_entry_size(k, inode.xattrs[k]) for k in inode.unshared), 4)
+        inode.compact = compact
+        head = compact_size if compact else extended_size
+        if inode.xattrs:
+            xattrs = inode.xattrs
+            # Header, shared ids and entries are each a multiple of 4 bytes.
+            xattr_size = ibody_size + 4 * len(inode.shared)
+            for key in inode.unshared:
+                # _xattr_entry_size(), inlined: (head, name suffix, value), padded to 4.
+                xattr_size += (entry_size + (key_infos.get(key) or _key_info(key))[2][0] + len(xattrs[key]) + 3) & ~3
+            head += xattr_size
         else:
-            inode.xattr_size = 0
-        aligned = round_up(pos, SLOT_SIZE)
-        ipad = aligned - pos
-        pos = aligned
-        extra = _tail_padding(inode, pos, inode_size + inode.xattr_size)
-        inode.ipad = ipad + extra
-        pos += extra
+            xattr_size = 0
+        inode.xattr_size = xattr_size
+        ipad = -pos % SLOT_SIZE
+        pos += ipad
+        inode.n_blocks = n_blocks
+        inode.tail = tail
+        if tail or fmt == _S_IFLNK:
+            extra = _tail_padding(inode, pos, head)
+            ipad += extra
+            pos += extra
+            tail = inode.tail
+        # else: _tail_padding() would find nothing to keep within a block.
+        inode.ipad = ipad
         inode.nid = pos >> SLOT_BITS
-        pos += inode_size + inode.xattr_size + inode.tail
+        pos += head + tail
     return round_up(pos, SLOT_SIZE)
 
 
-def _tail_padding(inode: _Inode, pos: int, head: int) -> int:
+def _tail_padding(inode: _Laid, pos: int, head: int) -> int:
     """Padding before an inode so its inline tail does not cross a block."""
     if inode.mode & _S_IFMT == _S_IFLNK:
         # Inode, xattrs and target stay in one block; a target that cannot fit
@@ -585,7 +717,7 @@ def _tail_padding(inode: _Inode, pos: int, head: int) -> int:
 
 # -- step 5: bytes -------------------------------------------------------------------
 
-def _dirent_block(children: List[Tuple[bytes, _Inode]], pad_to: int) -> bytes:
+def _dirent_block(children: List[Tuple[bytes, _Laid]], pad_to: int) -> bytes:
     nameoff = len(children) * EROFS_DIRENT.size
     heads = []
     pack = EROFS_DIRENT.pack
@@ -593,12 +725,18 @@ def _dirent_block(children: List[Tuple[bytes, _Inode]], pad_to: int) -> bytes:
     for name, child in children:
         heads.append(pack(child.nid, nameoff, file_types.get(child.mode & _S_IFMT, EROFS_FT_UNKNOWN)))
         nameoff += len(name)
-    raw = b"".join(heads) + b"".join(name for name, _c in children)
+    raw = b"".join(heads) + b"".join(map(_first, children))
     return raw + b"\0" * (-len(raw) % pad_to)
 
 
-def _dir_chunks(children: List[Tuple[bytes, _Inode]], n_blocks: int) -> Tuple[List[bytes], bytes]:
+def _dir_chunks(children: List[Tuple[bytes, _Laid]], n_blocks: int) -> Tuple[List[bytes], bytes]:
     """(full blocks, inline tail) of a directory, split as write_erofs_dentries()."""
+    if _dirents_size(children) <= BLOCK_SIZE:
+        # One piece, the loop below in one step: a block when the directory got one
+        # (by _dir_size() or by _tail_padding()), else the inline tail.
+        if n_blocks:
+            return [_dirent_block(children, BLOCK_SIZE)], b""
+        return [], _dirent_block(children, 1)
     blocks: List[bytes] = []
     used = 0
     first = 0
@@ -641,46 +779,53 @@ def _write(layout: _Layout, version: int, inodes_end: int,
     current_end = data_start
     data: List[bytes] = []
     key_infos = _KEY_INFO  # _key_info()'s cache, read directly in the loop
+    # Runs once per inode: bound methods and fields in locals.
+    pack_compact = EROFS_INODE_COMPACT.pack
+    pack_extended = EROFS_INODE_EXTENDED.pack
+    sorted_children = layout.sorted_children
     for index, inode in enumerate(order):
         if inode.ipad:
             out += b"\0" * inode.ipad
         fmt = inode.mode & _S_IFMT
-        layout_kind = EROFS_INODE_FLAT_INLINE if inode.tail > 0 else EROFS_INODE_FLAT_PLAIN
-        chunk_format = 0
+        tail = inode.tail
+        n_blocks = inode.n_blocks
+        layout_kind = EROFS_INODE_FLAT_INLINE if tail > 0 else EROFS_INODE_FLAT_PLAIN
         i_u = 0
-        if fmt == _S_IFDIR:
-            size = inode.n_blocks * BLOCK_SIZE + inode.tail
-        elif fmt == _S_IFREG:
-            size = inode.size
-            if size > 0 and inode.content is None:
-                chunk_format = inode.chunkbits - BLOCK_BITS
+        if fmt == _S_IFREG or fmt == _S_IFDIR or fmt == _S_IFLNK:
+            if fmt == _S_IFREG:
+                size = inode.size
+            elif fmt == _S_IFDIR:
+                size = n_blocks * BLOCK_SIZE + tail
+            else:
+                size = tail if n_blocks == 0 else inode.size
+            if n_blocks > 0:
+                i_u = (current_end // BLOCK_SIZE) & _U32
+                current_end += BLOCK_SIZE * n_blocks
+            if fmt == _S_IFREG and size > 0 and inode.content is None:
                 layout_kind = EROFS_INODE_CHUNK_BASED
-        elif fmt == _S_IFLNK:
-            size = inode.tail if inode.n_blocks == 0 else inode.size
+                # The chunk format shares the i_u union with raw_blkaddr and only
+                # overwrites its low 16 bits.
+                i_u = (i_u & 0xFFFF0000) | (inode.chunkbits - BLOCK_BITS)
         else:
             size = 0
-        if fmt in (_S_IFCHR, _S_IFBLK):
-            i_u = inode.rdev
-        elif inode.n_blocks > 0 and fmt in (_S_IFDIR, _S_IFREG, _S_IFLNK):
-            i_u = (current_end // BLOCK_SIZE) & _U32
-            current_end += BLOCK_SIZE * inode.n_blocks
-        if layout_kind == EROFS_INODE_CHUNK_BASED:
-            # The chunk format shares the i_u union with raw_blkaddr and only
-            # overwrites its low 16 bits.
-            i_u = (i_u & 0xFFFF0000) | chunk_format
-        xattr_icount = 0 if inode.xattr_size == 0 else (inode.xattr_size - EROFS_XATTR_IBODY_HEADER.size) // 4 + 1
-        if xattr_icount > 0xFFFF:
-            raise FormatError("too many xattrs on one inode")
-        i_format = (layout_kind << EROFS_I_DATALAYOUT_BIT) | (0 if inode.compact else 1)
+            if fmt == _S_IFCHR or fmt == _S_IFBLK:
+                i_u = inode.rdev
+        xattr_size = inode.xattr_size
+        if xattr_size:
+            xattr_icount = (xattr_size - EROFS_XATTR_IBODY_HEADER.size) // 4 + 1
+            if xattr_icount > 0xFFFF:
+                raise FormatError("too many xattrs on one inode")
+        else:
+            xattr_icount = 0
         if inode.compact:
-            out += EROFS_INODE_COMPACT.pack(
-                i_format, xattr_icount, inode.mode & 0xFFFF, inode.nlink, size & _U32, 0,
+            out += pack_compact(
+                layout_kind << EROFS_I_DATALAYOUT_BIT, xattr_icount, inode.mode & 0xFFFF, inode.nlink, size & _U32, 0,
                 i_u, inode.ino, inode.uid, inode.gid, 0)
         else:
-            out += EROFS_INODE_EXTENDED.pack(
-                i_format, xattr_icount, inode.mode & 0xFFFF, 0, size & _U64, i_u, inode.ino,
-                inode.uid, inode.gid, inode.mtime_sec & _U64, inode.mtime_nsec, inode.nlink)
-        if inode.xattr_size:
+            out += pack_extended(
+                (layout_kind << EROFS_I_DATALAYOUT_BIT) | 1, xattr_icount, inode.mode & 0xFFFF, 0, size & _U64, i_u,
+                inode.ino, inode.uid, inode.gid, inode.mtime_sec & _U64, inode.mtime_nsec, inode.nlink)
+        if xattr_size:
             name_filter = 0
             for key in inode.xattrs:
                 name_filter |= (key_infos.get(key) or _key_info(key))[1]
@@ -702,23 +847,23 @@ def _write(layout: _Layout, version: int, inodes_end: int,
                 if pad:
                     out += b"\0" * pad
         if fmt == _S_IFDIR:
-            blocks, tail = _dir_chunks(layout.sorted_children[index], inode.n_blocks)
-            out += tail
+            blocks, dir_tail = _dir_chunks(sorted_children[index], n_blocks)
+            out += dir_tail
             data.extend(blocks)
         elif fmt == _S_IFLNK:
             payload = inode.payload or b""
-            if inode.n_blocks == 0:
+            if n_blocks == 0:
                 out += payload
             else:
                 block = payload[:min(inode.size, BLOCK_SIZE)]
                 data.append(block + b"\0" * (-len(block) % BLOCK_SIZE))
         elif fmt == _S_IFREG:
-            if inode.tail > 0:
+            if tail > 0:
                 if inode.content is not None:
-                    out += inode.content[inode.size - inode.tail:]
+                    out += inode.content[size - tail:]
                 else:
-                    out += b"\xff" * inode.tail
-            if inode.n_blocks > 0:
+                    out += b"\xff" * tail
+            if n_blocks > 0:
                 if inode.content is None:
                     data.append(b"\xff" * BLOCK_SIZE)
                 else:
@@ -740,27 +885,41 @@ def _write(layout: _Layout, version: int, inodes_end: int,
     return out
 
 
-def effective_version(root: Node, min_version: int = 0, max_version: int = 1) -> int:
-    """The format version an image of *root* gets for a version range."""
+def _version_range(min_version: int, max_version: int) -> Tuple[int, int]:
     if min_version < 0 or max_version < 0 or min_version > COMPOSEFS_VERSION_MAX \
             or max_version > COMPOSEFS_VERSION_MAX:
         raise FormatError("unsupported format version (supported: 0..%d)" % COMPOSEFS_VERSION_MAX)
-    if max_version < min_version:
-        max_version = min_version
-    version = min_version
+    return min_version, max(min_version, max_version)
+
+
+def effective_version(root: Node, min_version: int = 0, max_version: int = 1) -> int:
+    """The format version an image of *root* gets for a version range."""
+    version, max_version = _version_range(min_version, max_version)
     if version < 1 <= max_version and _needs_v1(root):
         version = 1
     return version
 
 
-def build_image_buffer(root: Node, min_version: int = 0, max_version: int = 1) -> bytearray:
+def build_image_buffer(root: Node, min_version: int = 0, max_version: int = 1,
+                       consume: bool = False) -> bytearray:
     """build_image() as the buffer it is written into: a caller that only
-    writes or hashes the image need not hold a second copy of it."""
-    version = effective_version(root, min_version, max_version)
+    writes or hashes the image need not hold a second copy of it.
+
+    *consume*: the caller gives *root* up, and the writer lays the image out
+    on that tree instead of on a private copy (less time and memory); the
+    tree is left rewritten and must not be used again.
+    """
     with gc_paused():
-        work = _prepare(root, version)
+        if consume:
+            low, high = _version_range(min_version, max_version)
+            # The walk that rewrites the tree also finds the whiteouts that decide the version.
+            version = _rewrite_in_place(root, low, high)
+            work: _Laid = root
+        else:
+            version = effective_version(root, min_version, max_version)
+            work = _prepare(root, version)
         layout = _compute_tree(work)
-        shared, shared_size = _compute_shared_xattrs(layout.order)
+        shared, shared_size = _compute_shared_xattrs(layout.with_xattrs)
         inodes_end = _place_inodes(layout)
         return _write(layout, version, inodes_end, shared, shared_size)
 

@@ -50,6 +50,20 @@ class Node:
         "parent",
         "name",
         "link_to",
+        # The image writer's layout of this inode, set only when the tree is
+        # handed over to it (build_image_buffer(consume=True)): laying out on
+        # the tree itself spares a private copy of every inode.
+        "budget",
+        "ino",
+        "nid",
+        "n_blocks",
+        "tail",
+        "compact",
+        "ipad",
+        "xattr_size",
+        "shared",
+        "unshared",
+        "chunkbits",
     )
 
     def __init__(
@@ -163,7 +177,8 @@ def validate_name(name: bytes) -> None:
         raise FormatError("empty file name")
     if name in (b".", b".."):
         raise FormatError("invalid file name %r" % name)
-    if b"/" in name or b"\0" in name:
+    # Ints, not one-byte needles: a bytes needle is first tried as an int, at the cost of an exception.
+    if 0x2F in name or 0 in name:
         raise FormatError("invalid file name %r" % name)
     if len(name) > NAME_MAX:
         raise FormatError("file name too long (%d bytes)" % len(name))
