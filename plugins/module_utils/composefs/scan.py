@@ -328,7 +328,9 @@ class _ContentWorker:
         blocks and does not speed up in threads, copying and fsync do.
         """
         node, path = job.node, job.path
-        if ready is not None and self.store is None:
+        if ready is not None and (self.batch is None or self.batch.has(ready[0])):
+            # Hashed by a worker (which checked it is the file scanned) and
+            # nothing to copy: the source need not be opened again.
             node.digest = ready[0]
             node.payload = digest_to_path(ready[0])
             return None
@@ -352,7 +354,7 @@ class _ContentWorker:
                 self._check_same(fd, job)
             node.digest = digest
             node.payload = digest_to_path(digest)
-            if self.store is not None:
+            if self.batch is not None and not self.batch.has(digest):
                 task = (fd, digest, node.size, path)
                 return task
             return None
