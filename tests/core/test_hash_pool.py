@@ -60,10 +60,27 @@ def test_a_job_error_is_the_callers(always_pool):
 
 
 def test_a_pool_that_cannot_start_is_no_error(always_pool, monkeypatch):
-    import concurrent.futures
-
-    def no_pool(*args, **kwargs):
+    def no_fork():
         raise OSError(11, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_pool)
+    monkeypatch.setattr(os, "fork", no_fork)
     assert list(hash_pool.hash_map(_double, list(range(5)), 1, 2)) == [0, 2, 4, 6, 8]
+
+
+def _unmarshallable(job: int):
+    return (lambda: job) if os.getpid() != _PARENT[0] and job == 4 else b"%d" % job
+
+
+def test_a_result_the_workers_cannot_send_is_computed_here(always_pool):
+    assert list(hash_pool.hash_map(_unmarshallable, list(range(9)), 1, 2)) == [b"%d" % i for i in range(9)]
+
+
+def test_closing_early_stops_the_workers(always_pool):
+    results = hash_pool.hash_map(_double, list(range(1000)), 1, 2)
+    pids = list(results._pool.pids)
+    assert len(pids) == 2
+    assert next(results) == 0
+    results.close()
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped already
