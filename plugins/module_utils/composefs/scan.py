@@ -47,7 +47,6 @@ from . import fsverity_digest
 from .errors import FormatError
 from .gc_pause import gc_paused
 from .hash_pool import cpu_count, hash_map, pays_off
-from .object_copier import ObjectCopier
 from .objects import ObjectBatch
 from .safe_dirs import open_regular
 from .tree import (
@@ -451,7 +450,12 @@ def _run_jobs(jobs: List[_FileJob], func: Callable[[_FileJob, Optional[Tuple[byt
     total = len(jobs)
     if progress is not None:
         progress(0, total)
-    copier = ObjectCopier(batch, threads) if batch is not None else None
+    copier = None
+    if batch is not None:
+        # Imported here: concurrent.futures costs a build without a store ~5 ms.
+        from .object_copier import ObjectCopier
+
+        copier = ObjectCopier(batch, threads)
     hashed_ahead, digests = ahead if ahead is not None else (set(), iter(()))
     try:
         for done, job in enumerate(jobs, 1):
