@@ -152,8 +152,9 @@ def _start(func: Callable[[Job], Result], jobs: Sequence[Job], total_bytes: int,
     if not hasattr(os, "fork"):
         return None
     workers = min(workers, len(jobs))
-    # Small chunks balance the load; at most _MAX_TOKENS of them.
-    chunk = max(1, min(64, len(jobs) // (8 * workers)), -(-len(jobs) // _MAX_TOKENS))
+    # Small chunks balance the load (the last one is what one worker may hash
+    # alone while the others are done); at most _MAX_TOKENS of them.
+    chunk = max(1, min(16, len(jobs) // (8 * workers)), -(-len(jobs) // _MAX_TOKENS))
     pool = _Pool()
     try:
         tokens_r, tokens_w = os.pipe()
