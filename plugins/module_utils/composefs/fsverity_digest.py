@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple, 
 from .errors import VerityError
 
 if TYPE_CHECKING:
+    import mmap
     from concurrent.futures import Future
 
 __all__ = [
@@ -445,6 +446,9 @@ def _hash_round(fd: int, hasher: FsVerityHasher, offset: int, count: int, slot: 
                 workers: int) -> List[Tuple[bytes, int]]:
     """(leaf hashes, bytes) of ``count`` pieces from ``offset``, hashed by ``workers`` processes."""
     import mmap
+    import sys
+
+    from .hash_pool import reap
 
     bs, new = hasher.block_size, hasher._new
     status_size = count * _STATUS.size
@@ -470,7 +474,8 @@ def _hash_round(fd: int, hasher: FsVerityHasher, offset: int, count: int, slot: 
             if tokens_w >= 0:
                 os.close(tokens_w)
             os.close(tokens_r)
-            _reap(children)
+            # After an error here (an interrupt included), the children are stopped first.
+            reap(children, kill=sys.exc_info()[0] is not None)
         results = []
         for k in range(count):
             (n,) = _STATUS.unpack_from(shared, k * _STATUS.size)
@@ -522,27 +527,6 @@ def _hash_piece(fd: int, offset: int, buf: bytearray, bs: int, new: Callable[...
     finally:
         view.release()
     return hashes, n
-
-
-def _reap(children: List[int]) -> None:
-    """Wait for the forked workers; after an error here, stop them first."""
-    import sys
-
-    stop = sys.exc_info()[0] is not None
-    for pid in children:
-        if stop:
-            try:
-                os.kill(pid, 9)  # SIGKILL
-            except OSError:
-                pass
-        while True:
-            try:
-                os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-            except ChildProcessError:
-                break
 
 
 _Chunk = TypeVar("_Chunk")

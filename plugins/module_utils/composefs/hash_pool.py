@@ -31,6 +31,8 @@ import signal
 import struct
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
+from .objects import write_all
+
 Job = TypeVar("Job")
 Result = TypeVar("Result")
 
@@ -125,20 +127,26 @@ class _Pool:
         for fd in self.pipes:
             os.close(fd)
         self.pipes.clear()
-        for pid in self.pids:
+        reap(self.pids, kill=True)
+        self.pids.clear()
+
+
+def reap(pids: Sequence[int], kill: bool) -> None:
+    """Wait for forked workers; ``kill``: stop them first (SIGKILL: they hold nothing to clean up)."""
+    for pid in pids:
+        if kill:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass  # already gone
-            while True:
-                try:
-                    os.waitpid(pid, 0)
-                    break
-                except InterruptedError:
-                    continue
-                except ChildProcessError:
-                    break
-        self.pids.clear()
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                break
 
 
 #: Length of the marshal-ed (first job index, [results]) message that follows.
@@ -208,18 +216,12 @@ def _worker_main(func: Callable[[Job], Result], jobs: Sequence[Job], chunk: int,
                 payload = marshal.dumps((first, values))
             except ValueError:
                 break  # a result marshal cannot send: the caller computes the rest
-            _write_all(results, _FRAME.pack(len(payload)) + payload)
+            write_all(results, _FRAME.pack(len(payload)) + payload)
             if failed:
                 break
         code = 0
     finally:
         os._exit(code)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _results(func: Callable[[Job], Result], jobs: Sequence[Job], pool: Optional[_Pool]) -> Iterator[Result]:
@@ -238,4 +240,4 @@ def _results(func: Callable[[Job], Result], jobs: Sequence[Job], pool: Optional[
             pool.stop()
 
 
-__all__ = ["PROCESS_MIN_BYTES", "cpu_count", "hash_map", "pays_off"]
+__all__ = ["PROCESS_MIN_BYTES", "cpu_count", "hash_map", "pays_off", "reap"]
