@@ -52,6 +52,30 @@ def test_a_dying_worker_leaves_the_rest_to_this_process(always_pool):
     assert list(hash_pool.hash_map(_double_dying_at_7, list(range(40)), 1, 2)) == [2 * i for i in range(40)]
 
 
+_DONE_LOG = [""]
+
+
+def _slow_after_fail(job: int) -> int:
+    if job == 3:
+        raise ValueError("job 3 is bad")
+    if os.getpid() != _PARENT[0] and job > 3:
+        import time
+
+        time.sleep(0.05)  # the other worker is busy long after job 3 failed
+        with open(_DONE_LOG[0], "a") as log:
+            log.write("%d\n" % job)
+    return job
+
+
+def test_a_job_error_is_raised_without_waiting_for_the_other_workers(always_pool, tmp_path):
+    _DONE_LOG[0] = str(tmp_path / "done")
+    (tmp_path / "done").write_text("")
+    with pytest.raises(ValueError, match="job 3 is bad"):
+        list(hash_pool.hash_map(_slow_after_fail, list(range(200)), 1, 2))
+    # Raised when job 3's turn came, not after the workers had done the other 196.
+    assert len((tmp_path / "done").read_text().split()) < 100
+
+
 def test_a_job_error_is_the_callers(always_pool):
     with pytest.raises(ValueError, match="job 3 is bad"):
         list(hash_pool.hash_map(_fail_at_3, list(range(10)), 1, 2))

@@ -29,7 +29,7 @@ import marshal
 import os
 import signal
 import struct
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, TypeVar
 
 from .objects import write_all
 
@@ -122,6 +122,7 @@ class _Pool:
         self.pids: List[int] = []
         self.pipes: Dict[int, bytearray] = {}  # read end -> bytes received, not yet parsed
         self.results: Dict[int, Any] = {}  # job index -> result
+        self.failed: Set[int] = set()  # jobs whose function raised in a worker: run again here
 
     def pump(self) -> bool:
         """Wait for results; False once every worker has ended (nothing more will come)."""
@@ -144,10 +145,12 @@ class _Pool:
                 (length,) = _FRAME.unpack_from(buf)
                 if len(buf) < _FRAME.size + length:
                     break
-                first, values = marshal.loads(bytes(buf[_FRAME.size:_FRAME.size + length]))
+                first, values, failed = marshal.loads(bytes(buf[_FRAME.size:_FRAME.size + length]))
                 del buf[:_FRAME.size + length]
                 for offset, value in enumerate(values):
                     self.results[first + offset] = value
+                if failed:
+                    self.failed.add(first + len(values))
         return True
 
     def stop(self) -> None:
@@ -241,7 +244,7 @@ def _worker_main(func: Callable[[Job], Result], jobs: Sequence[Job], chunk: int,
                     failed = True  # the caller runs this job again and gets the error itself
                     break
             try:
-                payload = marshal.dumps((first, values))
+                payload = marshal.dumps((first, values, failed))
             except ValueError:
                 break  # a result marshal cannot send: the caller computes the rest
             write_all(results, _FRAME.pack(len(payload)) + payload)
@@ -256,7 +259,9 @@ def _results(func: Callable[[Job], Result], jobs: Sequence[Job], pool: Optional[
     try:
         for index, job in enumerate(jobs):
             if pool is not None:
-                while index not in pool.results and pool.pump():
+                # A job that failed in a worker is run here at once: its error
+                # is raised without waiting for the other workers.
+                while index not in pool.results and index not in pool.failed and pool.pump():
                     pass
                 if index in pool.results:
                     yield pool.results.pop(index)
