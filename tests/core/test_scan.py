@@ -570,25 +570,9 @@ def test_threads_give_the_same_tree(tmp_path, monkeypatch):
     assert len(images) == 1
 
 
-def _count_pools(monkeypatch):
-    """Always use worker processes; the returned list gets the number of files of each pool started."""
-    from composefs_fleet import hash_pool
-
-    pools = []
-    real = scan._hash_ahead
-
-    def spy(jobs, threads):
-        result = real(jobs, threads)
-        pools.append(None if result is None else len(result[0]))
-        return result
-
-    monkeypatch.setattr(hash_pool, "PROCESS_MIN_BYTES", 0)
-    monkeypatch.setattr(scan, "_hash_ahead", spy)
-    return pools
-
-
 def test_digests_in_worker_processes_equal_in_process(tmp_path, monkeypatch):
     """threads > 1 hashes in processes, with or without a store; the tree must not change."""
+    import composefs_fleet.scan as scan_module
     from composefs_fleet.erofs_writer import build_image
 
     src = tmp_path / "src"
@@ -597,7 +581,18 @@ def test_digests_in_worker_processes_equal_in_process(tmp_path, monkeypatch):
         (src / ("f%02d" % i)).write_bytes(os.urandom(100 + i * 5000))
     (src / "tiny").write_bytes(b"t")
     reference = build_image(build_tree_from_directory(str(src), threads=1))
-    computed = _count_pools(monkeypatch)
+    computed = []
+    real = scan_module._hash_ahead
+
+    def spy(jobs, threads):
+        result = real(jobs, threads)
+        computed.append(None if result is None else len(result[0]))
+        return result
+
+    from composefs_fleet import hash_pool
+
+    monkeypatch.setattr(hash_pool, "PROCESS_MIN_BYTES", 0)
+    monkeypatch.setattr(scan_module, "_hash_ahead", spy)
     parallel = build_image(build_tree_from_directory(str(src), threads=2))
     assert parallel == reference
     # All twelve external files were hashed by the worker processes.
@@ -615,58 +610,3 @@ def test_digests_in_worker_processes_equal_in_process(tmp_path, monkeypatch):
     before = {str(p): p.stat().st_ino for p in store.rglob("*") if p.is_file()}
     assert build_image(build_tree_from_directory(str(src), threads=2, digest_store=str(store))) == reference
     assert {str(p): p.stat().st_ino for p in store.rglob("*") if p.is_file()} == before
-
-
-def test_hashing_that_starts_during_the_scan_gives_the_same_tree(tmp_path, monkeypatch):
-    """A big tree's first files are hashed by workers forked mid-scan, the rest by a second pool."""
-    src = tmp_path / "src"
-    for d in range(4):
-        (src / ("d%d" % d)).mkdir(parents=True)
-        for i in range(6):
-            (src / ("d%d" % d) / ("f%d" % i)).write_bytes(os.urandom(100 + 3000 * i + d))
-        (src / ("d%d" % d) / "tiny").write_bytes(b"x")
-    reference = build_image(build_tree_from_directory(str(src), threads=1))
-    pools = _count_pools(monkeypatch)
-    monkeypatch.setattr(scan, "EARLY_HASH_MIN_BYTES", 20000)
-    assert build_image(build_tree_from_directory(str(src), threads=2)) == reference
-    # 24 external files (the 100-byte ones included): a few mid-scan, the rest after.
-    assert len(pools) == 2 and 0 < pools[0] < 24 and pools[0] + pools[1] == 24, pools
-    store = tmp_path / "objects"
-    assert build_image(build_tree_from_directory(str(src), threads=2, digest_store=str(store))) == reference
-    assert len([p for p in store.rglob("*") if p.is_file()]) == 24
-    # Hard links are resolved after the scan: nothing starts early then.
-    pools.clear()
-    assert build_image(build_tree_from_directory(str(src), threads=2, hardlinks=True)) == reference
-    assert pools == [24]
-
-
-def test_an_error_after_hashing_started_early_stops_the_workers(tmp_path, monkeypatch):
-    from composefs_fleet import hash_pool
-
-    src = tmp_path / "src"
-    (src / "a").mkdir(parents=True)
-    for i in range(8):
-        (src / "a" / ("f%d" % i)).write_bytes(os.urandom(5000))
-    (src / "0").mkdir()  # listed after "a": the stack pops the last name first
-    closed = []
-    real = hash_pool._Results.close
-
-    def spy_close(self):
-        closed.append(self)
-        real(self)
-
-    monkeypatch.setattr(hash_pool, "PROCESS_MIN_BYTES", 0)
-    monkeypatch.setattr(scan, "EARLY_HASH_MIN_BYTES", 12000)  # after 3 of the 8 files
-    monkeypatch.setattr(hash_pool._Results, "close", spy_close)
-    real_list = scan._Scanner._list_dir
-
-    def failing_list(path):
-        if path.endswith(b"/0"):
-            raise OSError(errno.EIO, "cannot read directory: Input/output error", os.fsdecode(path))
-        return real_list(path)
-
-    monkeypatch.setattr(scan._Scanner, "_list_dir", staticmethod(failing_list))
-    with pytest.raises(OSError) as info:
-        build_tree_from_directory(str(src), threads=2)
-    assert info.value.errno == errno.EIO
-    assert len(closed) == 1  # the pool forked mid-scan was stopped and reaped

@@ -87,34 +87,6 @@ class _Results:
             self._pool.stop()
 
 
-def chain_results(*parts: Iterator[Any]) -> Iterator[Any]:
-    """The results of several :func:`hash_map` calls, one after the other; ``close()`` closes them all."""
-    return _Chain(parts)
-
-
-class _Chain:
-    def __init__(self, parts: Sequence[Iterator[Any]]) -> None:
-        self._parts = list(parts)
-
-    def __iter__(self) -> "_Chain":
-        return self
-
-    def __next__(self) -> Any:
-        while self._parts:
-            try:
-                return next(self._parts[0])
-            except StopIteration:
-                self._parts.pop(0)
-        raise StopIteration
-
-    def close(self) -> None:
-        for part in self._parts:
-            close = getattr(part, "close", None)
-            if close is not None:
-                close()
-        self._parts = []
-
-
 class _Pool:
     """Forked workers and the pipes their results come back through."""
 
@@ -273,4 +245,4 @@ def _results(func: Callable[[Job], Result], jobs: Sequence[Job], pool: Optional[
             pool.stop()
 
 
-__all__ = ["PROCESS_MIN_BYTES", "chain_results", "cpu_count", "hash_map", "pays_off", "reap"]
+__all__ = ["PROCESS_MIN_BYTES", "cpu_count", "hash_map", "pays_off", "reap"]

@@ -46,7 +46,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 from . import fsverity_digest
 from .errors import FormatError
 from .gc_pause import gc_paused
-from .hash_pool import chain_results, cpu_count, hash_map, pays_off
+from .hash_pool import cpu_count, hash_map, pays_off
 from .objects import ObjectBatch
 from .safe_dirs import open_regular
 from .tree import (
@@ -127,77 +127,25 @@ def build_tree_from_directory(
         raise FormatError("invalid thread count %d" % threads)
 
     src = os.fsencode(path)
-    # Hard links are resolved after the scan, so their files wait for it.
-    early = _EarlyHash(threads, inline_max) if compute_digest and not hardlinks else None
-    scanner = _Scanner(use_epoch, skip_devices, skip_xattrs, user_xattrs, hardlinks,
-                       early.add if early is not None else None)
-    ahead = None
-    try:
-        with gc_paused():
-            root = scanner.scan(src)
-        jobs = scanner.jobs
-        if hardlinks:
-            aliased = _link_hardlinks(root, scanner.link_keys)
-            jobs = [job for job in jobs if id(job.node) not in aliased]
+    scanner = _Scanner(use_epoch, skip_devices, skip_xattrs, user_xattrs, hardlinks)
+    with gc_paused():
+        root = scanner.scan(src)
+    jobs = scanner.jobs
+    if hardlinks:
+        aliased = _link_hardlinks(root, scanner.link_keys)
+        jobs = [job for job in jobs if id(job.node) not in aliased]
 
-        store = os.fsencode(digest_store) if digest_store is not None else None
-        worker = _ContentWorker(compute_digest, inline_max, store)
-        jobs = [j for j in jobs if worker.needed(j)]
-        if compute_digest:
-            # Worker processes hash (when that pays off) while this thread hands
-            # each hashed file to the copier threads: hashing uses every CPU asked
-            # for, and a store that already holds the objects costs no copies.
-            first = early.started if early is not None else None
-            done = first[0] if first is not None else set()
-            rest = _hash_ahead([j for j in jobs if j.node.size > inline_max and id(j.node) not in done], threads)
-            ahead = _chain_ahead(first, rest)
-    except BaseException:
-        if early is not None and early.started is not None:
-            early.started[1].close()  # stops its workers
-        raise
+    store = os.fsencode(digest_store) if digest_store is not None else None
+    worker = _ContentWorker(compute_digest, inline_max, store)
+    jobs = [j for j in jobs if worker.needed(j)]
+    ahead = None
+    if compute_digest:
+        # Worker processes hash (when that pays off) while this thread hands
+        # each hashed file to the copier threads: hashing uses every CPU asked
+        # for, and a store that already holds the objects costs no copies.
+        ahead = _hash_ahead([j for j in jobs if j.node.size > inline_max], threads)
     _run_jobs(jobs, worker.process, threads, progress, worker.batch, ahead)
     return root
-
-
-#: A tree with more than this to hash starts hashing while it is still being scanned (:class:`_EarlyHash`).
-EARLY_HASH_MIN_BYTES = 128 << 20
-
-#: Digests hashed ahead: the ids of the nodes they belong to and the digests, in scan order.
-_Ahead = Tuple[Set[int], Iterator[Tuple[bytes, int]]]
-
-
-class _EarlyHash:
-    """Worker processes that hash the first files of a big tree while the scan goes on.
-
-    Once the files found hold :data:`EARLY_HASH_MIN_BYTES` (external files
-    only), workers are forked for them; the files found later go to a second
-    pool after the scan.  Otherwise the scan (30 ms for 2,000 files) runs
-    alone while every other CPU waits.
-    """
-
-    def __init__(self, threads: int, inline_max: int) -> None:
-        self.threads = threads
-        self.inline_max = inline_max
-        self.jobs: List[_FileJob] = []
-        self.bytes = 0
-        self.started: Optional[_Ahead] = None
-        self.tried = False
-
-    def add(self, job: _FileJob) -> None:
-        if self.tried or job.node.size <= self.inline_max:
-            return
-        self.jobs.append(job)
-        self.bytes += job.node.size
-        if self.bytes >= EARLY_HASH_MIN_BYTES:
-            self.tried = True  # started, or (one thread) never worth it
-            self.started = _hash_ahead(self.jobs, self.threads)
-
-
-def _chain_ahead(first: Optional[_Ahead], second: Optional[_Ahead]) -> Optional[_Ahead]:
-    """Digests of ``first`` then ``second`` (either may be None), as one."""
-    if first is None or second is None:
-        return first if second is None else second
-    return first[0] | second[0], chain_results(first[1], second[1])
 
 
 def _join(parent: bytes, name: bytes) -> bytes:
@@ -215,8 +163,7 @@ class _Scanner:
     """First pass: metadata of every entry (lcfs_build with LCFS_BUILD_NO_INLINE)."""
 
     def __init__(self, use_epoch: bool, skip_devices: bool, skip_xattrs: bool,
-                 user_xattrs: bool, hardlinks: bool, on_file: Optional[Callable[[_FileJob], None]] = None) -> None:
-        self.on_file = on_file  # told of each regular file as it is found
+                 user_xattrs: bool, hardlinks: bool) -> None:
         self.use_epoch = use_epoch
         self.skip_devices = skip_devices
         self.skip_xattrs = skip_xattrs
@@ -276,10 +223,7 @@ class _Scanner:
             node.mtime_sec, node.mtime_nsec = divmod(st.st_mtime_ns, 1000000000)
         fmt = stat.S_IFMT(st.st_mode)
         if fmt == stat.S_IFREG:
-            job = _FileJob(node, path, st)
-            self.jobs.append(job)
-            if self.on_file is not None:
-                self.on_file(job)
+            self.jobs.append(_FileJob(node, path, st))
         elif fmt == stat.S_IFLNK:
             try:
                 target = os.readlink(path)
@@ -447,7 +391,7 @@ class _ContentWorker:
 _Copy = Tuple[int, bytes, int, bytes]
 
 
-def _hash_ahead(jobs: List[_FileJob], threads: int) -> Optional[_Ahead]:
+def _hash_ahead(jobs: List[_FileJob], threads: int) -> Optional[Tuple[Set[int], Iterator[Tuple[bytes, int]]]]:
     """fs-verity digests of ``jobs``, in order, from ``threads`` worker processes (:mod:`.hash_pool`).
 
     None when worker processes would not pay off: the caller then hashes in
@@ -496,7 +440,7 @@ def _digest_fd(fd: int) -> Tuple[bytes, int]:
 
 def _run_jobs(jobs: List[_FileJob], func: Callable[[_FileJob, Optional[Tuple[bytes, int]]], Optional[_Copy]],
               threads: int, progress: Optional[ProgressCallback], batch: Optional[ObjectBatch],
-              ahead: Optional[_Ahead] = None) -> None:
+              ahead: Optional[Tuple[Set[int], Iterator[Tuple[bytes, int]]]] = None) -> None:
     """Hash ``jobs`` (or take the digests ``ahead`` yields for its jobs, in order) in this thread; the
     store copies run on ``threads`` workers (:mod:`.object_copier`).
 
