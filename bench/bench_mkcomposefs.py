@@ -194,7 +194,7 @@ def main():
             for dump in dumps:
                 rows.extend(bench_dump(args, work, dump, (c_mk, our_mk), (c_info, our_info), c_img, our_img))
         if args.only not in ("dump", "info"):
-            bench_dir(args, work, c_mk, our_mk, c_img, our_img)
+            rows.extend(bench_dir(args, work, c_mk, our_mk, c_img, our_img))
         if rows:
             print("\n| work | ours/C (median of %d pairs) |\n| --- | --- |" % args.repeat)
             for label, ratio in rows:
@@ -253,9 +253,11 @@ def bench_dump(args, work, dump, mk, info, c_img, our_img):
 
 
 def bench_dir(args, work, c_mk, our_mk, c_img, our_img):
+    """directory -> image for each --store mode; [(label, ratio)]."""
     tree = os.path.join(work, "tree")
     files, size = make_tree(tree, args.dir_mb)
     threads = "--threads=%d" % args.threads
+    rows = []
     for mode in args.store.split(","):
         stores = {"c": os.path.join(work, "store-c"), "ours": os.path.join(work, "store-ours")}
 
@@ -287,6 +289,9 @@ def bench_dir(args, work, c_mk, our_mk, c_img, our_img):
         print("dir -> image, %s store: %d files, %.0f MB, threads=%d: best C %.3f s, "
               "best ours %.3f s, median ratio ours/C %.2fx, identical=%s"
               % (mode, files, size / 1e6, args.threads, t_c, t_ours, ratio, same), flush=True)
+        rows.append(("directory (%.0f MB, %d files), %s digest store, --threads=%d"
+                     % (size / 1e6, files, mode, args.threads), ratio))
+    return rows
 
 
 if __name__ == "__main__":

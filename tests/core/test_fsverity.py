@@ -181,6 +181,59 @@ def test_threads_equal_single_thread_and_offset_untouched(tmp_path, block_size):
     )
 
 
+@pytest.mark.parametrize("block_size, salt, extra", [(4096, b"", 123), (1024, SALT, 0), (4096, SALT, 4096 * 5)])
+@pytest.mark.parametrize("window", [8 << 20, 1])  # one round, one piece per round
+def test_forked_workers_equal_single_thread(tmp_path, monkeypatch, block_size, salt, extra, window):
+    # Large files are shared with forked processes; made to apply to a small file here.
+    monkeypatch.setattr(fsverity_digest, "FORK_MIN_BYTES", 1)
+    monkeypatch.setattr(fsverity_digest, "FORK_WINDOW_HASH_BYTES", window)
+    data = random.Random(extra).randbytes(3 * fsverity_digest.READ_CHUNK + extra)
+    path = write(tmp_path, data)
+    hasher = fsverity_digest.FsVerityHasher(block_size=block_size, salt=salt)
+    hasher.update(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = fsverity_digest.hash_fd(fd, block_size=block_size, salt=salt, threads=2)
+    finally:
+        os.close(fd)
+    assert (got.digest(), got.size) == (hasher.digest(), len(data))
+
+
+def test_forked_worker_that_fails_is_replaced(tmp_path, monkeypatch):
+    # A child that takes a piece and dies: this process hashes that piece too.
+    monkeypatch.setattr(fsverity_digest, "FORK_MIN_BYTES", 1)
+    monkeypatch.setattr(fsverity_digest, "_hash_pieces_child", lambda fd, tokens, *rest: (os.read(tokens, 4), os._exit(3)))
+    forks = []
+    real_fork = os.fork
+
+    def counting_fork():
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", counting_fork)
+    data = random.Random(5).randbytes(4 * fsverity_digest.READ_CHUNK + 77)
+    path = write(tmp_path, data)
+    assert fsverity_digest.digest_file(path, threads=2) == fsverity_digest.digest_bytes(data)
+    assert forks == [1]
+
+
+def test_no_fork_while_other_threads_run(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(fsverity_digest, "FORK_MIN_BYTES", 1)
+    monkeypatch.setattr(os, "fork", lambda: pytest.fail("forked with another thread running"))
+    data = random.Random(6).randbytes(2 * fsverity_digest.READ_CHUNK + 5)
+    path = write(tmp_path, data)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert fsverity_digest.digest_file(path, threads=2) == fsverity_digest.digest_bytes(data)
+    finally:
+        stop.set()
+        other.join()
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [

@@ -15,9 +15,12 @@ Performance note: hashlib releases the GIL while it hashes inputs of 2 KiB or
 more, but each 4 KiB block is a separate release/re-acquire, and with several
 hashing threads the GIL hand-offs cost more than the hashing itself (measured:
 2 threads are slower than 1 at 4 KiB blocks, 2x faster at 64 KiB blocks).
-So the file readers parallelise the *hashing* only for blocks of at least
-:data:`PARALLEL_HASH_MIN_BLOCK`; for smaller blocks the extra thread reads
-ahead (``preadv`` also runs without the GIL) while the caller's thread hashes.
+So the file readers parallelise the *hashing* in threads only for blocks of
+at least :data:`PARALLEL_HASH_MIN_BLOCK`.  For smaller blocks a file of at
+least :data:`FORK_MIN_BYTES` is hashed by forked processes (each with its own
+GIL; only from a process with no other thread, where fork is safe), and a
+smaller one by the caller's thread while an extra thread reads ahead
+(``preadv`` also runs without the GIL).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple, 
 from .errors import VerityError
 
 if TYPE_CHECKING:
+    import mmap
     from concurrent.futures import Future
 
 __all__ = [
@@ -72,6 +76,10 @@ if _DESCRIPTOR.size != DESCRIPTOR_SIZE:
 # supported block size.
 READ_CHUNK = 4 << 20
 PARALLEL_HASH_MIN_BLOCK = 16384
+#: From this size on, a file hashed with threads > 1 at small blocks is split among forked processes.
+FORK_MIN_BYTES = 64 << 20
+#: Bytes of leaf hashes one fork round collects (the shared buffer): 1 GiB of data at 4 KiB sha256 blocks.
+FORK_WINDOW_HASH_BYTES = 8 << 20
 
 
 def check_params(algorithm: str, block_size: int, salt: bytes) -> None:
@@ -215,6 +223,15 @@ class FsVerityHasher:
         if nbytes:
             self._size += nbytes
             self._push(0, hashes, nbytes // self.block_size)
+
+    def _add_leaf_hashes(self, hashes: bytes, nbytes: int) -> None:
+        """Feed the leaf hashes of ``nbytes`` of data, the last block zero-padded when
+        ``nbytes`` is not a whole number of blocks: that ends the data."""
+        if self._partial:
+            raise AssertionError("not self._partial")
+        if nbytes:
+            self._size += nbytes
+            self._push(0, hashes, -(-nbytes // self.block_size))
 
     def _push(
         self,
@@ -365,22 +382,151 @@ def hash_fd(fd: int, algorithm: str = "sha256", block_size: int = 4096, salt: by
     # and the big buffers, which would cost more than hashing them.
     size_hint = os.fstat(fd).st_size
     if threads <= 1 or size_hint <= READ_CHUNK:
-        buf = bytearray(min(READ_CHUNK, -(-(size_hint + 1) // 65536) * 65536))
-        reader = _ChunkReader(fd, 0)
-        offset = 0
-        while True:
-            n = reader.read(buf, offset)
-            if n == 0:
-                break
-            hasher.update(memoryview(buf)[:n])
-            offset += n
-            if n < len(buf):
-                break
+        _digest_sequential(fd, hasher, 0, size_hint)
     elif block_size >= PARALLEL_HASH_MIN_BLOCK:
         _digest_parallel_hash(fd, hasher, threads)
+    elif size_hint >= FORK_MIN_BYTES and _fork_is_safe():
+        _digest_forked(fd, hasher, threads, size_hint)
     else:
         _digest_read_ahead(fd, hasher, threads)
     return hasher
+
+
+def _digest_sequential(fd: int, hasher: FsVerityHasher, offset: int, size_hint: int) -> None:
+    """Feed ``hasher`` from ``offset`` to the end of the file, in this thread."""
+    buf = bytearray(min(READ_CHUNK, -(-(size_hint - offset + 1) // 65536) * 65536))
+    reader = _ChunkReader(fd, 0)
+    while True:
+        n = reader.read(buf, offset)
+        if n == 0:
+            break
+        hasher.update(memoryview(buf)[:n])
+        offset += n
+        if n < len(buf):
+            break
+
+
+def _fork_is_safe() -> bool:
+    """Can this process fork hashing workers?  Not with other threads running (a
+    lock one of them holds would stay locked in the child), nor without fork."""
+    return hasattr(os, "fork") and threading.active_count() == 1
+
+
+def _digest_forked(fd: int, hasher: FsVerityHasher, threads: int, size_hint: int) -> None:
+    """Hash the file in rounds of up to 1 GiB, each shared by this process and forked ones.
+
+    Every process takes ``READ_CHUNK``-sized pieces from a pipe of piece
+    numbers (so a busy CPU gets fewer) and writes their leaf hashes into a
+    shared anonymous mapping; this process then feeds them in order.  A
+    child that fails or dies is no error: the pieces it did not finish are
+    hashed here (which raises the real error, if any).
+    """
+    from .hash_pool import cpu_count
+
+    bs = hasher.block_size
+    slot = READ_CHUNK // bs * hasher.digest_size
+    window = max(1, FORK_WINDOW_HASH_BYTES // slot)
+    offset = 0
+    while offset < size_hint:
+        count = min(window, -(-(size_hint - offset) // READ_CHUNK))
+        workers = min(threads, cpu_count(), count)
+        for hashes, n in _hash_round(fd, hasher, offset, count, slot, workers):
+            hasher._add_leaf_hashes(hashes, n)
+            if n < READ_CHUNK:
+                return  # end of file (sooner than the size said: the file shrank)
+        offset += count * READ_CHUNK
+    # The file grew since its size was read: the rest in this thread.
+    _digest_sequential(fd, hasher, offset, offset)
+
+
+_STATUS = struct.Struct("<q")  # bytes hashed of one piece; -1: not done
+
+
+def _hash_round(fd: int, hasher: FsVerityHasher, offset: int, count: int, slot: int,
+                workers: int) -> List[Tuple[bytes, int]]:
+    """(leaf hashes, bytes) of ``count`` pieces from ``offset``, hashed by ``workers`` processes."""
+    import mmap
+    import sys
+
+    from .hash_pool import reap
+
+    bs, new = hasher.block_size, hasher._new
+    status_size = count * _STATUS.size
+    shared = mmap.mmap(-1, status_size + count * slot)  # MAP_SHARED: the children write into it
+    try:
+        for k in range(count):
+            _STATUS.pack_into(shared, k * _STATUS.size, -1)
+        tokens_r, tokens_w = os.pipe()
+        children: List[int] = []
+        try:
+            # Written whole before any reader starts (at most 1 KiB per round, so the
+            # pipe holds it); a read of 4 bytes then takes exactly one piece number.
+            os.write(tokens_w, b"".join(struct.pack("<I", k) for k in range(count)))
+            os.close(tokens_w)
+            tokens_w = -1
+            for _child in range(workers - 1):
+                pid = os.fork()
+                if pid == 0:
+                    _hash_pieces_child(fd, tokens_r, shared, offset, slot, status_size, bs, new)
+                children.append(pid)
+            _hash_pieces(fd, tokens_r, shared, offset, slot, status_size, bs, new)
+        finally:
+            if tokens_w >= 0:
+                os.close(tokens_w)
+            os.close(tokens_r)
+            # After an error here (an interrupt included), the children are stopped first.
+            reap(children, kill=sys.exc_info()[0] is not None)
+        results = []
+        for k in range(count):
+            (n,) = _STATUS.unpack_from(shared, k * _STATUS.size)
+            if n < 0:  # a child did not finish it
+                hashes, n = _hash_piece(fd, offset + k * READ_CHUNK, bytearray(READ_CHUNK), bs, new)
+            else:
+                start = status_size + k * slot
+                hashes = shared[start:start + -(-n // bs) * hasher.digest_size]
+            results.append((hashes, n))
+        return results
+    finally:
+        shared.close()
+
+
+def _hash_pieces_child(fd: int, tokens: int, shared: "mmap.mmap", offset: int, slot: int, status_size: int,
+                       bs: int, new: Callable[..., "hashlib._Hash"]) -> None:
+    """A forked worker: hash pieces until none is left, then exit, never returning into the caller."""
+    code = 1
+    try:
+        _hash_pieces(fd, tokens, shared, offset, slot, status_size, bs, new)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _hash_pieces(fd: int, tokens: int, shared: "mmap.mmap", offset: int, slot: int, status_size: int,
+                 bs: int, new: Callable[..., "hashlib._Hash"]) -> None:
+    buf = bytearray(READ_CHUNK)
+    while True:
+        token = os.read(tokens, 4)
+        if len(token) < 4:
+            return
+        (k,) = struct.unpack("<I", token)
+        hashes, n = _hash_piece(fd, offset + k * READ_CHUNK, buf, bs, new)
+        start = status_size + k * slot
+        shared[start:start + len(hashes)] = hashes
+        _STATUS.pack_into(shared, k * _STATUS.size, n)
+
+
+def _hash_piece(fd: int, offset: int, buf: bytearray, bs: int, new: Callable[..., "hashlib._Hash"]) -> Tuple[bytes, int]:
+    """Leaf hashes of the piece at ``offset`` (its last block zero-padded) and its length."""
+    n = _ChunkReader(fd, 0).read(buf, offset)
+    whole = n // bs * bs
+    view = memoryview(buf)
+    try:
+        hashes = _hash_blocks(new, view[:whole], bs)
+        if whole < n:
+            hashes += new(bytes(view[whole:n]) + bytes(bs - (n - whole))).digest()
+    finally:
+        view.release()
+    return hashes, n
 
 
 _Chunk = TypeVar("_Chunk")

@@ -591,6 +591,17 @@ class ObjectBatch:
             self._pending.append((tmp, digest, dev))
         return True
 
+    def has(self, digest: bytes) -> bool:
+        """Is ``digest`` staged here or already in the store?  (Then :meth:`add` would return False.)
+
+        Lets a caller that still has to open the source skip that when the
+        object is there: rebuilding a mostly unchanged tree finds almost all.
+        """
+        with self._lock:
+            if digest in self._digests:
+                return True
+        return self.dir.lstat(digest) is not None
+
     def add_unnamed(self, src: Callable[[int], bytes], size: Optional[int] = None) -> Tuple[bytes, bool]:
         """Stage content whose digest is known only once it is written (a stream).
 

@@ -47,7 +47,6 @@ from . import fsverity_digest
 from .errors import FormatError
 from .gc_pause import gc_paused
 from .hash_pool import cpu_count, hash_map, pays_off
-from .object_copier import ObjectCopier
 from .objects import ObjectBatch
 from .safe_dirs import open_regular
 from .tree import (
@@ -328,7 +327,9 @@ class _ContentWorker:
         blocks and does not speed up in threads, copying and fsync do.
         """
         node, path = job.node, job.path
-        if ready is not None and self.store is None:
+        if ready is not None and (self.batch is None or self.batch.has(ready[0])):
+            # Hashed by a worker (which checked it is the file scanned) and
+            # nothing to copy: the source need not be opened again.
             node.digest = ready[0]
             node.payload = digest_to_path(ready[0])
             return None
@@ -352,7 +353,7 @@ class _ContentWorker:
                 self._check_same(fd, job)
             node.digest = digest
             node.payload = digest_to_path(digest)
-            if self.store is not None:
+            if self.batch is not None and not self.batch.has(digest):
                 task = (fd, digest, node.size, path)
                 return task
             return None
@@ -449,7 +450,12 @@ def _run_jobs(jobs: List[_FileJob], func: Callable[[_FileJob, Optional[Tuple[byt
     total = len(jobs)
     if progress is not None:
         progress(0, total)
-    copier = ObjectCopier(batch, threads) if batch is not None else None
+    copier = None
+    if batch is not None:
+        # Imported here: concurrent.futures costs a build without a store ~5 ms.
+        from .object_copier import ObjectCopier
+
+        copier = ObjectCopier(batch, threads)
     hashed_ahead, digests = ahead if ahead is not None else (set(), iter(()))
     try:
         for done, job in enumerate(jobs, 1):
