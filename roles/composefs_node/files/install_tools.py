@@ -109,11 +109,9 @@ def sha256_text(text):
 
 
 def sha256_file(path):
-    digest = hashlib.sha256()
+    # Source files, wrappers and the bundle: small enough to read at once.
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 16), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def other_names(path):
