@@ -217,8 +217,10 @@ def _ok(results: Dict[str, dict], play: str) -> dict:
 
 
 def _task(done: dict, name: str) -> dict:
-    assert name in done, (name, sorted(done))
-    return done[name]
+    """The result of the task whose name starts with ``name`` (the role's task names end in a template)."""
+    found = [key for key in done if key.startswith(name)]
+    assert len(found) == 1, (name, sorted(done))
+    return done[found[0]]
 
 
 def _healthy_mount(probe: dict) -> None:
@@ -240,7 +242,7 @@ def _agent_ok(probe: dict) -> None:
 
 def test_installed_from_the_file_through_apt(results):
     done = _ok(results, "install")
-    assert _task(done, "Package installed with apt from the file, composefs-fleet")["changed"] is True
+    assert _task(done, "Package installed with apt from the file, ")["changed"] is True
     probe = _step(results, "installed")
     assert probe["status"] == "ii" and probe["version"] == results["version_old"]["v"], probe
     assert probe["helper_real"] == "/usr/sbin/mount.composefs" and probe["helper_owner"] == PACKAGE, probe
@@ -269,7 +271,7 @@ def test_mount_comes_back_after_reboot_through_the_packaged_helper(results):
 
 def test_upgrade_to_a_newer_build(results):
     done = _ok(results, "upgrade")
-    assert _task(done, "Package installed with apt from the file, composefs-fleet")["changed"] is True
+    assert _task(done, "Package installed with apt from the file, ")["changed"] is True
     probe = _step(results, "upgraded")
     assert probe["status"] == "ii" and probe["version"] == results["version_new"]["v"] != results["version_old"]["v"], probe
     assert probe["helper_owner"] == PACKAGE
@@ -279,11 +281,11 @@ def test_upgrade_to_a_newer_build(results):
 
 def test_removed_nothing_left_but_configuration(results):
     done = _ok(results, "remove")
-    assert _task(done, "Package removed with apt, composefs-fleet")["changed"] is True
+    assert _task(done, "Package removed with apt, ")["changed"] is True
     probe = _step(results, "removed")
     listed = _step(results, "upgraded")["listed"]
     assert any(p.endswith("/mount.composefs") for p in listed), listed
-    assert probe["status"] in ("rc", "absent"), probe["status"]
+    assert probe["status"] in ("rc", "un", "absent"), probe["status"]
     assert probe["left"] == [], probe["left"]
     assert probe["python_left"] == [], probe["python_left"]
     assert probe["helper_real"] is None or not os.path.exists(probe["helper_real"]), probe
