@@ -16,7 +16,8 @@ source, a higher Debian revision) write two .debs.  In the guest, through the ro
    packaged agent runs;
 3. upgrade: the same play with the newer file: the version changes, the mount
    still shows the image, the agent still runs;
-4. remove: ``composefs_node_tools_state: absent`` and ``composefs_agent_state: absent``:
+4. remove, first in check mode (with diff: apt and the agent's service say they would act, nothing
+   changes), then for real: ``composefs_node_tools_state: absent`` and ``composefs_agent_state: absent``:
    every file ``dpkg -L`` listed is gone (the package's conffiles excepted), dpkg
    shows the package as ``rc`` (configuration only) or not at all, the agent's
    configuration is kept.
@@ -147,7 +148,7 @@ def debs(tmp_path_factory) -> Dict[str, Path]:
     return out
 
 
-def _play(deb: "Path | None", state: str) -> List[dict]:
+def _play(deb: "Path | None", state: str, check: bool = False) -> List[dict]:
     node_vars = {
         "composefs_node_tools": "package",
         "composefs_node_tools_state": state,
@@ -158,7 +159,7 @@ def _play(deb: "Path | None", state: str) -> List[dict]:
     }
     agent_vars = {"composefs_agent_state": state, "composefs_agent_textfile": "", "composefs_agent_interval": 30,
                   "composefs_agent_packages": []}
-    return [{"hosts": "guest", "gather_facts": False, "vars": node_vars,
+    return [{"hosts": "guest", "gather_facts": False, "vars": node_vars, "check_mode": check, "diff": check,
              "roles": ["composefs.fleet.composefs_node", {"role": "composefs.fleet.composefs_agent", "vars": agent_vars}]}]
 
 
@@ -172,8 +173,8 @@ def results(guest, debs, tmp_path_factory) -> Dict[str, dict]:
         assert isinstance(out, dict)
         return out
 
-    def play(name: str, deb: "Path | None", state: str) -> dict:
-        return run_recorded(guest, tmp_path_factory.mktemp(name), _play(deb, state))
+    def play(name: str, deb: "Path | None", state: str, check: bool = False) -> dict:
+        return run_recorded(guest, tmp_path_factory.mktemp(name), _play(deb, state, check))
 
     for text in (PROBE, SETUP):
         assert "{{" not in text and "{%" not in text and "{#" not in text
@@ -193,6 +194,8 @@ def results(guest, debs, tmp_path_factory) -> Dict[str, dict]:
         if out["upgrade"]["_playbook"]["rc"] != 0:
             return out
         out["upgraded"] = probe("upgraded")
+        out["remove_check"] = play("pkg-remove-check", None, "absent", check=True)
+        out["remove_checked"] = probe("remove-checked")
         out["remove"] = play("pkg-remove", None, "absent")
         out["removed"] = probe("removed", {"listed": out["upgraded"].get("listed", []),
                                            "conffiles": out["upgraded"].get("conffiles", [])})
@@ -276,6 +279,17 @@ def test_upgrade_to_a_newer_build(results):
     assert probe["status"] == "ii" and probe["version"] == results["version_new"]["v"] != results["version_old"]["v"], probe
     assert probe["helper_owner"] == PACKAGE
     assert probe["mounts"] == 1 and probe["data"] == _sha(), probe
+    _agent_ok(probe)
+
+
+def test_removal_in_check_mode_predicts_and_changes_nothing(results):
+    done = _ok(results, "remove_check")
+    assert _task(done, "Package removed with apt, ")["changed"] is True
+    assert _task(done, "Service stopped and disabled")["changed"] is True
+    probe = _step(results, "remove_checked")
+    assert probe["status"] == "ii" and probe["version"] == results["version_new"]["v"], probe
+    assert probe["package_copy"] == ["/var/cache/composefs-fleet/composefs-fleet.deb"], probe
+    _healthy_mount(probe)
     _agent_ok(probe)
 
 
