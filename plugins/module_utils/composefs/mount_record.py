@@ -91,7 +91,13 @@ def _read_small(path: str) -> Optional[str]:
 
 
 def boot_id() -> Optional[str]:
-    return _read_small("/proc/sys/kernel/random/boot_id")
+    # Read once per process (a boot's ID never changes under it): pruning asks for it per record.
+    if "boot_id" not in _BOOT:
+        _BOOT["boot_id"] = _read_small("/proc/sys/kernel/random/boot_id")
+    return _BOOT["boot_id"]
+
+
+_BOOT: Dict[str, Optional[str]] = {}
 
 
 def mount_namespace(pid: str = "self") -> Optional[str]:

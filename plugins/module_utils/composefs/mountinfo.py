@@ -114,7 +114,16 @@ class MountInfo:
         self.mount_options = lf[5].decode("ascii", "replace").split(",")
         self.fstype = os.fsdecode(unescape(rf[0]))
         self.source = os.fsdecode(unescape(rf[1]))
-        self.super_options = _split_super_options(rf[2])
+        self._super_raw = rf[2]
+        self._super_options: Optional[List[Tuple[str, Optional[str]]]] = None
+
+    @property
+    def super_options(self) -> List[Tuple[str, Optional[str]]]:
+        # Split on first use: most lines read (every mount of the machine, at every mount.composefs)
+        # are only matched by place and type; their options were half the cost of reading them.
+        if self._super_options is None:
+            self._super_options = _split_super_options(self._super_raw)
+        return self._super_options
 
     def is_composefs(self) -> bool:
         return self.fstype == "overlay" and self.source == COMPOSEFS_SOURCE
