@@ -131,9 +131,12 @@ def _write_value(value: Any, newline: str, out: List[str]) -> None:
 
 
 def _float_text(value: float) -> str:
-    if value != value:
+    # As json.encoder's floatstr (allow_nan): our files hold no floats today, hence the late import.
+    import math
+
+    if math.isnan(value):
         return "NaN"
-    if value in (float("inf"), float("-inf")):
+    if math.isinf(value):
         return "Infinity" if value > 0 else "-Infinity"
     return float.__repr__(value)
 
