@@ -89,6 +89,19 @@ def installed_like_argv(base: str):
     return [sys.executable, "-S", "-c", code]
 
 
+def time_floor(cpu: list) -> float:
+    """Wall time of what any Python mount helper pays before its own code runs: the interpreter
+    without site and ctypes (the only standard-library way to the mount system calls); its CPU
+    time (user + sys) goes to ``cpu``.  Nothing is mounted: this is the floor, not a helper."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-S", "-c", "import ctypes"])
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit("python -S -c 'import ctypes' failed")
+    cpu.append(usage.ru_utime + usage.ru_stime)
+    return time.perf_counter() - start
+
+
 def time_api(image: str, store: str, target: str) -> float:
     from composefs_fleet.mount import mount_composefs
 
@@ -119,34 +132,41 @@ def main() -> int:
         target = os.path.join(base, "mnt")
         os.mkdir(target)
         plain_argv = installed_like_argv(base)
-        print("%-22s %10s %12s %9s %14s %9s %11s %12s" % (
-            "image", "C median", "ours median", "ratio", "ours no-site", "ratio", "API median", "CPU ours/C"))
+        print("%-22s %10s %12s %9s %14s %9s %11s %12s %18s" % (
+            "image", "C median", "ours median", "ratio", "ours no-site", "ratio", "API median", "CPU ours/C",
+            "floor ratio (CPU)"))
         ratios = []
         plain_ratios = []
+        floor_ratios = []
         for files in args.files:
             src = make_tree(base, files, files)
             image = os.path.join(base, "image-%d.cfs" % files)
             build(src, image, store)
-            c_times, our_times, plain_times, api_times = [], [], [], []
-            c_cpu, our_cpu = [], []
+            c_times, our_times, plain_times, api_times, floor_times = [], [], [], [], []
+            c_cpu, our_cpu, floor_cpu = [], [], []
             for _ in range(args.rounds):
                 c_times.append(time_cli(c_argv, image, store, target, c_cpu))
                 our_times.append(time_cli(our_argv, image, store, target, our_cpu))
                 plain_times.append(time_cli(plain_argv, image, store, target, []))
                 api_times.append(time_api(image, store, target))
+                floor_times.append(time_floor(floor_cpu))
             c_med = statistics.median(c_times)
             our_med, plain_med = statistics.median(our_times), statistics.median(plain_times)
             # Median of the per-round ratios: each pair ran back to back, under the same load.
             ratios.append(statistics.median(o / c for o, c in zip(our_times, c_times)))
             plain_ratios.append(statistics.median(p / c for p, c in zip(plain_times, c_times)))
+            floor_ratios.append(statistics.median(f / c for f, c in zip(floor_times, c_times)))
             label = "%d files, %d KiB" % (files, os.path.getsize(image) // 1024)
-            print("%-22s %8.2fms %10.2fms %8.2fx %12.2fms %8.2fx %9.2fms %12s" % (
+            print("%-22s %8.2fms %10.2fms %8.2fx %12.2fms %8.2fx %9.2fms %12s %18s" % (
                 label, c_med * 1e3, our_med * 1e3, ratios[-1], plain_med * 1e3, plain_ratios[-1],
                 statistics.median(api_times) * 1e3,
-                "%.1f/%.1fms" % (statistics.median(our_cpu) * 1e3, statistics.median(c_cpu) * 1e3)))
+                "%.1f/%.1fms" % (statistics.median(our_cpu) * 1e3, statistics.median(c_cpu) * 1e3),
+                "%.2fx (%.1fms)" % (floor_ratios[-1], statistics.median(floor_cpu) * 1e3)))
         print("ratio ours/C, median of per-round ratios of mount+umount (lower is better): console script %s; "
               "without site (-S) %s; the library call alone is the API column"
               % (", ".join("%.2fx" % r for r in ratios), ", ".join("%.2fx" % r for r in plain_ratios)))
+        print("floor: python -S -c 'import ctypes' (no mount) against C's mount+umount: %s; no Python helper "
+              "starts below it" % ", ".join("%.2fx" % r for r in floor_ratios))
     finally:
         while True:  # never leave a mount behind
             try:

@@ -10,6 +10,7 @@ scripts without ``import re``.
 """
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -73,6 +74,30 @@ def test_links_replace_the_finder_and_scripts_skip_re(tmp_path: Path):
     before = {p: p.stat().st_mtime_ns for p in (pth, venv / "bin" / "mkcomposefs")}
     assert _run(venv, site).returncode == 0
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_mount_helper_script_runs_without_site(tmp_path: Path):
+    # mount.composefs needs only the standard library: its interpreter skips site (-S) and the
+    # script finds our packages through the links itself, after PYTHONPATH (which -S honours).
+    venv, site, _pth = _fake_venv(tmp_path)
+    assert _run(venv, site).returncode == 0
+    links = venv / "composefs-fleet-src"
+    helper = (venv / "bin" / "mount.composefs").read_text()
+    assert helper.startswith("#!%s -S\n" % (venv / "bin" / "python")) and "sys.path.append(%r)" % str(links) in helper
+    assert not (venv / "bin" / "mkcomposefs").read_text().split("\n")[0].endswith("-S")  # may need site-packages
+    env = {"PATH": os.environ["PATH"]}
+    out = subprocess.run([sys.executable, "-S", str(venv / "bin" / "mount.composefs"), "--help"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("usage: mount.composefs"), out.stderr
+    code = "import runpy, sys; sys.argv = ['mount.composefs']; runpy.run_path(%r, run_name='x'); print(sys.path)" % str(
+        venv / "bin" / "mount.composefs")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         env=dict(env, PYTHONPATH=str(shim)))
+    assert out.returncode == 0, out.stderr
+    path = ast.literal_eval(out.stdout)
+    assert path.index(str(shim)) < path.index(str(links)) == len(path) - 1
 
 
 def test_an_unexpected_install_is_left_alone(tmp_path: Path):

@@ -37,7 +37,6 @@ import stat
 TYPE_CHECKING = False
 
 from . import erofs_format as fmt
-from . import loopdev
 from . import mount_api as api
 from .errors import ComposefsError, VerityError, VerityNotEnabled, VerityNotSupported
 from .mount_options import escape, format_options
@@ -48,8 +47,8 @@ if TYPE_CHECKING:  # typing costs import time on every mount; annotations are st
 
     PathArg = Union[str, bytes, "os.PathLike[str]"]
 
-# fsverity_digest (hashlib, threading) and tempfile are imported where needed: a
-# plain mount uses neither, and mount.composefs start-up time is mount time.
+# fsverity_digest (hashlib, threading), tempfile and loopdev are imported where needed: a
+# plain mount uses none of them, and mount.composefs start-up time is mount time.
 
 CAP_SYS_ADMIN = 21
 MOUNT_SOURCE = "composefs"
@@ -281,6 +280,8 @@ def _mount_erofs(image_fd: int, image: PathArg, has_acl: bool, idmap_fd: Optiona
             if exc.errno != errno.ENOTBLK or source_mode == "file":
                 raise _explain_erofs(exc, image)
     if mnt_fd < 0:
+        from . import loopdev  # kernels before 6.12 only: not imported by every mount
+
         try:
             loop_fd, device = loopdev.attach_readonly(image_fd, _show(image))
         except loopdev.LoopError as exc:

@@ -195,9 +195,9 @@ def note_mount(where: str, image: str, image_digest: str, basedirs: Sequence[str
                 else previous_of(before)
             entry["changed"] = _now()
         if entry != old:
-            import json
+            from .json_text import json_dumps
 
-            data = json.dumps(entry, sort_keys=True, indent=1, ensure_ascii=True) + "\n"
+            data = json_dumps(entry) + "\n"
             write_atomic(history_path(target, directory), data.encode("ascii"), mode=0o644)
     return entry
 

@@ -25,7 +25,6 @@ Reading mountinfo itself is :mod:`.mountinfo`'s job.
 from __future__ import annotations
 
 import errno
-import json
 import os
 
 from .errors import ComposefsError, UnmountError
@@ -92,7 +91,13 @@ def _read_small(path: str) -> Optional[str]:
 
 
 def boot_id() -> Optional[str]:
-    return _read_small("/proc/sys/kernel/random/boot_id")
+    # Read once per process (a boot's ID never changes under it): pruning asks for it per record.
+    if "boot_id" not in _BOOT:
+        _BOOT["boot_id"] = _read_small("/proc/sys/kernel/random/boot_id")
+    return _BOOT["boot_id"]
+
+
+_BOOT: Dict[str, Optional[str]] = {}
 
 
 def mount_namespace(pid: str = "self") -> Optional[str]:
@@ -193,8 +198,10 @@ def make_record(where: PathArg, image: PathArg, image_digest: Optional[str], bas
 
 
 def _dump(record: Dict[str, Any]) -> bytes:
+    from .json_text import json_dumps
+
     # ensure_ascii: undecodable path bytes (lone surrogates) survive as \\udcXX.
-    return (json.dumps(record, sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode("ascii")
+    return (json_dumps(record) + "\n").encode("ascii")
 
 
 def write_record(record: Dict[str, Any], directory: str = RECORD_DIR) -> str:

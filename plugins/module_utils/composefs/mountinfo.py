@@ -25,6 +25,7 @@ Two layers of escaping are undone here, and nowhere else:
 from __future__ import annotations
 
 import os
+import sys
 # typing itself costs start-up time on every mount: imported for type checkers only.
 TYPE_CHECKING = False
 
@@ -40,6 +41,15 @@ COMPOSEFS_SOURCE = "composefs"
 _OVERLAY_ESCAPED = frozenset(("upperdir", "workdir", "lowerdir"))
 #: overlayfs options naming directories it uses (layers, upper, work).
 OVERLAY_PATH_OPTIONS = ("lowerdir", "lowerdir+", "datadir+", "upperdir", "workdir")
+
+
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
+
+
+def _text(field: bytes) -> str:
+    """os.fsdecode(unescape(field)) for a mountinfo field (bytes): called per field of every line, at every mount."""
+    return (unescape(field) if b"\\" in field else field).decode(_FS_ENCODING, _FS_ERRORS)
 
 
 def unescape(field: bytes) -> bytes:
@@ -88,7 +98,7 @@ def _split_super_options(raw: bytes) -> List[Tuple[str, Optional[str]]]:
         if not item:
             continue
         key, sep, value = item.partition(b"=")
-        items.append((os.fsdecode(unescape(key)), os.fsdecode(unescape(value)) if sep else None))
+        items.append((_text(key), _text(value) if sep else None))
     return items
 
 
@@ -109,12 +119,21 @@ class MountInfo:
         self.mount_id = int(lf[0])
         self.parent_id = int(lf[1])
         self.dev = lf[2].decode("ascii")
-        self.root = os.fsdecode(unescape(lf[3]))
-        self.where = os.fsdecode(unescape(lf[4]))
+        self.root = _text(lf[3])
+        self.where = _text(lf[4])
         self.mount_options = lf[5].decode("ascii", "replace").split(",")
-        self.fstype = os.fsdecode(unescape(rf[0]))
-        self.source = os.fsdecode(unescape(rf[1]))
-        self.super_options = _split_super_options(rf[2])
+        self.fstype = _text(rf[0])
+        self.source = _text(rf[1])
+        self._super_raw = rf[2]
+        self._super_options: Optional[List[Tuple[str, Optional[str]]]] = None
+
+    @property
+    def super_options(self) -> List[Tuple[str, Optional[str]]]:
+        # Split on first use: most lines read (every mount of the machine, at every mount.composefs)
+        # are only matched by place and type; their options were half the cost of reading them.
+        if self._super_options is None:
+            self._super_options = _split_super_options(self._super_raw)
+        return self._super_options
 
     def is_composefs(self) -> bool:
         return self.fstype == "overlay" and self.source == COMPOSEFS_SOURCE

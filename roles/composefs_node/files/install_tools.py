@@ -55,8 +55,11 @@ _GLOB = re.compile(r"([][*?\\])")
 
 
 def wrapper(python, prefix, module, role):
+    # mount.composefs needs only the standard library and its start-up is the mount's cost:
+    # no site either (-S: no site-packages, no .pth files). -IS is one argument, as a #! line allows.
+    flags = "-IS" if module == "composefs_fleet_cli.mount_composefs" else "-I"
     return "\n".join([
-        "#!%s -I" % python,
+        "#!%s %s" % (python, flags),
         MARKER % role,
         "import sys",
         "",
