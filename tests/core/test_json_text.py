@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import composefs_fleet
 from composefs_fleet import json_text
 from composefs_fleet.json_text import JsonFileError, json_dumps, json_loads, load_json_object
 
@@ -82,13 +83,17 @@ def test_deep_nesting_is_still_a_named_error():
 
 
 @needs_c_json
-def test_a_mount_module_reads_and_writes_json_without_importing_re():
+def test_a_mount_module_reads_and_writes_json_without_importing_re(tmp_path):
     # re (with enum, functools...) is most of json's import cost, which every mount.composefs would pay.
     code = ("import sys\n"
             "from composefs_fleet import mount, mount_history, mount_record\n"
             "from composefs_fleet.json_text import json_dumps, load_json_object\n"
             "assert load_json_object(json_dumps({'a': [1, 2.5, None, '\\udcff']}), 'x')['a'][3] == '\\udcff'\n"
             "print(sorted(m for m in ('re', 'json', 'typing', 'enum') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    # Without site, the venv's .pth does not run: the package comes in through a link, whatever way
+    # this venv installed it (editable finder, links directory or PYTHONPATH).
+    (tmp_path / "composefs_fleet").symlink_to(os.path.dirname(composefs_fleet.__file__))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
