@@ -533,7 +533,6 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.composefs.errors import ComposefsError, RefNotFound, RemoteError, SignatureError, StoreError
 from ..module_utils.composefs.oci_source import is_oci_source
-from ..module_utils.composefs.pull import pull
 from ..module_utils.composefs.ref_statement import MAX_SIGNATURES_BYTES
 from ..module_utils.composefs.ref_trust import verify_signature_bytes
 from ..module_utils.composefs.remote_options import RemoteOptions, is_url
@@ -643,6 +642,9 @@ def _pull(module, params, policy):
 
 
 def _pull_into(store, params, policy, dry_run):
+    # Imported here: a local build (the everyday no-change run) need not load the pull code.
+    from ..module_utils.composefs.pull import pull
+
     return pull(store, params["remote"], params["remote_ref"] or params["ref"], ref=params["ref"],
                 options=_remote_options(params), jobs=params["jobs"], dry_run=dry_run, trust=policy)
 

@@ -355,7 +355,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.composefs import mount_history, mount_record, mountinfo, store_admin
 from ..module_utils.composefs.errors import ComposefsError
-from ..module_utils.composefs.mount import verity_problem
+from ..module_utils.composefs.fsverity_ioctl import verity_problem
 from ..module_utils.composefs.store import Store
 from ..module_utils.composefs.store_stats import stats
 

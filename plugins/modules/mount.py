@@ -369,7 +369,6 @@ from ansible.module_utils.basic import AnsibleModule
 from ..module_utils.composefs import mount_history, mount_record, mountinfo
 from ..module_utils.composefs.errors import ComposefsError, SignatureError
 from ..module_utils.composefs.fsverity_digest import digest_file
-from ..module_utils.composefs.mount import mount_composefs
 from ..module_utils.composefs.mount_state import NOT_MOUNTED, MountRequest, differences, live_mount, resolve_verity
 from ..module_utils.composefs.ref_trust import verify_ref
 from ..module_utils.composefs.store import Store
@@ -540,6 +539,9 @@ class Runner:
                 raise Fail("mount point %s exists and is not a directory" % self.where)
             os.makedirs(self.where, mode=0o755)
             self.made_dir = True
+        # Imported here: a run that changes nothing (mounts as asked) need not load the mount code.
+        from ..module_utils.composefs.mount import mount_composefs
+
         try:
             result = mount_composefs(req.image_file, self.where, req.basedirs, replace=replace, ref=self.ref,
                                      store=self.store, **req.mount_args())

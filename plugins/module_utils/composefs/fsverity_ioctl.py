@@ -47,6 +47,7 @@ __all__ = [
     "read_signature",
     "unsupported_devs",
     "verity_enabled",
+    "verity_problem",
 ]
 
 _ALGORITHM_NAMES = {alg_id: name for name, (alg_id, _size, _block) in ALGORITHMS.items()}
@@ -198,6 +199,25 @@ def measure_verity(fd: int) -> Tuple[str, bytes]:
     alg_id, size = _DIGEST_HEADER.unpack_from(buf)
     name = _ALGORITHM_NAMES.get(alg_id, "unknown-%d" % alg_id)
     return name, bytes(buf[_DIGEST_HEADER.size : _DIGEST_HEADER.size + size])
+
+
+def verity_problem(basedir: Union[str, bytes, "os.PathLike[str]"]) -> Optional[str]:
+    """Why objects under ``basedir`` can not have fs-verity (None: they can)."""
+    try:
+        fd = os.open(basedir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        return "cannot open %s: %s" % (os.fsdecode(os.fspath(basedir)), exc.strerror)
+    try:
+        measure_verity(fd)
+    except VerityNotEnabled:
+        return None  # the filesystem answers fs-verity questions: it has it
+    except VerityNotSupported as exc:
+        return str(exc)
+    except VerityError:
+        return None
+    finally:
+        os.close(fd)
+    return None
 
 
 _ENABLE_ERRORS = {

@@ -216,24 +216,13 @@ def check_digest(fd: int, path: PathArg, digest: str) -> None:
 
 
 def verity_problem(basedir: PathArg) -> Optional[str]:
-    """Why objects under ``basedir`` can not have fs-verity (None: they can)."""
-    from .fsverity_ioctl import measure_verity
+    """Why objects under ``basedir`` can not have fs-verity (None: they can); see fsverity_ioctl.verity_problem.
 
-    try:
-        fd = os.open(basedir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        return "cannot open %s: %s" % (_show(basedir), exc.strerror)
-    try:
-        measure_verity(fd)
-    except VerityNotEnabled:
-        return None  # the filesystem answers fs-verity questions: it has it
-    except VerityNotSupported as exc:
-        return str(exc)
-    except VerityError:
-        return None
-    finally:
-        os.close(fd)
-    return None
+    It lives there, so that callers that only ask (the store and mount modules) need not load this module;
+    imported when called, as mount.composefs's start-up does not need fsverity_ioctl."""
+    from .fsverity_ioctl import verity_problem as problem
+
+    return problem(basedir)
 
 
 # -- mounting -----------------------------------------------------------------

@@ -26,7 +26,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import mount_record, mountinfo
-from .mount import verity_problem
+from .fsverity_ioctl import verity_problem
 from .mount_options import format_options
 
 VERITY_MODES = ("require", "boot", "on", "off", "auto")

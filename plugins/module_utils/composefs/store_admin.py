@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from .atomic_file import fsync_dir
 from .errors import ForeignOwnerError, StoreError
+from .fsverity_ioctl import verity_problem
 from .mountinfo import MOUNTINFO, read_mountinfo
 from .store import DIGEST_ALGORITHM, FORMAT_VERSION, META_NAME, Store
 
@@ -82,8 +83,6 @@ def nearest_existing_dir(path: PathLike) -> bytes:
 def verity_problem_at(path: PathLike) -> Optional[str]:
     """Why files created at ``path`` (or where it would be created) cannot
     have fs-verity; None when they can."""
-    from .mount import verity_problem
-
     return verity_problem(nearest_existing_dir(path))
 
 

@@ -12,6 +12,7 @@ import pytest
 from ansible_collections.composefs.fleet.plugins.modules import image
 from ansible_collections.composefs.fleet.tests.unit.plugins.modules.module_runner import run_module
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.errors import RemoteError
+from ansible_collections.composefs.fleet.plugins.module_utils.composefs import pull as pull_module
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.store import Store
 from ansible_collections.composefs.fleet.plugins.module_utils.composefs.store_add import add_image
 
@@ -53,7 +54,7 @@ def test_options_reach_the_pull(capsys, node, monkeypatch):
                     trust=trust)
         return Result()
 
-    monkeypatch.setattr(image, "pull", fake_pull)
+    monkeypatch.setattr(pull_module, "pull", fake_pull)
     r = run(capsys, {"store": node, "ref": "app", "remote": "https://h/s", "remote_ref": "app/v2",
                      "validate_certs": False, "ca_path": "/ca.pem", "client_cert": "/c.pem", "client_key": "/k.pem",
                      "url_username": "u", "url_password": "pw-9f3k", "headers": {"X-A": 1, "X-B": "two"},
@@ -79,7 +80,7 @@ def test_remote_ref_defaults_to_ref(capsys, node, monkeypatch):
         seen.update(remote_ref=remote_ref, ref=ref)
         raise RemoteError("https://h/s", "no ref %s there" % remote_ref)
 
-    monkeypatch.setattr(image, "pull", fake_pull)
+    monkeypatch.setattr(pull_module, "pull", fake_pull)
     r = run(capsys, {"store": node, "ref": "app/v1", "remote": "https://h/s", "url_password": "sekrit"})
     assert seen == {"remote_ref": "app/v1", "ref": "app/v1"}
     assert r["failed"] and r["msg"] == "pull: https://h/s: no ref app/v1 there" and r["url"] == "https://h/s"
