@@ -30,7 +30,9 @@ def agent_play(tmp: Path, name: str, extra: dict, *options: str) -> "subprocess.
     play_vars = {"composefs_agent_prefix": str(node / "lib"), "composefs_agent_bin_dir": str(node / "bin"),
                  "composefs_agent_packages": [], "composefs_agent_config": str(node / "etc" / "agent.json"),
                  "composefs_agent_textfile": "", "composefs_agent_unit_dir": str(node / "units"),
-                 "composefs_agent_mounts": [], "composefs_agent_stores": []}
+                 "composefs_agent_mounts": [], "composefs_agent_stores": [],
+                 # Not the machine's /usr/local/lib/systemd/catalog (the handler updates only the system's).
+                 "composefs_agent_catalog_dir": str(node / "catalog")}
     play_vars.update(extra)
     plays = [{"name": name, "hosts": "all", "gather_facts": False, "vars": play_vars, "roles": ["composefs.fleet.composefs_agent"]}]
     return run_playbook(tmp, name, plays, {"localhost": local_host()}, *options)
@@ -43,15 +45,18 @@ def test_agent_absent_removes_unit_and_code_keeps_configuration(tmp_path):
     assert proc.returncode == 0, output(proc)
     assert (node / "bin" / "composefs-fleet-agent").is_file() and (node / "units" / AGENT_UNIT).is_file()
     assert (node / "lib" / "composefs_agent.manifest.json").is_file()
+    assert (node / "catalog" / "composefs-fleet-agent.catalog").is_file()
     config = (node / "etc" / "agent.json").read_text()
     (node / "units" / "other.service").write_text("[Service]\nExecStart=/bin/true\n")
 
     proc = agent_play(tmp_path, "absent-check", {"composefs_agent_state": "absent"}, "--check")
-    assert proc.returncode == 0 and recap(proc)["localhost"]["changed"] == 2, output(proc)
+    # The unit, the loose code and the journal catalog would go.
+    assert proc.returncode == 0 and recap(proc)["localhost"]["changed"] == 3, output(proc)
     assert (node / "units" / AGENT_UNIT).is_file() and (node / "bin" / "composefs-fleet-agent").is_file()
     proc = agent_play(tmp_path, "absent", {"composefs_agent_state": "absent"})
     assert proc.returncode == 0, output(proc)
     assert not (node / "units" / AGENT_UNIT).exists() and not (node / "lib").exists()
+    assert not (node / "catalog" / "composefs-fleet-agent.catalog").exists()
     assert sorted(p.name for p in (node / "bin").iterdir()) == []
     assert (node / "etc" / "agent.json").read_text() == config  # configuration kept
     assert (node / "units" / "other.service").is_file()
