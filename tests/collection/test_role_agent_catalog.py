@@ -67,19 +67,24 @@ def test_the_catalog_is_installed_with_the_agent_once(tmp_path: Path):
 
 
 def test_the_catalog_goes_when_the_package_brings_the_agent_or_the_agent_goes(tmp_path: Path):
-    # composefs_agent_packaged (the package installs its own catalog under /usr/lib) and composefs_agent_state:
-    # absent come with the packaged agent's role changes; the catalog task already follows them.
+    # composefs_agent_packaged: the package installs its own catalog under /usr/lib. Its configuration
+    # must be /etc/composefs-fleet/agent.json, which a test may not write on this machine: check mode.
     installed = tmp_path / "node" / "catalog" / CATALOG.name
-    for extra in ({"composefs_agent_packaged": True}, {"composefs_agent_state": "absent"}):
-        first = _play(tmp_path, "install", _vars(tmp_path))
-        assert first.returncode == 0 and installed.is_file(), output(first)
-        gone = _play(tmp_path, "remove", _vars(tmp_path, **extra))
-        assert gone.returncode == 0, output(gone)
-        assert not installed.exists(), extra
-        assert _result(gone.stdout, "Journal catalog of the agent's MESSAGE_IDs removed (the package brings its own, or the "
-                                    "agent goes)") == "changed: [localhost]", output(gone)
-        again = _play(tmp_path, "remove-again", _vars(tmp_path, **extra))
-        assert again.returncode == 0 and recap(again)["localhost"]["changed"] == 0, output(again)
+    first = _play(tmp_path, "install", _vars(tmp_path))
+    assert first.returncode == 0 and installed.is_file(), output(first)
+    packaged = _play(tmp_path, "packaged", _vars(tmp_path, composefs_agent_packaged=True,
+                                                 composefs_agent_config="/etc/composefs-fleet/agent.json"), "--check")
+    assert packaged.returncode == 0 and installed.is_file(), output(packaged)
+    assert _result(packaged.stdout, "Journal catalog of the agent's MESSAGE_IDs removed (the package brings its own, or the "
+                                    "agent goes)") == "changed: [localhost]", output(packaged)
+    # composefs_agent_state: absent, for real.
+    gone = _play(tmp_path, "remove", _vars(tmp_path, composefs_agent_state="absent"))
+    assert gone.returncode == 0, output(gone)
+    assert not installed.exists()
+    assert _result(gone.stdout, "Journal catalog of the agent's MESSAGE_IDs removed (the package brings its own, or the "
+                                "agent goes)") == "changed: [localhost]", output(gone)
+    again = _play(tmp_path, "remove-again", _vars(tmp_path, composefs_agent_state="absent"))
+    assert again.returncode == 0 and recap(again)["localhost"]["changed"] == 0, output(again)
 
 
 def test_no_catalog_without_installing_the_agent_or_with_an_empty_directory(tmp_path: Path):
