@@ -114,7 +114,8 @@ if out["status"] == "ii":
 out["left"] = [p for p in spec.get("listed", []) if os.path.lexists(p) and not os.path.isdir(p)
                and p not in spec.get("conffiles", [])]
 out["python_left"] = sorted(glob.glob("/usr/lib/python3/dist-packages/composefs_fleet*"))
-out["package_copy"] = sorted(glob.glob("/var/cache/composefs-fleet/*"))
+out["package_copy"] = sorted(glob.glob("/var/cache/composefs-fleet/*.deb"))
+out["agent_cache"] = os.path.lexists("/var/cache/composefs-fleet/agent")
 print(json.dumps(out))
 """
 
@@ -304,4 +305,5 @@ def test_removed_nothing_left_but_configuration(results):
     assert probe["python_left"] == [], probe["python_left"]
     assert probe["helper_real"] is None or not os.path.exists(probe["helper_real"]), probe
     assert probe["package_copy"] == [] and probe["agent_active"] != "active", probe
+    assert probe["agent_cache"] is False, probe  # the agent's object-list cache went with the package (postrm)
     assert probe["config_kept"] is True

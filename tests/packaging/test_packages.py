@@ -280,7 +280,8 @@ def _run_maintainer_script(control: Path, script: str, args: List[str], fake_bin
     fake_bin.mkdir(exist_ok=True)
     log = fake_bin / "calls.log"
     log.write_text("")
-    for tool in ("deb-systemd-helper", "deb-systemd-invoke", "systemctl", "py3compile", "pypy3compile", "py3clean"):
+    # rm and rmdir too: the postrm removes the agent's cache, which a test must not do to this machine.
+    for tool in ("deb-systemd-helper", "deb-systemd-invoke", "systemctl", "py3compile", "pypy3compile", "py3clean", "rm", "rmdir"):
         # debian-installed: a first installation (no state); was-enabled defaults to yes.
         (fake_bin / tool).write_text('#!/bin/sh\necho "%s $*" >> %s\n'
                                      'case "$1 $2" in "debian-installed "*) exit 1;; esac\nexit 0\n' % (tool, log))
@@ -303,6 +304,10 @@ def test_postinst_does_not_enable_the_agent(deb_control: Path, tmp_path: Path) -
 def test_prerm_and_postrm_purge(deb_control: Path, tmp_path: Path) -> None:
     calls = _run_maintainer_script(deb_control, "prerm", ["remove"], tmp_path / "bin")
     assert ["py3clean", "-p", "composefs-fleet"] in calls
+    for action in ("remove", "purge"):
+        calls = _run_maintainer_script(deb_control, "postrm", [action], tmp_path / "bin")
+        # The agent's object-list cache goes with the package; the configuration stays until purge.
+        assert ["rm", "-rf", "/var/cache/composefs-fleet/agent"] in calls, (action, calls)
     if not Path("/usr/bin/deb-systemd-helper").is_file():
         pytest.skip("postrm purges unit state only where /usr/bin/deb-systemd-helper exists (init-system-helpers)")
     calls = _run_maintainer_script(deb_control, "postrm", ["purge"], tmp_path / "bin")
