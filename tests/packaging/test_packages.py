@@ -226,15 +226,21 @@ def test_deb_installs_the_journal_catalog_and_the_prometheus_rules(packages: Dic
     assert (deb_root / RULES).read_bytes() == (REPO / "agent/prometheus/composefs-fleet.rules.yml").read_bytes()
 
 
-def test_deb_tools_run_from_the_unpacked_package(deb_root: Path, tmp_path: Path, ours) -> None:
+def _deb_image(deb_root: Path, tmp_path: Path) -> Dict[str, str]:
+    """An image of a small tree made by the unpacked package's mkcomposefs (tmp_path/deb.cfs); its environment."""
     env = dict(_clean_env(), PYTHONPATH=str(deb_root / "usr/lib/python3/dist-packages"))
+    _tree(tmp_path / "src")
+    # Run by the interpreter the shebang names, not the test's.
+    subprocess.run(["/usr/bin/python3", str(deb_root / "usr/bin/mkcomposefs"), str(tmp_path / "src"), str(tmp_path / "deb.cfs")],
+                   check=True, env=env)
+    return env
+
+
+def test_deb_tools_run_from_the_unpacked_package(deb_root: Path, tmp_path: Path, ours) -> None:
     for tool in TOOLS:
         assert (deb_root / tool).read_text().startswith("#!/usr/bin/python3\n"), tool
         assert os.access(str(deb_root / tool), os.X_OK), tool
-    # Run by the interpreter the shebang names, not the test's.
-    _tree(tmp_path / "src")
-    subprocess.run(["/usr/bin/python3", str(deb_root / "usr/bin/mkcomposefs"), str(tmp_path / "src"), str(tmp_path / "deb.cfs")],
-                   check=True, env=env)
+    env = _deb_image(deb_root, tmp_path)
     mine = ours.run("mkcomposefs", tmp_path / "src", tmp_path / "tree.cfs")
     assert mine.returncode == 0, mine.stderr
     assert (tmp_path / "deb.cfs").read_bytes() == (tmp_path / "tree.cfs").read_bytes()
@@ -248,10 +254,7 @@ def test_deb_tools_run_from_the_unpacked_package(deb_root: Path, tmp_path: Path,
 
 @pytest.mark.oracle
 def test_deb_image_matches_the_c_tool(deb_root: Path, tmp_path: Path, oracle) -> None:
-    env = dict(_clean_env(), PYTHONPATH=str(deb_root / "usr/lib/python3/dist-packages"))
-    _tree(tmp_path / "src")
-    subprocess.run(["/usr/bin/python3", str(deb_root / "usr/bin/mkcomposefs"), str(tmp_path / "src"), str(tmp_path / "deb.cfs")],
-                   check=True, env=env)
+    _deb_image(deb_root, tmp_path)
     c = oracle.run("mkcomposefs", tmp_path / "src", tmp_path / "c.cfs")
     assert c.returncode == 0, c.stderr
     assert (tmp_path / "deb.cfs").read_bytes() == (tmp_path / "c.cfs").read_bytes()
