@@ -46,6 +46,7 @@ def test_serves_on_loopback_and_logs_each_request(nginx, root: Path) -> None:
     assert err.value.code == 404
     with pytest.raises(urllib.error.HTTPError):
         get(srv.base + "/meta.json")  # outside the prefix: not the store
+    srv.wait_for(lambda entries: len(entries) >= 3, timeout=10, what="access log lines of the three requests")
     assert srv.requests() == {("objects/ab/cd", 200): 1, ("objects/ab/ef", 404): 1, ("/meta.json", 404): 1}
     assert srv.fetches() == {"objects/ab/cd": 1}
     # Only 127.0.0.1: the config says so (no other address of this machine is tried from here).
@@ -82,6 +83,8 @@ def test_kill_cuts_a_transfer_and_restart_keeps_the_port(nginx, root: Path) -> N
     srv.start(limit_rate=None)
     assert srv.port == port and srv.generation == 2
     assert len(get(srv.url + "/objects/ab/cd")) == 256000
+    # nginx logs a request after its last byte went out: the client can be done before the line is written.
+    srv.wait_for(lambda entries: len(entries) >= 1, timeout=10, what="access log line of the fetch")
     assert srv.fetches() == {"objects/ab/cd": 1}
     assert srv.entries(1) == []
 
